@@ -1,0 +1,39 @@
+# Two commands on a fresh machine:  `make main` (set up, fetch data if needed, run the comparison)
+# and `make test` (set up, fetch data if needed, run the test suite). Everything else is a step of those.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# CPU machines settle on the local torch 2.13.0 CPU wheel; with an NVIDIA driver present, pip keeps
+# (or picks) a CUDA build instead. Force either with `make setup TORCH_PIN=...`.
+TORCH_PIN ?= $(if $(shell command -v nvidia-smi 2>/dev/null),,-c requirements/cpu-constraints.txt)
+# Data: $AGENTNET_DATA if set, else the shared checkout beside this repo, else the user cache.
+AGENTNET_DATA ?= $(or $(wildcard $(abspath ../shared/data)),$(HOME)/.cache/agentnet/data)
+export AGENTNET_DATA
+
+.PHONY: setup data main test test-slow benchmarks clean
+setup: $(BIN)/.installed
+
+$(BIN)/.installed: pyproject.toml requirements/cpu-constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q $(TORCH_PIN) -e ".[dev]"
+	touch $@
+
+data: setup
+	$(BIN)/agentnet-fetch-mnist --root "$(AGENTNET_DATA)"
+
+main: data
+	$(BIN)/agentnet-compare $(ARGS)
+
+test: data
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+test-slow: data
+	$(BIN)/pytest -m slow $(PYTEST_ARGS)
+
+benchmarks: data
+	$(BIN)/python benchmarks/step_time.py
+	$(BIN)/python benchmarks/table1_mnist.py
+
+clean:
+	rm -rf $(VENV) outputs multirun .pytest_cache

@@ -1,0 +1,3 @@
+from agentnet.cli import main
+
+main()

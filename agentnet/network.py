@@ -1,0 +1,132 @@
+"""The worker network: hidden :class:`~agentnet.workers.WorkerLinear` layers and an output layer.
+
+``forward`` is the plain inference pass. ``forward_record`` is the training pass that strategies
+use: per layer it chooses the :data:`~agentnet.workers.GradientPath`, computes every worker's
+prediction loss, asks a :class:`~agentnet.workers.LeaderSelection` for leaders and, when asked,
+routes the global gradient through leaders only. All of it is batched per layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from agentnet.config import ModelConfig
+from agentnet.workers import GradientPath, LeaderSelection, WorkerLinear, WorkerPredictor
+
+__all__ = ["LayerRecord", "ForwardRecord", "WorkerMLP", "build_model"]
+
+_ACTIVATIONS = {"relu": torch.relu, "tanh": torch.tanh, "sigmoid": torch.sigmoid}
+
+
+@dataclass
+class LayerRecord:
+    """One hidden layer's view of a training forward pass."""
+
+    workers: Tensor
+    """Worker outputs ``(B, W, k)`` (pre-activation) whose gradient reaches only this layer."""
+    worker_loss: Tensor | None = None
+    """Per-sample prediction loss ``e`` ``(B, W)``; ``None`` when not requested."""
+    leaders: Tensor | None = None
+    """Leader mask, bool ``(W,)`` or ``(B, W)``."""
+    best: Tensor | None = None
+    """Index of the best leader, 0-d or ``(B,)``."""
+    layer_input: Tensor | None = None
+    """The layer's input as seen by this layer (detached under the ``local`` path)."""
+    activation: Tensor | None = None
+    """The layer's activation ``(B, n)`` fed to the next layer."""
+
+
+@dataclass
+class ForwardRecord:
+    """A training forward pass: output logits plus one :class:`LayerRecord` per hidden layer."""
+
+    logits: Tensor
+    layers: list[LayerRecord] = field(default_factory=list)
+
+
+class WorkerMLP(nn.Module):
+    """An MLP whose hidden layers are split into workers of ``worker_size`` units."""
+
+    def __init__(self, input_dim: int, num_classes: int, cfg: ModelConfig, seed: int = 0) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.num_classes = num_classes
+        self.act = _ACTIVATIONS[cfg.activation]
+        self.output_activation = cfg.output_activation
+        out_units = num_classes if cfg.output_activation == "softmax" else 1
+        if cfg.output_activation == "sigmoid" and num_classes != 2:
+            raise ValueError(f"model.output_activation='sigmoid' needs a binary task, got {num_classes} classes")
+        widths = [input_dim, *cfg.hidden]
+        self.hidden = nn.ModuleList(
+            WorkerLinear(widths[i], widths[i + 1] // cfg.worker_size, cfg.worker_size) for i in range(len(cfg.hidden))
+        )
+        self.output = nn.Linear(widths[-1], out_units)
+        self.predictor = WorkerPredictor(cfg.worker_size, num_classes, cfg.output_activation, cfg.worker_projection, seed)
+
+    @property
+    def workers_per_layer(self) -> list[int]:
+        return [layer.num_workers for layer in self.hidden]
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Inference: output logits ``(B, C)`` (``(B, 1)`` for a sigmoid output)."""
+        for layer in self.hidden:
+            x = self.act(layer(x))
+        return self.output(x)
+
+    def global_loss(self, logits: Tensor, y: Tensor) -> Tensor:
+        """The task loss at the output: cross-entropy, or BCE for a sigmoid output."""
+        if self.output_activation == "softmax":
+            return F.cross_entropy(logits, y)
+        return F.binary_cross_entropy_with_logits(logits[:, 0], y.to(logits.dtype))
+
+    def predict(self, logits: Tensor) -> Tensor:
+        """Class predictions from output logits."""
+        if self.output_activation == "softmax":
+            return logits.argmax(1)
+        return (logits[:, 0] > 0).long()
+
+    def forward_record(
+        self,
+        x: Tensor,
+        y: Tensor | None = None,
+        *,
+        path: GradientPath = "global",
+        selection: LeaderSelection | None = None,
+        leaders_carry_global: bool = False,
+        keep_inputs: bool = False,
+    ) -> ForwardRecord:
+        """Training forward pass.
+
+        ``path`` applies to every layer, the output layer included. With ``y`` and a ``selection``,
+        each hidden layer's worker losses and leaders are computed as the pass goes. With
+        ``leaders_carry_global`` the gradient arriving from above reaches only the leaders' units
+        (followers' activations are stop-gradient on the path to the output), as LFNN's Eq. 1 asks.
+        """
+        records = []
+        for index, layer in enumerate(self.hidden):
+            z, z_local = layer.forward_path(x, path)
+            record = LayerRecord(workers=layer.workers(self.act(z_local) if self.cfg.predict_from == "activation" else z_local))
+            if keep_inputs:
+                record.layer_input = x.detach() if path == "local" else x
+            if y is not None and selection is not None:
+                record.worker_loss = self.predictor.loss(record.workers, y)
+                record.leaders, record.best = selection.select(index, record.worker_loss)
+            h = self.act(z)
+            if leaders_carry_global and record.leaders is not None:
+                # Followers' units feed forward with their values but without a gradient path.
+                gate = record.leaders.unsqueeze(-1).expand(*record.leaders.shape, layer.worker_size)
+                h = torch.where(gate.reshape(-1, h.shape[1]) if gate.dim() == 3 else gate.reshape(1, -1), h, h.detach())
+            record.activation = h
+            records.append(record)
+            x = h
+        logits = self.output(x.detach() if path == "local" else x)
+        return ForwardRecord(logits=logits, layers=records)
+
+
+def build_model(cfg: ModelConfig, input_dim: int, num_classes: int, seed: int = 0) -> WorkerMLP:
+    """Construct the model preset described by ``cfg`` for the data's dimensions."""
+    return WorkerMLP(input_dim, num_classes, cfg, seed)

@@ -1,0 +1,80 @@
+"""PNG plots of a run: learning curves, leadership maps (LFNN Fig. 6), worker activity (Fig. 5)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+if TYPE_CHECKING:
+    from agentnet.trainer import WorkerActivity
+    from agentnet.workers import LeaderSelection
+
+__all__ = ["plot_history", "plot_leadership", "plot_activity", "write_run_plots"]
+
+
+def plot_history(history: list[dict], path: Path) -> None:
+    """Training objective and test accuracy per epoch."""
+    epochs = [h["epoch"] for h in history]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.2))
+    ax1.plot(epochs, [h["train_loss"] for h in history], marker="o")
+    ax1.set(xlabel="epoch", ylabel="training objective", title="objective")
+    ax2.plot(epochs, [100 * h["test_acc"] for h in history], marker="o", color="tab:green")
+    ax2.set(xlabel="epoch", ylabel="test accuracy (%)", title="test accuracy")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_leadership(epoch_counts: list[list], path: Path) -> None:
+    """How often each worker led, per epoch and hidden layer (rows: epochs, columns: workers)."""
+    layers = [np.stack([np.asarray(c) for c in per_layer]) for per_layer in epoch_counts if per_layer]
+    if not layers:
+        return
+    fig, axes = plt.subplots(len(layers), 1, figsize=(8, 1.2 + 1.4 * len(layers)), squeeze=False)
+    for i, (ax, counts) in enumerate(zip(axes[:, 0], layers)):
+        im = ax.imshow(counts, aspect="auto", cmap="viridis", interpolation="nearest")
+        ax.set(title=f"hidden layer {i + 1}: times each worker led", xlabel="worker", ylabel="epoch")
+        fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_activity(activity: "WorkerActivity", path: Path, layer: int = 0) -> None:
+    """Per-step output change of every worker of ``layer``; leaders red, followers blue."""
+    if not activity.steps:
+        return
+    values = np.stack([step[layer].numpy() for step in activity.steps])  # (steps, W)
+    leaders = activity.leaders
+    fig, ax = plt.subplots(figsize=(9, 3.5))
+    steps = np.arange(len(values))
+    for w in range(values.shape[1]):
+        ax.plot(steps, values[:, w], color="tab:blue", lw=0.5, alpha=0.6)
+    if leaders and leaders[0][layer] is not None and leaders[0][layer].dim() == 1:
+        mask = np.stack([step[layer].numpy() for step in leaders])
+        lead_vals = np.where(mask, values, np.nan)
+        ax.plot(steps, np.nanmean(lead_vals, axis=1), color="tab:red", lw=1.2, label="leaders (mean)")
+        ax.plot(steps, np.nanmean(np.where(mask, np.nan, values), axis=1), color="navy", lw=1.2, label="followers (mean)")
+        ax.legend()
+    ax.set(xlabel="step", ylabel="mean |output change|", title=f"worker activity, hidden layer {layer + 1}", yscale="log")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_run_plots(
+    out: Path, history: list[dict], selection: "LeaderSelection | None", activity: "WorkerActivity | None"
+) -> None:
+    """Write the plots that apply to a finished run into ``out``."""
+    if history:
+        plot_history(history, out / "history.png")
+    if selection is not None and any(selection.epoch_counts):
+        plot_leadership(selection.epoch_counts, out / "leadership.png")
+    if activity is not None:
+        plot_activity(activity, out / "activity.png")

@@ -1,0 +1,71 @@
+"""The strategy plugin interface: what every worker of a network optimises.
+
+A strategy turns a mini-batch into gradients on the model's parameters. The trainer only calls
+``compute`` then ``backward`` then the optimiser, and ``on_epoch_end``; everything else — which
+gradient path each layer uses, leader selection, local losses — is the strategy's business.
+Register a new one with :func:`agentnet.registry.register_strategy`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from torch import Tensor
+
+from agentnet.config import StrategyConfig
+from agentnet.network import ForwardRecord, WorkerMLP
+from agentnet.workers import LeaderSelection
+
+__all__ = ["StepResult", "Strategy"]
+
+
+@dataclass
+class StepResult:
+    """What one strategy step produced."""
+
+    loss: Tensor
+    """Scalar the strategy minimises this step (for logging; ``backward`` decides how it is used)."""
+    logits: Tensor
+    """Output logits for the batch (for accuracy)."""
+    record: ForwardRecord | None = None
+    """The forward record, when the strategy made one."""
+    worker_objectives: list[Tensor] = field(default_factory=list)
+    """Per hidden layer, each worker's own local loss ``(W,)`` (lower is better for the worker)."""
+
+
+class Strategy:
+    """Base class of all strategies. Subclasses set ``Config`` and implement :meth:`compute`."""
+
+    name: ClassVar[str] = ""
+    Config: ClassVar[type[StrategyConfig]] = StrategyConfig
+
+    def __init__(self, cfg: StrategyConfig, model: WorkerMLP) -> None:
+        self.cfg = cfg
+        self.model = model
+
+    @property
+    def selection(self) -> LeaderSelection | None:
+        """The leader selection this strategy keeps, if any (for leadership counts and plots)."""
+        return None
+
+    def compute(self, x: Tensor, y: Tensor) -> StepResult:
+        """Forward pass and objective for one mini-batch."""
+        raise NotImplementedError
+
+    def backward(self, result: StepResult) -> None:
+        """Put this step's gradients into ``.grad``; the default back-propagates ``result.loss``."""
+        result.loss.backward()
+
+    def on_epoch_end(self) -> None:
+        """Called by the trainer after every epoch."""
+        if self.selection is not None:
+            self.selection.end_epoch()
+
+    def state_dict(self) -> dict:
+        """Strategy state to checkpoint (leader selection and counts)."""
+        return {} if self.selection is None else {"selection": self.selection.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.selection is not None and "selection" in state:
+            self.selection.load_state_dict(state["selection"])

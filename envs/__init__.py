@@ -1,0 +1,1 @@
+"""PettingZoo environments whose agents are the workers of an agentnet network."""

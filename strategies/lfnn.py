@@ -1,0 +1,76 @@
+"""``lfnn``: Leader-Follower network with BP and local losses (LFNN paper, Eq. 1).
+
+``L = L_g + lambda1 * sum_{w in D} e_w + lambda2 * sum_{w not in D} MSE(y_w, sg(y_w*))``
+
+The global loss ``L_g`` back-propagates only into leaders (and the output layer): followers'
+activations are stop-gradient on the path to the output. Leader and follower terms are local to
+their layer (their gradient reaches only that layer's weights, via :func:`agentnet.workers.split_linear`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from agentnet.config import StrategyConfig, check
+from agentnet.network import WorkerMLP
+from agentnet.objectives import leader_follower_loss
+from agentnet.registry import register_strategy
+from agentnet.strategy import StepResult, Strategy
+from agentnet.workers import GradientPath, LeaderSelection
+
+
+@dataclass
+class LeaderFollowerConfig(StrategyConfig):
+    """Settings shared by ``lfnn`` and ``lfnn_local``."""
+
+    delta: float = 0.7
+    """Leadership fraction: the ``ceil(delta * W)`` lowest-loss workers of a layer lead."""
+    lambda1: float = 1.0
+    """Weight of the leaders' own prediction loss."""
+    lambda2: float = 1.0
+    """Weight of the followers' alignment (MSE to the best leader)."""
+    selection: str = "batch"
+    """When leaders are chosen: batch (default), sample or epoch."""
+
+    def __post_init__(self) -> None:
+        check(0 < self.delta <= 1, "strategy.delta", self.delta, "leadership fraction must lie in (0, 1]")
+        check(self.lambda1 >= 0, "strategy.lambda1", self.lambda1, "must be >= 0")
+        check(self.lambda2 >= 0, "strategy.lambda2", self.lambda2, "must be >= 0")
+        check(self.selection in LeaderSelection.MODES, "strategy.selection", self.selection, f"choose one of {LeaderSelection.MODES}")
+
+
+class LeaderFollower(Strategy):
+    """Shared machinery: one forward record with leader selection, global plus local terms."""
+
+    Config = LeaderFollowerConfig
+    path: GradientPath = "split"
+    leaders_carry_global = True
+
+    def __init__(self, cfg: LeaderFollowerConfig, model: WorkerMLP) -> None:
+        super().__init__(cfg, model)
+        device = next(model.parameters()).device
+        self._selection = LeaderSelection(cfg.delta, cfg.selection, model.workers_per_layer, device)
+
+    @property
+    def selection(self) -> LeaderSelection:
+        return self._selection
+
+    def compute(self, x: Tensor, y: Tensor) -> StepResult:
+        record = self.model.forward_record(
+            x, y, path=self.path, selection=self._selection, leaders_carry_global=self.leaders_carry_global
+        )
+        loss = self.model.global_loss(record.logits, y)
+        per_worker = []
+        for layer in record.layers:
+            local, mine = leader_follower_loss(layer, self.cfg.lambda1, self.cfg.lambda2)
+            loss = loss + local
+            per_worker.append(mine.detach())
+        return StepResult(loss=loss, logits=record.logits, record=record, worker_objectives=per_worker)
+
+
+@register_strategy("lfnn")
+class LFNN(LeaderFollower):
+    """LFNN (Eq. 1): BP of the global loss through leaders, plus local leader/follower losses."""

@@ -1,0 +1,54 @@
+"""Shared fixtures: real MNIST from ../shared/data (or $AGENTNET_DATA) and Hydra compose."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from agentnet.cli import CONFIG_DIR
+from agentnet.data import MNIST, load_mnist
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def data_root() -> Path:
+    """$AGENTNET_DATA, else ../shared/data beside the repository (what CI provides)."""
+    env = os.environ.get("AGENTNET_DATA")
+    return Path(env) if env else REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def mnist() -> MNIST:
+    """Full real MNIST on the CPU, loaded once per session (checksums verified)."""
+    return load_mnist(data_root(), "cpu")
+
+
+def compose_config(*overrides: str):
+    """Compose the app's config with Hydra's compose API, exactly as the CLI would."""
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return compose("config", overrides=list(overrides))
+
+
+@pytest.fixture
+def quick_overrides(tmp_path) -> list[str]:
+    """A short real-MNIST run: small subsets, no progress bar, output in tmp."""
+    return [
+        f"data.root={data_root()}",
+        "data.subset=5000",
+        "trainer.lr_schedule=none",
+        "data.test_subset=1000",
+        "trainer.epochs=2",
+        "trainer.progress=false",
+        "device=cpu",
+        f"output_dir={tmp_path}",
+    ]
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads():
+    torch.set_num_threads(2)
+    yield
