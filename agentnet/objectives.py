@@ -13,11 +13,12 @@ __all__ = ["alignment_loss", "leader_follower_loss"]
 def alignment_loss(record: LayerRecord) -> Tensor:
     """Per-sample MSE of every worker's output to the stop-gradient output of its best leader, ``(B, W)``."""
     workers, best = record.workers, record.best
+    reference = workers.detach()
     if best.dim() == 0:
-        target = workers[:, best]
+        target = reference.index_select(1, best.view(1))  # (B, 1, k)
     else:
-        target = workers[torch.arange(workers.shape[0], device=workers.device), best]
-    return (workers - target.detach().unsqueeze(1)).pow(2).mean(-1)
+        target = reference[torch.arange(workers.shape[0], device=workers.device), best].unsqueeze(1)
+    return (workers - target).pow(2).mean(-1)
 
 
 def leader_follower_loss(record: LayerRecord, lambda1: float, lambda2: float) -> tuple[Tensor, Tensor]:
@@ -26,9 +27,7 @@ def leader_follower_loss(record: LayerRecord, lambda1: float, lambda2: float) ->
     Returns ``(total, per_worker)``: the scalar to minimise (sums over workers, means over the batch)
     and each worker's own weighted local loss ``(W,)``, which is that worker's objective.
     """
-    leaders = record.leaders if record.leaders.dim() == 2 else record.leaders.unsqueeze(0)
-    per_sample = (
-        lambda1 * record.worker_loss * leaders + lambda2 * alignment_loss(record) * (~leaders)
-    )  # (B, W): each worker's own term
+    # (B, W): each worker's own term, its prediction loss if it leads, its alignment if it follows.
+    per_sample = torch.where(record.leaders, lambda1 * record.worker_loss, lambda2 * alignment_loss(record))
     per_worker = per_sample.mean(0)
     return per_worker.sum(), per_worker

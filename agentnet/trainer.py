@@ -109,11 +109,12 @@ def to_run_config(cfg: DictConfig | RunConfig | dict) -> RunConfig:
     """Validate a composed config into a :class:`RunConfig` (strategy checked by its registered class)."""
     if isinstance(cfg, RunConfig):
         return cfg
-    node = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(cfg)
-    strategy_node = node.get("strategy")
-    base = OmegaConf.merge(OmegaConf.structured(RunConfig), {k: v for k, v in node.items() if k != "strategy"})
-    base.strategy = {}
+    plain = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+    strategy_node = plain.pop("strategy", None)
+    plain.pop("hydra", None)
     try:
+        base = OmegaConf.merge(OmegaConf.structured(RunConfig), plain)
+        base.strategy = {}
         run: RunConfig = OmegaConf.to_object(base)
     except Exception as exc:  # omegaconf validation errors carry the full key
         if isinstance(exc, ConfigError):

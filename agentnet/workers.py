@@ -121,9 +121,8 @@ class WorkerPredictor(nn.Module):
         """Per-sample, per-worker prediction loss ``(B, W)``."""
         logits = self.logits(workers)
         if self.output_activation == "softmax":
-            logp = torch.log_softmax(logits, dim=-1)
-            index = y.view(-1, 1, 1).expand(-1, logits.shape[1], 1)
-            return -logp.gather(-1, index).squeeze(-1)
+            # Classes on dim 1: CPU softmax over a short innermost dim is several times slower.
+            return F.cross_entropy(logits.transpose(1, 2), y.view(-1, 1).expand(-1, logits.shape[1]), reduction="none")
         target = y.to(logits.dtype).view(-1, 1).expand_as(logits[..., 0])
         return F.binary_cross_entropy_with_logits(logits[..., 0], target, reduction="none")
 
@@ -148,6 +147,7 @@ class LeaderSelection:
         self.mode = mode
         self.num_leaders = [math.ceil(delta * w) for w in workers_per_layer]
         self.counts = [torch.zeros(w, device=device) for w in workers_per_layer]
+        self._ones = [torch.ones(n, device=device) for n in self.num_leaders]
         self.epoch_counts: list[list[Tensor]] = [[] for _ in workers_per_layer]
         self._epoch_start = [c.clone() for c in self.counts]
         self._loss_sum = [torch.zeros(w, device=device) for w in workers_per_layer]
@@ -180,7 +180,7 @@ class LeaderSelection:
             order = mean.topk(n_lead, largest=False).indices
             best = order[0]
         mask = torch.zeros_like(mean, dtype=torch.bool).scatter_(0, order, True)
-        self.counts[layer] += mask
+        self.counts[layer].index_add_(0, order, self._ones[layer])
         return mask, best
 
     def end_epoch(self) -> None:
@@ -208,6 +208,7 @@ class LeaderSelection:
     def load_state_dict(self, state: dict) -> None:
         device = self.counts[0].device
         self.counts = [c.to(device) for c in state["counts"]]
+        self._ones = [o.to(device) for o in self._ones]
         self.epoch_counts = state["epoch_counts"]
         self._epoch_start = [c.to(device) for c in state["epoch_start"]]
         self._loss_sum = [c.to(device) for c in state["loss_sum"]]

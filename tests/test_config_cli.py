@@ -1,0 +1,112 @@
+"""Config composition and validation (Hydra compose API) and the real CLI in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra.errors import ConfigCompositionException
+from omegaconf.errors import ValidationError
+
+from agentnet.config import ConfigError
+from agentnet.registry import UnknownStrategyError, available_strategies, get_strategy
+from agentnet.trainer import to_run_config
+from tests.conftest import REPO, compose_config, data_root
+
+GROUPS = {g: sorted(p.stem for p in (REPO / "configs" / g).glob("*.yaml")) for g in ("strategy", "model", "data", "trainer")}
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g, opts in GROUPS.items() for o in opts])
+def test_every_group_option_composes_and_validates(group, option):
+    run = to_run_config(compose_config(f"{group}={option}"))
+    if group == "strategy":
+        assert run.strategy.name == option and type(run.strategy) is get_strategy(option).Config
+
+
+def test_builtin_strategies_registered():
+    assert {"bp", "lfnn", "lfnn_local"} <= set(available_strategies())
+    assert set(GROUPS["strategy"]) <= set(available_strategies())
+
+
+def test_unknown_strategy_lists_registered():
+    with pytest.raises(UnknownStrategyError, match=r"unknown strategy; registered: .*bp.*lfnn.*lfnn_local"):
+        get_strategy("nope")
+    cfg = compose_config("strategy=bp")
+    cfg.strategy.name = "nope"
+    with pytest.raises(ConfigError, match="strategy.name='nope'.*registered"):
+        to_run_config(cfg)
+    with pytest.raises(ConfigCompositionException, match="Available options"):
+        compose_config("strategy=nope")
+
+
+@pytest.mark.parametrize(
+    "override,field",
+    [
+        ("strategy.delta=1.5", "strategy.delta"),
+        ("strategy.delta=0", "strategy.delta"),
+        ("strategy.selection=sometimes", "strategy.selection"),
+        ("model.worker_size=7", "model.worker_size"),
+        ("model.activation=gelu", "model.activation"),
+        ("trainer.lr=-0.1", "trainer.lr"),
+        ("trainer.batch_size=0", "trainer.batch_size"),
+        ("data.subset=-5", "data.subset"),
+        ("device=tpu", "device"),
+    ],
+)
+def test_bad_values_name_the_field(override, field):
+    with pytest.raises(ConfigError) as err:
+        to_run_config(compose_config(override))
+    assert str(err.value).startswith(field), str(err.value)
+
+
+def test_wrong_types_fail_at_compose_with_the_key():
+    with pytest.raises(ConfigCompositionException) as err:
+        compose_config("trainer.epochs=many")
+    assert "trainer.epochs" in str(err.value.__cause__) or "epochs" in str(err.value)
+    with pytest.raises(ConfigError, match="model.no_such_field"):
+        to_run_config(compose_config("+model.no_such_field=1"))
+    with pytest.raises(ConfigError, match=r"strategy.*no_such_field"):
+        to_run_config(compose_config("strategy=lfnn", "+strategy.no_such_field=1"))
+
+
+def _run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, AGENTNET_DATA=str(data_root()))
+    return subprocess.run([sys.executable, "-m", "agentnet", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_cli_run_writes_metrics(tmp_path):
+    out = tmp_path / "run"
+    proc = _run_cli(
+        "strategy=lfnn_local", "data.subset=2000", "data.test_subset=500", "trainer.epochs=1",
+        "trainer.progress=false", "device=cpu", f"output_dir={out}", f"hydra.run.dir={tmp_path / 'hydra'}", cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["strategy"] == "lfnn_local" and metrics["steps"] == 16
+
+
+def test_cli_bad_config_exits_nonzero_with_field(tmp_path):
+    proc = _run_cli("model.worker_size=7", f"hydra.run.dir={tmp_path}", cwd=tmp_path)
+    assert proc.returncode == 1
+    assert "model.worker_size=7" in proc.stderr + proc.stdout
+
+
+def test_cli_missing_data_explains_fetch(tmp_path):
+    proc = _run_cli(f"data.root={tmp_path / 'empty'}", f"hydra.run.dir={tmp_path}", cwd=tmp_path)
+    assert proc.returncode == 1
+    assert "agentnet-fetch-mnist" in proc.stderr + proc.stdout
+
+
+@pytest.mark.slow
+def test_real_multirun(tmp_path):
+    proc = _run_cli(
+        "-m", "strategy=bp,lfnn", "data.subset=2000", "data.test_subset=500", "trainer.epochs=1",
+        "trainer.progress=false", "device=cpu", f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    found = sorted((tmp_path / "sweep").glob("*/metrics.json"))
+    assert [json.loads(p.read_text())["strategy"] for p in found] == ["bp", "lfnn"]
