@@ -1,6 +1,6 @@
 """The main job: train every chosen strategy on MNIST with the same settings and print one table.
 
-``agentnet-compare [--strategies bp,lfnn,lfnn_local] [hydra overrides...]`` composes the same
+``agentnet-compare [--strategies bp,lfnn,lfnn_local,attention] [hydra overrides...]`` composes the same
 configuration as ``agentnet`` for each strategy (overrides apply to all), loads MNIST once, runs
 :func:`agentnet.trainer.train` for each, and writes ``summary.md`` and ``summary.json`` beside the
 runs' own output directories.
@@ -63,7 +63,7 @@ def compare(strategies: Sequence[str], overrides: Sequence[str], out_dir: Path) 
 def main(argv: Sequence[str] | None = None) -> int:
     """Console script ``agentnet-compare``."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--strategies", default="bp,lfnn,lfnn_local", help="comma-separated strategy names")
+    parser.add_argument("--strategies", default="bp,lfnn,lfnn_local,attention", help="comma-separated strategy names")
     parser.add_argument("--out", default=None, help="output directory (default outputs/compare/<timestamp>)")
     parser.add_argument("--full", action="store_true", help="use the configs' full settings instead of the quick protocol")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides applied to every run")

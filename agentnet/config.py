@@ -80,7 +80,7 @@ class ModelConfig:
     """Hidden activation: relu, tanh or sigmoid."""
     output_activation: str = "softmax"
     """Output (and worker prediction) activation: softmax (C-way) or sigmoid (binary, k = 1)."""
-    predict_from: str = "preactivation"
+    predict_from: str = "activation"
     """Which worker output predicts (and is aligned): ``preactivation`` z or ``activation`` f(z)."""
     worker_projection: bool = False
     """For ``k != C``: predict through a fixed random k->C projection instead of failing."""

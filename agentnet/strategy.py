@@ -32,6 +32,13 @@ class StepResult:
     """The forward record, when the strategy made one."""
     worker_objectives: list[Tensor] = field(default_factory=list)
     """Per hidden layer, each worker's own local loss ``(W,)`` (lower is better for the worker)."""
+    signals: dict[str, list[Tensor]] = field(default_factory=dict)
+    """Other named per-layer, per-unit signals (e.g. ``attention_received``), for logging and envs."""
+    update_scale: list[Tensor | None] | None = None
+    """Per hidden layer, a per-unit multiplier ``(n,)`` on this step's update (0 freezes a unit's
+    incoming weights bit-exactly); ``None`` everywhere means a plain optimiser step."""
+    cache: dict = field(default_factory=dict)
+    """Whatever ``compute`` hands to ``backward`` (strategy-private)."""
 
 
 class Strategy:

@@ -89,6 +89,13 @@ class WorkerActivity(TrainerPlugin):
         self.leaders.append([None if r is None or r.leaders is None else r.leaders.cpu() for r in layers])
 
 
+def _combine_scales(a: list | None, b: list | None) -> list | None:
+    """Multiply two optional per-layer scale lists (``None`` entries mean 1)."""
+    if a is None or b is None:
+        return a if b is None else b
+    return [y if x is None else x if y is None else x * y for x, y in zip(a, b)]
+
+
 def resolve_device(name: str) -> torch.device:
     """``auto`` picks CUDA when available; ``cuda`` without a GPU is a clear error."""
     if name == "auto":
@@ -188,8 +195,14 @@ class Trainer:
         self.samples_seen = 0
 
     # -- the hot path --------------------------------------------------------------------------
-    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> StepResult:
-        """One optimiser step of the strategy on one mini-batch."""
+    def train_step(
+        self, x: torch.Tensor, y: torch.Tensor, update_scale: list[torch.Tensor | None] | None = None
+    ) -> StepResult:
+        """One optimiser step of the strategy on one mini-batch.
+
+        ``update_scale`` (per hidden layer, per unit) multiplies the update each unit's incoming
+        weights receive, on top of any scale the strategy itself sets (see :meth:`_scaled_step`).
+        """
         for plugin in self.plugins:
             plugin.before_step(self, x, y)
         self.optimizer.zero_grad(set_to_none=True)
@@ -197,13 +210,27 @@ class Trainer:
         self.strategy.backward(result)
         for plugin in self.plugins:
             plugin.after_backward(self, result)
-        self.optimizer.step()
+        scales = _combine_scales(result.update_scale, update_scale)
+        if scales is None:
+            self.optimizer.step()
+        else:
+            self._scaled_step(scales)
         if self.scheduler is not None:
             self.scheduler.step()
         self.step += 1
         for plugin in self.plugins:
             plugin.after_step(self, x, y, result)
         return result
+
+    def _scaled_step(self, scales: list[torch.Tensor | None]) -> None:
+        """Optimiser step, then ``w <- lerp(w_old, w_new, scale)`` per unit (exact at 0 and 1)."""
+        layers = [(layer, s) for layer, s in zip(self.model.hidden, scales) if s is not None]
+        before = [(layer.weight.detach().clone(), layer.bias.detach().clone()) for layer, _ in layers]
+        self.optimizer.step()
+        with torch.no_grad():
+            for (layer, scale), (w_old, b_old) in zip(layers, before):
+                layer.weight.copy_(torch.lerp(w_old, layer.weight, scale.unsqueeze(1).to(w_old.dtype)))
+                layer.bias.copy_(torch.lerp(b_old, layer.bias, scale.to(b_old.dtype)))
 
     # -- evaluation ----------------------------------------------------------------------------
     @torch.no_grad()

@@ -29,7 +29,15 @@ from agentnet.network import build_model  # noqa: E402
 from agentnet.registry import build_strategy  # noqa: E402
 from agentnet.trainer import Trainer, resolve_device, to_run_config  # noqa: E402
 
-STRATEGIES = ("bp", "lfnn", "lfnn_local")
+#: label -> strategy overrides
+VARIANTS = {
+    "bp": ["strategy=bp"],
+    "lfnn": ["strategy=lfnn"],
+    "lfnn_local": ["strategy=lfnn_local"],
+    "attention_exact": ["strategy=attention", "strategy.mode=exact"],
+    "attention_normalized": ["strategy=attention", "strategy.mode=normalized"],
+    "attention_topk": ["strategy=attention", "strategy.mode=topk"],
+}
 
 
 def raw_torch_step(model_cfg, device):
@@ -50,9 +58,9 @@ def raw_torch_step(model_cfg, device):
     return step
 
 
-def framework_step(strategy: str, model: str, device, data):
+def framework_step(strategy_overrides: list[str], model: str, device, data):
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose("config", overrides=[f"strategy={strategy}", f"model={model}", "trainer.lr_schedule=none", "trainer.checkpoint=false"])
+        cfg = compose("config", overrides=[*strategy_overrides, f"model={model}", "trainer.lr_schedule=none", "trainer.checkpoint=false"])
     run = to_run_config(cfg)
     torch.manual_seed(0)
     net = build_model(run.model, 784, 10).to(device)
@@ -73,7 +81,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
-    parser.add_argument("--json", default=None, help="write {model: {variant: ms}} here")
+    parser.add_argument("--json", default=None, help='write {"<model>": {"raw_torch": ms, "bp": ms, ...}} here')
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -86,9 +94,9 @@ def main(argv=None) -> dict:
     results: dict[str, dict[str, float]] = {}
     for model in args.models.split(","):
         variants = {}
-        for strategy in STRATEGIES:
-            step, model_cfg = framework_step(strategy, model, device, data)
-            variants[strategy] = step
+        for label, overrides in VARIANTS.items():
+            step, model_cfg = framework_step(overrides, model, device, data)
+            variants[label] = step
         variants = {"raw_torch": raw_torch_step(model_cfg, device), **variants}
         times: dict[str, list[float]] = {k: [] for k in variants}
         for name, step in variants.items():  # warm-up
@@ -106,13 +114,13 @@ def main(argv=None) -> dict:
 
     print(f"\nmedian ms/step, batch {args.batch}, device {device}, torch threads {torch.get_num_threads()}, "
           f"{args.repeats} repeats x {args.steps} steps\n")
-    print("| model | raw torch | bp | lfnn | lfnn_local | bp/raw | lfnn/bp | lfnn_local/bp |")
-    print("|---|---|---|---|---|---|---|---|")
+    labels = ["raw_torch", *VARIANTS]
+    print("| model | " + " | ".join(labels) + " | bp/raw | lfnn/bp | lfnn_local/bp | attention_exact/bp |")
+    print("|---" * (len(labels) + 5) + "|")
     for model, r in results.items():
-        print(
-            f"| {model} | {r['raw_torch']:.3f} | {r['bp']:.3f} | {r['lfnn']:.3f} | {r['lfnn_local']:.3f} | "
-            f"{r['bp'] / r['raw_torch']:.3f} | {r['lfnn'] / r['bp']:.3f} | {r['lfnn_local'] / r['bp']:.3f} |"
-        )
+        cells = " | ".join(f"{r[k]:.3f}" for k in labels)
+        print(f"| {model} | {cells} | {r['bp'] / r['raw_torch']:.3f} | {r['lfnn'] / r['bp']:.3f} | "
+              f"{r['lfnn_local'] / r['bp']:.3f} | {r['attention_exact'] / r['bp']:.3f} |")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     return results

@@ -13,9 +13,10 @@ from agentnet.registry import build_strategy
 from agentnet.workers import LeaderSelection
 
 
-def small_model(seed: int = 0, activation: str = "relu") -> WorkerMLP:
+def small_model(seed: int = 0, activation: str = "relu", predict_from: str = "activation") -> WorkerMLP:
     torch.manual_seed(seed)
-    return WorkerMLP(30, 10, ModelConfig(hidden=[40, 30, 20], worker_size=10, activation=activation)).double()
+    cfg = ModelConfig(hidden=[40, 30, 20], worker_size=10, activation=activation, predict_from=predict_from)
+    return WorkerMLP(30, 10, cfg).double()
 
 
 def batch(seed: int = 1):
@@ -58,9 +59,10 @@ def test_lfnn_local_losses_stay_in_their_layer():
     assert (row_norms(model.hidden[1]) > 0).all()  # every worker of layer 2 has its own local term
 
 
-def test_lfnn_total_gradient_matches_reference_construction():
+@pytest.mark.parametrize("predict_from", ["activation", "preactivation"])
+def test_lfnn_total_gradient_matches_reference_construction(predict_from):
     """The fused single-pass implementation equals the textbook two-pass construction of Eq. 1."""
-    model = small_model(activation="tanh")
+    model = small_model(activation="tanh", predict_from=predict_from)
     x, y = batch()
     strategy = build_strategy({"name": "lfnn", "delta": 0.4, "lambda1": 0.7, "lambda2": 1.3}, model)
     result = strategy.compute(x, y)
@@ -80,6 +82,7 @@ def test_lfnn_total_gradient_matches_reference_construction():
     loss = F.cross_entropy(model.output(h), y)
     for layer, inp, mask, best in zip(model.hidden, inputs, masks, bests):
         z = F.linear(inp.detach(), layer.weight, layer.bias).view(len(x), layer.num_workers, -1)
+        z = torch.tanh(z) if predict_from == "activation" else z
         e = F.cross_entropy(z.permute(0, 2, 1), y[:, None].expand(-1, layer.num_workers), reduction="none").mean(0)
         mse = ((z - z[:, best].detach()[:, None]) ** 2).mean((0, 2))
         loss = loss + 0.7 * e[mask].sum() + 1.3 * mse[~mask].sum()

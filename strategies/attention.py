@@ -1,0 +1,117 @@
+"""``attention``: neurons that seek the next layer's attention (after arXiv 2310.09952).
+
+Only that paper's abstract is public; this formulation is agentnet's own (``docs/strategies/attention.md``).
+Neuron ``i`` with ``a_i = f(z_i)`` feeds next-layer neurons ``j`` (``z_j = sum_i w_ji a_i``). Each ``j``
+announces a *need* ``g_j = -dJ_j/dz_j`` (at the output ``J`` is the task loss) and pays neuron ``i``
+attention ``alpha_ji``. Neuron ``i`` maximises ``U_i = a_i * sum_j alpha_ji g_j`` over its own
+incoming weights, holding the messages fixed: its update is gradient ascent,
+``dU_i/dw_i = g_i * a_in`` with its own need ``g_i = f'(z_i) * sum_j alpha_ji g_j``, which it
+announces to the layer below. With ``alpha = W`` (``mode=exact``) this is error back-propagation.
+
+The computation is layer-local: the forward pass detaches every layer's input, and ``backward``
+walks the layers top-down, each computing its update and outgoing need only from the messages it
+received (no global ``loss.backward()``), vectorised over neurons.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from agentnet.config import StrategyConfig, check
+from agentnet.network import WorkerMLP
+from agentnet.registry import register_strategy
+from agentnet.strategy import StepResult, Strategy
+
+MODES = ("exact", "normalized", "topk")
+
+
+@dataclass
+class AttentionConfig(StrategyConfig):
+    """Settings of the attention-seeking strategy."""
+
+    mode: str = "exact"
+    """exact (alpha = W: back-propagation), normalized (each next-layer neuron splits a fixed
+    attention budget), or topk (alpha = W, but only the most-attended neurons update)."""
+    rho: float = 0.5
+    """topk: fraction of each layer's neurons, by attention received, that update this step."""
+
+    def __post_init__(self) -> None:
+        check(self.mode in MODES, "strategy.mode", self.mode, f"choose one of {MODES}")
+        check(0 < self.rho <= 1, "strategy.rho", self.rho, "fraction must lie in (0, 1]")
+
+
+def attention_weights(weight: Tensor, mode: str) -> Tensor:
+    """``alpha`` (shape of ``weight``, ``(n_next, n)``): the attention next-layer neurons pay.
+
+    ``normalized``: ``alpha_ji = sign(w_ji) |w_ji| / sum_i' |w_ji'|``, each row a budget of 1,
+    rescaled by the mean row L1 norm so the overall magnitude matches ``W``'s.
+    """
+    if mode == "normalized":
+        l1 = weight.abs().sum(1, keepdim=True).clamp_min(1e-12)
+        return weight / l1 * l1.mean()
+    return weight
+
+
+@register_strategy("attention")
+class AttentionSeeking(Strategy):
+    """Self-interested neurons maximising the attention-weighted help they give the next layer."""
+
+    Config = AttentionConfig
+
+    def __init__(self, cfg: AttentionConfig, model: WorkerMLP) -> None:
+        super().__init__(cfg, model)
+
+    def compute(self, x: Tensor, y: Tensor) -> StepResult:
+        """Forward pass with every layer's input detached; keeps inputs and pre-activations."""
+        inputs, preacts = [], []
+        with torch.no_grad():
+            a = x
+            for layer in self.model.hidden:
+                inputs.append(a)
+                z = layer(a)
+                preacts.append(z)
+                a = self.model.act(z)
+            inputs.append(a)
+            logits = self.model.output(a)
+        loss = self.model.global_loss(logits, y)
+        return StepResult(loss=loss, logits=logits, cache={"inputs": inputs, "preacts": preacts, "y": y})
+
+    def backward(self, result: StepResult) -> None:
+        """Top-down message passing: each layer updates from the needs it receives and passes its own on."""
+        cache, model = result.cache, self.model
+        logits = result.logits.detach().requires_grad_()
+        with torch.enable_grad():
+            (grad_out,) = torch.autograd.grad(model.global_loss(logits, cache["y"]), logits)
+        need = -grad_out  # g_j of the output neurons
+        layers = [*model.hidden, model.output]
+        received_all, objective_all, scales = [], [], []
+        for index in range(len(layers) - 1, -1, -1):
+            layer, a_in = layers[index], cache["inputs"][index]
+            # Gradient ascent on U over the layer's own incoming weights (the optimiser descends -U).
+            layer.weight.grad = -(need.t() @ a_in)
+            layer.bias.grad = -need.sum(0)
+            if index == 0:
+                break
+            message = need @ attention_weights(layer.weight.detach(), self.cfg.mode)  # sum_j alpha_ji g_j
+            z = cache["preacts"][index - 1].requires_grad_()
+            with torch.enable_grad():
+                a = model.act(z)
+                (need,) = torch.autograd.grad(a, z, message)  # g_i = f'(z_i) * message_i
+            received = message.abs().mean(0)
+            received_all.append(received)
+            objective_all.append((a.detach() * message).mean(0))
+            scales.append(self._topk_scale(received) if self.cfg.mode == "topk" else None)
+        result.signals["attention_received"] = received_all[::-1]
+        result.signals["objective"] = objective_all[::-1]
+        result.worker_objectives = [-u for u in objective_all[::-1]]
+        if self.cfg.mode == "topk":
+            result.update_scale = scales[::-1]
+
+    def _topk_scale(self, received: Tensor) -> Tensor:
+        """1 for the ``ceil(rho * n)`` most-attended neurons of a layer, 0 for the rest."""
+        chosen = received.topk(math.ceil(self.cfg.rho * received.numel())).indices
+        return torch.zeros_like(received).index_fill_(0, chosen, 1.0)
