@@ -21,6 +21,8 @@ __all__ = [
     "ModelConfig",
     "TrainerConfig",
     "StrategyConfig",
+    "BenchmarkConfig",
+    "CLConfig",
     "RunConfig",
     "register_configs",
 ]
@@ -166,6 +168,53 @@ class StrategyConfig:
 
 
 @dataclass
+class BenchmarkConfig:
+    """A continual-learning protocol: which task stream and how long each task trains."""
+
+    name: str = "pmnist_quick"
+    """Protocol name (informational)."""
+    scenario: str = "permuted"
+    """permuted (domain-IL), split_class (class-IL), split_task (task-IL, multi-head), rotated."""
+    num_tasks: int = 10
+    """Number of tasks in the sequence."""
+    epochs_per_task: int = 1
+    """Passes over each task's training set (ignored when ``iterations_per_task`` is set)."""
+    iterations_per_task: Optional[int] = None
+    """Optimiser steps per task (the reference protocol's 5000)."""
+    pad32: bool = False
+    """Zero-pad images to 32x32 (the reference protocol)."""
+    first_unpermuted: bool = False
+    """Permuted MNIST: leave task 1 unpermuted."""
+    max_angle: float = 180.0
+    """Rotated MNIST: task t is rotated by ``max_angle * t / num_tasks`` degrees."""
+    eval_every: Optional[int] = None
+    """Also evaluate every task every this many steps (learning curves); ``None``: only at task ends."""
+
+    def __post_init__(self) -> None:
+        scenarios = ("permuted", "split_class", "split_task", "rotated")
+        check(self.scenario in scenarios, "benchmark.scenario", self.scenario, f"choose one of {scenarios}")
+        check(self.num_tasks > 0, "benchmark.num_tasks", self.num_tasks, "must be positive")
+        if self.scenario.startswith("split"):
+            check(10 % self.num_tasks == 0, "benchmark.num_tasks", self.num_tasks, "split MNIST needs a divisor of 10")
+        check(self.epochs_per_task > 0, "benchmark.epochs_per_task", self.epochs_per_task, "must be positive")
+        check(
+            self.iterations_per_task is None or self.iterations_per_task > 0,
+            "benchmark.iterations_per_task",
+            self.iterations_per_task,
+            "must be positive or null",
+        )
+        check(self.eval_every is None or self.eval_every > 0, "benchmark.eval_every", self.eval_every, "must be positive or null")
+
+
+@dataclass
+class CLConfig:
+    """Base of every continual-learning method's config; ``name`` selects the registered method."""
+
+    name: str = "none"
+    """Registered method (see ``agentnet.continual.methods.CL_METHODS``)."""
+
+
+@dataclass
 class RunConfig:
     """One training run: the groups plus run-level settings."""
 
@@ -174,6 +223,10 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    benchmark: Optional[BenchmarkConfig] = None
+    """A continual-learning protocol; ``None`` trains once on MNIST."""
+    cl: Any = None
+    """The continual-learning method (group ``cl``); validated by its registered class."""
     seed: int = 0
     """Seeds initialisation, shuffling and subset choice."""
     device: str = "auto"
@@ -198,3 +251,4 @@ def register_configs() -> None:
     cs.store(group="model", name="mlp_schema", node=ModelConfig)
     cs.store(group="data", name="data_schema", node=DataConfig)
     cs.store(group="trainer", name="trainer_schema", node=TrainerConfig)
+    cs.store(group="benchmark", name="benchmark_schema", node=BenchmarkConfig)

@@ -65,7 +65,13 @@ class WorkerMLP(nn.Module):
             WorkerLinear(widths[i], widths[i + 1] // cfg.worker_size, cfg.worker_size) for i in range(len(cfg.hidden))
         )
         self.output = nn.Linear(widths[-1], out_units)
+        self.logit_mask: Tensor | None = None
+        """Boolean ``(C,)`` of the classes the output may predict (task-incremental heads); ``None``: all."""
         self.predictor = WorkerPredictor(cfg.worker_size, num_classes, cfg.output_activation, cfg.worker_projection, seed)
+
+    def _masked(self, logits: Tensor) -> Tensor:
+        # Task-incremental heads: classes outside the active task never win and get no gradient.
+        return logits if self.logit_mask is None else logits.masked_fill(~self.logit_mask, float("-inf"))
 
     @property
     def workers_per_layer(self) -> list[int]:
@@ -80,13 +86,13 @@ class WorkerMLP(nn.Module):
     def global_loss(self, logits: Tensor, y: Tensor) -> Tensor:
         """The task loss at the output: cross-entropy, or BCE for a sigmoid output."""
         if self.output_activation == "softmax":
-            return F.cross_entropy(logits, y)
+            return F.cross_entropy(self._masked(logits), y)
         return F.binary_cross_entropy_with_logits(logits[:, 0], y.to(logits.dtype))
 
     def predict(self, logits: Tensor) -> Tensor:
         """Class predictions from output logits."""
         if self.output_activation == "softmax":
-            return logits.argmax(1)
+            return self._masked(logits).argmax(1)
         return (logits[:, 0] > 0).long()
 
     def forward_record(

@@ -15,7 +15,14 @@ if TYPE_CHECKING:
     from agentnet.trainer import WorkerActivity
     from agentnet.workers import LeaderSelection
 
-__all__ = ["plot_history", "plot_leadership", "plot_activity", "write_run_plots"]
+__all__ = [
+    "plot_history",
+    "plot_leadership",
+    "plot_activity",
+    "plot_accuracy_matrix",
+    "plot_task_accuracy",
+    "write_run_plots",
+]
 
 
 def plot_history(history: list[dict], path: Path) -> None:
@@ -78,3 +85,35 @@ def write_run_plots(
         plot_leadership(selection.epoch_counts, out / "leadership.png")
     if activity is not None:
         plot_activity(activity, out / "activity.png")
+
+
+def plot_accuracy_matrix(R: list[list[float]], path: Path, title: str = "") -> None:
+    """Heatmap of the continual-learning accuracy matrix with values (row 0: before training)."""
+    m = 100 * np.asarray(R)
+    fig, ax = plt.subplots(figsize=(1.0 + 0.6 * m.shape[1], 0.9 + 0.45 * m.shape[0]))
+    im = ax.imshow(m, cmap="viridis", vmin=0, vmax=100, aspect="auto")
+    for i in range(m.shape[0]):
+        for j in range(m.shape[1]):
+            ax.text(j, i, f"{m[i, j]:.0f}", ha="center", va="center", fontsize=7, color="white" if m[i, j] < 60 else "black")
+    ax.set_xticks(range(m.shape[1]), [str(j + 1) for j in range(m.shape[1])])
+    ax.set_yticks(range(m.shape[0]), ["init"] + [str(i) for i in range(1, m.shape[0])])
+    ax.set(xlabel="evaluated task", ylabel="after training task", title=f"accuracy (%) {title}".strip())
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_task_accuracy(R: list[list[float]], path: Path) -> None:
+    """Each task's accuracy across the sequence, from the moment it is learned."""
+    m = 100 * np.asarray(R)
+    T = m.shape[1]
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    for j in range(T):
+        ax.plot(range(j + 1, T + 1), m[j + 1 :, j], marker="o", ms=3, label=f"task {j + 1}")
+    ax.plot(range(1, T + 1), [m[i, :i].mean() for i in range(1, T + 1)], color="black", lw=2, label="mean (seen)")
+    ax.set(xlabel="after training task", ylabel="test accuracy (%)", title="per-task accuracy across the sequence")
+    ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

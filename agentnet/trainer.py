@@ -53,6 +53,10 @@ class TrainerPlugin:
 
     def before_training(self, trainer: "Trainer") -> None: ...
 
+    def adapt_batch(self, trainer: "Trainer", x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Change the mini-batch before the step (e.g. add replayed examples)."""
+        return x, y
+
     def before_step(self, trainer: "Trainer", x: torch.Tensor, y: torch.Tensor) -> None: ...
 
     def after_backward(self, trainer: "Trainer", result: StepResult) -> None: ...
@@ -118,6 +122,7 @@ def to_run_config(cfg: DictConfig | RunConfig | dict) -> RunConfig:
         return cfg
     plain = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
     strategy_node = plain.pop("strategy", None)
+    cl_node = plain.pop("cl", None)
     plain.pop("hydra", None)
     try:
         base = OmegaConf.merge(OmegaConf.structured(RunConfig), plain)
@@ -131,6 +136,10 @@ def to_run_config(cfg: DictConfig | RunConfig | dict) -> RunConfig:
     from agentnet.registry import strategy_config
 
     run.strategy = strategy_config(strategy_node if strategy_node is not None else {})
+    if cl_node is not None:
+        from agentnet.continual.methods import CL_METHODS
+
+        run.cl = CL_METHODS.config(cl_node)
     return run
 
 
@@ -170,9 +179,10 @@ class Trainer:
         cfg: RunConfig,
         model: WorkerMLP,
         strategy: Strategy,
-        data: MNIST,
-        output_dir: Path,
+        data: MNIST | None,
+        output_dir: Path | None,
         plugins: list[TrainerPlugin] | None = None,
+        total_steps: int | None = None,
     ) -> None:
         self.cfg = cfg
         self.model = model
@@ -182,8 +192,9 @@ class Trainer:
         self.plugins = list(plugins or [])
         self.device = next(model.parameters()).device
         tcfg = cfg.trainer
-        self.steps_per_epoch = math.ceil(len(data.train) / tcfg.batch_size)
-        total = tcfg.epochs * self.steps_per_epoch
+        # Without ``data`` (a caller that drives ``train_step`` itself), ``total_steps`` sizes the schedule.
+        self.steps_per_epoch = math.ceil(len(data.train) / tcfg.batch_size) if data is not None else 0
+        total = total_steps if total_steps is not None else tcfg.epochs * self.steps_per_epoch
         self.total_steps = min(total, tcfg.max_steps) if tcfg.max_steps else total
         self.optimizer = build_optimizer(model.parameters(), tcfg)
         self.scheduler = _build_scheduler(self.optimizer, tcfg.lr_schedule, self.total_steps)
@@ -203,6 +214,8 @@ class Trainer:
         ``update_scale`` (per hidden layer, per unit) multiplies the update each unit's incoming
         weights receive, on top of any scale the strategy itself sets (see :meth:`_scaled_step`).
         """
+        for plugin in self.plugins:
+            x, y = plugin.adapt_batch(self, x, y)
         for plugin in self.plugins:
             plugin.before_step(self, x, y)
         self.optimizer.zero_grad(set_to_none=True)
@@ -291,7 +304,7 @@ class Trainer:
         log.info("resumed from %s at epoch %d, step %d", path, self.epoch, self.step)
 
     # -- the loop ------------------------------------------------------------------------------
-    def _check_finite(self, loss_sum: torch.Tensor, where: str) -> None:
+    def check_finite(self, loss_sum: torch.Tensor, where: str) -> None:
         if not torch.isfinite(loss_sum).item():
             kept = f"last good checkpoint: {self.checkpoint_path} (epoch {self.epoch})" if self.checkpoint_path.exists() else "no checkpoint was written yet"
             raise NonFiniteLossError(f"training loss became non-finite {where}; stopped. {kept}")
@@ -321,10 +334,10 @@ class Trainer:
                 x, y = train.x[idx], train.y[idx]
                 result = self.train_step(x, y)
                 loss_sum += result.loss.detach() * len(y)
-                correct += (self.model.predict(result.logits.detach()) == y).sum()
+                correct += (self.model.predict(result.logits.detach()[: len(y)]) == y).sum()
                 seen += len(y)
                 if (i + 1) % tcfg.log_every == 0 or i + 1 == steps_left:
-                    self._check_finite(loss_sum, f"in epoch {self.epoch + 1} before step {self.step}")
+                    self.check_finite(loss_sum, f"in epoch {self.epoch + 1} before step {self.step}")
                     bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", acc=f"{correct.item() / seen:.4f}")
                 bar.update(1)
             bar.close()
@@ -354,7 +367,8 @@ class Trainer:
         return self.history
 
 
-def _output_dir(cfg: RunConfig) -> Path:
+def output_dir_of(cfg: RunConfig) -> Path:
+    """The run's output directory: ``output_dir``, else Hydra's run directory, else the cwd."""
     if cfg.output_dir:
         return Path(cfg.output_dir)
     try:
@@ -374,7 +388,7 @@ def train(cfg: DictConfig | RunConfig | dict, data: MNIST | None = None) -> dict
     run = to_run_config(cfg)
     wall_start = time.perf_counter()
     device = resolve_device(run.device)
-    out = _output_dir(run)
+    out = output_dir_of(run)
     out.mkdir(parents=True, exist_ok=True)
     if data is None:
         data = load_mnist(run.data.root, device, verify=run.data.verify, normalize=run.data.normalize)

@@ -1,0 +1,109 @@
+"""``ewc`` and ``online_ewc``: elastic weight consolidation (Kirkpatrick et al. 2017; Schwarz et al. 2018).
+
+Penalty ``lambda/2 * sum_t sum_p F_t,p (theta_p - theta*_t,p)^2`` with ``F_t`` the diagonal Fisher at
+the end of task ``t``. Online EWC keeps one running ``F = gamma F + F_t`` anchored at the latest
+``theta*``. The Fisher uses per-sample gradients (``torch.func``) of the log-likelihood of the
+model's own predicted label on ``fisher_samples`` training examples of the task.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.func import functional_call, grad, vmap
+
+from agentnet.config import CLConfig, check
+from agentnet.continual.methods import CL_METHODS, CLMethod
+
+
+@dataclass
+class EWCConfig(CLConfig):
+    """EWC settings."""
+
+    ewc_lambda: float = 5000.0
+    """Penalty strength."""
+    gamma: float = 1.0
+    """Online EWC: decay of the running Fisher (1 keeps everything)."""
+    online: bool = False
+    """One running Fisher and anchor instead of one per task."""
+    fisher_samples: int = 1000
+    """Training examples of the finished task used to estimate its Fisher."""
+
+    def __post_init__(self) -> None:
+        check(self.ewc_lambda >= 0, "cl.ewc_lambda", self.ewc_lambda, "must be >= 0")
+        check(0 < self.gamma <= 1, "cl.gamma", self.gamma, "must lie in (0, 1]")
+        check(self.fisher_samples > 0, "cl.fisher_samples", self.fisher_samples, "must be positive")
+
+
+def diagonal_fisher(model: torch.nn.Module, x: torch.Tensor, chunk: int = 256) -> dict[str, torch.Tensor]:
+    """Mean squared per-sample gradient of ``log p(y_hat | x)`` for every parameter."""
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def nll(p, xi):
+        logits = functional_call(model, p, (xi.unsqueeze(0),))
+        label = model.predict(logits).detach()
+        return model.global_loss(logits, label)
+
+    per_sample = vmap(grad(nll), in_dims=(None, 0))
+    total = {k: torch.zeros_like(v) for k, v in params.items()}
+    for start in range(0, len(x), chunk):
+        for k, g in per_sample(params, x[start : start + chunk]).items():
+            total[k] += g.pow(2).sum(0)
+    return {k: v / len(x) for k, v in total.items()}
+
+
+@CL_METHODS.register("ewc")
+class EWC(CLMethod):
+    """Quadratic pull of every parameter toward its value after earlier tasks, weighted by Fisher."""
+
+    Config = EWCConfig
+
+    def __init__(self, cfg: EWCConfig, model: torch.nn.Module) -> None:
+        super().__init__(cfg, model)
+        self.anchors: list[tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]] = []  # (fisher, theta*)
+
+    def after_task(self, trainer, stream, task) -> None:
+        gen = torch.Generator().manual_seed(1000 + task.index)
+        n = min(self.cfg.fisher_samples, len(task.train_idx))
+        pick = torch.randperm(len(task.train_idx), generator=gen)[:n].to(task.train_idx.device)
+        x, _ = stream.batch(task, pick)
+        saved_mask = self.model.logit_mask
+        self.model.logit_mask = stream.logit_mask(task)
+        fisher = diagonal_fisher(self.model, x)
+        self.model.logit_mask = saved_mask
+        theta = {k: v.detach().clone() for k, v in self.model.named_parameters()}
+        if self.cfg.online and self.anchors:
+            old, _ = self.anchors[0]
+            fisher = {k: self.cfg.gamma * old[k] + fisher[k] for k in fisher}
+            self.anchors = []
+        self.anchors.append((fisher, theta))
+
+    def after_backward(self, trainer, result) -> None:
+        if not self.anchors:
+            return
+        with torch.no_grad():
+            for name, p in self.model.named_parameters():
+                g = sum(f[name] * (p - theta[name]) for f, theta in self.anchors) * self.cfg.ewc_lambda
+                p.grad = g if p.grad is None else p.grad.add_(g)
+
+    def penalty(self) -> torch.Tensor:
+        value = torch.zeros(())
+        for fisher, theta in self.anchors:
+            for name, p in self.model.named_parameters():
+                value = value + 0.5 * self.cfg.ewc_lambda * (fisher[name] * (p.detach() - theta[name]).pow(2)).sum()
+        return value
+
+
+@dataclass
+class OnlineEWCConfig(EWCConfig):
+    """Online EWC: one running Fisher with decay ``gamma``."""
+
+    online: bool = True
+
+
+@CL_METHODS.register("online_ewc")
+class OnlineEWC(EWC):
+    """EWC with a single decayed running Fisher (Schwarz et al. 2018)."""
+
+    Config = OnlineEWCConfig

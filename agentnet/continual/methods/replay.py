@@ -1,0 +1,86 @@
+"""``replay``: experience replay from a fixed-size reservoir buffer (Chaudhry et al. 2019).
+
+Every step appends ``replay_batch`` examples drawn from the buffer to the mini-batch; the current
+batch then enters the buffer by reservoir sampling, so the buffer is a uniform sample of the whole
+stream seen so far and never exceeds ``buffer_size``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from agentnet.config import CLConfig, check
+from agentnet.continual.methods import CL_METHODS, CLMethod
+
+
+@dataclass
+class ReplayConfig(CLConfig):
+    """Replay settings."""
+
+    buffer_size: int = 1000
+    """Examples kept in memory, over all tasks."""
+    replay_batch: int = 128
+    """Replayed examples added to every mini-batch."""
+    seed: int = 0
+    """Seeds reservoir and replay sampling."""
+
+    def __post_init__(self) -> None:
+        check(self.buffer_size > 0, "cl.buffer_size", self.buffer_size, "must be positive")
+        check(self.replay_batch > 0, "cl.replay_batch", self.replay_batch, "must be positive")
+
+
+class ReservoirBuffer:
+    """Uniform sample of a stream with fixed capacity (Vitter's algorithm R, vectorised per batch)."""
+
+    def __init__(self, capacity: int, seed: int = 0) -> None:
+        self.capacity = capacity
+        self.seen = 0
+        self.x: torch.Tensor | None = None
+        self.y: torch.Tensor | None = None
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        return min(self.seen, self.capacity)
+
+    def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        if self.x is None:
+            self.x = torch.empty(self.capacity, *x.shape[1:], dtype=x.dtype, device=x.device)
+            self.y = torch.empty(self.capacity, dtype=y.dtype, device=y.device)
+        n = len(x)
+        positions = torch.arange(self.seen, self.seen + n)
+        slots = torch.where(
+            positions < self.capacity, positions, (torch.rand(n, generator=self.gen) * (positions + 1)).long()
+        )
+        keep = slots < self.capacity
+        slots = slots[keep].to(x.device)
+        self.x[slots] = x[keep.to(x.device)]
+        self.y[slots] = y[keep.to(x.device)]
+        self.seen += n
+
+    def sample(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.randint(0, len(self), (n,), generator=self.gen).to(self.x.device)
+        return self.x[idx], self.y[idx]
+
+
+@CL_METHODS.register("replay")
+class ExperienceReplay(CLMethod):
+    """Mixes replayed examples into every mini-batch."""
+
+    Config = ReplayConfig
+
+    def __init__(self, cfg: ReplayConfig, model: torch.nn.Module) -> None:
+        super().__init__(cfg, model)
+        self.buffer = ReservoirBuffer(cfg.buffer_size, cfg.seed)
+        self._fresh: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def adapt_batch(self, trainer, x, y):
+        self._fresh = (x, y)
+        if len(self.buffer) == 0:
+            return x, y
+        rx, ry = self.buffer.sample(self.cfg.replay_batch)
+        return torch.cat([x, rx]), torch.cat([y, ry])
+
+    def after_step(self, trainer, x, y, result) -> None:
+        self.buffer.add(*self._fresh)

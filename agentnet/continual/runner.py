@@ -1,0 +1,166 @@
+"""The continual-learning run: tasks in sequence, every task evaluated before training and after each task.
+
+``run_continual(cfg) -> metrics`` is the task behind ``agentnet benchmark=<protocol>``. It builds the
+stream, model, strategy and CL method, drives :meth:`agentnet.trainer.Trainer.train_step` task by
+task, fills the accuracy matrix ``R`` (``(T+1, T)``, row 0 before training) and writes
+``cl_metrics.json``, ``acc_matrix.csv`` and the plots to the output directory.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+from tqdm import tqdm
+
+from agentnet.config import ConfigError, RunConfig
+from agentnet.continual.methods import CLMethod, build_cl_method
+from agentnet.continual.metrics import summarize
+from agentnet.continual.streams import Task, TaskStream, build_stream
+from agentnet.data import MNIST, load_mnist
+from agentnet.network import build_model
+from agentnet.registry import build_strategy
+from agentnet.trainer import Trainer, _atomic_write_json, output_dir_of, resolve_device, seed_everything, to_run_config
+
+__all__ = ["run_continual", "evaluate_all"]
+
+log = logging.getLogger(__name__)
+
+
+def evaluate_all(trainer: Trainer, stream: TaskStream) -> list[float]:
+    """Test accuracy on every task of the stream (task-incremental heads masked per task)."""
+    model = trainer.model
+    accs = []
+    for task in stream.tasks:
+        model.logit_mask = stream.logit_mask(task)
+        accs.append(trainer.evaluate(stream.test_split(task))["acc"])
+    model.logit_mask = None
+    return accs
+
+
+def _steps_for(stream: TaskStream, task_sizes: int, bench, batch_size: int) -> int:
+    if bench.iterations_per_task is not None:
+        return bench.iterations_per_task
+    return bench.epochs_per_task * math.ceil(task_sizes / batch_size)
+
+
+def _train_stage(
+    trainer: Trainer, stream: TaskStream, tasks: list[Task], steps: int, gen: torch.Generator, label: str, curves: list
+) -> None:
+    """``steps`` optimiser steps on ``tasks`` (one task, or several mixed for cumulative training)."""
+    run = trainer.cfg
+    bs = run.trainer.batch_size
+    sizes = torch.tensor([len(t.train_idx) for t in tasks])
+    offsets = torch.cumsum(sizes, 0) - sizes
+    order = torch.randperm(int(sizes.sum()), generator=gen)
+    pos = 0
+    loss_sum = torch.zeros((), device=trainer.device)
+    correct = torch.zeros((), device=trainer.device)
+    seen = 0
+    bar = tqdm(total=steps, desc=label, disable=not run.trainer.progress, leave=False, dynamic_ncols=True)
+    for step in range(steps):
+        if pos + bs > len(order):
+            order, pos = torch.randperm(int(sizes.sum()), generator=gen), 0
+        flat = order[pos : pos + bs]
+        pos += bs
+        # Which task each position belongs to, then that task's batch (its own transform).
+        owner = torch.searchsorted(offsets, flat, right=True) - 1
+        xs, ys = [], []
+        for t_i, task in enumerate(tasks):
+            local = flat[owner == t_i] - offsets[t_i]
+            if len(local):
+                x, y = stream.batch(task, local.to(task.train_idx.device))
+                xs.append(x)
+                ys.append(y)
+        x, y = torch.cat(xs), torch.cat(ys)
+        trainer.model.logit_mask = stream.logit_mask(tasks[-1])
+        result = trainer.train_step(x, y)
+        loss_sum += result.loss.detach() * len(y)
+        correct += (trainer.model.predict(result.logits.detach()[: len(y)]) == y).sum()
+        seen += len(y)
+        if (step + 1) % run.trainer.log_every == 0 or step + 1 == steps:
+            trainer.check_finite(loss_sum, f"in {label} at step {trainer.step}")
+            bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", acc=f"{correct.item() / seen:.4f}")
+        bar.update(1)
+        every = run.benchmark.eval_every
+        if every and trainer.step % every == 0:
+            trainer.model.logit_mask = None
+            curves.append({"step": trainer.step, "acc": evaluate_all(trainer, stream)})
+    bar.close()
+    trainer.model.logit_mask = None
+
+
+def run_continual(cfg: DictConfig | RunConfig | dict, data: MNIST | None = None) -> dict[str, Any]:
+    """Run a continual-learning protocol; write and return ``cl_metrics``."""
+    run = to_run_config(cfg)
+    if run.benchmark is None:
+        raise ConfigError("benchmark=null: choose a protocol, e.g. benchmark=pmnist_quick")
+    wall_start = time.perf_counter()
+    device = resolve_device(run.device)
+    out = output_dir_of(run)
+    out.mkdir(parents=True, exist_ok=True)
+    if data is None:
+        data = load_mnist(run.data.root, device, verify=run.data.verify, normalize=run.data.normalize)
+    gen = torch.Generator().manual_seed(run.seed)
+    data = MNIST(train=data.train.subset(run.data.subset, gen), test=data.test.subset(run.data.test_subset))
+    stream = build_stream(data, run.benchmark, run.seed)
+    seed_everything(run.seed)
+    model = build_model(run.model, stream.input_dim, stream.num_classes, run.seed).to(device)
+    strategy = build_strategy(run.strategy, model)
+    method: CLMethod = build_cl_method(run.cl, model)
+    bs = run.trainer.batch_size
+    stage_tasks = [stream.tasks[: i + 1] if method.cumulative else [stream.tasks[i]] for i in range(len(stream))]
+    stage_steps = [_steps_for(stream, sum(len(t.train_idx) for t in tasks[-1:]), run.benchmark, bs) for tasks in stage_tasks]
+    trainer = Trainer(run, model, strategy, None, out, plugins=[method], total_steps=sum(stage_steps))
+
+    R = [evaluate_all(trainer, stream)]
+    curves: list[dict] = []
+    task_seconds = []
+    for i, (tasks, steps) in enumerate(zip(stage_tasks, stage_steps)):
+        start = time.perf_counter()
+        method.before_task(trainer, stream, stream.tasks[i])
+        _train_stage(trainer, stream, tasks, steps, gen, f"{strategy.name}+{method.name} task {i + 1}/{len(stream)}", curves)
+        method.after_task(trainer, stream, stream.tasks[i])
+        strategy.on_epoch_end()
+        task_seconds.append(time.perf_counter() - start)
+        R.append(evaluate_all(trainer, stream))
+        log.info("after task %d: mean acc over tasks so far %.4f", i + 1, sum(R[-1][: i + 1]) / (i + 1))
+
+    metrics: dict[str, Any] = {
+        "strategy": strategy.name,
+        "cl": method.name,
+        "benchmark": run.benchmark.name,
+        "model": run.model.name,
+        "seed": run.seed,
+        "acc_matrix": R,
+        **summarize(R),
+        "task_seconds": task_seconds,
+        "steps": trainer.step,
+        "wall_s": time.perf_counter() - wall_start,
+        "curves": curves,
+        "config": {
+            "strategy": asdict(run.strategy),
+            "cl": asdict(method.cfg),
+            "benchmark": asdict(run.benchmark),
+            "model": asdict(run.model),
+            "trainer": asdict(run.trainer),
+        },
+    }
+    _atomic_write_json(metrics, out / "cl_metrics.json")
+    with open(out / "acc_matrix.csv", "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["after"] + [f"task_{j + 1}" for j in range(len(stream))])
+        for i, row in enumerate(R):
+            writer.writerow(["init" if i == 0 else f"task_{i}"] + [f"{a:.4f}" for a in row])
+    from agentnet import reports
+
+    reports.plot_accuracy_matrix(R, out / "acc_matrix.png", title=f"{strategy.name} + {method.name}")
+    reports.plot_task_accuracy(R, out / "task_accuracy.png")
+    return metrics

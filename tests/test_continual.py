@@ -1,0 +1,171 @@
+"""Continual learning: metrics, streams, CL methods (composable with every strategy), and real forgetting."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from agentnet.config import ModelConfig
+from agentnet.continual.methods import CL_METHODS, build_cl_method
+from agentnet.continual.methods.replay import ReservoirBuffer
+from agentnet.continual.metrics import accuracy, backward_transfer, forgetting, forward_transfer, summarize
+from agentnet.continual.runner import run_continual
+from agentnet.continual.streams import TaskStream
+from agentnet.network import WorkerMLP
+from agentnet.registry import available_strategies
+from agentnet.trainer import to_run_config
+from tests.conftest import compose_config
+
+# Rows: before training, after task 1, 2, 3 (GEM's R with an init row for FWT).
+R3 = [
+    [0.10, 0.10, 0.10],
+    [0.90, 0.20, 0.10],
+    [0.80, 0.95, 0.30],
+    [0.70, 0.90, 0.85],
+]
+
+
+def test_metrics_on_hand_computed_3x3():
+    assert accuracy(R3) == pytest.approx((0.7 + 0.9 + 0.85) / 3)
+    assert backward_transfer(R3) == pytest.approx(((0.7 - 0.9) + (0.9 - 0.95)) / 2)
+    assert forward_transfer(R3) == pytest.approx(((0.2 - 0.1) + (0.3 - 0.1)) / 2)
+    assert forgetting(R3) == pytest.approx(((0.9 - 0.7) + (0.95 - 0.9)) / 2)
+    assert summarize(R3)["learning_acc"] == pytest.approx([0.9, 0.95, 0.85])
+
+
+def test_metrics_no_forgetting_and_shape_check():
+    perfect = [[0.1, 0.1], [1.0, 0.1], [1.0, 1.0]]
+    assert backward_transfer(perfect) == 0 and forgetting(perfect) == 0 and accuracy(perfect) == 1
+    # Forgetting counts the best accuracy ever reached, even if it rose after learning the task.
+    rising = [[0, 0, 0], [0.5, 0, 0], [0.9, 0.8, 0], [0.6, 0.8, 0.9]]
+    assert forgetting(rising) == pytest.approx(((0.9 - 0.6) + (0.8 - 0.8)) / 2)
+    with pytest.raises(ValueError, match=r"\(T\+1, T\)"):
+        accuracy([[1.0, 1.0], [1.0, 1.0]])
+
+
+def test_permutations_fixed_distinct_and_seeded(mnist):
+    a = TaskStream(mnist, "permuted", 4, seed=3, first_unpermuted=True)
+    b = TaskStream(mnist, "permuted", 4, seed=3, first_unpermuted=True)
+    c = TaskStream(mnist, "permuted", 4, seed=4, first_unpermuted=True)
+    assert a.tasks[0].permutation is None
+    perms = [t.permutation for t in a.tasks[1:]]
+    for i in range(3):
+        assert sorted(perms[i].tolist()) == list(range(784))  # a real permutation
+        assert torch.equal(perms[i], b.tasks[i + 1].permutation)  # same seed, same permutation
+        assert not torch.equal(perms[i], c.tasks[i + 1].permutation)
+        for j in range(i):
+            assert not torch.equal(perms[i], perms[j])
+    x, _ = a.batch(a.tasks[2], torch.arange(5))
+    assert torch.equal(x, mnist.train.x[:5][:, perms[1]])  # a gather of the pixels
+
+
+def test_pad32_and_split_and_rotated_streams(mnist):
+    padded = TaskStream(mnist, "permuted", 2, pad32=True)
+    assert padded.input_dim == 1024
+    x, _ = padded.batch(padded.tasks[0], torch.arange(3))
+    assert x.shape == (3, 1024)
+    split = TaskStream(mnist, "split_task", 5)
+    assert [t.classes.tolist() for t in split.tasks] == [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9]]
+    assert set(mnist.train.y[split.tasks[2].train_idx].unique().tolist()) == {4, 5}
+    assert split.logit_mask(split.tasks[1]).tolist() == [False, False, True, True] + [False] * 6
+    rotated = TaskStream(mnist, "rotated", 4)
+    x0, _ = rotated.batch(rotated.tasks[0], torch.arange(2))
+    x2, _ = rotated.batch(rotated.tasks[2], torch.arange(2))
+    assert torch.allclose(x0, mnist.train.x[:2]) and not torch.allclose(x2, x0)
+
+
+def _model():
+    torch.manual_seed(0)
+    return WorkerMLP(784, 10, ModelConfig(hidden=[20], worker_size=10))
+
+
+@pytest.mark.parametrize("name", ["ewc", "online_ewc", "si"])
+def test_penalties_zero_at_anchor_and_grow(name, mnist):
+    model = _model()
+    method = build_cl_method({"name": name}, model)
+    stream = TaskStream(mnist.__class__(train=mnist.train.subset(500), test=mnist.test.subset(100)), "permuted", 2)
+    method.before_task(None, stream, stream.tasks[0])
+    if name == "si":  # give SI a path: a few manual gradient steps
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        for i in range(5):
+            x, y = stream.batch(stream.tasks[0], torch.arange(64 * i, 64 * (i + 1)))
+            opt.zero_grad()
+            model.global_loss(model(x), y).backward()
+            method.after_backward(None, None)
+            opt.step()
+            method.after_step(None, x, y, None)
+    method.after_task(None, stream, stream.tasks[0])
+    assert method.penalty().item() == pytest.approx(0.0, abs=1e-12)
+    values = []
+    for scale in (0.01, 0.1):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(scale)
+        values.append(method.penalty().item())
+    assert 0 < values[0] < values[1]
+
+
+def test_replay_buffer_respects_budget_and_is_uniform():
+    buffer = ReservoirBuffer(100, seed=0)
+    for start in range(0, 5000, 50):
+        x = torch.arange(start, start + 50, dtype=torch.float32).unsqueeze(1)
+        buffer.add(x, torch.arange(start, start + 50))
+        assert len(buffer) <= 100
+    assert len(buffer) == 100 and buffer.x.shape == (100, 1)
+    kept = buffer.y.numpy()
+    assert len(np.unique(kept)) == 100
+    assert 1500 < kept.mean() < 3500  # a uniform sample of 0..4999, not the most recent items
+    x, y = buffer.sample(32)
+    assert x.shape == (32, 1) and torch.equal(x[:, 0].long(), y)
+
+
+def _cl_overrides(tmp_path, *extra):
+    return [
+        "benchmark=split_mnist", "benchmark.num_tasks=5", "data.subset=6000", "data.test_subset=2000",
+        "benchmark.iterations_per_task=60", "trainer.progress=false", "device=cpu", f"output_dir={tmp_path}", *extra,
+    ]
+
+
+def test_finetuning_forgets_while_joint_does_not(mnist, tmp_path):
+    """Class-incremental split MNIST on real data: the first task is forgotten unless data is joint."""
+    finetune = run_continual(compose_config("strategy=bp", "cl=none", *_cl_overrides(tmp_path / "ft")), data=mnist)
+    joint = run_continual(compose_config("strategy=bp", "cl=joint", *_cl_overrides(tmp_path / "joint")), data=mnist)
+    R_ft, R_joint = np.array(finetune["acc_matrix"]), np.array(joint["acc_matrix"])
+    assert R_ft[1, 0] > 0.9 and R_ft[-1, 0] < 0.3  # learned, then forgotten
+    assert R_joint[-1, 0] > 0.8  # still known at the end
+    assert joint["ACC"] > finetune["ACC"] + 0.3 and finetune["forgetting"] > 0.5
+    written = json.loads((tmp_path / "ft" / "cl_metrics.json").read_text())
+    for key in ("acc_matrix", "ACC", "BWT", "FWT", "forgetting", "learning_acc", "wall_s", "config"):
+        assert key in written
+    assert len(written["acc_matrix"]) == 6 and len(written["acc_matrix"][0]) == 5
+    for name in ("acc_matrix.csv", "acc_matrix.png", "task_accuracy.png"):
+        assert (tmp_path / "ft" / name).is_file()
+
+
+@pytest.mark.parametrize("method", ["none", "ewc", "online_ewc", "si", "replay", "joint"])
+@pytest.mark.parametrize("strategy", ["bp", "lfnn", "lfnn_local", "attention"])
+def test_every_method_composes_with_every_strategy(method, strategy, mnist, tmp_path):
+    overrides = [
+        "benchmark=pmnist_quick", "benchmark.num_tasks=2", "benchmark.iterations_per_task=40", "data.subset=2000",
+        "data.test_subset=500", "trainer.progress=false", "device=cpu", f"output_dir={tmp_path}",
+        "cl.fisher_samples=64" if "ewc" in method else "trainer.log_every=50",
+    ]
+    metrics = run_continual(compose_config(f"strategy={strategy}", f"cl={method}", *overrides), data=mnist)
+    R = np.array(metrics["acc_matrix"])
+    assert R.shape == (3, 2) and np.isfinite(R).all()
+    assert R[1, 0] > 0.3  # learned something in 40 steps
+
+
+def test_cl_registry_and_configs():
+    assert set(CL_METHODS.names()) >= {"none", "ewc", "online_ewc", "si", "replay", "joint"}
+    run = to_run_config(compose_config("benchmark=pmnist_vdv", "cl=si"))
+    assert run.benchmark.iterations_per_task == 5000 and run.benchmark.pad32 and run.model.hidden == [1000, 1000]
+    assert run.trainer.lr == 1e-4 and run.cl.name == "si"
+    with pytest.raises(Exception, match="cl.ewc_lambda"):
+        to_run_config(compose_config("cl=ewc", "cl.ewc_lambda=-1"))
+    with pytest.raises(Exception, match="registered"):
+        to_run_config(compose_config("cl=none", "cl.name=magic"))
+    assert available_strategies()
