@@ -1,4 +1,4 @@
-# Two commands on a fresh machine:  `make main` (set up, fetch data if needed, run the comparison)
+# Two commands on a fresh machine:  `make main` (set up, fetch data if needed, run the permuted-MNIST comparison)
 # and `make test` (set up, fetch data if needed, run the test suite). Everything else is a step of those.
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -22,8 +22,13 @@ $(BIN)/.installed: pyproject.toml requirements/cpu-constraints.txt
 data: setup
 	$(BIN)/agentnet-fetch-mnist --root "$(AGENTNET_DATA)"
 
+# The main job: the permuted-MNIST strategy comparison as a Hydra multirun (joblib, one process per
+# core), then one report table. Extra overrides: make main ARGS="seed=0,1,2 cl=ewc".
+SWEEP ?= outputs/main/$(shell date +%Y-%m-%d_%H-%M-%S)
 main: data
-	$(BIN)/agentnet-compare $(ARGS)
+	$(BIN)/agentnet -m benchmark=pmnist_quick strategy=bp,lfnn,lfnn_local,attention threads=1 \
+		hydra.sweep.dir=$(SWEEP) $(ARGS)
+	$(BIN)/agentnet-report $(SWEEP)
 
 test: data
 	$(BIN)/pytest $(PYTEST_ARGS)

@@ -237,8 +237,11 @@ class RunConfig:
     """Directory of an earlier run to continue; ``None`` means this run's output directory."""
     output_dir: Optional[str] = None
     """Where metrics and checkpoints go; ``None`` means Hydra's run directory (or the cwd)."""
+    threads: int = 0
+    """torch CPU threads for this run (0: torch's default); for parallel sweeps, cores / jobs."""
 
     def __post_init__(self) -> None:
+        check(self.threads >= 0, "threads", self.threads, "must be >= 0")
         check(self.device in DEVICES or self.device.startswith("cuda:"), "device", self.device, f"choose one of {DEVICES}")
 
 

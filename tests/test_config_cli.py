@@ -12,19 +12,34 @@ import pytest
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ValidationError
 
+from hydra import compose, initialize_config_dir
+
+from agentnet.cli import CONFIG_DIR
 from agentnet.config import ConfigError
 from agentnet.registry import UnknownStrategyError, available_strategies, get_strategy
 from agentnet.trainer import to_run_config
 from tests.conftest import REPO, compose_config, data_root
 
-GROUPS = {g: sorted(p.stem for p in (REPO / "configs" / g).glob("*.yaml")) for g in ("strategy", "model", "data", "trainer")}
+GROUPS = {
+    g: sorted(p.stem for p in (REPO / "configs" / g).glob("*.yaml"))
+    for g in ("strategy", "model", "data", "trainer", "benchmark", "cl", "hydra/launcher")
+}
 
 
 @pytest.mark.parametrize("group,option", [(g, o) for g, opts in GROUPS.items() for o in opts])
 def test_every_group_option_composes_and_validates(group, option):
-    run = to_run_config(compose_config(f"{group}={option}"))
+    cfg = compose_config(f"{group}={option}")
+    run = to_run_config(cfg)
     if group == "strategy":
         assert run.strategy.name == option and type(run.strategy) is get_strategy(option).Config
+    if group == "cl":
+        assert run.cl.name == option
+    if group == "benchmark":
+        assert run.benchmark.name == option
+    if group == "hydra/launcher":
+        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+            full = compose("config", overrides=[f"hydra/launcher={option}"], return_hydra_config=True)
+        assert full.hydra.launcher._target_.startswith("hydra_plugins.")
 
 
 def test_builtin_strategies_registered():
@@ -101,12 +116,38 @@ def test_cli_missing_data_explains_fetch(tmp_path):
     assert "agentnet-fetch-mnist" in proc.stderr + proc.stdout
 
 
-@pytest.mark.slow
-def test_real_multirun(tmp_path):
+def _sweep(tmp_path, launcher: str, *extra: str) -> Path:
+    sweep = tmp_path / "sweep"
     proc = _run_cli(
-        "-m", "strategy=bp,lfnn", "data.subset=2000", "data.test_subset=500", "trainer.epochs=1",
-        "trainer.progress=false", "device=cpu", f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path,
+        "-m", f"hydra/launcher={launcher}", "data.subset=1500", "data.test_subset=500", "trainer.epochs=1",
+        "trainer.progress=false", "device=cpu", "threads=1", f"hydra.sweep.dir={sweep}", *extra, cwd=tmp_path,
     )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    found = sorted((tmp_path / "sweep").glob("*/metrics.json"))
-    assert [json.loads(p.read_text())["strategy"] for p in found] == ["bp", "lfnn"]
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return sweep
+
+
+def _report(sweep: Path) -> str:
+    proc = subprocess.run([sys.executable, "-m", "agentnet.report", str(sweep)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert (sweep / "summary.md").is_file() and (sweep / "summary.csv").is_file() and (sweep / "summary.png").is_file()
+    return proc.stdout
+
+
+def test_real_multirun_basic_launcher_and_report(tmp_path):
+    """2 strategies x 1 seed plus one invalid job: the failure is reported and hides nothing."""
+    sweep = _sweep(tmp_path, "basic", "strategy=lfnn", "strategy.delta=0.5,1.5,0.3")
+    found = sorted(json.loads(p.read_text())["config"]["strategy"]["delta"] for p in sweep.glob("*/metrics.json"))
+    assert found == [0.3, 0.5]
+    report = _report(sweep)
+    assert "strategy.delta=0.5 | 1 | 0 |" in report and "strategy.delta=0.3 | 1 | 0 |" in report
+    assert "strategy.delta=1.5 | 1 | 1 |" in report and "Failed jobs" in report and "strategy.delta=1.5" in report
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", ["joblib", "submitit_local"])
+def test_real_multirun_through_launcher(tmp_path, launcher):
+    sweep = _sweep(tmp_path, launcher, "strategy=bp,lfnn_local", "benchmark=pmnist_quick", "benchmark.num_tasks=2",
+                   "benchmark.iterations_per_task=30", "hydra.launcher.n_jobs=2" if launcher == "joblib" else "hydra.launcher.timeout_min=10")
+    assert len(list(sweep.glob("*/cl_metrics.json"))) == 2
+    report = _report(sweep)
+    assert "strategy=bp" in report and "strategy=lfnn_local" in report and "ACC (%)" in report

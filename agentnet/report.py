@@ -1,0 +1,219 @@
+"""``agentnet-report <sweep dir>``: one table (and plots) from every job of a Hydra multirun.
+
+Each job directory holds ``.hydra/overrides.yaml`` and, if it finished, ``metrics.json`` (a single
+training run) or ``cl_metrics.json`` (a continual-learning run). Jobs are grouped by their overrides
+minus ``seed`` (and output paths); every group gets mean ± std over its jobs and a job count. A job
+without metrics is listed as failed with its error, and the others are still reported. Writes
+``summary.md``, ``summary.csv`` and ``summary.png`` into the sweep directory and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import statistics
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import yaml
+
+__all__ = ["Job", "collect_jobs", "group_jobs", "write_report", "main"]
+
+CL_COLUMNS = ("ACC", "BWT", "FWT", "forgetting", "wall_s")
+TRAIN_COLUMNS = ("test_error", "train_error", "samples_per_s", "wall_s")
+PERCENT = {"ACC", "BWT", "FWT", "forgetting"}
+IGNORED_KEYS = ("seed", "output_dir", "hydra.", "trainer.progress")
+
+
+@dataclass
+class Job:
+    """One job of a sweep."""
+
+    directory: Path
+    overrides: dict[str, str]
+    metrics: dict | None = None
+    error: str | None = None
+
+    @property
+    def kind(self) -> str:
+        return "cl" if self.metrics is not None and "ACC" in self.metrics else "train"
+
+
+@dataclass
+class Group:
+    """Jobs sharing every override but the seed."""
+
+    key: tuple[tuple[str, str], ...]
+    jobs: list[Job] = field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        return " ".join(f"{k}={v}" for k, v in self.key) or "(defaults)"
+
+    def finished(self) -> list[Job]:
+        return [j for j in self.jobs if j.metrics is not None]
+
+
+def _overrides(job_dir: Path) -> dict[str, str]:
+    path = job_dir / ".hydra" / "overrides.yaml"
+    if not path.is_file():
+        return {}
+    result = {}
+    for item in yaml.safe_load(path.read_text()) or []:
+        key, _, value = str(item).partition("=")
+        result[key.lstrip("+~")] = value
+    return result
+
+
+def collect_jobs(sweep_dir: Path) -> list[Job]:
+    """Every job directory under ``sweep_dir`` (those with a ``.hydra`` folder), finished or not."""
+    jobs = []
+    for hydra_dir in sorted(sweep_dir.glob("**/.hydra")):
+        job_dir = hydra_dir.parent
+        job = Job(job_dir, _overrides(job_dir))
+        for name in ("cl_metrics.json", "metrics.json"):
+            if (job_dir / name).is_file():
+                job.metrics = json.loads((job_dir / name).read_text())
+                break
+        if job.metrics is None:
+            error_file = job_dir / "error.txt"
+            job.error = error_file.read_text().strip() if error_file.is_file() else "no metrics written (crashed or still running)"
+        jobs.append(job)
+    return jobs
+
+
+def swept_keys(jobs: list[Job]) -> list[str]:
+    """Override keys whose value differs between jobs (seeds and paths excluded)."""
+    keys = sorted({k for j in jobs for k in j.overrides if not k.startswith(IGNORED_KEYS)})
+    return [k for k in keys if len({j.overrides.get(k) for j in jobs}) > 1]
+
+
+def group_jobs(jobs: list[Job]) -> list[Group]:
+    """Group by the swept keys (all but seeds and paths), in first-seen order."""
+    keys = swept_keys(jobs)
+    groups: dict[tuple, Group] = {}
+    for job in jobs:
+        key = tuple((k, job.overrides.get(k, "(default)")) for k in keys)
+        groups.setdefault(key, Group(key)).jobs.append(job)
+    return list(groups.values())
+
+
+def _stat(values: list[float], scale: float) -> str:
+    if not values:
+        return "-"
+    mean = statistics.mean(values) * scale
+    std = statistics.pstdev(values) * scale if len(values) > 1 else 0.0
+    return f"{mean:.2f} ± {std:.2f}"
+
+
+def _columns(groups: list[Group]) -> tuple[str, ...]:
+    kinds = {j.kind for g in groups for j in g.finished()}
+    return CL_COLUMNS if kinds == {"cl"} else TRAIN_COLUMNS if kinds == {"train"} else CL_COLUMNS + TRAIN_COLUMNS
+
+
+def summary_rows(groups: list[Group]) -> tuple[tuple[str, ...], list[list[str]]]:
+    """Header and rows of the summary table (percent for accuracy-type CL metrics)."""
+    columns = _columns(groups)
+    header = ("group", "jobs", "failed", *(f"{c} (%)" if c in PERCENT else c for c in columns))
+    rows = []
+    for group in groups:
+        done = group.finished()
+        cells = [_stat([j.metrics[c] for j in done if c in j.metrics], 100.0 if c in PERCENT else 1.0) for c in columns]
+        rows.append([group.label, str(len(group.jobs)), str(len(group.jobs) - len(done)), *cells])
+    return header, rows
+
+
+def _markdown(header, rows) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _plot(groups: list[Group], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    cl_groups = [g for g in groups if any(j.kind == "cl" for j in g.finished())]
+    if cl_groups:
+        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.8))
+        labels = [g.label.replace("strategy=", "").replace(" ", "\n") for g in cl_groups]
+        for offset, metric, color in ((-0.2, "ACC", "tab:green"), (0.2, "forgetting", "tab:red")):
+            means = [100 * np.mean([j.metrics[metric] for j in g.finished()]) for g in cl_groups]
+            stds = [100 * np.std([j.metrics[metric] for j in g.finished()]) for g in cl_groups]
+            ax1.bar(np.arange(len(cl_groups)) + offset, means, 0.4, yerr=stds, label=metric, color=color)
+        ax1.set_xticks(range(len(cl_groups)), labels, fontsize=7)
+        ax1.set(ylabel="%", title="ACC and forgetting per group")
+        ax1.legend()
+        for g in cl_groups:
+            final = np.mean([np.asarray(j.metrics["acc_matrix"])[-1] for j in g.finished()], axis=0)
+            ax2.plot(range(1, len(final) + 1), 100 * final, marker="o", label=g.label.replace("strategy=", ""))
+        ax2.set(xlabel="task", ylabel="final accuracy (%)", title="last row of the accuracy matrix")
+        ax2.legend(fontsize=6)
+    else:
+        fig, ax1 = plt.subplots(figsize=(7, 3.5))
+        done = [g for g in groups if g.finished()]
+        means = [np.mean([j.metrics["test_error"] for j in g.finished()]) for g in done]
+        ax1.bar(range(len(done)), means)
+        ax1.set_xticks(range(len(done)), [g.label.replace(" ", "\n") for g in done], fontsize=7)
+        ax1.set(ylabel="test error (%)", title="test error per group")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(sweep_dir: Path) -> str:
+    """Write ``summary.md``, ``summary.csv`` and ``summary.png``; return the Markdown text."""
+    jobs = collect_jobs(sweep_dir)
+    if not jobs:
+        raise FileNotFoundError(f"{sweep_dir}: no Hydra job directories (.hydra/) found")
+    groups = group_jobs(jobs)
+    header, rows = summary_rows(groups)
+    common = sorted({(k, v) for j in jobs for k, v in j.overrides.items()} - {(k, v) for g in groups for k, v in g.key})
+    common = [f"{k}={v}" for k, v in common if not k.startswith(IGNORED_KEYS) and all(j.overrides.get(k) == v for j in jobs)]
+    seeds = sorted({j.overrides.get("seed", "0") for j in jobs})
+    text = (
+        f"# Sweep report: {sweep_dir}\n\nCommon overrides: {' '.join(common) or '(none)'}; seeds: {', '.join(seeds)}; "
+        f"mean ± std over seeds.\n\n{_markdown(header, rows)}\n"
+    )
+    failed = [j for j in jobs if j.metrics is None]
+    if failed:
+        text += "\n## Failed jobs\n\n" + "\n".join(f"- `{j.directory.name}`: {j.error}" for j in failed) + "\n"
+    (sweep_dir / "summary.md").write_text(text)
+    with open(sweep_dir / "summary.csv", "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(header)
+        writer.writerows(rows)
+    if any(g.finished() for g in groups):
+        _plot(groups, sweep_dir / "summary.png")
+    return text
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Console script ``agentnet-report``."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("sweep_dir", nargs="?", default=None, help="a multirun directory (default: the newest under multirun/)")
+    args = parser.parse_args(argv)
+    if args.sweep_dir is None:
+        candidates = sorted(p.parent for p in Path("multirun").glob("**/multirun.yaml"))
+        if not candidates:
+            print("error: no sweep directory given and none found under multirun/", file=sys.stderr)
+            return 1
+        sweep = max(candidates, key=lambda p: p.stat().st_mtime)
+    else:
+        sweep = Path(args.sweep_dir)
+    try:
+        print(write_report(sweep))
+    except FileNotFoundError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
