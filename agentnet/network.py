@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import networkx as nx
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -77,6 +78,12 @@ class WorkerMLP(nn.Module):
     def workers_per_layer(self) -> list[int]:
         return [layer.num_workers for layer in self.hidden]
 
+    def to_networkx(self, roles: list[list[str]] | None = None, leadership: list[Tensor] | None = None) -> nx.DiGraph:
+        """Workers as nodes (``layer``, ``index``, ``role``, ``leadership`` count), plus ``input`` and the
+        output group; edges carry the Frobenius norm of the weight block connecting two workers.
+        Node names match the PettingZoo agents (``worker_<i>``, output last)."""
+        return worker_graph(self, roles, leadership)
+
     def forward(self, x: Tensor) -> Tensor:
         """Inference: output logits ``(B, C)`` (``(B, 1)`` for a sigmoid output)."""
         for layer in self.hidden:
@@ -131,6 +138,43 @@ class WorkerMLP(nn.Module):
             x = h
         logits = self.output(x.detach() if path == "local" else x)
         return ForwardRecord(logits=logits, layers=records)
+
+
+def worker_graph(
+    model: WorkerMLP, roles: list[list[str]] | None = None, leadership: list[Tensor] | None = None
+) -> nx.DiGraph:
+    """The network as a graph of workers (see :meth:`WorkerMLP.to_networkx`)."""
+    graph = nx.DiGraph()
+    graph.add_node("input", layer=0, index=0, role="input", leadership=0.0)
+    previous = ["input"]
+    agent = 0
+    with torch.no_grad():
+        for li, layer in enumerate(model.hidden):
+            names = []
+            for w in range(layer.num_workers):
+                name = f"worker_{agent}"
+                agent += 1
+                role = roles[li][w] if roles else "worker"
+                lead = float(leadership[li][w]) if leadership is not None else 0.0
+                graph.add_node(name, layer=li + 1, index=w, role=role, leadership=lead)
+                names.append(name)
+            k = layer.worker_size
+            if li == 0:
+                norms = layer.weight.view(layer.num_workers, -1).norm(dim=1).view(-1, 1)
+            else:
+                prev_k = model.hidden[li - 1].worker_size
+                norms = layer.weight.view(layer.num_workers, k, len(previous), prev_k).norm(dim=(1, 3))
+            for j, dst in enumerate(names):
+                for i, src in enumerate(previous):
+                    graph.add_edge(src, dst, weight=float(norms[j, i]))
+            previous = names
+        out = model.output
+        graph.add_node(f"worker_{agent}", layer=len(model.hidden) + 1, index=0, role="output", leadership=0.0)
+        k = model.hidden[-1].worker_size
+        norms = out.weight.view(out.out_features, len(previous), k).norm(dim=(0, 2))
+        for i, src in enumerate(previous):
+            graph.add_edge(src, f"worker_{agent}", weight=float(norms[i]))
+    return graph
 
 
 def build_model(cfg: ModelConfig, input_dim: int, num_classes: int, seed: int = 0) -> WorkerMLP:

@@ -211,8 +211,9 @@ class Trainer:
     ) -> StepResult:
         """One optimiser step of the strategy on one mini-batch.
 
-        ``update_scale`` (per hidden layer, per unit) multiplies the update each unit's incoming
-        weights receive, on top of any scale the strategy itself sets (see :meth:`_scaled_step`).
+        ``update_scale`` (per layer of ``[*model.hidden, model.output]``, per unit) multiplies the
+        update each unit's incoming weights receive, on top of any scale the strategy itself sets
+        (see :meth:`_scaled_step`).
         """
         for plugin in self.plugins:
             x, y = plugin.adapt_batch(self, x, y)
@@ -236,8 +237,11 @@ class Trainer:
         return result
 
     def _scaled_step(self, scales: list[torch.Tensor | None]) -> None:
-        """Optimiser step, then ``w <- lerp(w_old, w_new, scale)`` per unit (exact at 0 and 1)."""
-        layers = [(layer, s) for layer, s in zip(self.model.hidden, scales) if s is not None]
+        """Optimiser step, then ``w <- lerp(w_old, w_new, scale)`` per unit (exact at 0 and 1).
+
+        ``scales`` follows ``[*model.hidden, model.output]``; a shorter list leaves the rest unscaled.
+        """
+        layers = [(layer, s) for layer, s in zip([*self.model.hidden, self.model.output], scales) if s is not None]
         before = [(layer.weight.detach().clone(), layer.bias.detach().clone()) for layer, _ in layers]
         self.optimizer.step()
         with torch.no_grad():
@@ -309,15 +313,51 @@ class Trainer:
             kept = f"last good checkpoint: {self.checkpoint_path} (epoch {self.epoch})" if self.checkpoint_path.exists() else "no checkpoint was written yet"
             raise NonFiniteLossError(f"training loss became non-finite {where}; stopped. {kept}")
 
+    def epoch_batches(self, steps: int | None = None):
+        """One epoch's mini-batches ``(x, y)`` of the training split, shuffled by the seeded generator.
+
+        The trainer's loop and the PettingZoo environment both draw from here, so they see the
+        same batches for the same seed.
+        """
+        train = self.data.train
+        bs = self.cfg.trainer.batch_size
+        perm = torch.randperm(len(train), generator=self.shuffle).to(self.device)
+        for i in range(self.steps_per_epoch if steps is None else steps):
+            idx = perm[i * bs : (i + 1) * bs]
+            yield train.x[idx], train.y[idx]
+
+    def end_epoch(self, seconds: float, loss_sum: torch.Tensor, correct: torch.Tensor, seen: int) -> dict:
+        """Close an epoch: strategy hook, test evaluation, history entry, plugins, checkpoint."""
+        self.train_seconds += seconds
+        self.samples_seen += seen
+        self.strategy.on_epoch_end()
+        self.epoch += 1
+        test = self.evaluate(self.data.test)
+        entry = {
+            "epoch": self.epoch,
+            "step": self.step,
+            "train_loss": loss_sum.item() / max(seen, 1),
+            "train_acc_running": correct.item() / max(seen, 1),
+            "test_acc": test["acc"],
+            "test_loss": test["loss"],
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "epoch_s": seconds,
+        }
+        self.history.append(entry)
+        log.info("epoch %d: %s", self.epoch, json.dumps({k: round(v, 5) for k, v in entry.items()}))
+        for plugin in self.plugins:
+            plugin.after_epoch(self, self.epoch)
+        if self.cfg.trainer.checkpoint and self.output_dir is not None:
+            self.save_checkpoint()
+        return entry
+
     def fit(self) -> list[dict]:
         """Train for the configured epochs/steps; returns the per-epoch history."""
         tcfg = self.cfg.trainer
-        train = self.data.train
         for plugin in self.plugins:
             plugin.before_training(self)
         while self.epoch < tcfg.epochs and self.step < self.total_steps:
             epoch_start = time.perf_counter()
-            perm = torch.randperm(len(train), generator=self.shuffle).to(self.device)
             loss_sum = torch.zeros((), device=self.device)
             correct = torch.zeros((), device=self.device)
             seen = 0
@@ -329,9 +369,7 @@ class Trainer:
                 leave=False,
                 dynamic_ncols=True,
             )
-            for i in range(steps_left):
-                idx = perm[i * tcfg.batch_size : (i + 1) * tcfg.batch_size]
-                x, y = train.x[idx], train.y[idx]
+            for i, (x, y) in enumerate(self.epoch_batches(steps_left)):
                 result = self.train_step(x, y)
                 loss_sum += result.loss.detach() * len(y)
                 correct += (self.model.predict(result.logits.detach()[: len(y)]) == y).sum()
@@ -341,27 +379,7 @@ class Trainer:
                     bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", acc=f"{correct.item() / seen:.4f}")
                 bar.update(1)
             bar.close()
-            self.train_seconds += time.perf_counter() - epoch_start
-            self.samples_seen += seen
-            self.strategy.on_epoch_end()
-            self.epoch += 1
-            test = self.evaluate(self.data.test)
-            entry = {
-                "epoch": self.epoch,
-                "step": self.step,
-                "train_loss": loss_sum.item() / max(seen, 1),
-                "train_acc_running": correct.item() / max(seen, 1),
-                "test_acc": test["acc"],
-                "test_loss": test["loss"],
-                "lr": self.optimizer.param_groups[0]["lr"],
-                "epoch_s": time.perf_counter() - epoch_start,
-            }
-            self.history.append(entry)
-            log.info("epoch %d: %s", self.epoch, json.dumps({k: round(v, 5) for k, v in entry.items()}))
-            for plugin in self.plugins:
-                plugin.after_epoch(self, self.epoch)
-            if tcfg.checkpoint:
-                self.save_checkpoint()
+            self.end_epoch(time.perf_counter() - epoch_start, loss_sum, correct, seen)
         for plugin in self.plugins:
             plugin.after_training(self)
         return self.history

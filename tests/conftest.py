@@ -21,6 +21,10 @@ def data_root() -> Path:
     return Path(env) if env else REPO.parent / "shared" / "data"
 
 
+# Code under test that resolves the data directory itself (envs, the CLI) finds the same data.
+os.environ.setdefault("AGENTNET_DATA", str(data_root()))
+
+
 @pytest.fixture(scope="session")
 def mnist() -> MNIST:
     """Full real MNIST on the CPU, loaded once per session (checksums verified)."""

@@ -1,0 +1,485 @@
+"""# Neural Collective
+
+A neural network trained on real MNIST, seen as a multi-agent system: every **worker** of every
+hidden layer (a group of ``k`` neurons) and the output layer are the agents. One ``step`` consumes
+one mini-batch: each worker's strategy (``bp``, ``lfnn``, ``lfnn_local``, ``attention``, or any
+registered one) proposes an update to the worker's own incoming weights, and the agent's action
+decides what is applied.
+
+| | |
+|---|---|
+| Import | ``from envs import neural_collective_v0`` |
+| Actions | continuous |
+| Parallel API | yes (native); AEC through ``parallel_to_aec`` |
+| Agents | ``worker_0`` … ``worker_{N-1}``: hidden workers layer by layer, then the output layer |
+| Observation shape | ``(11,)`` float32, the same for every agent |
+| Action shape | scale mode ``(1,)`` in ``[0, max_scale]``; delta mode the agent's own parameter count |
+
+## Agents
+For the default network (two hidden layers of 40 units, workers of 10) there are 4 + 4 workers plus
+the output agent. ``infos[agent]`` holds ``layer`` (1-based; the output layer is ``L+1``), ``index``
+within the layer, and the global metrics of the last step (``batch_loss``, ``batch_acc``).
+
+## Observation (local signals only)
+| index | signal |
+|---|---|
+| 0-2 | role one-hot: leader, follower, output (hidden workers of strategies without leaders: all 0) |
+| 3 | own prediction loss ``e_w`` on the batch (output agent: the global loss) |
+| 4 | distance to the best worker of its layer: MSE between the outputs (0 for the best and the output agent) |
+| 5 | attention received (``attention`` strategy: sum over its units of ``mean_b \\|sum_j alpha_ji g_j\\|``; else 0) |
+| 6, 7 | mean and standard deviation of its activation on the batch |
+| 8 | norm of its incoming weights (and biases) |
+| 9 | norm of its last update |
+| 10 | depth: layer / (L + 1) |
+
+Signals describe the batch just consumed, before the update (the strategy's own forward pass).
+
+## Actions
+* ``action_mode="scale"`` (default): a multiplier in ``[0, max_scale]`` on the update the agent's
+  strategy proposes for its weights this step (``w <- w_old + a * (w_new - w_old)``; ``a = 0``
+  leaves them bit-identical, ``a = 1`` is exactly the strategy's own step).
+* ``action_mode="delta"``: the agent's own parameter update, a flat vector over its weight rows and
+  biases (``k * (fan_in + 1)`` values), each in ``[-max_delta, max_delta]``, added directly; the
+  optimiser does not step. The strategy's proposed gradient is available as ``env.proposed_gradient()``.
+
+Actions outside the space (NaN, out of bounds, wrong shape, unknown agent) raise ``ValueError``
+naming the agent; nothing is applied.
+
+## Rewards
+Each agent's own local objective on the batch: ``lfnn`` / ``lfnn_local`` workers get minus their
+weighted local loss (leader prediction loss or follower alignment), ``attention`` workers the
+attention they received, ``bp`` workers and the output agent minus the global loss.
+
+## Episode
+Ends (``terminations``) when the data stream is exhausted (``epochs`` passes over the training
+subset) or is truncated at ``max_cycles`` steps. With every action equal to 1 (scale mode), the
+env reproduces :class:`agentnet.trainer.Trainer` exactly for the same seed and settings.
+
+## Arguments
+``neural_collective_v0.parallel_env(strategy="lfnn", hidden=(40, 40), worker_size=10, activation="relu",
+batch_size=64, data_subset=2000, epochs=1, data_root=None, device="cpu", max_cycles=100,
+action_mode="scale", max_scale=2.0, max_delta=0.1, lr=1e-3, optimizer="adam", seed=0, render_mode=None)``
+
+``strategy`` is a registered name or a dict config (``{"name": "lfnn", "delta": 0.3}``).
+
+## Rendering
+``render_mode="ansi"``: a per-layer map (``L`` leader, ``f`` follower, ``.`` worker, ``O`` output);
+``"rgb_array"``: the worker graph (``WorkerMLP.to_networkx``) drawn with roles coloured;
+``"human"`` prints the ansi map.
+
+## Fast path
+``step_batched(actions: Tensor) -> (obs (N, 11), rewards (N,), terminated, truncated, info)``
+runs the same step on tensors (scale mode: ``actions`` of shape ``(N,)``); the dict API is a thin
+adapter over it.
+
+## Version history
+* v0: initial release.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import numpy as np
+import torch
+from gymnasium import spaces
+from pettingzoo import ParallelEnv
+from pettingzoo.utils import parallel_to_aec, wrappers
+
+from agentnet.config import DataConfig, ModelConfig, RunConfig, TrainerConfig
+from agentnet.data import MNIST, load_mnist
+from agentnet.network import build_model
+from agentnet.registry import build_strategy, strategy_config
+from agentnet.strategy import StepResult
+from agentnet.trainer import Trainer, resolve_device, seed_everything
+from agentnet.workers import LeaderSelection
+
+__all__ = ["NeuralCollectiveEnv", "parallel_env", "raw_env", "env", "OBS_DIM", "run_config"]
+
+OBS_DIM = 11
+ROLE_LEADER, ROLE_FOLLOWER, ROLE_OUTPUT = 0, 1, 2
+
+
+@functools.lru_cache(maxsize=4)
+def _mnist(root: str | None, device: str) -> MNIST:
+    """MNIST is loaded once per process; envs are built often (tests, seeding)."""
+    return load_mnist(root, device)
+
+
+def run_config(
+    strategy: str | dict = "lfnn",
+    hidden: tuple[int, ...] | list[int] = (40, 40),
+    worker_size: int = 10,
+    activation: str = "relu",
+    batch_size: int = 64,
+    data_subset: int | None = 2000,
+    epochs: int = 1,
+    data_root: str | None = None,
+    device: str = "cpu",
+    lr: float = 1e-3,
+    optimizer: str = "adam",
+    seed: int = 0,
+) -> RunConfig:
+    """The :class:`RunConfig` an env with these arguments trains under (also for an equivalent Trainer)."""
+    node = {"name": strategy} if isinstance(strategy, str) else dict(strategy)
+    return RunConfig(
+        strategy=strategy_config(node),
+        model=ModelConfig(name="env", hidden=list(hidden), worker_size=worker_size, activation=activation),
+        data=DataConfig(root=data_root, subset=data_subset),
+        trainer=TrainerConfig(
+            epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, lr_schedule="none", progress=False, checkpoint=False
+        ),
+        seed=seed,
+        device=device,
+    )
+
+
+class NeuralCollectiveEnv(ParallelEnv):
+    """The network as a ``ParallelEnv``; see the module docstring."""
+
+    metadata = {"name": "neural_collective_v0", "render_modes": ["ansi", "rgb_array"], "is_parallelizable": True}
+
+    def __init__(
+        self,
+        strategy: str | dict = "lfnn",
+        hidden: tuple[int, ...] | list[int] = (40, 40),
+        worker_size: int = 10,
+        activation: str = "relu",
+        batch_size: int = 64,
+        data_subset: int | None = 2000,
+        epochs: int = 1,
+        data_root: str | None = None,
+        device: str = "cpu",
+        max_cycles: int = 100,
+        action_mode: str = "scale",
+        max_scale: float = 2.0,
+        max_delta: float = 0.1,
+        lr: float = 1e-3,
+        optimizer: str = "adam",
+        seed: int = 0,
+        render_mode: str | None = None,
+    ) -> None:
+        if action_mode not in ("scale", "delta"):
+            raise ValueError(f"action_mode={action_mode!r}: choose 'scale' or 'delta'")
+        if render_mode not in (None, "ansi", "rgb_array", "human"):
+            raise ValueError(f"render_mode={render_mode!r}: choose ansi, rgb_array or human")
+        if max_scale <= 0 or max_delta <= 0:
+            raise ValueError("max_scale and max_delta must be positive")
+        self.run = run_config(strategy, hidden, worker_size, activation, batch_size, data_subset, epochs, data_root, device, lr, optimizer, seed)
+        self.max_cycles = max_cycles
+        self.action_mode = action_mode
+        self.max_scale = max_scale
+        self.max_delta = max_delta
+        self.render_mode = render_mode
+        self.device = resolve_device(device)
+        self._base_data = _mnist(data_root, str(self.device))
+        self._build(seed)
+        layers = self._layers
+        self.layer_of = np.concatenate([np.full(n, i + 1) for i, n in enumerate(self._agents_per_layer)])
+        self.index_in_layer = np.concatenate([np.arange(n) for n in self._agents_per_layer])
+        self.possible_agents = [f"worker_{i}" for i in range(sum(self._agents_per_layer))]
+        self.agents: list[str] = []
+        self._index = {a: i for i, a in enumerate(self.possible_agents)}
+        low = np.array([0, 0, 0, 0, 0, 0, -np.inf, 0, 0, 0, 0], dtype=np.float32)
+        high = np.array([1, 1, 1, np.inf, np.inf, np.inf, np.inf, np.inf, np.inf, np.inf, 1], dtype=np.float32)
+        self.observation_spaces = {a: spaces.Box(low, high, dtype=np.float32) for a in self.possible_agents}
+        if action_mode == "scale":
+            self.action_spaces = {a: spaces.Box(0.0, max_scale, shape=(1,), dtype=np.float32) for a in self.possible_agents}
+        else:
+            sizes = np.concatenate([[l.weight.shape[1] + 1] * n for l, n in zip(layers, self._agents_per_layer)])
+            units = np.concatenate([[self._units[i]] * n for i, n in enumerate(self._agents_per_layer)])
+            self.action_spaces = {
+                a: spaces.Box(-max_delta, max_delta, shape=(int(units[i] * sizes[i]),), dtype=np.float32)
+                for i, a in enumerate(self.possible_agents)
+            }
+
+    # -- construction --------------------------------------------------------------------------
+    def _build(self, seed: int) -> None:
+        """(Re)build model, strategy and trainer exactly as :func:`agentnet.trainer.train` would."""
+        run = self.run
+        run.seed = seed
+        gen = torch.Generator().manual_seed(seed)
+        self.data = MNIST(train=self._base_data.train.subset(run.data.subset, gen), test=self._base_data.test.subset(2000))
+        seed_everything(seed)
+        self.model = build_model(run.model, self.data.input_dim, self.data.num_classes, seed).to(self.device)
+        self.strategy = build_strategy(run.strategy, self.model)
+        self.trainer = Trainer(run, self.model, self.strategy, self.data, output_dir=None)
+        self._layers = [*self.model.hidden, self.model.output]
+        self._units = [l.worker_size for l in self.model.hidden] + [self.model.output.out_features]
+        self._agents_per_layer = [l.num_workers for l in self.model.hidden] + [1]
+        # Roles and losses for strategies that do not select leaders themselves come from a
+        # no-grad pass with an observation-only selection (nothing is trained by it).
+        self._observer = LeaderSelection(1.0, "batch", self.model.workers_per_layer, self.device)
+        self._batches = None
+        self._steps_done = 0
+        self._last_params = [p.clone() for p in self._params()]
+        self._last_update = torch.zeros(sum(self._agents_per_layer), device=self.device)
+
+    def observation_space(self, agent: str) -> spaces.Space:
+        return self.observation_spaces[agent]
+
+    def action_space(self, agent: str) -> spaces.Space:
+        return self.action_spaces[agent]
+
+    @property
+    def num_workers(self) -> int:
+        return len(self.possible_agents)
+
+    # -- the batched core ----------------------------------------------------------------------
+    def _next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._batches is None:
+            self._batches = self.trainer.epoch_batches()
+        return next(self._batches)
+
+    def _after_batch(self) -> None:
+        """Epoch bookkeeping exactly where the trainer does it (strategy's ``on_epoch_end``)."""
+        self._steps_done += 1
+        if self._steps_done % self.trainer.steps_per_epoch == 0:
+            self.strategy.on_epoch_end()
+            self._batches = None
+
+    @property
+    def stream_steps(self) -> int:
+        """Steps until the data stream ends: ``epochs`` passes over the training subset."""
+        return self.run.trainer.epochs * self.trainer.steps_per_epoch
+
+    def _observe(self, x: torch.Tensor, y: torch.Tensor, result: StepResult) -> tuple[torch.Tensor, torch.Tensor]:
+        """Observations ``(N, 11)`` and rewards ``(N,)`` from the step's (pre-update) signals."""
+        record = result.record
+        if record is None or record.layers[0].worker_loss is None:
+            with torch.no_grad():
+                record = self.model.forward_record(x, y, selection=self._observer)
+        has_roles = result.record is not None and result.record.layers[0].leaders is not None
+        attention = result.signals.get("attention_received")
+        global_loss = result.loss.detach()
+        rows, rewards = [], []
+        n_layers = len(self._layers)
+        for li, layer_record in enumerate(record.layers):
+            workers = layer_record.workers.detach()
+            W = workers.shape[1]
+            obs = torch.zeros(W, OBS_DIM, device=self.device)
+            if has_roles:
+                leaders = result.record.layers[li].leaders
+                lead = leaders.float().mean(0) if leaders.dim() == 2 else leaders.float()
+                obs[:, ROLE_LEADER] = lead
+                obs[:, ROLE_FOLLOWER] = 1 - lead
+            e = layer_record.worker_loss.detach().mean(0)
+            obs[:, 3] = e
+            best = workers[:, e.argmin()]
+            obs[:, 4] = (workers - best.unsqueeze(1)).pow(2).mean((0, 2))
+            if attention is not None:
+                obs[:, 5] = attention[li].view(W, -1).sum(1)
+            act = layer_record.activation.detach().view(len(x), W, -1)
+            obs[:, 6] = act.mean((0, 2))
+            obs[:, 7] = act.std((0, 2)) if act.numel() > W else 0.0
+            obs[:, 10] = (li + 1) / n_layers
+            rows.append(obs)
+            if result.worker_objectives and attention is None:
+                rewards.append(-result.worker_objectives[li])
+            elif attention is not None:
+                rewards.append(obs[:, 5])
+            else:
+                rewards.append(-global_loss.expand(W))
+        out = torch.zeros(1, OBS_DIM, device=self.device)
+        out[0, ROLE_OUTPUT] = 1.0
+        out[0, 3] = global_loss
+        logits = result.logits.detach()
+        out[0, 6], out[0, 7] = logits.mean(), logits.std()
+        out[0, 10] = 1.0
+        rows.append(out)
+        rewards.append(-global_loss.view(1))
+        obs = torch.cat(rows)
+        with torch.no_grad():
+            obs[:, 8] = torch.cat([p.view(n, -1).norm(dim=1) for p, n in zip(self._params(), self._agents_per_layer)])
+        obs[:, 9] = self._last_update
+        return obs, torch.cat(rewards).float()
+
+    def _params(self) -> list[torch.Tensor]:
+        return [torch.cat([l.weight.detach(), l.bias.detach().unsqueeze(1)], 1) for l in self._layers]
+
+    def _scales(self, actions: torch.Tensor) -> list[torch.Tensor] | None:
+        if bool((actions == 1).all()):
+            return None  # the trainer's own step, bit for bit
+        chunks = torch.split(actions.to(self.device, torch.float32), self._agents_per_layer)
+        return [c.repeat_interleave(k) for c, k in zip(chunks, self._units)]
+
+    def step_batched(self, actions: torch.Tensor | list[torch.Tensor]):
+        """One step on tensors. Scale mode: ``actions`` ``(N,)``; delta mode: a list of N flat tensors.
+
+        Returns ``(observations (N, 11), rewards (N,), terminated, truncated, info)``.
+        """
+        self._validate(actions)
+        if self._steps_done >= self.stream_steps:
+            raise RuntimeError("the data stream is exhausted; call reset()")
+        x, y = self._next_batch()
+        if self.action_mode == "scale":
+            result = self.trainer.train_step(x, y, update_scale=self._scales(torch.as_tensor(actions)))
+        else:
+            result = self._delta_step(x, y, actions)
+        self._after_batch()
+        obs, rewards = self._finish_step(x, y, result)
+        self._last_obs = obs
+        self.cycles += 1
+        info = {
+            "batch_loss": float(result.loss.detach()),
+            "batch_acc": float((self.model.predict(result.logits.detach()[: len(y)]) == y).float().mean()),
+        }
+        return obs, rewards, self._steps_done >= self.stream_steps, self.cycles >= self.max_cycles, info
+
+    def _finish_step(self, x, y, result):
+        with torch.no_grad():
+            params = self._params()
+            self._last_update = torch.cat(
+                [(p - q).view(n, -1).norm(dim=1) for p, q, n in zip(params, self._last_params, self._agents_per_layer)]
+            )
+            self._last_params = [p.clone() for p in params]
+        return self._observe(x, y, result)
+
+    def _delta_step(self, x, y, actions) -> StepResult:
+        self.trainer.optimizer.zero_grad(set_to_none=True)
+        result = self.strategy.compute(x, y)
+        self.strategy.backward(result)
+        self.trainer.step += 1
+        offsets = np.cumsum([0, *self._agents_per_layer])
+        with torch.no_grad():
+            for li, layer in enumerate(self._layers):
+                delta = torch.stack([torch.as_tensor(a, dtype=torch.float32) for a in actions[offsets[li] : offsets[li + 1]]])
+                delta = delta.to(self.device).view(layer.weight.shape[0], -1)
+                layer.weight.add_(delta[:, :-1].to(layer.weight.dtype))
+                layer.bias.add_(delta[:, -1].to(layer.bias.dtype))
+        return result
+
+    def proposed_gradient(self) -> list[torch.Tensor | None]:
+        """The strategy's gradient from the last step, per layer (weights with the bias as last column)."""
+        return [None if l.weight.grad is None else torch.cat([l.weight.grad, l.bias.grad.unsqueeze(1)], 1) for l in self._layers]
+
+    def _validate(self, actions) -> None:
+        if self.action_mode == "scale":
+            a = torch.as_tensor(actions)
+            if a.shape != (self.num_workers,):
+                raise ValueError(f"scale actions must have shape ({self.num_workers},), got {tuple(a.shape)}")
+            bad = ~torch.isfinite(a) | (a < 0) | (a > self.max_scale)
+            if bool(bad.any()):
+                i = int(torch.nonzero(bad)[0])
+                raise ValueError(f"{self.possible_agents[i]}: action {float(a[i])} outside [0, {self.max_scale}]")
+            return
+        if len(actions) != self.num_workers:
+            raise ValueError(f"delta actions: expected {self.num_workers} vectors, got {len(actions)}")
+        for i, a in enumerate(actions):
+            a = torch.as_tensor(a)
+            expected = self.action_spaces[self.possible_agents[i]].shape
+            if tuple(a.shape) != expected:
+                raise ValueError(f"{self.possible_agents[i]}: delta action shape {tuple(a.shape)}, expected {expected}")
+            if not bool(torch.isfinite(a).all()) or bool((a.abs() > self.max_delta).any()):
+                raise ValueError(f"{self.possible_agents[i]}: delta action has NaN/inf or values outside ±{self.max_delta}")
+
+    # -- the PettingZoo dict API (a thin adapter) ----------------------------------------------
+    def reset(self, seed: int | None = None, options: dict | None = None):
+        self._build(self.run.seed if seed is None else seed)
+        self.agents = self.possible_agents[:]
+        self.cycles = 0
+        obs = torch.zeros(self.num_workers, OBS_DIM, device=self.device)
+        with torch.no_grad():
+            obs[:, 8] = torch.cat([p.view(n, -1).norm(dim=1) for p, n in zip(self._params(), self._agents_per_layer)])
+        obs[:, 10] = torch.as_tensor(self.layer_of / len(self._layers), dtype=torch.float32)
+        obs[-1, ROLE_OUTPUT] = 1.0
+        self._last_obs = obs
+        obs_np = obs.cpu().numpy()
+        return {a: obs_np[i] for i, a in enumerate(self.agents)}, {a: self._agent_info(i) for i, a in enumerate(self.agents)}
+
+    def _agent_info(self, i: int, extra: dict | None = None) -> dict:
+        info = {"layer": int(self.layer_of[i]), "index": int(self.index_in_layer[i])}
+        return info if extra is None else {**info, **extra}
+
+    def step(self, actions: dict[str, Any]):
+        unknown = set(actions) - set(self.agents)
+        if unknown:
+            raise ValueError(f"actions for unknown or finished agents: {sorted(unknown)}")
+        missing = set(self.agents) - set(actions)
+        if missing:
+            raise ValueError(f"no action for {sorted(missing)[:5]}{'...' if len(missing) > 5 else ''}")
+        if self.action_mode == "scale":
+            batched = torch.as_tensor(np.array([np.asarray(actions[a], dtype=np.float32).reshape(-1) for a in self.possible_agents]))
+            if batched.shape[1:] != (1,):
+                raise ValueError(f"scale actions must each have shape (1,), got {tuple(batched.shape[1:])}")
+            batched = batched[:, 0]
+        else:
+            batched = [np.asarray(actions[a], dtype=np.float32) for a in self.possible_agents]
+        obs, rewards, terminated, truncated, info = self.step_batched(batched)
+        obs_np, rew_np = obs.cpu().numpy(), rewards.cpu().numpy()
+        observations = {a: obs_np[i] for i, a in enumerate(self.agents)}
+        reward_d = {a: float(rew_np[i]) for i, a in enumerate(self.agents)}
+        terms = {a: terminated for a in self.agents}
+        truncs = {a: truncated for a in self.agents}
+        infos = {a: self._agent_info(i, info) for i, a in enumerate(self.agents)}
+        if terminated or truncated:
+            self.agents = []
+        return observations, reward_d, terms, truncs, infos
+
+    # -- rendering -------------------------------------------------------------------------------
+    def _roles(self) -> list[list[str]]:
+        """Each hidden worker's role in the last step: leader, follower, or worker (no leaders)."""
+        obs = self._last_obs.cpu().numpy()
+        names = np.where(obs[:, ROLE_LEADER] >= 0.5, "leader", np.where(obs[:, ROLE_FOLLOWER] >= 0.5, "follower", "worker"))
+        bounds = np.cumsum([0, *self._agents_per_layer])
+        return [names[bounds[i] : bounds[i + 1]].tolist() for i in range(len(self._agents_per_layer) - 1)]
+
+    def render(self):
+        if self.render_mode is None:
+            return None
+        if self.render_mode in ("ansi", "human"):
+            symbol = {"leader": "L", "follower": "f", "worker": "."}
+            lines = [f"layer {i + 1}: " + "".join(symbol[r] for r in layer) for i, layer in enumerate(self._roles())]
+            lines.append(f"output : O   (step {getattr(self, 'cycles', 0)})")
+            text = "\n".join(lines)
+            if self.render_mode == "human":
+                print(text)
+                return None
+            return text
+        return self._draw()
+
+    def _draw(self) -> np.ndarray:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        import networkx as nx
+
+        selection = self.strategy.selection
+        graph = self.model.to_networkx(self._roles(), None if selection is None else selection.counts)
+        pos = {}
+        for layer in {d["layer"] for _, d in graph.nodes(data=True)}:  # columns by layer, centred
+            members = [n for n, d in graph.nodes(data=True) if d["layer"] == layer]
+            for j, n in enumerate(members):
+                pos[n] = (layer, (len(members) - 1) / 2 - j)
+        colours = {"leader": "tab:red", "follower": "tab:blue", "worker": "tab:gray", "input": "black", "output": "tab:green"}
+        fig, ax = plt.subplots(figsize=(6, 4), dpi=80)
+        widths = np.array([d["weight"] for _, _, d in graph.edges(data=True)])
+        widths = 0.2 + 1.5 * widths / widths.max() if len(widths) and widths.max() > 0 else 0.5
+        nx.draw_networkx_edges(graph, pos, ax=ax, width=widths, alpha=0.3, arrows=False)
+        nx.draw_networkx_nodes(graph, pos, ax=ax, node_size=60, node_color=[colours[d["role"]] for _, d in graph.nodes(data=True)])
+        ax.set_title(f"neural_collective_v0 step {getattr(self, 'cycles', 0)}: leaders red, followers blue")
+        ax.axis("off")
+        fig.canvas.draw()
+        image = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+        plt.close(fig)
+        return image
+
+    def close(self) -> None:
+        self._batches = None
+
+
+def parallel_env(**kwargs) -> NeuralCollectiveEnv:
+    """The native ``ParallelEnv``."""
+    return NeuralCollectiveEnv(**kwargs)
+
+
+def raw_env(**kwargs):
+    """The AEC version, unwrapped: ``parallel_to_aec(parallel_env(**kwargs))``."""
+    return parallel_to_aec(parallel_env(**kwargs))
+
+
+def env(**kwargs):
+    """The AEC version with PettingZoo's order-enforcing wrapper."""
+    return wrappers.OrderEnforcingWrapper(raw_env(**kwargs))
