@@ -16,6 +16,7 @@ from agentnet.config import ConfigError, register_configs
 from agentnet.data import DataError
 from agentnet.registry import available_strategies
 from agentnet.continual.methods import CL_METHODS
+from agentnet.experiments import EXPERIMENTS
 from agentnet.trainer import NonFiniteLossError, to_run_config, train
 
 log = logging.getLogger("agentnet")
@@ -27,6 +28,7 @@ warnings.filterwarnings("ignore", message="(?s).*is validated against ConfigStor
 register_configs()
 available_strategies()  # imports strategies/ so their config schemas are in the ConfigStore
 CL_METHODS.names()  # likewise for the continual-learning methods
+EXPERIMENTS.names()  # and the paper experiments
 
 #: The repository's configs/ (an editable install keeps it beside the package).
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
@@ -49,6 +51,12 @@ def _app(cfg: DictConfig) -> float | None:
         run = to_run_config(cfg)
         if run.threads:
             torch.set_num_threads(run.threads)
+        if run.experiment is not None:
+            from agentnet.experiments import run_experiment
+            from agentnet.trainer import output_dir_of
+
+            result = run_experiment(run, output_dir_of(run))
+            return None if not result["summary"] else float(next(iter(result["summary"].values())))
         if run.benchmark is not None:
             metrics = run_continual(run)
             log.info("%s", json.dumps({k: metrics[k] for k in CL_SUMMARY_KEYS}))

@@ -23,6 +23,7 @@ __all__ = [
     "StrategyConfig",
     "BenchmarkConfig",
     "CLConfig",
+    "ExperimentConfig",
     "RunConfig",
     "register_configs",
 ]
@@ -132,6 +133,8 @@ class TrainerConfig:
     """SGD momentum."""
     weight_decay: float = 0.0
     """L2 penalty (decoupled for adamw)."""
+    fused: bool = True
+    """Use torch's fused optimiser kernels (several times faster Adam on CPU for large layers)."""
     lr_schedule: str = "none"
     """none, cosine (to 0 over the run) or step (x0.1 at 50 % and 75 % of the run)."""
     eval_batch_size: int = 2000
@@ -215,6 +218,14 @@ class CLConfig:
 
 
 @dataclass
+class ExperimentConfig:
+    """Base of every paper experiment's config; ``name`` selects the registered experiment."""
+
+    name: str = MISSING
+    """Registered experiment (see ``agentnet.experiments.EXPERIMENTS``)."""
+
+
+@dataclass
 class RunConfig:
     """One training run: the groups plus run-level settings."""
 
@@ -227,6 +238,8 @@ class RunConfig:
     """A continual-learning protocol; ``None`` trains once on MNIST."""
     cl: Any = None
     """The continual-learning method (group ``cl``); validated by its registered class."""
+    experiment: Any = None
+    """A paper experiment (group ``experiment``); ``None`` runs training or the benchmark."""
     seed: int = 0
     """Seeds initialisation, shuffling and subset choice."""
     device: str = "auto"

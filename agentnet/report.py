@@ -39,7 +39,15 @@ class Job:
 
     @property
     def kind(self) -> str:
-        return "cl" if self.metrics is not None and "ACC" in self.metrics else "train"
+        if self.metrics is None or "experiment" in self.metrics:
+            return "experiment"
+        return "cl" if "ACC" in self.metrics else "train"
+
+    def value(self, column: str) -> float | None:
+        """A column's value: a metric, or an experiment summary entry."""
+        source = self.metrics.get("summary", self.metrics) if self.metrics else {}
+        value = source.get(column, self.metrics.get(column) if self.metrics else None)
+        return value if isinstance(value, (int, float)) else None
 
 
 @dataclass
@@ -74,7 +82,7 @@ def collect_jobs(sweep_dir: Path) -> list[Job]:
     for hydra_dir in sorted(sweep_dir.glob("**/.hydra")):
         job_dir = hydra_dir.parent
         job = Job(job_dir, _overrides(job_dir))
-        for name in ("cl_metrics.json", "metrics.json"):
+        for name in ("experiment.json", "cl_metrics.json", "metrics.json"):
             if (job_dir / name).is_file():
                 job.metrics = json.loads((job_dir / name).read_text())
                 break
@@ -110,8 +118,17 @@ def _stat(values: list[float], scale: float) -> str:
 
 
 def _columns(groups: list[Group]) -> tuple[str, ...]:
-    kinds = {j.kind for g in groups for j in g.finished()}
-    return CL_COLUMNS if kinds == {"cl"} else TRAIN_COLUMNS if kinds == {"train"} else CL_COLUMNS + TRAIN_COLUMNS
+    done = [j for g in groups for j in g.finished()]
+    kinds = {j.kind for j in done}
+    columns: list[str] = []
+    if "cl" in kinds:
+        columns += CL_COLUMNS
+    if "train" in kinds:
+        columns += [c for c in TRAIN_COLUMNS if c not in columns]
+    if "experiment" in kinds:  # experiments report their own summary entries
+        keys = {k for j in done if j.kind == "experiment" for k in j.metrics["summary"]}
+        columns += sorted(keys) + ([] if "wall_s" in columns else ["wall_s"])
+    return tuple(columns)
 
 
 def summary_rows(groups: list[Group]) -> tuple[tuple[str, ...], list[list[str]]]:
@@ -121,7 +138,7 @@ def summary_rows(groups: list[Group]) -> tuple[tuple[str, ...], list[list[str]]]
     rows = []
     for group in groups:
         done = group.finished()
-        cells = [_stat([j.metrics[c] for j in done if c in j.metrics], 100.0 if c in PERCENT else 1.0) for c in columns]
+        cells = [_stat([v for j in done if (v := j.value(c)) is not None], 100.0 if c in PERCENT else 1.0) for c in columns]
         rows.append([group.label, str(len(group.jobs)), str(len(group.jobs) - len(done)), *cells])
     return header, rows
 
@@ -189,8 +206,8 @@ def write_report(sweep_dir: Path) -> str:
         writer = csv.writer(fh)
         writer.writerow(header)
         writer.writerows(rows)
-    if any(g.finished() for g in groups):
-        _plot(groups, sweep_dir / "summary.png")
+    if any(j.kind in ("cl", "train") for g in groups for j in g.finished()):
+        _plot([g for g in groups if all(j.kind != "experiment" for j in g.finished())], sweep_dir / "summary.png")
     return text
 
 

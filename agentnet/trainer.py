@@ -123,6 +123,7 @@ def to_run_config(cfg: DictConfig | RunConfig | dict) -> RunConfig:
     plain = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
     strategy_node = plain.pop("strategy", None)
     cl_node = plain.pop("cl", None)
+    experiment_node = plain.pop("experiment", None)
     plain.pop("hydra", None)
     try:
         base = OmegaConf.merge(OmegaConf.structured(RunConfig), plain)
@@ -140,15 +141,20 @@ def to_run_config(cfg: DictConfig | RunConfig | dict) -> RunConfig:
         from agentnet.continual.methods import CL_METHODS
 
         run.cl = CL_METHODS.config(cl_node)
+    if experiment_node is not None:
+        from agentnet.experiments import EXPERIMENTS
+
+        run.experiment = EXPERIMENTS.config(experiment_node)
     return run
 
 
 def build_optimizer(params, cfg) -> torch.optim.Optimizer:
     """The optimiser named by ``trainer.optimizer``."""
+    fused = cfg.fused or None  # None: torch's default (foreach on CUDA, a loop on CPU)
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, fused=fused)
     opt = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
-    return opt(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+    return opt(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, fused=fused)
 
 
 def _build_scheduler(optimizer, kind: str, total_steps: int):
@@ -453,6 +459,7 @@ def train(cfg: DictConfig | RunConfig | dict, data: MNIST | None = None) -> dict
     selection = strategy.selection
     if selection is not None:
         metrics["leadership_counts"] = [c.cpu().tolist() for c in selection.counts]
+        metrics["leadership_epoch_counts"] = [[c.tolist() for c in layer] for layer in selection.epoch_counts]
     _atomic_write_json(metrics, out / "metrics.json")
     from agentnet import reports
 

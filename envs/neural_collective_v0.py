@@ -58,7 +58,8 @@ env reproduces :class:`agentnet.trainer.Trainer` exactly for the same seed and s
 ## Arguments
 ``neural_collective_v0.parallel_env(strategy="lfnn", hidden=(40, 40), worker_size=10, activation="relu",
 batch_size=64, data_subset=2000, epochs=1, data_root=None, device="cpu", max_cycles=100,
-action_mode="scale", max_scale=2.0, max_delta=0.1, lr=1e-3, optimizer="adam", seed=0, render_mode=None)``
+action_mode="scale", max_scale=2.0, max_delta=0.1, lr=1e-3, optimizer="adam", seed=0, render_mode=None,
+worker_projection=False)``
 
 ``strategy`` is a registered name or a dict config (``{"name": "lfnn", "delta": 0.3}``).
 
@@ -120,12 +121,15 @@ def run_config(
     lr: float = 1e-3,
     optimizer: str = "adam",
     seed: int = 0,
+    worker_projection: bool = False,
 ) -> RunConfig:
     """The :class:`RunConfig` an env with these arguments trains under (also for an equivalent Trainer)."""
     node = {"name": strategy} if isinstance(strategy, str) else dict(strategy)
     return RunConfig(
         strategy=strategy_config(node),
-        model=ModelConfig(name="env", hidden=list(hidden), worker_size=worker_size, activation=activation),
+        model=ModelConfig(
+            name="env", hidden=list(hidden), worker_size=worker_size, activation=activation, worker_projection=worker_projection
+        ),
         data=DataConfig(root=data_root, subset=data_subset),
         trainer=TrainerConfig(
             epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, lr_schedule="none", progress=False, checkpoint=False
@@ -159,6 +163,7 @@ class NeuralCollectiveEnv(ParallelEnv):
         optimizer: str = "adam",
         seed: int = 0,
         render_mode: str | None = None,
+        worker_projection: bool = False,
     ) -> None:
         if action_mode not in ("scale", "delta"):
             raise ValueError(f"action_mode={action_mode!r}: choose 'scale' or 'delta'")
@@ -166,7 +171,9 @@ class NeuralCollectiveEnv(ParallelEnv):
             raise ValueError(f"render_mode={render_mode!r}: choose ansi, rgb_array or human")
         if max_scale <= 0 or max_delta <= 0:
             raise ValueError("max_scale and max_delta must be positive")
-        self.run = run_config(strategy, hidden, worker_size, activation, batch_size, data_subset, epochs, data_root, device, lr, optimizer, seed)
+        self.run = run_config(
+            strategy, hidden, worker_size, activation, batch_size, data_subset, epochs, data_root, device, lr, optimizer, seed, worker_projection
+        )
         self.max_cycles = max_cycles
         self.action_mode = action_mode
         self.max_scale = max_scale

@@ -1,0 +1,72 @@
+"""The LFNN paper's experiments, each one command: ``agentnet +experiment=<name>``.
+
+An experiment is a class registered in :data:`EXPERIMENTS` with a ``Config`` dataclass; its
+``configs/experiment/<name>.yaml`` selects it (and may override other groups). ``run`` trains what
+the figure or table needs, writes its plot (PNG) and a Markdown table beside the paper's values
+where the paper gives them, and returns a flat summary that ``agentnet-report`` can tabulate.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, ClassVar
+
+from omegaconf import OmegaConf
+
+from agentnet.config import ExperimentConfig, ModelConfig, RunConfig
+from agentnet.data import MNIST, load_mnist
+from agentnet.registry import STRATEGIES, Registry
+
+__all__ = ["EXPERIMENTS", "Experiment", "preset", "run_experiment"]
+
+EXPERIMENTS = Registry("experiment", "agentnet.experiments", "experiment")
+
+
+class Experiment:
+    """Base class: ``run(out, data) -> summary``."""
+
+    name: ClassVar[str] = ""
+    Config: ClassVar[type[ExperimentConfig]] = ExperimentConfig
+
+    def __init__(self, cfg: ExperimentConfig, run: RunConfig) -> None:
+        self.cfg = cfg
+        self.run_cfg = run
+
+    def run(self, out: Path, data: MNIST) -> dict[str, float]:
+        raise NotImplementedError
+
+
+def preset(group: str, name: str) -> Any:
+    """A config preset from ``configs/<group>/<name>.yaml`` as its validated dataclass."""
+    from agentnet.cli import CONFIG_DIR
+
+    node = OmegaConf.load(Path(CONFIG_DIR) / group / f"{name}.yaml")
+    node.pop("defaults", None)
+    if group == "strategy":
+        return STRATEGIES.config(node)
+    if group == "model":
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), node))
+    raise ValueError(f"no preset loader for group {group!r}")
+
+
+def run_experiment(run: RunConfig, out: Path, data: MNIST | None = None) -> dict[str, Any]:
+    """Run ``run.experiment`` into ``out``; writes and returns ``experiment.json``."""
+    from agentnet.trainer import _atomic_write_json, resolve_device
+
+    start = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    if data is None:
+        data = load_mnist(run.data.root, resolve_device(run.device), verify=run.data.verify, normalize=run.data.normalize)
+    experiment = EXPERIMENTS.get(run.experiment.name)(run.experiment, run)
+    summary = experiment.run(out, data)
+    result = {
+        "experiment": run.experiment.name,
+        "summary": summary,
+        "wall_s": time.perf_counter() - start,
+        "config": OmegaConf.to_container(OmegaConf.structured(run.experiment)),
+    }
+    _atomic_write_json(result, out / "experiment.json")
+    print(json.dumps(summary, indent=1))
+    return result

@@ -1,0 +1,335 @@
+"""The LFNN paper's figures and tables (arXiv 2310.07885) as registered experiments.
+
+| experiment | paper | what runs |
+|---|---|---|
+| ``lfnn_online_pmnist`` | Fig. 3a | one-vs-all online LFNN, widths x leadership, BP reference |
+| ``lfnn_loss_ablation`` | Fig. 3b | the four loss variants, 32 workers, 30 % leadership |
+| ``worker_activity`` | Fig. 5 | per-step output change of each worker, leaders vs followers |
+| ``leadership_development`` | Fig. 6 | LFNN-l, 2 x 32 workers, 20 % leadership, leadership counts per epoch |
+| ``lfnn_table1_mnist`` | Table 1 | bp / lfnn / lfnn_local on mlp_275k and mlp_438k |
+| ``lfnn_leadership_sweep`` | Table 2 | leadership 10 %-100 % for lfnn and lfnn_local on mlp_275k |
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from agentnet.config import ExperimentConfig, check  # noqa: E402
+from agentnet.data import MNIST  # noqa: E402
+from agentnet.experiments import EXPERIMENTS, Experiment, preset  # noqa: E402
+from agentnet.experiments.online import Setting, train_online  # noqa: E402
+
+#: Test / train error (%) of the paper's Table 1, MNIST columns.
+TABLE1 = {
+    ("mlp_275k", "bp"): (2.01, 0.00),
+    ("mlp_275k", "lfnn"): (1.18, 1.15),
+    ("mlp_275k", "lfnn_local"): (1.49, 0.04),
+    ("mlp_438k", "bp"): (1.88, 0.00),
+    ("mlp_438k", "lfnn"): (2.14, 1.49),
+    ("mlp_438k", "lfnn_local"): (1.20, 1.15),
+}
+#: Test error (%) of the paper's Table 2, MNIST 275K, leadership 10 %..100 %.
+TABLE2 = {
+    "lfnn_local": [1.96, 1.67, 1.98, 1.49, 1.49, 1.49, 1.49, 1.64, 1.69, 1.57],
+    "lfnn": [1.24, 1.68, 1.50, 1.60, 1.40, 1.20, 1.18, 1.40, 1.44, 1.51],
+}
+LEADERSHIP = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
+
+
+def _markdown(header: list[str], rows: list[list[str]]) -> str:
+    return "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def _permuted(data: MNIST, run, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pixel-permuted MNIST (one fixed permutation), training set capped by ``data.subset``."""
+    perm = torch.randperm(data.input_dim, generator=torch.Generator().manual_seed(seed)).to(data.train.x.device)
+    train = data.train.subset(run.data.subset, torch.Generator().manual_seed(seed))
+    test = data.test.subset(run.data.test_subset)
+    return train.x[:, perm], train.y, test.x[:, perm], test.y
+
+
+def _bar(total: int, desc: str, enabled: bool):
+    """A progress bar and the ``progress(done, total)`` callback that advances it."""
+    bar = tqdm(total=total, desc=desc, disable=not enabled, leave=False, dynamic_ncols=True)
+
+    def update(done: int, _total: int) -> None:
+        bar.update(done - bar.n)
+
+    return bar, update
+
+
+@dataclass
+class OnlineConfig(ExperimentConfig):
+    """Shared settings of the online one-vs-all experiments (paper Sec. 3.1)."""
+
+    widths: list[int] = field(default_factory=lambda: [32, 64, 128, 256, 512])
+    """Hidden widths (single-neuron workers per classifier)."""
+    leadership: list[float] = field(default_factory=lambda: list(LEADERSHIP))
+    """Leadership fractions."""
+    lr: float = 5e-3
+    """Adam learning rate (paper: 5e-3)."""
+    batch_size: int = 10
+    """Examples per online update."""
+    lambda1: float = 1.0
+    lambda2: float = 1.0
+    curve_every: int = 100
+    """Steps per point of the prequential accuracy curves."""
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check(all(w > 0 for w in self.widths), "experiment.widths", self.widths, "must be positive")
+        check(all(0 < d <= 1 for d in self.leadership), "experiment.leadership", self.leadership, "fractions in (0, 1]")
+        check(self.batch_size > 0, "experiment.batch_size", self.batch_size, "must be positive")
+
+
+class OnlineExperiment(Experiment):
+    Config = OnlineConfig
+
+    def _train(self, data: MNIST, settings: list[Setting], width: int, label: str, **kw):
+        cfg, run = self.cfg, self.run_cfg
+        x, y, xt, yt = _permuted(data, run, cfg.seed)
+        bar, update = _bar(len(x) // cfg.batch_size, label, run.trainer.progress)
+        try:
+            return train_online(x, y, xt, yt, settings, width, lr=cfg.lr, batch_size=cfg.batch_size, seed=cfg.seed,
+                                curve_every=cfg.curve_every, progress=update, max_steps=run.trainer.max_steps, **kw)
+        finally:
+            bar.close()
+
+
+@EXPERIMENTS.register("lfnn_online_pmnist")
+class OnlinePMNIST(OnlineExperiment):
+    """Fig. 3a: test accuracy after one online pass vs leadership fraction, per width, with BP."""
+
+    def run(self, out: Path, data: MNIST) -> dict[str, float]:
+        cfg = self.cfg
+        settings = [Setting(f"{d:.0%}", delta=d, lambda1=cfg.lambda1, lambda2=cfg.lambda2) for d in cfg.leadership]
+        settings.append(Setting("BP", bp=True))
+        results = {w: self._train(data, settings, w, f"width {w}").test_acc for w in cfg.widths}
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for i, (width, accs) in enumerate(results.items()):
+            colour = f"C{i}"
+            ax.plot([100 * d for d in cfg.leadership], [100 * a for a in accs[:-1]], marker="o", color=colour, label=f"{width} workers")
+            ax.axhline(100 * accs[-1], color=colour, ls="--", lw=0.8)
+        ax.set(xlabel="leadership (%)", ylabel="test accuracy (%)", title="Online one-vs-all LFNN on permuted MNIST (dashed: BP)")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / "online_pmnist.png", dpi=110)
+        plt.close(fig)
+        header = ["workers", *[s.label for s in settings]]
+        rows = [[str(w), *[f"{100 * a:.2f}" for a in accs]] for w, accs in results.items()]
+        (out / "online_pmnist.md").write_text(
+            "Test accuracy (%) after one online pass (paper Fig. 3a gives curves, no numbers).\n\n" + _markdown(header, rows) + "\n"
+        )
+        return {f"acc_w{w}_{s.label}": a for w, accs in results.items() for s, a in zip(settings, accs)}
+
+
+@EXPERIMENTS.register("lfnn_loss_ablation")
+class LossAblation(OnlineExperiment):
+    """Fig. 3b: the four loss variants on the 32-worker, 30 %-leadership network."""
+
+    def run(self, out: Path, data: MNIST) -> dict[str, float]:
+        cfg = self.cfg
+        delta = cfg.leadership[0] if len(cfg.leadership) == 1 else 0.3
+        settings = [
+            Setting("L_g + L_l + L_f", delta, 1.0, 1.0),
+            Setting("L_g + L_l", delta, 1.0, 0.0),
+            Setting("L_g + L_f", delta, 0.0, 1.0),
+            Setting("L_g", delta, 0.0, 0.0),
+        ]
+        width = cfg.widths[0]
+        result = self._train(data, settings, width, "loss ablation")
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for s, curve in zip(settings, result.curves):
+            ax.plot(result.curve_steps, [100 * c for c in curve], label=s.label)
+        ax.set(xlabel="training step", ylabel="online accuracy (%)", title=f"Loss ablation: {width} workers, {delta:.0%} leadership")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / "loss_ablation.png", dpi=110)
+        plt.close(fig)
+        rows = [[s.label, f"{100 * a:.2f}", f"{100 * c[-1]:.2f}"] for s, a, c in zip(settings, result.test_acc, result.curves)]
+        (out / "loss_ablation.md").write_text(
+            "Paper (Fig. 3b): all losses best, then global + leader; global + follower and global alone lowest.\n\n"
+            + _markdown(["variant", "test acc %", "final online acc %"], rows) + "\n"
+        )
+        return {f"acc_{s.label.replace(' ', '')}": a for s, a in zip(settings, result.test_acc)}
+
+
+@EXPERIMENTS.register("worker_activity")
+class WorkerActivityFigure(OnlineExperiment):
+    """Fig. 5: per-step change of every worker's output, leaders vs followers (class-0 classifier)."""
+
+    def run(self, out: Path, data: MNIST) -> dict[str, float]:
+        cfg = self.cfg
+        delta = cfg.leadership[0] if len(cfg.leadership) == 1 else 0.3
+        width = cfg.widths[0]
+        result = self._train(data, [Setting("LFNN", delta, cfg.lambda1, cfg.lambda2)], width, "worker activity", record_activity_of=0)
+        act, lead = result.activity.numpy(), result.activity_leaders.numpy()
+        steps = np.arange(len(act))
+        fig, ax = plt.subplots(figsize=(9, 4))
+        ax.scatter(np.repeat(steps, width)[~lead.ravel()], act.ravel()[~lead.ravel()], s=0.3, color="tab:blue", alpha=0.3, label="followers")
+        ax.scatter(np.repeat(steps, width)[lead.ravel()], act.ravel()[lead.ravel()], s=0.3, color="tab:red", alpha=0.3, label="leaders")
+        ax.set(xlabel="step", ylabel="|output change| from the update", yscale="log",
+               title=f"Worker activity: {width} workers, {delta:.0%} leadership (class-0 classifier)")
+        ax.legend(markerscale=20)
+        fig.tight_layout()
+        fig.savefig(out / "worker_activity.png", dpi=110)
+        plt.close(fig)
+        early, late = act[: len(act) // 10], act[-len(act) // 10 :]
+        summary = {
+            "leader_activity": float(act[lead].mean()),
+            "follower_activity": float(act[~lead].mean()),
+            "early_over_late": float(early.mean() / max(late.mean(), 1e-12)),
+            "test_acc": result.test_acc[0],
+        }
+        (out / "worker_activity.md").write_text(
+            "Paper (Fig. 5): followers move in unison toward the leaders; large steps early, small once learned.\n\n"
+            + _markdown(["quantity", "value"], [[k, f"{v:.5g}"] for k, v in summary.items()]) + "\n"
+        )
+        return summary
+
+
+@dataclass
+class LeadershipDevelopmentConfig(ExperimentConfig):
+    """Fig. 6 settings: LFNN-l with two hidden layers of 32 workers of 10, 20 % leadership."""
+
+    workers: int = 32
+    delta: float = 0.2
+    epochs: int = 5
+    steps_per_epoch: int = 300
+    """Mini-batch size is chosen so one epoch is this many steps (paper: 300)."""
+
+
+@EXPERIMENTS.register("leadership_development")
+class LeadershipDevelopment(Experiment):
+    """Fig. 6: how often each worker leads, per epoch, under LFNN-l."""
+
+    Config = LeadershipDevelopmentConfig
+
+    def run(self, out: Path, data: MNIST) -> dict[str, float]:
+        from agentnet.trainer import train
+
+        cfg, base = self.cfg, self.run_cfg
+        n_train = len(data.train) if base.data.subset is None else min(base.data.subset, len(data.train))
+        run = dataclasses.replace(
+            base,
+            strategy=dataclasses.replace(preset("strategy", "lfnn_local"), delta=cfg.delta),
+            model=dataclasses.replace(base.model, name="lfnn_2x32", hidden=[10 * cfg.workers] * 2, worker_size=10),
+            trainer=dataclasses.replace(base.trainer, epochs=cfg.epochs, batch_size=max(1, n_train // cfg.steps_per_epoch)),
+            experiment=None,
+            output_dir=str(out / "run"),
+        )
+        metrics = train(run, data=data)
+        counts = metrics["leadership_epoch_counts"]
+        fig, axes = plt.subplots(1, len(counts), figsize=(5 * len(counts), 3.2), squeeze=False)
+        summary = {"test_acc": metrics["test_acc"]}
+        for li, (ax, per_epoch) in enumerate(zip(axes[0], counts)):
+            m = np.asarray(per_epoch)  # (epochs, workers)
+            ys, xs = np.nonzero(m >= 0)
+            ax.scatter(xs, ys, s=2 + 60 * m[ys, xs] / max(m.max(), 1), c=m[ys, xs], cmap="viridis")
+            ax.set(xlabel="worker", ylabel="epoch", title=f"hidden layer {li + 1}: times selected as leader")
+            ax.invert_yaxis()
+            n_lead = int(np.ceil(cfg.delta * cfg.workers))
+            top = np.sort(m[-1])[::-1][:n_lead].sum() / max(m[-1].sum(), 1)
+            summary[f"layer{li + 1}_top{n_lead}_share_last_epoch"] = float(top)
+        fig.tight_layout()
+        fig.savefig(out / "leadership_development.png", dpi=110)
+        plt.close(fig)
+        (out / "leadership_development.md").write_text(
+            "Paper (Fig. 6): by epoch 5 exactly ~6 workers per layer lead nearly always (share of the top-6 -> 1).\n\n"
+            + _markdown(["quantity", "value"], [[k, f"{v:.4f}"] for k, v in summary.items()]) + "\n"
+        )
+        return summary
+
+
+@dataclass
+class GridConfig(ExperimentConfig):
+    """A grid of MNIST training runs (Tables 1 and 2)."""
+
+    models: list[str] = field(default_factory=lambda: ["mlp_275k", "mlp_438k"])
+    strategies: list[str] = field(default_factory=lambda: ["bp", "lfnn", "lfnn_local"])
+    leadership: list[float] = field(default_factory=list)
+    """Leadership fractions to sweep (empty: each strategy's own default)."""
+    seeds: list[int] = field(default_factory=lambda: [0])
+
+
+def _grid_run(base, model: str, strategy: str, seed: int, out: Path, data: MNIST, delta: float | None = None) -> dict:
+    from agentnet.trainer import train
+
+    strat = preset("strategy", strategy)
+    if delta is not None:
+        strat = dataclasses.replace(strat, delta=delta)
+    run = dataclasses.replace(base, strategy=strat, model=preset("model", model), seed=seed, experiment=None,
+                              output_dir=str(out / f"{model}_{strategy}_{'' if delta is None else f'd{delta:g}_'}s{seed}"))
+    return train(run, data=data)
+
+
+@EXPERIMENTS.register("lfnn_table1_mnist")
+class Table1(Experiment):
+    """Table 1 (MNIST columns): test / train error of bp, lfnn, lfnn_local beside the paper's."""
+
+    Config = GridConfig
+
+    def run(self, out: Path, data: MNIST) -> dict[str, float]:
+        rows, summary = [], {}
+        for model in self.cfg.models:
+            for strategy in self.cfg.strategies:
+                runs = [_grid_run(self.run_cfg, model, strategy, s, out, data) for s in self.cfg.seeds]
+                test = [r["test_error"] for r in runs]
+                train_err = statistics.mean(r["train_error"] for r in runs)
+                paper = TABLE1.get((model, strategy))
+                std = statistics.pstdev(test) if len(test) > 1 else 0.0
+                rows.append([model, f"{runs[0]['num_params']:,}", strategy, f"{statistics.mean(test):.2f} ± {std:.2f}",
+                             f"{train_err:.2f}", "-" if paper is None else f"{paper[0]:.2f} / {paper[1]:.2f}", str(len(runs))])
+                summary[f"test_error_{model}_{strategy}"] = statistics.mean(test)
+        (out / "table1.md").write_text(
+            "MNIST test / train error (%), mean ± std over seeds, beside the LFNN paper's Table 1.\n\n"
+            + _markdown(["model", "params", "strategy", "test err", "train err", "paper test / train", "seeds"], rows) + "\n"
+        )
+        print((out / "table1.md").read_text())
+        return summary
+
+
+@EXPERIMENTS.register("lfnn_leadership_sweep")
+class LeadershipSweep(Experiment):
+    """Table 2 (MNIST 275K): test error for leadership 10 %-100 %, lfnn and lfnn_local."""
+
+    Config = GridConfig
+
+    def run(self, out: Path, data: MNIST) -> dict[str, float]:
+        deltas = self.cfg.leadership or LEADERSHIP
+        model = self.cfg.models[0]
+        results: dict[str, list[float]] = {}
+        for strategy in self.cfg.strategies:
+            results[strategy] = [
+                statistics.mean(_grid_run(self.run_cfg, model, strategy, s, out, data, d)["test_error"] for s in self.cfg.seeds)
+                for d in deltas
+            ]
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for i, (strategy, errors) in enumerate(results.items()):
+            ax.plot([100 * d for d in deltas], errors, marker="o", color=f"C{i}", label=f"{strategy} (agentnet)")
+            if strategy in TABLE2 and len(deltas) == len(LEADERSHIP):
+                ax.plot([100 * d for d in deltas], TABLE2[strategy], ls="--", color=f"C{i}", label=f"{strategy} (paper)")
+        ax.set(xlabel="leadership (%)", ylabel="test error (%)", title=f"Leadership sweep on MNIST, {model}")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / "leadership_sweep.png", dpi=110)
+        plt.close(fig)
+        header = ["strategy", *[f"{d:.0%}" for d in deltas]]
+        rows = []
+        for strategy, errors in results.items():
+            rows.append([f"{strategy} (agentnet)", *[f"{e:.2f}" for e in errors]])
+            if strategy in TABLE2 and len(deltas) == len(LEADERSHIP):
+                rows.append([f"{strategy} (paper)", *[f"{e:.2f}" for e in TABLE2[strategy]]])
+        (out / "leadership_sweep.md").write_text(f"Test error (%) on MNIST ({model}) by leadership.\n\n" + _markdown(header, rows) + "\n")
+        return {f"test_error_{s}_d{d:g}": e for s, errors in results.items() for d, e in zip(deltas, errors)}
