@@ -292,6 +292,18 @@ class Table1(Experiment):
                 rows.append([model, f"{runs[0]['num_params']:,}", strategy, f"{statistics.mean(test):.2f} ± {std:.2f}",
                              f"{train_err:.2f}", "-" if paper is None else f"{paper[0]:.2f} / {paper[1]:.2f}", str(len(runs))])
                 summary[f"test_error_{model}_{strategy}"] = statistics.mean(test)
+        labels = [f"{m}\n{st}" for m in self.cfg.models for st in self.cfg.strategies]
+        ours = [summary[f"test_error_{m}_{st}"] for m in self.cfg.models for st in self.cfg.strategies]
+        paper = [TABLE1.get((m, st), (np.nan,))[0] for m in self.cfg.models for st in self.cfg.strategies]
+        fig, ax = plt.subplots(figsize=(1.4 * len(labels) + 2, 3.8))
+        ax.bar(np.arange(len(labels)) - 0.2, ours, 0.4, label="agentnet")
+        ax.bar(np.arange(len(labels)) + 0.2, paper, 0.4, label="paper (Table 1)")
+        ax.set_xticks(range(len(labels)), labels, fontsize=8)
+        ax.set(ylabel="test error (%)", title="MNIST test error")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / "table1.png", dpi=110)
+        plt.close(fig)
         (out / "table1.md").write_text(
             "MNIST test / train error (%), mean ± std over seeds, beside the LFNN paper's Table 1.\n\n"
             + _markdown(["model", "params", "strategy", "test err", "train err", "paper test / train", "seeds"], rows) + "\n"

@@ -1,0 +1,45 @@
+"""The paper's experiments: every config composes and validates; each runs in a fast variant (slow)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from agentnet.experiments import EXPERIMENTS, run_experiment
+from agentnet.experiments.online import Setting, train_online
+from agentnet.trainer import to_run_config
+from tests.conftest import REPO, compose_config
+
+NAMES = sorted(p.stem for p in (REPO / "configs" / "experiment").glob("*.yaml"))
+
+
+def test_experiment_configs_registered_and_valid():
+    assert set(NAMES) == set(EXPERIMENTS.names())
+    for name in NAMES:
+        run = to_run_config(compose_config(f"+experiment={name}"))
+        assert run.experiment.name == name
+    with pytest.raises(Exception, match="experiment.leadership"):
+        to_run_config(compose_config("+experiment=lfnn_online_pmnist", "experiment.leadership=[0.0]"))
+
+
+def test_online_ensemble_learns_and_bp_member_is_plain_bp(mnist):
+    x, y = mnist.train.x[:3000], mnist.train.y[:3000]
+    settings = [Setting("30%", delta=0.3), Setting("BP", bp=True), Setting("global only", delta=0.3, lambda1=0, lambda2=0)]
+    result = train_online(x, y, mnist.test.x[:1000], mnist.test.y[:1000], settings, width=16, record_activity_of=0)
+    assert all(a > 0.6 for a in result.test_acc[:2]), result.test_acc  # one pass over 3000 images, 10 one-vs-all nets
+    assert result.activity.shape == (300, 16) and result.activity_leaders.sum(1).eq(5).all()  # ceil(0.3*16) leaders
+    assert len(result.curves) == 3 and len(result.curves[0]) == len(result.curve_steps)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", NAMES)
+def test_experiment_fast_variant_runs(name, mnist, tmp_path):
+    extra = ["experiment.widths=[16,32]"] if name == "lfnn_online_pmnist" else []
+    run = to_run_config(compose_config(f"+experiment={name}", "trainer.max_steps=20", "data.subset=2000",
+                                       "data.test_subset=500", "trainer.progress=false", *extra))
+    result = run_experiment(run, tmp_path, data=mnist)
+    assert result["summary"] and all(isinstance(v, float) for v in result["summary"].values())
+    assert json.loads((tmp_path / "experiment.json").read_text())["experiment"] == name
+    assert list(tmp_path.glob("*.png")) and list(tmp_path.glob("*.md"))
