@@ -147,6 +147,8 @@ class TrainerConfig:
     """Record per-step worker activity (mean |output change| from the update, LFNN paper Fig. 5)."""
     checkpoint: bool = True
     """Write ``checkpoint.pt`` atomically at the end of every epoch."""
+    tensorboard: bool = True
+    """Also log the per-epoch history to ``<output>/tensorboard`` when ``tensorboard`` is installed."""
 
     def __post_init__(self) -> None:
         check(self.epochs > 0, "trainer.epochs", self.epochs, "must be positive")

@@ -32,6 +32,7 @@ __all__ = [
     "NonFiniteLossError",
     "TrainerPlugin",
     "WorkerActivity",
+    "TensorBoardLogger",
     "Trainer",
     "resolve_device",
     "seed_everything",
@@ -98,6 +99,31 @@ def _combine_scales(a: list | None, b: list | None) -> list | None:
     if a is None or b is None:
         return a if b is None else b
     return [y if x is None else x if y is None else x * y for x, y in zip(a, b)]
+
+
+class TensorBoardLogger(TrainerPlugin):
+    """Writes each epoch's history entry as scalars to ``<output>/tensorboard`` (needs ``tensorboard``)."""
+
+    def __init__(self, directory: Path) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(str(directory))
+
+    @staticmethod
+    def available() -> bool:
+        """Whether the ``tensorboard`` package is installed."""
+        import importlib.util
+
+        return importlib.util.find_spec("tensorboard") is not None
+
+    def after_epoch(self, trainer: "Trainer", epoch: int) -> None:
+        for key, value in trainer.history[-1].items():
+            if key != "epoch":
+                self.writer.add_scalar(key, value, epoch)
+        self.writer.flush()
+
+    def after_training(self, trainer: "Trainer") -> None:
+        self.writer.close()
 
 
 def resolve_device(name: str) -> torch.device:
@@ -429,6 +455,8 @@ def train(cfg: DictConfig | RunConfig | dict, data: MNIST | None = None) -> dict
     activity = WorkerActivity() if run.trainer.record_activity else None
     if activity is not None:
         plugins.append(activity)
+    if run.trainer.tensorboard and TensorBoardLogger.available():
+        plugins.append(TensorBoardLogger(out / "tensorboard"))
     trainer = Trainer(run, model, strategy, data, out, plugins)
     if run.resume:
         trainer.resume(Path(run.resume_from) if run.resume_from else out)

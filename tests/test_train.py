@@ -102,3 +102,12 @@ def test_worker_activity_is_recorded(mnist, quick_overrides, tmp_path):
     )
     assert metrics["steps"] == 40
     assert (tmp_path / "activity.png").is_file()
+
+
+def test_tensorboard_history_is_logged(mnist, quick_overrides, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    train(compose_config("strategy=bp", *quick_overrides), data=mnist)
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("test_acc")] == [1, 2]
