@@ -37,6 +37,7 @@ __all__ = [
     "resolve_device",
     "seed_everything",
     "to_run_config",
+    "prepare_run",
     "build_optimizer",
     "train",
 ]
@@ -429,14 +430,10 @@ def output_dir_of(cfg: RunConfig) -> Path:
         return Path.cwd()
 
 
-def train(cfg: DictConfig | RunConfig | dict, data: MNIST | None = None) -> dict[str, Any]:
-    """Train and evaluate one configuration; write ``metrics.json`` (and plots) to the output directory.
-
-    ``data`` lets callers that run several configurations share one loaded dataset.
-    Returns the metrics dictionary that was written.
-    """
+def prepare_run(cfg: DictConfig | RunConfig | dict, data: MNIST | None = None) -> tuple[RunConfig, torch.device, Path, MNIST]:
+    """What every task starts with: the validated config, its device and output directory (created),
+    and MNIST on that device (loaded unless ``data`` is given) cut to ``data.subset`` / ``data.test_subset``."""
     run = to_run_config(cfg)
-    wall_start = time.perf_counter()
     device = resolve_device(run.device)
     out = output_dir_of(run)
     out.mkdir(parents=True, exist_ok=True)
@@ -448,6 +445,17 @@ def train(cfg: DictConfig | RunConfig | dict, data: MNIST | None = None) -> dict
         test=data.test.subset(run.data.test_subset),
         num_classes=data.num_classes,
     )
+    return run, device, out, data
+
+
+def train(cfg: DictConfig | RunConfig | dict, data: MNIST | None = None) -> dict[str, Any]:
+    """Train and evaluate one configuration; write ``metrics.json`` (and plots) to the output directory.
+
+    ``data`` lets callers that run several configurations share one loaded dataset.
+    Returns the metrics dictionary that was written.
+    """
+    wall_start = time.perf_counter()
+    run, device, out, data = prepare_run(cfg, data)
     seed_everything(run.seed)
     model = build_model(run.model, data.input_dim, data.num_classes, run.seed).to(device)
     strategy = build_strategy(run.strategy, model)

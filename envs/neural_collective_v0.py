@@ -146,42 +146,29 @@ class NeuralCollectiveEnv(ParallelEnv):
 
     def __init__(
         self,
-        strategy: str | dict = "lfnn",
-        hidden: tuple[int, ...] | list[int] = (40, 40),
-        worker_size: int = 10,
-        activation: str = "relu",
-        batch_size: int = 64,
-        data_subset: int | None = 2000,
-        epochs: int = 1,
-        data_root: str | None = None,
-        device: str = "cpu",
         max_cycles: int = 100,
         action_mode: str = "scale",
         max_scale: float = 2.0,
         max_delta: float = 0.1,
-        lr: float = 1e-3,
-        optimizer: str = "adam",
-        seed: int = 0,
         render_mode: str | None = None,
-        worker_projection: bool = False,
+        **run_args: Any,
     ) -> None:
+        """``run_args`` are :func:`run_config`'s (strategy, network, data, device, optimiser, seed)."""
         if action_mode not in ("scale", "delta"):
             raise ValueError(f"action_mode={action_mode!r}: choose 'scale' or 'delta'")
         if render_mode not in (None, "ansi", "rgb_array", "human"):
             raise ValueError(f"render_mode={render_mode!r}: choose ansi, rgb_array or human")
         if max_scale <= 0 or max_delta <= 0:
             raise ValueError("max_scale and max_delta must be positive")
-        self.run = run_config(
-            strategy, hidden, worker_size, activation, batch_size, data_subset, epochs, data_root, device, lr, optimizer, seed, worker_projection
-        )
+        self.run = run_config(**run_args)
         self.max_cycles = max_cycles
         self.action_mode = action_mode
         self.max_scale = max_scale
         self.max_delta = max_delta
         self.render_mode = render_mode
-        self.device = resolve_device(device)
-        self._base_data = _mnist(data_root, str(self.device))
-        self._build(seed)
+        self.device = resolve_device(self.run.device)
+        self._base_data = _mnist(self.run.data.root, str(self.device))
+        self._build(self.run.seed)
         layers = self._layers
         self.layer_of = np.concatenate([np.full(n, i + 1) for i, n in enumerate(self._agents_per_layer)])
         self.index_in_layer = np.concatenate([np.arange(n) for n in self._agents_per_layer])

@@ -24,10 +24,10 @@ from agentnet.config import ConfigError, RunConfig
 from agentnet.continual.methods import CLMethod, build_cl_method
 from agentnet.continual.metrics import summarize
 from agentnet.continual.streams import Task, TaskStream, build_stream
-from agentnet.data import MNIST, load_mnist
+from agentnet.data import MNIST
 from agentnet.network import build_model
 from agentnet.registry import build_strategy
-from agentnet.trainer import Trainer, _atomic_write_json, output_dir_of, resolve_device, seed_everything, to_run_config
+from agentnet.trainer import Trainer, _atomic_write_json, prepare_run, seed_everything
 
 __all__ = ["run_continual", "evaluate_all"]
 
@@ -99,17 +99,11 @@ def _train_stage(
 
 def run_continual(cfg: DictConfig | RunConfig | dict, data: MNIST | None = None) -> dict[str, Any]:
     """Run a continual-learning protocol; write and return ``cl_metrics``."""
-    run = to_run_config(cfg)
+    wall_start = time.perf_counter()
+    run, device, out, data = prepare_run(cfg, data)
     if run.benchmark is None:
         raise ConfigError("benchmark=null: choose a protocol, e.g. benchmark=pmnist_quick")
-    wall_start = time.perf_counter()
-    device = resolve_device(run.device)
-    out = output_dir_of(run)
-    out.mkdir(parents=True, exist_ok=True)
-    if data is None:
-        data = load_mnist(run.data.root, device, verify=run.data.verify, normalize=run.data.normalize)
     gen = torch.Generator().manual_seed(run.seed)
-    data = MNIST(train=data.train.subset(run.data.subset, gen), test=data.test.subset(run.data.test_subset))
     stream = build_stream(data, run.benchmark, run.seed)
     seed_everything(run.seed)
     model = build_model(run.model, stream.input_dim, stream.num_classes, run.seed).to(device)

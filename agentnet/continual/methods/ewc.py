@@ -36,7 +36,7 @@ class EWCConfig(CLConfig):
         check(self.fisher_samples > 0, "cl.fisher_samples", self.fisher_samples, "must be positive")
 
 
-def diagonal_fisher(model: torch.nn.Module, x: torch.Tensor, chunk: int = 256) -> dict[str, torch.Tensor]:
+def diagonal_fisher(model: torch.nn.Module, x: torch.Tensor, chunk: int = 64) -> dict[str, torch.Tensor]:
     """Mean squared per-sample gradient of ``log p(y_hat | x)`` for every parameter."""
     params = {k: v.detach() for k, v in model.named_parameters()}
 
