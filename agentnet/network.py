@@ -35,8 +35,6 @@ class LayerRecord:
     """Leader mask, bool ``(W,)`` or ``(B, W)``."""
     best: Tensor | None = None
     """Index of the best leader, 0-d or ``(B,)``."""
-    layer_input: Tensor | None = None
-    """The layer's input as seen by this layer (detached under the ``local`` path)."""
     activation: Tensor | None = None
     """The layer's activation ``(B, n)`` fed to the next layer."""
 
@@ -110,7 +108,6 @@ class WorkerMLP(nn.Module):
         path: GradientPath = "global",
         selection: LeaderSelection | None = None,
         leaders_carry_global: bool = False,
-        keep_inputs: bool = False,
     ) -> ForwardRecord:
         """Training forward pass.
 
@@ -122,13 +119,15 @@ class WorkerMLP(nn.Module):
         records = []
         for index, layer in enumerate(self.hidden):
             z, z_local = layer.forward_path(x, path)
-            record = LayerRecord(workers=layer.workers(self.act(z_local) if self.cfg.predict_from == "activation" else z_local))
-            if keep_inputs:
-                record.layer_input = x.detach() if path == "local" else x
+            h = self.act(z)
+            if self.cfg.predict_from == "activation":
+                local = h if z_local is z else self.act(z_local)  # one activation unless the paths split
+            else:
+                local = z_local
+            record = LayerRecord(workers=layer.workers(local))
             if y is not None and selection is not None:
                 record.worker_loss = self.predictor.loss(record.workers, y)
                 record.leaders, record.best = selection.select(index, record.worker_loss)
-            h = self.act(z)
             if leaders_carry_global and record.leaders is not None:
                 # Followers' units feed forward with their values but without a gradient path.
                 gate = record.leaders.unsqueeze(-1).expand(*record.leaders.shape, layer.worker_size)
