@@ -88,6 +88,15 @@ class WorkerMLP(nn.Module):
             x = self.act(layer(x))
         return self.output(x)
 
+    def activation_derivative(self, z: Tensor, a: Tensor) -> Tensor:
+        """``f'(z)`` of the hidden activation, from the pre-activation ``z`` and ``a = f(z)``."""
+        name = self.cfg.activation
+        if name == "relu":
+            return (z > 0).to(z.dtype)
+        if name == "tanh":
+            return 1 - a * a
+        return a * (1 - a)  # sigmoid
+
     def global_loss(self, logits: Tensor, y: Tensor) -> Tensor:
         """The task loss at the output: cross-entropy, or BCE for a sigmoid output."""
         if self.output_activation == "softmax":

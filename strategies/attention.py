@@ -92,18 +92,16 @@ class AttentionSeeking(Strategy):
         for index in range(len(layers) - 1, -1, -1):
             layer, a_in = layers[index], cache["inputs"][index]
             # Gradient ascent on U over the layer's own incoming weights (the optimiser descends -U).
-            layer.weight.grad = -(need.t() @ a_in)
-            layer.bias.grad = -need.sum(0)
+            layer.weight.grad = (need.t() @ a_in).neg_()
+            layer.bias.grad = need.sum(0).neg_()
             if index == 0:
                 break
             message = need @ attention_weights(layer.weight.detach(), self.cfg.mode)  # sum_j alpha_ji g_j
-            z = cache["preacts"][index - 1].requires_grad_()
-            with torch.enable_grad():
-                a = model.act(z)
-                (need,) = torch.autograd.grad(a, z, message)  # g_i = f'(z_i) * message_i
+            a = cache["inputs"][index]  # this layer's input is the lower layer's activation
+            need = message * model.activation_derivative(cache["preacts"][index - 1], a)  # g_i = f'(z_i) * message_i
             received = message.abs().mean(0)
             received_all.append(received)
-            objective_all.append((a.detach() * message).mean(0))
+            objective_all.append((a * message).mean(0))
             scales.append(self._topk_scale(received) if self.cfg.mode == "topk" else None)
         result.signals["attention_received"] = received_all[::-1]
         result.signals["objective"] = objective_all[::-1]
