@@ -77,16 +77,17 @@ class AttentionSeeking(Strategy):
                 a = self.model.act(z)
             inputs.append(a)
             logits = self.model.output(a)
-        loss = self.model.global_loss(logits, y)
-        return StepResult(loss=loss, logits=logits, cache={"inputs": inputs, "preacts": preacts, "y": y})
+        # The only graph of the step: the task loss over the output logits, for the output need.
+        logits.requires_grad_()
+        with torch.enable_grad():
+            loss = self.model.global_loss(logits, y)
+        return StepResult(loss=loss, logits=logits, cache={"inputs": inputs, "preacts": preacts})
 
     def backward(self, result: StepResult) -> None:
         """Top-down message passing: each layer updates from the needs it receives and passes its own on."""
         cache, model = result.cache, self.model
-        logits = result.logits.detach().requires_grad_()
-        with torch.enable_grad():
-            (grad_out,) = torch.autograd.grad(model.global_loss(logits, cache["y"]), logits)
-        need = -grad_out  # g_j of the output neurons
+        (grad_out,) = torch.autograd.grad(result.loss, result.logits)
+        need = grad_out.neg_()  # g_j = -dJ/dz_j of the output neurons
         layers = [*model.hidden, model.output]
         received_all, objective_all, scales = [], [], []
         for index in range(len(layers) - 1, -1, -1):
