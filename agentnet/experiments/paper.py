@@ -175,13 +175,22 @@ class WorkerActivityFigure(OnlineExperiment):
         width = cfg.widths[0]
         result = self._train(data, [Setting("LFNN", delta, cfg.lambda1, cfg.lambda2)], width, "worker activity", record_activity_of=0)
         act, lead = result.activity.numpy(), result.activity_leaders.numpy()
-        steps = np.arange(len(act))
-        fig, ax = plt.subplots(figsize=(9, 4))
-        ax.scatter(np.repeat(steps, width)[~lead.ravel()], act.ravel()[~lead.ravel()], s=0.3, color="tab:blue", alpha=0.3, label="followers")
-        ax.scatter(np.repeat(steps, width)[lead.ravel()], act.ravel()[lead.ravel()], s=0.3, color="tab:red", alpha=0.3, label="leaders")
-        ax.set(xlabel="step", ylabel="|output change| from the update", yscale="log",
-               title=f"Worker activity: {width} workers, {delta:.0%} leadership (class-0 classifier)")
-        ax.legend(markerscale=20)
+        np.savez_compressed(out / "worker_activity.npz", activity=act, leaders=lead)
+        fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 6.5))
+        first = min(300, len(act))
+        steps = np.arange(first)
+        for w in range(width):  # each worker's trace, coloured by its role at each step (Fig. 5a)
+            top.plot(steps, act[:first, w], color="tab:blue", lw=0.4, alpha=0.5)
+            top.scatter(steps[lead[:first, w]], act[:first, w][lead[:first, w]], s=2, color="tab:red")
+        top.set(xlabel="step", ylabel="|output change|", title=f"Worker activity, first {first} steps (red: leading at that step)")
+        window = max(1, len(act) // 100)
+        kernel = np.ones(window) / window
+        for mask, colour, label in ((lead, "tab:red", "leaders"), (~lead, "tab:blue", "followers")):
+            mean = np.where(mask, act, 0).sum(1) / np.maximum(mask.sum(1), 1)
+            bottom.plot(np.convolve(mean, kernel, mode="valid"), color=colour, label=label)
+        bottom.set(xlabel="step", ylabel="mean |output change|", yscale="log",
+                   title=f"Whole pass ({width} workers, {delta:.0%} leadership, class-0 classifier; moving mean over {window} steps)")
+        bottom.legend()
         fig.tight_layout()
         fig.savefig(out / "worker_activity.png", dpi=110)
         plt.close(fig)
