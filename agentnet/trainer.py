@@ -328,9 +328,11 @@ class Trainer:
         self.history = state["history"]
         self.train_seconds, self.samples_seen = state["train_seconds"], state["samples_seen"]
 
-    def save_checkpoint(self) -> None:
-        """Write ``checkpoint.pt`` atomically (a crash mid-write leaves the previous one intact)."""
-        _atomic_save(self.state_dict(), self.checkpoint_path)
+    def save_checkpoint(self, extra: dict | None = None) -> None:
+        """Write ``checkpoint.pt`` atomically (a crash mid-write leaves the previous one intact).
+
+        ``extra`` adds caller state (e.g. the continual runner's accuracy matrix so far)."""
+        _atomic_save({**self.state_dict(), **(extra or {})}, self.checkpoint_path)
 
     def resume(self, directory: Path) -> None:
         """Continue from ``<directory>/checkpoint.pt``."""

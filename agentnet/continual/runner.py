@@ -125,6 +125,8 @@ def run_continual(cfg: DictConfig | RunConfig | dict, data: MNIST | None = None)
         strategy.on_epoch_end()
         task_seconds.append(time.perf_counter() - start)
         R.append(evaluate_all(trainer, stream))
+        if run.trainer.checkpoint:  # the last good state, should a later task diverge
+            trainer.save_checkpoint({"acc_matrix": R, "tasks_done": i + 1})
         log.info("after task %d: mean acc over tasks so far %.4f", i + 1, sum(R[-1][: i + 1]) / (i + 1))
 
     metrics: dict[str, Any] = {
