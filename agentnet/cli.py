@@ -13,10 +13,10 @@ import torch
 from omegaconf import DictConfig
 
 from agentnet.config import ConfigError, register_configs
-from agentnet.data import DataError
-from agentnet.registry import available_strategies
 from agentnet.continual.methods import CL_METHODS
+from agentnet.data import DataError
 from agentnet.experiments import EXPERIMENTS
+from agentnet.registry import available_strategies
 from agentnet.trainer import NonFiniteLossError, to_run_config, train
 
 log = logging.getLogger("agentnet")

@@ -16,7 +16,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from agentnet.config import ModelConfig
-from agentnet.workers import GradientPath, LeaderSelection, WorkerLinear, WorkerPredictor
+from agentnet.workers import (
+    GradientPath,
+    LeaderSelection,
+    WorkerLinear,
+    WorkerPredictor,
+)
 
 __all__ = ["LayerRecord", "ForwardRecord", "WorkerMLP", "build_model"]
 

@@ -36,6 +36,7 @@ __all__ = [
     "Trainer",
     "resolve_device",
     "seed_everything",
+    "progress_bar",
     "to_run_config",
     "prepare_run",
     "build_optimizer",
@@ -93,6 +94,21 @@ class WorkerActivity(TrainerPlugin):
         self.steps.append([(a.workers - b.workers).abs().mean((0, 2)).cpu() for a, b in zip(after.layers, self._before.layers)])
         layers = result.record.layers if result.record is not None else [None] * len(after.layers)
         self.leaders.append([None if r is None or r.leaders is None else r.leaders.cpu() for r in layers])
+
+
+def progress_bar(total: int, desc: str, enabled: bool) -> tqdm:
+    """The progress bar of a run. In a parallel Hydra sweep each job gets its own terminal line."""
+    position = None
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        hydra_cfg = HydraConfig.get()
+        if hydra_cfg.mode == RunMode.MULTIRUN:
+            position = int(hydra_cfg.job.num) % max(os.cpu_count() or 1, 1)
+    except (ImportError, ValueError):
+        pass
+    return tqdm(total=total, desc=desc, disable=not enabled, leave=False, dynamic_ncols=True, position=position)
 
 
 def _combine_scales(a: list | None, b: list | None) -> list | None:
@@ -397,13 +413,7 @@ class Trainer:
             correct = torch.zeros((), device=self.device)
             seen = 0
             steps_left = min(self.steps_per_epoch, self.total_steps - self.step)
-            bar = tqdm(
-                total=steps_left,
-                desc=f"{self.strategy.name} epoch {self.epoch + 1}/{tcfg.epochs}",
-                disable=not tcfg.progress,
-                leave=False,
-                dynamic_ncols=True,
-            )
+            bar = progress_bar(steps_left, f"{self.strategy.name} epoch {self.epoch + 1}/{tcfg.epochs}", tcfg.progress)
             for i, (x, y) in enumerate(self.epoch_batches(steps_left)):
                 result = self.train_step(x, y)
                 loss_sum += result.loss.detach() * len(y)

@@ -9,10 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from hydra.errors import ConfigCompositionException
-from omegaconf.errors import ValidationError
-
 from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
 
 from agentnet.cli import CONFIG_DIR
 from agentnet.config import ConfigError

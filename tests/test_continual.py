@@ -11,7 +11,13 @@ import torch
 from agentnet.config import ModelConfig
 from agentnet.continual.methods import CL_METHODS, build_cl_method
 from agentnet.continual.methods.replay import ReservoirBuffer
-from agentnet.continual.metrics import accuracy, backward_transfer, forgetting, forward_transfer, summarize
+from agentnet.continual.metrics import (
+    accuracy,
+    backward_transfer,
+    forgetting,
+    forward_transfer,
+    summarize,
+)
 from agentnet.continual.runner import run_continual
 from agentnet.continual.streams import TaskStream
 from agentnet.network import WorkerMLP

@@ -14,7 +14,13 @@ import numpy as np
 import pytest
 import torch
 
-from agentnet.data import MNIST_FILES, DataError, load_mnist, read_idx, resolve_data_root
+from agentnet.data import (
+    MNIST_FILES,
+    DataError,
+    load_mnist,
+    read_idx,
+    resolve_data_root,
+)
 from agentnet.fetch import fetch_mnist
 
 

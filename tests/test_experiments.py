@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from agentnet.experiments import EXPERIMENTS, run_experiment
 from agentnet.experiments.online import Setting, train_online

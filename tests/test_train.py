@@ -8,9 +8,9 @@ from dataclasses import dataclass
 import pytest
 import torch
 
+from agentnet.config import StrategyConfig
 from agentnet.registry import register_strategy
 from agentnet.strategy import StepResult, Strategy
-from agentnet.config import StrategyConfig
 from agentnet.trainer import CHECKPOINT, NonFiniteLossError, train
 from tests.conftest import compose_config
 

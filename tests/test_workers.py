@@ -10,7 +10,12 @@ import torch.nn.functional as F
 
 from agentnet.config import ModelConfig
 from agentnet.network import WorkerMLP
-from agentnet.workers import LeaderSelection, WorkerLinear, WorkerPredictor, split_linear
+from agentnet.workers import (
+    LeaderSelection,
+    WorkerLinear,
+    WorkerPredictor,
+    split_linear,
+)
 
 
 def test_worker_view_maps_rows_to_workers():

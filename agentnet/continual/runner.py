@@ -13,12 +13,10 @@ import logging
 import math
 import time
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any
 
 import torch
 from omegaconf import DictConfig
-from tqdm import tqdm
 
 from agentnet.config import ConfigError, RunConfig
 from agentnet.continual.methods import CLMethod, build_cl_method
@@ -27,7 +25,13 @@ from agentnet.continual.streams import Task, TaskStream, build_stream
 from agentnet.data import MNIST
 from agentnet.network import build_model
 from agentnet.registry import build_strategy
-from agentnet.trainer import Trainer, _atomic_write_json, prepare_run, seed_everything
+from agentnet.trainer import (
+    Trainer,
+    _atomic_write_json,
+    prepare_run,
+    progress_bar,
+    seed_everything,
+)
 
 __all__ = ["run_continual", "evaluate_all"]
 
@@ -64,7 +68,7 @@ def _train_stage(
     loss_sum = torch.zeros((), device=trainer.device)
     correct = torch.zeros((), device=trainer.device)
     seen = 0
-    bar = tqdm(total=steps, desc=label, disable=not run.trainer.progress, leave=False, dynamic_ncols=True)
+    bar = progress_bar(steps, label, run.trainer.progress)
     for step in range(steps):
         if pos + bs > len(order):
             order, pos = torch.randperm(int(sizes.sum()), generator=gen), 0

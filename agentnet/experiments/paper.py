@@ -23,12 +23,12 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from tqdm import tqdm  # noqa: E402
 
 from agentnet.config import ExperimentConfig, check  # noqa: E402
 from agentnet.data import MNIST  # noqa: E402
 from agentnet.experiments import EXPERIMENTS, Experiment, preset  # noqa: E402
 from agentnet.experiments.online import Setting, train_online  # noqa: E402
+from agentnet.trainer import progress_bar  # noqa: E402
 
 #: Test / train error (%) of the paper's Table 1, MNIST columns.
 TABLE1 = {
@@ -61,7 +61,7 @@ def _permuted(data: MNIST, run, seed: int) -> tuple[torch.Tensor, torch.Tensor, 
 
 def _bar(total: int, desc: str, enabled: bool):
     """A progress bar and the ``progress(done, total)`` callback that advances it."""
-    bar = tqdm(total=total, desc=desc, disable=not enabled, leave=False, dynamic_ncols=True)
+    bar = progress_bar(total, desc, enabled)
 
     def update(done: int, _total: int) -> None:
         bar.update(done - bar.n)
