@@ -40,6 +40,7 @@ __all__ = [
     "to_run_config",
     "prepare_run",
     "build_optimizer",
+    "atomic_write_json",
     "train",
 ]
 
@@ -214,7 +215,8 @@ def _atomic_save(obj: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _atomic_write_json(obj: Any, path: Path) -> None:
+def atomic_write_json(obj: Any, path: Path) -> None:
+    """Write JSON via a temporary file and a rename, so readers never see half a file."""
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2))
     os.replace(tmp, path)
@@ -508,7 +510,7 @@ def train(cfg: DictConfig | RunConfig | dict, data: MNIST | None = None) -> dict
     if selection is not None:
         metrics["leadership_counts"] = [c.cpu().tolist() for c in selection.counts]
         metrics["leadership_epoch_counts"] = [[c.tolist() for c in layer] for layer in selection.epoch_counts]
-    _atomic_write_json(metrics, out / "metrics.json")
+    atomic_write_json(metrics, out / "metrics.json")
     from agentnet import reports
 
     reports.write_run_plots(out, trainer.history, selection, activity)

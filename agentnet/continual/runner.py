@@ -27,7 +27,7 @@ from agentnet.network import build_model
 from agentnet.registry import build_strategy
 from agentnet.trainer import (
     Trainer,
-    _atomic_write_json,
+    atomic_write_json,
     prepare_run,
     progress_bar,
     seed_everything,
@@ -153,7 +153,7 @@ def run_continual(cfg: DictConfig | RunConfig | dict, data: MNIST | None = None)
             "trainer": asdict(run.trainer),
         },
     }
-    _atomic_write_json(metrics, out / "cl_metrics.json")
+    atomic_write_json(metrics, out / "cl_metrics.json")
     with open(out / "acc_matrix.csv", "w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["after"] + [f"task_{j + 1}" for j in range(len(stream))])

@@ -53,7 +53,7 @@ def preset(group: str, name: str) -> Any:
 
 def run_experiment(run: RunConfig, out: Path, data: MNIST | None = None) -> dict[str, Any]:
     """Run ``run.experiment`` into ``out``; writes and returns ``experiment.json``."""
-    from agentnet.trainer import _atomic_write_json, resolve_device
+    from agentnet.trainer import atomic_write_json, resolve_device
 
     start = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
@@ -67,6 +67,6 @@ def run_experiment(run: RunConfig, out: Path, data: MNIST | None = None) -> dict
         "wall_s": time.perf_counter() - start,
         "config": OmegaConf.to_container(OmegaConf.structured(run.experiment)),
     }
-    _atomic_write_json(result, out / "experiment.json")
+    atomic_write_json(result, out / "experiment.json")
     print(json.dumps(summary, indent=1))
     return result
