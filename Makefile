@@ -36,8 +36,10 @@ test: data
 test-slow: data
 	$(BIN)/pytest -m slow $(PYTEST_ARGS)
 
+# Speed and accuracy figures for docs/benchmarks.md (tens of minutes on 2 cores; cl_reference: hours).
 benchmarks: data
-	$(BIN)/python benchmarks/step_time.py
+	$(BIN)/python benchmarks/step_time.py --models mlp_275k,mlp_400x2,mlp_1000x2
+	$(BIN)/python benchmarks/env_overhead.py
 	$(BIN)/python benchmarks/table1_mnist.py
 
 clean:
