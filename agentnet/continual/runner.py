@@ -63,7 +63,12 @@ def _train_stage(
     bs = run.trainer.batch_size
     sizes = torch.tensor([len(t.train_idx) for t in tasks])
     offsets = torch.cumsum(sizes, 0) - sizes
-    order = torch.randperm(int(sizes.sum()), generator=gen)
+    device = tasks[0].train_idx.device
+
+    def shuffled() -> torch.Tensor:
+        return torch.randperm(int(sizes.sum()), generator=gen).to(device)
+
+    order = shuffled()
     pos = 0
     loss_sum = torch.zeros((), device=trainer.device)
     correct = torch.zeros((), device=trainer.device)
@@ -71,19 +76,20 @@ def _train_stage(
     bar = progress_bar(steps, label, run.trainer.progress)
     for step in range(steps):
         if pos + bs > len(order):
-            order, pos = torch.randperm(int(sizes.sum()), generator=gen), 0
+            order, pos = shuffled(), 0
         flat = order[pos : pos + bs]
         pos += bs
-        # Which task each position belongs to, then that task's batch (its own transform).
-        owner = torch.searchsorted(offsets, flat, right=True) - 1
-        xs, ys = [], []
-        for t_i, task in enumerate(tasks):
-            local = flat[owner == t_i] - offsets[t_i]
-            if len(local):
-                x, y = stream.batch(task, local.to(task.train_idx.device))
-                xs.append(x)
-                ys.append(y)
-        x, y = torch.cat(xs), torch.cat(ys)
+        if len(tasks) == 1:  # the usual stage: a gather on the device, no host round trip
+            x, y = stream.batch(tasks[0], flat)
+        else:  # cumulative stage: which task each position belongs to, then each task's own transform
+            flat = flat.cpu()
+            owner = torch.searchsorted(offsets, flat, right=True) - 1
+            parts = [
+                stream.batch(task, (flat[owner == t_i] - offsets[t_i]).to(device))
+                for t_i, task in enumerate(tasks)
+                if bool((owner == t_i).any())
+            ]
+            x, y = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
         trainer.model.logit_mask = stream.logit_mask(tasks[-1])
         result = trainer.train_step(x, y)
         loss_sum += result.loss.detach() * len(y)
