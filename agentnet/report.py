@@ -20,7 +20,7 @@ from typing import Sequence
 
 import yaml
 
-__all__ = ["Job", "collect_jobs", "group_jobs", "write_report", "main"]
+__all__ = ["Job", "collect_jobs", "group_jobs", "markdown_table", "write_report", "main"]
 
 CL_COLUMNS = ("ACC", "BWT", "FWT", "forgetting", "wall_s")
 TRAIN_COLUMNS = ("test_error", "train_error", "samples_per_s", "wall_s")
@@ -143,7 +143,8 @@ def summary_rows(groups: list[Group]) -> tuple[tuple[str, ...], list[list[str]]]
     return header, rows
 
 
-def _markdown(header, rows) -> str:
+def markdown_table(header, rows) -> str:
+    """A Markdown table from a header and rows of cell strings."""
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines)
@@ -196,7 +197,7 @@ def write_report(sweep_dir: Path) -> str:
     seeds = sorted({j.overrides.get("seed", "0") for j in jobs})
     text = (
         f"# Sweep report: {sweep_dir}\n\nCommon overrides: {' '.join(common) or '(none)'}; seeds: {', '.join(seeds)}; "
-        f"mean ± std over seeds.\n\n{_markdown(header, rows)}\n"
+        f"mean ± std over seeds.\n\n{markdown_table(header, rows)}\n"
     )
     failed = [j for j in jobs if j.metrics is None]
     if failed:

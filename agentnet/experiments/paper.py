@@ -28,6 +28,7 @@ from agentnet.config import ExperimentConfig, check  # noqa: E402
 from agentnet.data import MNIST  # noqa: E402
 from agentnet.experiments import EXPERIMENTS, Experiment, preset  # noqa: E402
 from agentnet.experiments.online import Setting, train_online  # noqa: E402
+from agentnet.report import markdown_table  # noqa: E402
 from agentnet.trainer import progress_bar  # noqa: E402
 
 #: Test / train error (%) of the paper's Table 1, MNIST columns.
@@ -45,10 +46,6 @@ TABLE2 = {
     "lfnn": [1.24, 1.68, 1.50, 1.60, 1.40, 1.20, 1.18, 1.40, 1.44, 1.51],
 }
 LEADERSHIP = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
-
-
-def _markdown(header: list[str], rows: list[list[str]]) -> str:
-    return "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows])
 
 
 def _permuted(data: MNIST, run, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -129,7 +126,7 @@ class OnlinePMNIST(OnlineExperiment):
         header = ["workers", *[s.label for s in settings]]
         rows = [[str(w), *[f"{100 * a:.2f}" for a in accs]] for w, accs in results.items()]
         (out / "online_pmnist.md").write_text(
-            "Test accuracy (%) after one online pass (paper Fig. 3a gives curves, no numbers).\n\n" + _markdown(header, rows) + "\n"
+            "Test accuracy (%) after one online pass (paper Fig. 3a gives curves, no numbers).\n\n" + markdown_table(header, rows) + "\n"
         )
         return {f"acc_w{w}_{s.label}": a for w, accs in results.items() for s, a in zip(settings, accs)}
 
@@ -160,7 +157,7 @@ class LossAblation(OnlineExperiment):
         rows = [[s.label, f"{100 * a:.2f}", f"{100 * c[-1]:.2f}"] for s, a, c in zip(settings, result.test_acc, result.curves)]
         (out / "loss_ablation.md").write_text(
             "Paper (Fig. 3b): all losses best, then global + leader; global + follower and global alone lowest.\n\n"
-            + _markdown(["variant", "test acc %", "final online acc %"], rows) + "\n"
+            + markdown_table(["variant", "test acc %", "final online acc %"], rows) + "\n"
         )
         return {f"acc_{s.label.replace(' ', '')}": a for s, a in zip(settings, result.test_acc)}
 
@@ -203,7 +200,7 @@ class WorkerActivityFigure(OnlineExperiment):
         }
         (out / "worker_activity.md").write_text(
             "Paper (Fig. 5): followers move in unison toward the leaders; large steps early, small once learned.\n\n"
-            + _markdown(["quantity", "value"], [[k, f"{v:.5g}"] for k, v in summary.items()]) + "\n"
+            + markdown_table(["quantity", "value"], [[k, f"{v:.5g}"] for k, v in summary.items()]) + "\n"
         )
         return summary
 
@@ -256,7 +253,7 @@ class LeadershipDevelopment(Experiment):
         plt.close(fig)
         (out / "leadership_development.md").write_text(
             "Paper (Fig. 6): by epoch 5 exactly ~6 workers per layer lead nearly always (share of the top-6 -> 1).\n\n"
-            + _markdown(["quantity", "value"], [[k, f"{v:.4f}"] for k, v in summary.items()]) + "\n"
+            + markdown_table(["quantity", "value"], [[k, f"{v:.4f}"] for k, v in summary.items()]) + "\n"
         )
         return summary
 
@@ -315,7 +312,7 @@ class Table1(Experiment):
         plt.close(fig)
         (out / "table1.md").write_text(
             "MNIST test / train error (%), mean ± std over seeds, beside the LFNN paper's Table 1.\n\n"
-            + _markdown(["model", "params", "strategy", "test err", "train err", "paper test / train", "seeds"], rows) + "\n"
+            + markdown_table(["model", "params", "strategy", "test err", "train err", "paper test / train", "seeds"], rows) + "\n"
         )
         print((out / "table1.md").read_text())
         return summary
@@ -352,5 +349,5 @@ class LeadershipSweep(Experiment):
             rows.append([f"{strategy} (agentnet)", *[f"{e:.2f}" for e in errors]])
             if strategy in TABLE2 and len(deltas) == len(LEADERSHIP):
                 rows.append([f"{strategy} (paper)", *[f"{e:.2f}" for e in TABLE2[strategy]]])
-        (out / "leadership_sweep.md").write_text(f"Test error (%) on MNIST ({model}) by leadership.\n\n" + _markdown(header, rows) + "\n")
+        (out / "leadership_sweep.md").write_text(f"Test error (%) on MNIST ({model}) by leadership.\n\n" + markdown_table(header, rows) + "\n")
         return {f"test_error_{s}_d{d:g}": e for s, errors in results.items() for d, e in zip(deltas, errors)}
