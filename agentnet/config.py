@@ -18,6 +18,7 @@ __all__ = [
     "ConfigError",
     "check",
     "DataConfig",
+    "ConvLayerConfig",
     "ModelConfig",
     "TrainerConfig",
     "StrategyConfig",
@@ -69,14 +70,69 @@ class DataConfig:
             check(value is None or value > 0, f"data.{key}", value, "must be a positive count or null")
 
 
+BLOCKS = ("none", "vgg", "residual")
+
+
+@dataclass
+class ConvLayerConfig:
+    """One worker layer of the convolutional part: filter-wise (``block: none``) or block-wise."""
+
+    channels: int = 30
+    """Output channels. Filter-wise: ``channels / model.worker_size`` workers; block-wise: split
+    evenly over ``workers`` blocks."""
+    kernel_size: int = 3
+    """Square kernel size (odd; padding keeps the spatial size at stride 1)."""
+    stride: int = 1
+    """Stride of the layer's (first) convolution."""
+    pool: int = 1
+    """Max-pool by this factor after the activation (1: no pooling)."""
+    block: str = "none"
+    """none (one conv of filter-wise workers), vgg (a block of ``depth`` convs) or residual (plus a
+    shortcut); a block is a block-wise worker."""
+    workers: int = 1
+    """Block-wise only: parallel blocks (workers) in this layer, run as grouped convolutions."""
+    depth: int = 2
+    """Block-wise only: conv layers per block."""
+    width: Optional[int] = None
+    """Block-wise only: inner channels per block (``None``: its output channels)."""
+
+    def __post_init__(self) -> None:
+        check(self.channels > 0, "model.conv.channels", self.channels, "must be positive")
+        check(self.kernel_size > 0 and self.kernel_size % 2 == 1, "model.conv.kernel_size", self.kernel_size, "must be odd and positive")
+        check(self.stride > 0, "model.conv.stride", self.stride, "must be positive")
+        check(self.pool > 0, "model.conv.pool", self.pool, "must be positive")
+        check(self.block in BLOCKS, "model.conv.block", self.block, f"choose one of {BLOCKS}")
+        check(self.workers > 0, "model.conv.workers", self.workers, "must be positive")
+        check(self.depth > 0, "model.conv.depth", self.depth, "must be positive")
+        check(self.width is None or self.width > 0, "model.conv.width", self.width, "must be positive or null")
+        if self.block != "none":
+            check(
+                self.channels % self.workers == 0,
+                "model.conv.workers",
+                self.workers,
+                f"must divide the block layer's {self.channels} channels",
+            )
+
+
 @dataclass
 class ModelConfig:
-    """A worker-grouped MLP: hidden layers of ``width / worker_size`` workers each."""
+    """A worker network: optional conv worker layers, then fully connected worker layers.
+
+    Every hidden layer is split into workers (``worker_size`` units or filters each, or whole
+    blocks); a final linear layer maps to the classes. With ``conv`` empty this is an MLP.
+    """
 
     name: str = "mlp_275k"
     """Preset name (informational; the numbers below define the network)."""
     hidden: list[int] = field(default_factory=lambda: [260, 260])
-    """Width of each hidden layer."""
+    """Width of each fully connected hidden layer (after the conv layers, if any)."""
+    conv: list[ConvLayerConfig] = field(default_factory=list)
+    """Convolutional worker layers applied first, in order (empty: an MLP)."""
+    in_channels: int = 1
+    """Image channels (conv models): the flat input of ``D`` values is an ``in_channels`` x s x s image."""
+    worker_head: bool = False
+    """Predict through a small trained linear head per worker (extra parameters, trained only by
+    local losses) instead of the parameter-free ``k = C`` read-out."""
     worker_size: int = 10
     """Units per worker ``k``; must divide every hidden width. ``k = C`` gives parameter-free predictions."""
     activation: str = "relu"
@@ -89,8 +145,17 @@ class ModelConfig:
     """For ``k != C``: predict through a fixed random k->C projection instead of failing."""
 
     def __post_init__(self) -> None:
-        check(len(self.hidden) > 0, "model.hidden", self.hidden, "needs at least one hidden layer")
+        check(len(self.hidden) + len(self.conv) > 0, "model.hidden", self.hidden, "needs at least one hidden layer")
         check(self.worker_size > 0, "model.worker_size", self.worker_size, "must be positive")
+        check(self.in_channels > 0, "model.in_channels", self.in_channels, "must be positive")
+        for layer in self.conv:
+            if layer.block == "none":
+                check(
+                    layer.channels % self.worker_size == 0,
+                    "model.worker_size",
+                    self.worker_size,
+                    f"must divide every filter-wise conv layer's channels; {layer.channels} is not a multiple",
+                )
         for width in self.hidden:
             check(
                 width > 0 and width % self.worker_size == 0,
@@ -266,7 +331,7 @@ def register_configs() -> None:
 
     cs = ConfigStore.instance()
     cs.store(name="run_schema", node=RunConfig)
-    cs.store(group="model", name="mlp_schema", node=ModelConfig)
+    cs.store(group="model", name="model_schema", node=ModelConfig)
     cs.store(group="data", name="data_schema", node=DataConfig)
     cs.store(group="trainer", name="trainer_schema", node=TrainerConfig)
     cs.store(group="benchmark", name="benchmark_schema", node=BenchmarkConfig)

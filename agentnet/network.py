@@ -1,4 +1,11 @@
-"""The worker network: hidden :class:`~agentnet.workers.WorkerLinear` layers and an output layer.
+"""The worker network: hidden worker layers (conv, block, fully connected) and an output layer.
+
+Hidden layers are :class:`~agentnet.workers.WorkerConv2d` (filter-wise workers),
+:class:`~agentnet.workers.WorkerBlock` (block-wise workers) and
+:class:`~agentnet.workers.WorkerLinear` (neuron groups), in that order; each may be followed by a
+max-pool, and the maps are flattened before the first fully connected layer. Inputs arrive flat
+``(B, D)`` (datasets and continual streams stay flat, so permutations are gathers) and are viewed
+as ``(B, in_channels, s, s)`` images when the first layer is a convolution.
 
 ``forward`` is the plain inference pass. ``forward_record`` is the training pass that strategies
 use: per layer it chooses the :data:`~agentnet.workers.GradientPath`, computes every worker's
@@ -8,6 +15,7 @@ routes the global gradient through leaders only. All of it is batched per layer.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import networkx as nx
@@ -19,11 +27,14 @@ from agentnet.config import ModelConfig
 from agentnet.workers import (
     GradientPath,
     LeaderSelection,
+    WorkerBlock,
+    WorkerConv2d,
     WorkerLinear,
     WorkerPredictor,
+    WorkerReadout,
 )
 
-__all__ = ["LayerRecord", "ForwardRecord", "WorkerMLP", "build_model"]
+__all__ = ["LayerRecord", "ForwardRecord", "WorkerNetwork", "build_model", "image_shape"]
 
 _ACTIVATIONS = {"relu": torch.relu, "tanh": torch.tanh, "sigmoid": torch.sigmoid}
 
@@ -41,7 +52,7 @@ class LayerRecord:
     best: Tensor | None = None
     """Index of the best leader, 0-d or ``(B,)``."""
     activation: Tensor | None = None
-    """The layer's activation ``(B, n)`` fed to the next layer."""
+    """The layer's activation ``(B, n)`` (``(B, n, H, W)`` for conv layers), before any pooling."""
 
 
 @dataclass
@@ -52,8 +63,19 @@ class ForwardRecord:
     layers: list[LayerRecord] = field(default_factory=list)
 
 
-class WorkerMLP(nn.Module):
-    """An MLP whose hidden layers are split into workers of ``worker_size`` units."""
+def image_shape(input_dim: int, channels: int) -> tuple[int, int, int]:
+    """``(channels, s, s)`` for a flat input of ``input_dim`` values; fails clearly when not square."""
+    side = math.isqrt(input_dim // channels) if input_dim % channels == 0 else 0
+    if side * side * channels != input_dim:
+        raise ValueError(
+            f"model.in_channels={channels}: a conv model needs square images, but {input_dim} input values "
+            f"are not {channels} x s x s"
+        )
+    return channels, side, side
+
+
+class WorkerNetwork(nn.Module):
+    """A network whose hidden layers (conv, block and fully connected) are split into workers."""
 
     def __init__(self, input_dim: int, num_classes: int, cfg: ModelConfig, seed: int = 0) -> None:
         super().__init__()
@@ -64,14 +86,62 @@ class WorkerMLP(nn.Module):
         out_units = num_classes if cfg.output_activation == "softmax" else 1
         if cfg.output_activation == "sigmoid" and num_classes != 2:
             raise ValueError(f"model.output_activation='sigmoid' needs a binary task, got {num_classes} classes")
-        widths = [input_dim, *cfg.hidden]
-        self.hidden = nn.ModuleList(
-            WorkerLinear(widths[i], widths[i + 1] // cfg.worker_size, cfg.worker_size) for i in range(len(cfg.hidden))
-        )
-        self.output = nn.Linear(widths[-1], out_units)
+        self.image_shape = image_shape(input_dim, cfg.in_channels) if cfg.conv else None
+        hidden: list[nn.Module] = []
+        post: list[nn.Module] = []
+        features = input_dim
+        if self.image_shape is not None:
+            channels, side = self.image_shape[0], self.image_shape[1]
+            for spec in cfg.conv:
+                if spec.block == "none":
+                    layer = WorkerConv2d(channels, spec.channels // cfg.worker_size, cfg.worker_size, spec.kernel_size, spec.stride)
+                else:
+                    layer = WorkerBlock(
+                        channels,
+                        spec.workers,
+                        spec.channels // spec.workers,
+                        width=spec.width,
+                        depth=spec.depth,
+                        residual=spec.block == "residual",
+                        kernel_size=spec.kernel_size,
+                        stride=spec.stride,
+                        activation=self.act,
+                    )
+                side = (side - 1) // spec.stride + 1
+                if spec.pool > 1:
+                    if side < spec.pool:
+                        raise ValueError(f"model.conv.pool={spec.pool}: the maps are only {side} pixels wide there")
+                    side //= spec.pool
+                hidden.append(layer)
+                post.append(nn.MaxPool2d(spec.pool) if spec.pool > 1 else nn.Identity())
+                channels = spec.channels
+            post[-1] = nn.Sequential(post[-1], nn.Flatten())
+            features = channels * side * side
+        for width in cfg.hidden:
+            hidden.append(WorkerLinear(features, width // cfg.worker_size, cfg.worker_size))
+            post.append(nn.Identity())
+            features = width
+        self.hidden = nn.ModuleList(hidden)
+        self.post = nn.ModuleList(post)
+        """What follows each hidden layer's activation: max-pool, flatten, or nothing."""
+        self.output = nn.Linear(features, out_units)
         self.logit_mask: Tensor | None = None
         """Boolean ``(C,)`` of the classes the output may predict (task-incremental heads); ``None``: all."""
-        self.predictor = WorkerPredictor(cfg.worker_size, num_classes, cfg.output_activation, cfg.worker_projection, seed)
+        self.readouts = nn.ModuleList(
+            WorkerReadout(layer.num_workers, layer.worker_size, out_units, projection=cfg.worker_projection, head=cfg.worker_head, seed=seed + i)
+            for i, layer in enumerate(hidden)
+        )
+        """Per hidden layer, worker outputs ``(B, W, k)`` -> prediction logits ``(B, W, C)``."""
+        self.predictor = WorkerPredictor(cfg.output_activation)
+
+    @property
+    def is_mlp(self) -> bool:
+        """True when every hidden layer is fully connected (what message-passing strategies need)."""
+        return all(isinstance(layer, WorkerLinear) for layer in self.hidden)
+
+    def worker_loss(self, layer: int, workers: Tensor, y: Tensor) -> Tensor:
+        """Per-sample prediction loss ``(B, W)`` of hidden layer ``layer``'s workers ``(B, W, k)``."""
+        return self.predictor.loss(self.readouts[layer](workers), y)
 
     def _masked(self, logits: Tensor) -> Tensor:
         # Task-incremental heads: classes outside the active task never win and get no gradient.
@@ -87,10 +157,20 @@ class WorkerMLP(nn.Module):
         Node names match the PettingZoo agents (``worker_<i>``, output last)."""
         return worker_graph(self, roles, leadership)
 
+    def _input(self, x: Tensor) -> Tensor:
+        """Flat ``(B, D)`` inputs as images for conv models (channels-last when the model is)."""
+        if self.image_shape is None:
+            return x
+        x = x.view(x.shape[0], *self.image_shape)
+        if self.hidden[0].input_weight.is_contiguous(memory_format=torch.channels_last):
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
     def forward(self, x: Tensor) -> Tensor:
         """Inference: output logits ``(B, C)`` (``(B, 1)`` for a sigmoid output)."""
-        for layer in self.hidden:
-            x = self.act(layer(x))
+        x = self._input(x)
+        for layer, post in zip(self.hidden, self.post):
+            x = post(self.act(layer(x)))
         return self.output(x)
 
     def activation_derivative(self, z: Tensor, a: Tensor) -> Tensor:
@@ -131,7 +211,8 @@ class WorkerMLP(nn.Module):
         (followers' activations are stop-gradient on the path to the output), as LFNN's Eq. 1 asks.
         """
         records = []
-        for index, layer in enumerate(self.hidden):
+        x = self._input(x)
+        for index, (layer, post) in enumerate(zip(self.hidden, self.post)):
             z, z_local = layer.forward_path(x, path)
             h = self.act(z)
             if self.cfg.predict_from == "activation":
@@ -140,23 +221,30 @@ class WorkerMLP(nn.Module):
                 local = z_local
             record = LayerRecord(workers=layer.workers(local))
             if y is not None and selection is not None:
-                record.worker_loss = self.predictor.loss(record.workers, y)
+                record.worker_loss = self.worker_loss(index, record.workers, y)
                 record.leaders, record.best = selection.select(index, record.worker_loss)
             if leaders_carry_global and record.leaders is not None:
                 # Followers' units feed forward with their values but without a gradient path.
-                gate = record.leaders.unsqueeze(-1).expand(*record.leaders.shape, layer.worker_size)
-                h = torch.where(gate.reshape(-1, h.shape[1]) if gate.dim() == 3 else gate.reshape(1, -1), h, h.detach())
+                h = torch.where(_unit_gate(record.leaders, layer.worker_size, h), h, h.detach())
             record.activation = h
             records.append(record)
-            x = h
+            x = post(h)
         logits = self.output(x.detach() if path == "local" else x)
         return ForwardRecord(logits=logits, layers=records)
 
 
+def _unit_gate(leaders: Tensor, worker_size: int, h: Tensor) -> Tensor:
+    """Leader mask ``(W,)`` or ``(B, W)`` expanded over each worker's units, broadcastable to ``h``."""
+    units = leaders.repeat_interleave(worker_size, dim=-1)  # (n,) or (B, n)
+    if units.dim() == 1:
+        units = units.unsqueeze(0)
+    return units.view(*units.shape, *([1] * (h.dim() - 2)))
+
+
 def worker_graph(
-    model: WorkerMLP, roles: list[list[str]] | None = None, leadership: list[Tensor] | None = None
+    model: WorkerNetwork, roles: list[list[str]] | None = None, leadership: list[Tensor] | None = None
 ) -> nx.DiGraph:
-    """The network as a graph of workers (see :meth:`WorkerMLP.to_networkx`)."""
+    """The network as a graph of workers (see :meth:`WorkerNetwork.to_networkx`)."""
     graph = nx.DiGraph()
     graph.add_node("input", layer=0, index=0, role="input", leadership=0.0)
     previous = ["input"]
@@ -171,25 +259,25 @@ def worker_graph(
                 lead = float(leadership[li][w]) if leadership is not None else 0.0
                 graph.add_node(name, layer=li + 1, index=w, role=role, leadership=lead)
                 names.append(name)
-            k = layer.worker_size
+            # The weight reading the layer's input, rows grouped by worker and input columns by the
+            # previous layer's workers (FC, conv channels and flattened maps are all worker-major).
+            weight = layer.input_weight
             if li == 0:
-                norms = layer.weight.view(layer.num_workers, -1).norm(dim=1).view(-1, 1)
+                norms = weight.reshape(layer.num_workers, -1).norm(dim=1).view(-1, 1)
             else:
-                prev_k = model.hidden[li - 1].worker_size
-                norms = layer.weight.view(layer.num_workers, k, len(previous), prev_k).norm(dim=(1, 3))
+                norms = weight.reshape(layer.num_workers, weight.shape[0] // layer.num_workers, len(previous), -1).norm(dim=(1, 3))
             for j, dst in enumerate(names):
                 for i, src in enumerate(previous):
                     graph.add_edge(src, dst, weight=float(norms[j, i]))
             previous = names
         out = model.output
         graph.add_node(f"worker_{agent}", layer=len(model.hidden) + 1, index=0, role="output", leadership=0.0)
-        k = model.hidden[-1].worker_size
-        norms = out.weight.view(out.out_features, len(previous), k).norm(dim=(0, 2))
+        norms = out.weight.view(out.out_features, len(previous), -1).norm(dim=(0, 2))
         for i, src in enumerate(previous):
             graph.add_edge(src, f"worker_{agent}", weight=float(norms[i]))
     return graph
 
 
-def build_model(cfg: ModelConfig, input_dim: int, num_classes: int, seed: int = 0) -> WorkerMLP:
+def build_model(cfg: ModelConfig, input_dim: int, num_classes: int, seed: int = 0) -> WorkerNetwork:
     """Construct the model preset described by ``cfg`` for the data's dimensions."""
-    return WorkerMLP(input_dim, num_classes, cfg, seed)
+    return WorkerNetwork(input_dim, num_classes, cfg, seed)

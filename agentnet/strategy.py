@@ -14,7 +14,7 @@ from typing import ClassVar
 from torch import Tensor
 
 from agentnet.config import StrategyConfig
-from agentnet.network import ForwardRecord, WorkerMLP
+from agentnet.network import ForwardRecord, WorkerNetwork
 from agentnet.workers import LeaderSelection
 
 __all__ = ["StepResult", "Strategy"]
@@ -47,7 +47,7 @@ class Strategy:
     name: ClassVar[str] = ""
     Config: ClassVar[type[StrategyConfig]] = StrategyConfig
 
-    def __init__(self, cfg: StrategyConfig, model: WorkerMLP) -> None:
+    def __init__(self, cfg: StrategyConfig, model: WorkerNetwork) -> None:
         self.cfg = cfg
         self.model = model
 

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from agentnet.config import ConfigError, RunConfig
 from agentnet.data import MNIST, Split, load_mnist
-from agentnet.network import WorkerMLP, build_model
+from agentnet.network import WorkerNetwork, build_model
 from agentnet.registry import build_strategy
 from agentnet.strategy import StepResult, Strategy
 
@@ -228,7 +228,7 @@ class Trainer:
     def __init__(
         self,
         cfg: RunConfig,
-        model: WorkerMLP,
+        model: WorkerNetwork,
         strategy: Strategy,
         data: MNIST | None,
         output_dir: Path | None,
@@ -291,14 +291,19 @@ class Trainer:
         """Optimiser step, then ``w <- lerp(w_old, w_new, scale)`` per unit (exact at 0 and 1).
 
         ``scales`` follows ``[*model.hidden, model.output]``; a shorter list leaves the rest unscaled.
+        A layer's scale ``(n,)`` applies to the rows of every parameter with ``n`` rows; parameters
+        whose rows are not units (a block's inner convs) take the scale of their worker's first unit.
         """
         layers = [(layer, s) for layer, s in zip([*self.model.hidden, self.model.output], scales) if s is not None]
-        before = [(layer.weight.detach().clone(), layer.bias.detach().clone()) for layer, _ in layers]
+        before = [[p.detach().clone() for p in layer.parameters()] for layer, _ in layers]
         self.optimizer.step()
         with torch.no_grad():
-            for (layer, scale), (w_old, b_old) in zip(layers, before):
-                layer.weight.copy_(torch.lerp(w_old, layer.weight, scale.unsqueeze(1).to(w_old.dtype)))
-                layer.bias.copy_(torch.lerp(b_old, layer.bias, scale.to(b_old.dtype)))
+            for (layer, scale), olds in zip(layers, before):
+                workers = getattr(layer, "num_workers", 1)
+                for p, old in zip(layer.parameters(), olds):
+                    rows = p.shape[0]
+                    s = scale if rows == scale.numel() else scale.view(workers, -1)[:, 0].repeat_interleave(rows // workers)
+                    p.copy_(torch.lerp(old, p, s.view(-1, *([1] * (p.dim() - 1))).to(old.dtype)))
 
     # -- evaluation ----------------------------------------------------------------------------
     @torch.no_grad()

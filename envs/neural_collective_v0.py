@@ -65,7 +65,7 @@ worker_projection=False)``
 
 ## Rendering
 ``render_mode="ansi"``: a per-layer map (``L`` leader, ``f`` follower, ``.`` worker, ``O`` output);
-``"rgb_array"``: the worker graph (``WorkerMLP.to_networkx``) drawn with roles coloured;
+``"rgb_array"``: the worker graph (``WorkerNetwork.to_networkx``) drawn with roles coloured;
 ``"human"`` prints the ansi map.
 
 ## Fast path
@@ -197,6 +197,11 @@ class NeuralCollectiveEnv(ParallelEnv):
         self.data = MNIST(train=self._base_data.train.subset(run.data.subset, gen), test=self._base_data.test.subset(2000))
         seed_everything(seed)
         self.model = build_model(run.model, self.data.input_dim, self.data.num_classes, seed).to(self.device)
+        if not self.model.is_mlp:
+            raise ValueError(
+                "neural_collective_v0 exposes fully connected worker networks (model.conv must be empty); "
+                "train conv and block workers with agentnet's trainer"
+            )
         self.strategy = build_strategy(run.strategy, self.model)
         self.trainer = Trainer(run, self.model, self.strategy, self.data, output_dir=None)
         self._layers = [*self.model.hidden, self.model.output]

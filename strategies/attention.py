@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from agentnet.config import StrategyConfig, check
-from agentnet.network import WorkerMLP
+from agentnet.network import WorkerNetwork
 from agentnet.registry import register_strategy
 from agentnet.strategy import StepResult, Strategy
 
@@ -62,7 +62,12 @@ class AttentionSeeking(Strategy):
 
     Config = AttentionConfig
 
-    def __init__(self, cfg: AttentionConfig, model: WorkerMLP) -> None:
+    def __init__(self, cfg: AttentionConfig, model: WorkerNetwork) -> None:
+        if not model.is_mlp:
+            raise ValueError(
+                "strategy=attention passes messages through fully connected weights (alpha = W); "
+                "it does not support conv or block worker layers yet (use a model with model.conv=[])"
+            )
         super().__init__(cfg, model)
 
     def compute(self, x: Tensor, y: Tensor) -> StepResult:

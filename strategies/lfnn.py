@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from agentnet.config import StrategyConfig, check
-from agentnet.network import WorkerMLP
+from agentnet.network import WorkerNetwork
 from agentnet.objectives import leader_follower_loss
 from agentnet.registry import register_strategy
 from agentnet.strategy import StepResult, Strategy
@@ -48,7 +48,7 @@ class LeaderFollower(Strategy):
     path: GradientPath = "split"
     leaders_carry_global = True
 
-    def __init__(self, cfg: LeaderFollowerConfig, model: WorkerMLP) -> None:
+    def __init__(self, cfg: LeaderFollowerConfig, model: WorkerNetwork) -> None:
         super().__init__(cfg, model)
         device = next(model.parameters()).device
         self._selection = LeaderSelection(cfg.delta, cfg.selection, model.workers_per_layer, device)

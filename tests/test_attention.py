@@ -10,7 +10,7 @@ import torch
 
 from agentnet.config import ModelConfig, RunConfig, TrainerConfig
 from agentnet.data import MNIST, Split
-from agentnet.network import WorkerMLP
+from agentnet.network import WorkerNetwork
 from agentnet.registry import build_strategy, strategy_config
 from agentnet.trainer import Trainer, train
 from tests.conftest import compose_config
@@ -23,7 +23,7 @@ def make_trainer(strategy: dict, hidden, activation, optimizer, dtype, data, see
         trainer=TrainerConfig(optimizer=optimizer, lr=0.05 if optimizer == "sgd" else 1e-3, momentum=0.9, lr_schedule="none"),
     )
     torch.manual_seed(seed)
-    model = WorkerMLP(data.input_dim, 10, run.model).to(dtype)
+    model = WorkerNetwork(data.input_dim, 10, run.model).to(dtype)
     return Trainer(run, model, build_strategy(run.strategy, model), data, output_dir=None)
 
 
@@ -32,7 +32,7 @@ def small_data(mnist, dtype) -> MNIST:
     return MNIST(train=Split(mnist.train.x[:n].to(dtype), mnist.train.y[:n]), test=Split(mnist.test.x[:n].to(dtype), mnist.test.y[:n]))
 
 
-def max_relative_error(a: WorkerMLP, b: WorkerMLP) -> float:
+def max_relative_error(a: WorkerNetwork, b: WorkerNetwork) -> float:
     worst = 0.0
     for (name, p), q in zip(a.named_parameters(), b.parameters()):
         worst = max(worst, ((p - q).norm() / q.norm()).item())

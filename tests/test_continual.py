@@ -20,7 +20,7 @@ from agentnet.continual.metrics import (
 )
 from agentnet.continual.runner import run_continual
 from agentnet.continual.streams import TaskStream
-from agentnet.network import WorkerMLP
+from agentnet.network import WorkerNetwork
 from agentnet.registry import available_strategies
 from agentnet.trainer import to_run_config
 from tests.conftest import compose_config
@@ -85,7 +85,7 @@ def test_pad32_and_split_and_rotated_streams(mnist):
 
 def _model():
     torch.manual_seed(0)
-    return WorkerMLP(784, 10, ModelConfig(hidden=[20], worker_size=10))
+    return WorkerNetwork(784, 10, ModelConfig(hidden=[20], worker_size=10))
 
 
 @pytest.mark.parametrize("name", ["ewc", "online_ewc", "si"])

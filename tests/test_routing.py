@@ -7,16 +7,16 @@ import torch
 import torch.nn.functional as F
 
 from agentnet.config import ModelConfig
-from agentnet.network import WorkerMLP
+from agentnet.network import WorkerNetwork
 from agentnet.objectives import leader_follower_loss
 from agentnet.registry import build_strategy
 from agentnet.workers import LeaderSelection
 
 
-def small_model(seed: int = 0, activation: str = "relu", predict_from: str = "activation") -> WorkerMLP:
+def small_model(seed: int = 0, activation: str = "relu", predict_from: str = "activation") -> WorkerNetwork:
     torch.manual_seed(seed)
     cfg = ModelConfig(hidden=[40, 30, 20], worker_size=10, activation=activation, predict_from=predict_from)
-    return WorkerMLP(30, 10, cfg).double()
+    return WorkerNetwork(30, 10, cfg).double()
 
 
 def batch(seed: int = 1):

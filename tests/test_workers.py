@@ -9,11 +9,12 @@ import torch
 import torch.nn.functional as F
 
 from agentnet.config import ModelConfig
-from agentnet.network import WorkerMLP
+from agentnet.network import WorkerNetwork
 from agentnet.workers import (
     LeaderSelection,
     WorkerLinear,
     WorkerPredictor,
+    WorkerReadout,
     split_linear,
 )
 
@@ -31,29 +32,34 @@ def test_worker_view_maps_rows_to_workers():
 
 
 def test_presets_parameter_counts():
-    assert sum(p.numel() for p in WorkerMLP(784, 10, ModelConfig(hidden=[260, 260])).parameters()) == 274_570
-    assert sum(p.numel() for p in WorkerMLP(784, 10, ModelConfig(hidden=[370, 370])).parameters()) == 431_430
+    assert sum(p.numel() for p in WorkerNetwork(784, 10, ModelConfig(hidden=[260, 260])).parameters()) == 274_570
+    assert sum(p.numel() for p in WorkerNetwork(784, 10, ModelConfig(hidden=[370, 370])).parameters()) == 431_430
 
 
 def test_worker_prediction_is_cross_entropy_of_its_units():
-    predictor = WorkerPredictor(10, 10, "softmax", projection=False)
+    predictor = WorkerPredictor("softmax")
+    readout = WorkerReadout(6, 10, 10, projection=False, head=False)
     workers = torch.randn(4, 6, 10)
     y = torch.tensor([1, 3, 9, 0])
-    e = predictor.loss(workers, y)
+    e = predictor.loss(readout(workers), y)
     assert e.shape == (4, 6)
     for w in range(6):
         torch.testing.assert_close(e[:, w], F.cross_entropy(workers[:, w], y, reduction="none"))
-    assert not list(predictor.parameters())  # predictions add no parameters
+    assert not list(predictor.parameters()) and not list(readout.parameters())  # predictions add no parameters
 
 
-def test_binary_worker_prediction_and_projection():
-    binary = WorkerPredictor(1, 2, "sigmoid", projection=False)
+def test_binary_worker_prediction_projection_and_head():
+    binary = WorkerPredictor("sigmoid")
     workers, y = torch.randn(3, 5, 1), torch.tensor([0, 1, 1])
     torch.testing.assert_close(binary.loss(workers, y), F.binary_cross_entropy_with_logits(workers[..., 0], y.float()[:, None].expand(3, 5), reduction="none"))
     with pytest.raises(ValueError, match="worker_projection"):
-        WorkerPredictor(4, 10, "softmax", projection=False)
-    projected = WorkerPredictor(4, 10, "softmax", projection=True)
-    assert projected.loss(torch.randn(3, 5, 4), torch.tensor([1, 2, 3])).shape == (3, 5)
+        WorkerReadout(5, 4, 10, projection=False, head=False)
+    projected = WorkerReadout(5, 4, 10, projection=True, head=False)
+    assert projected(torch.randn(3, 5, 4)).shape == (3, 5, 10) and not list(projected.parameters())
+    head = WorkerReadout(5, 4, 10, projection=False, head=True)
+    assert sum(p.numel() for p in head.parameters()) == 5 * (4 * 10 + 10)  # documented extra parameters
+    workers = torch.randn(3, 5, 4)
+    torch.testing.assert_close(head(workers)[:, 2], workers[:, 2] @ head.weight[2] + head.bias[2])
 
 
 def test_split_linear_values_and_gradients():

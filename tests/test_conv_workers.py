@@ -1,0 +1,237 @@
+"""Conv workers: filter-wise and block-wise workers, their gradient routing, presets, real-MNIST learning."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from agentnet.config import ConfigError, ConvLayerConfig, ModelConfig
+from agentnet.network import WorkerNetwork, build_model
+from agentnet.objectives import leader_follower_loss
+from agentnet.registry import build_strategy
+from agentnet.trainer import to_run_config, train
+from agentnet.workers import LeaderSelection, WorkerBlock, WorkerConv2d, split_conv2d
+from tests.conftest import compose_config
+
+
+def conv_model(seed: int = 0, block: str = "residual", head: bool = False) -> WorkerNetwork:
+    """8x8 single-channel inputs: filter-wise conv (2 workers), a block layer (2 blocks), FC (2 workers)."""
+    torch.manual_seed(seed)
+    cfg = ModelConfig(
+        conv=[
+            ConvLayerConfig(channels=20, pool=2),
+            ConvLayerConfig(channels=20 if not head else 24, block=block, workers=2, depth=2, width=6),
+        ],
+        hidden=[20],
+        worker_size=10,
+        worker_head=head,
+    )
+    return WorkerNetwork(64, 10, cfg).double()
+
+
+def batch(seed: int = 1):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(16, 64, generator=gen, dtype=torch.float64), torch.randint(0, 10, (16,), generator=gen)
+
+
+def worker_grad_norms(layer) -> torch.Tensor:
+    """Per worker, the norm of the gradient over all of the layer's parameters (rows grouped by worker)."""
+    W = layer.num_workers
+    parts = [torch.zeros(W, 1, dtype=torch.float64) if p.grad is None else p.grad.reshape(W, -1) for p in layer.parameters()]
+    return torch.cat(parts, 1).norm(dim=1)
+
+
+def layer_touched(layer) -> bool:
+    return any(p.grad is not None and p.grad.abs().sum() > 0 for p in layer.parameters())
+
+
+def test_split_conv2d_values_and_gradients():
+    torch.manual_seed(0)
+    x = torch.randn(3, 4, 7, 7, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(6, 4, 3, 3, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    z_bp, z_local = split_conv2d(x, w, b, padding=1)
+    torch.testing.assert_close(z_bp, F.conv2d(x, w, b, padding=1))
+    torch.testing.assert_close(z_bp, z_local)
+    g_bp, g_local = torch.randn_like(z_bp), torch.randn_like(z_bp)
+    torch.autograd.backward([z_bp, z_local], [g_bp, g_local])
+    # The local gradient never reaches x; both reach the filters.
+    torch.testing.assert_close(x.grad, torch.nn.grad.conv2d_input(x.shape, w.detach(), g_bp, padding=1))
+    torch.testing.assert_close(w.grad, torch.nn.grad.conv2d_weight(x.detach(), w.shape, g_bp + g_local, padding=1))
+    torch.testing.assert_close(b.grad, (g_bp + g_local).sum((0, 2, 3)))
+    assert torch.autograd.gradcheck(lambda a, c, d: split_conv2d(a, c, d, stride=2, padding=1)[0], (x.detach().requires_grad_(), w, b))
+
+
+def test_conv_workers_are_pooled_filter_groups():
+    layer = WorkerConv2d(3, num_workers=4, worker_size=5)
+    h = torch.randn(2, 20, 6, 6)
+    view = layer.workers(h)
+    assert view.shape == (2, 4, 5)
+    torch.testing.assert_close(view[:, 2], h[:, 10:15].mean((2, 3)))
+    block = WorkerBlock(3, num_workers=4, worker_size=5, width=2, depth=3)
+    assert block(torch.randn(2, 3, 6, 6)).shape == (2, 20, 6, 6)
+    assert [c.groups for c in block.convs] == [1, 4, 4]  # only the first conv mixes blocks
+
+
+def test_blocks_are_independent_workers():
+    """A block's output channels depend on its own filters only (grouped convs, per-block shortcut rows)."""
+    torch.manual_seed(0)
+    block = WorkerBlock(6, num_workers=3, worker_size=4, depth=2, residual=True).double()
+    x = torch.randn(2, 6, 5, 5, dtype=torch.float64)
+    block(x)[:, 4:8].sum().backward()  # block 1's output
+    for p in block.parameters():
+        rows = p.grad.reshape(3, -1).norm(dim=1)
+        assert rows[0] == 0 and rows[2] == 0 and rows[1] > 0
+
+
+@pytest.mark.parametrize("block", ["residual", "vgg"])
+def test_lfnn_global_loss_reaches_only_conv_leaders(block):
+    model = conv_model(block=block)
+    x, y = batch()
+    selection = LeaderSelection(0.5, "batch", model.workers_per_layer)
+    record = model.forward_record(x, y, path="split", selection=selection, leaders_carry_global=True)
+    model.global_loss(record.logits, y).backward()
+    for layer, rec in zip(model.hidden, record.layers):
+        norms = worker_grad_norms(layer)
+        assert (norms[~rec.leaders] == 0).all(), f"a follower of {type(layer).__name__} received the global error signal"
+        assert (norms[rec.leaders] > 0).all(), f"a leader of {type(layer).__name__} received no global error signal"
+
+
+def test_lfnn_local_losses_stay_in_their_conv_layer_or_block():
+    model = conv_model()
+    x, y = batch()
+    selection = LeaderSelection(0.5, "batch", model.workers_per_layer)
+    record = model.forward_record(x, y, path="split", selection=selection, leaders_carry_global=True)
+    for i in range(len(model.hidden)):
+        model.zero_grad(set_to_none=True)
+        local, _ = leader_follower_loss(record.layers[i], 1.0, 1.0)
+        local.backward(retain_graph=True)
+        for j, layer in enumerate(model.hidden):
+            assert layer_touched(layer) == (i == j), f"layer {i + 1}'s local loss reached layer {j + 1}"
+        assert model.output.weight.grad is None
+    # Inside a block, the local loss reaches every conv of the block (it is one worker).
+    model.zero_grad(set_to_none=True)
+    leader_follower_loss(record.layers[1], 1.0, 1.0)[0].backward()
+    assert all(conv.weight.grad.abs().sum() > 0 for conv in model.hidden[1].convs)
+
+
+@pytest.mark.parametrize("head", [False, True])
+def test_lfnn_local_no_gradient_crosses_a_conv_layer_or_block(head):
+    model = conv_model(head=head)
+    x, y = batch()
+    result = build_strategy({"name": "lfnn_local", "delta": 0.5}, model).compute(x, y)
+    model.global_loss(result.logits, y).backward(retain_graph=True)
+    assert not any(layer_touched(layer) for layer in model.hidden)
+    assert not any(layer_touched(r) for r in model.readouts)
+    assert model.output.weight.grad.abs().sum() > 0
+    for i in range(len(model.hidden)):
+        model.zero_grad(set_to_none=True)
+        leader_follower_loss(result.record.layers[i], 1.0, 1.0)[0].backward(retain_graph=True)
+        for j, layer in enumerate(model.hidden):
+            assert layer_touched(layer) == (i == j), f"layer {i + 1}'s loss reached layer {j + 1}"
+        if head:  # a worker's head is trained by that worker's local loss only
+            assert [layer_touched(r) for r in model.readouts] == [j == i for j in range(len(model.hidden))]
+
+
+@pytest.mark.parametrize("block", ["residual", "vgg"])
+def test_lfnn_conv_gradient_matches_reference_construction(block):
+    """The fused pass (split conv, block run twice) equals the textbook two-pass construction of Eq. 1."""
+    model = conv_model(block=block)
+    x, y = batch()
+    strategy = build_strategy({"name": "lfnn", "delta": 0.5, "lambda1": 0.7, "lambda2": 1.3}, model)
+    result = strategy.compute(x, y)
+    result.loss.backward()
+    fused = {n: p.grad.clone() for n, p in model.named_parameters()}
+    masks = [r.leaders for r in result.record.layers]
+    bests = [r.best for r in result.record.layers]
+    model.zero_grad(set_to_none=True)
+
+    h, inputs = x.view(-1, 1, 8, 8), []
+    for layer, post, mask in zip(model.hidden, model.post, masks):
+        inputs.append(h)
+        a = torch.relu(layer(h))
+        gate = mask.repeat_interleave(layer.worker_size).view(1, -1, *([1] * (a.dim() - 2)))
+        h = post(torch.where(gate, a, a.detach()))
+    loss = F.cross_entropy(model.output(h), y)
+    for layer, inp, mask, best in zip(model.hidden, inputs, masks, bests):
+        a = torch.relu(layer(inp.detach()))
+        z = (a.mean((2, 3)) if a.dim() == 4 else a).view(len(x), layer.num_workers, -1)
+        e = F.cross_entropy(z.permute(0, 2, 1), y[:, None].expand(-1, layer.num_workers), reduction="none").mean(0)
+        mse = ((z - z[:, best].detach()[:, None]) ** 2).mean((0, 2))
+        loss = loss + 0.7 * e[mask].sum() + 1.3 * mse[~mask].sum()
+    loss.backward()
+    torch.testing.assert_close(result.loss, loss)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(fused[name], p.grad, msg=name)
+
+
+def test_bp_on_conv_model_matches_plain_backprop():
+    model = conv_model()
+    x, y = batch()
+    build_strategy({"name": "bp"}, model).compute(x, y).loss.backward()
+    ours = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    F.cross_entropy(model(x), y).backward()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(ours[name], p.grad)
+
+
+@pytest.mark.parametrize(
+    "preset, input_dim, channels, expected",
+    [("cnn_mnist_438k", 784, 1, 429_710), ("cnn_cifar10_900k", 3072, 3, 873_330), ("resnet_blocks", 784, 1, 215_210)],
+)
+def test_conv_presets_parameter_counts(preset, input_dim, channels, expected):
+    run = to_run_config(compose_config(f"model={preset}", "strategy=lfnn"))
+    assert run.model.in_channels == channels
+    model = build_model(run.model, input_dim, 10)
+    assert sum(p.numel() for p in model.parameters()) == expected
+    logits = model(torch.randn(2, input_dim))
+    assert logits.shape == (2, 10)
+
+
+def test_conv_config_errors_name_the_field():
+    with pytest.raises(ConfigError, match="model.worker_size"):
+        ModelConfig(conv=[ConvLayerConfig(channels=25)], worker_size=10)
+    with pytest.raises(ConfigError, match="model.conv.block"):
+        ConvLayerConfig(block="inception")
+    with pytest.raises(ConfigError, match="model.conv.workers"):
+        ConvLayerConfig(channels=30, block="residual", workers=4)
+    with pytest.raises(ValueError, match="model.in_channels=3"):
+        build_model(ModelConfig(conv=[ConvLayerConfig(channels=10)], hidden=[], in_channels=3), 784, 10)
+    with pytest.raises(ValueError, match="worker_head"):
+        build_model(ModelConfig(conv=[ConvLayerConfig(channels=40, block="vgg", workers=1)], hidden=[]), 784, 10)
+    with pytest.raises(ValueError, match="attention"):
+        build_strategy({"name": "attention"}, conv_model())
+
+
+def test_zero_update_scale_freezes_a_whole_block_worker(mnist):
+    run = to_run_config(compose_config("model=resnet_blocks", "strategy=lfnn_local", "device=cpu"))
+    from agentnet.trainer import Trainer
+
+    model = build_model(run.model, 784, 10)
+    trainer = Trainer(run, model, build_strategy(run.strategy, model), None, None, total_steps=10)
+    block = model.hidden[1]
+    before = [p.detach().clone() for p in block.parameters()]
+    scale = torch.ones(block.num_workers * block.worker_size)
+    scale[: block.worker_size] = 0.0  # freeze block worker 0
+    scales = [None, scale]
+    trainer.train_step(mnist.train.x[:64], mnist.train.y[:64], update_scale=scales)
+    for p, old in zip(block.parameters(), before):
+        rows = p.detach().reshape(block.num_workers, -1) - old.reshape(block.num_workers, -1)
+        assert rows[0].abs().max() == 0, "a frozen block worker moved"
+        assert rows[1:].abs().max() > 0
+
+
+@pytest.mark.parametrize("strategy, max_error", [("bp", 8.0), ("lfnn", 25.0), ("lfnn_local", 45.0)])
+def test_mnist_cnn_clearly_learns(quick_overrides, mnist, strategy, max_error):
+    cfg = compose_config(*quick_overrides, "model=cnn_mnist_438k", f"strategy={strategy}", "trainer.tensorboard=false")
+    metrics = train(cfg, data=mnist)
+    # Chance is 90 % error; thresholds leave room for seeds while failing a network that does not learn.
+    assert metrics["test_error"] < max_error, metrics["test_error"]
+    assert metrics["history"][-1]["train_loss"] < metrics["history"][0]["train_loss"]
+    saved = json.loads((Path(quick_overrides[-1].split("=", 1)[1]) / "metrics.json").read_text())
+    assert saved["num_params"] == 429_710
