@@ -34,6 +34,7 @@ OUTPUT_ACTIVATIONS = ("softmax", "sigmoid")
 OPTIMIZERS = ("adam", "sgd", "adamw")
 LR_SCHEDULES = ("none", "cosine", "step")
 DEVICES = ("auto", "cpu", "cuda")
+DATASETS = ("mnist", "cifar10")
 
 
 class ConfigError(ValueError):
@@ -51,9 +52,10 @@ class DataConfig:
     """Which dataset and how much of it."""
 
     name: str = "mnist"
-    """Dataset name; ``mnist`` is the one the core ships."""
+    """Dataset: ``mnist`` or ``cifar10`` (python-pickle batches)."""
     root: Optional[str] = None
-    """Directory holding ``mnist/``; ``None`` means ``$AGENTNET_DATA`` then ``~/.cache/agentnet/data``."""
+    """Directory holding ``mnist/`` or ``cifar-10-batches-py/``; ``None`` means ``$AGENTNET_DATA`` then
+    ``~/.cache/agentnet/data``."""
     subset: Optional[int] = None
     """Use only this many training examples (seeded random choice); ``None`` uses all."""
     test_subset: Optional[int] = None
@@ -64,7 +66,7 @@ class DataConfig:
     """Standardise pixels with the training-set mean and std."""
 
     def __post_init__(self) -> None:
-        check(self.name == "mnist", "data.name", self.name, "the core ships 'mnist'")
+        check(self.name in DATASETS, "data.name", self.name, f"choose one of {DATASETS}")
         for key in ("subset", "test_subset"):
             value = getattr(self, key)
             check(value is None or value > 0, f"data.{key}", value, "must be a positive count or null")

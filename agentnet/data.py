@@ -1,18 +1,25 @@
-"""MNIST as tensors on the training device.
+"""Image datasets (MNIST, CIFAR-10) as tensors on the training device.
 
-The four standard IDX files are read (gzip or raw), their *decompressed* sha256 is verified, and the
-images are held as one float tensor on the device so batches are gathers, not DataLoader round trips.
+MNIST: the four standard IDX files are read (gzip or raw) and their *decompressed* sha256 is
+verified. CIFAR-10: the standard python-pickle batches (``cifar-10-batches-py``) are read with an
+unpickler that admits only numpy arrays, and their md5 (the published ones) is verified. Either way
+the images are held as one flat float tensor ``(N, D)`` on the device, so batches are gathers, not
+DataLoader round trips (conv models view them as ``(C, H, W)`` images; CIFAR's rows are already
+channel-major).
 
 Where the files live is resolved in this order: the config's ``data.root``, the ``AGENTNET_DATA``
 environment variable, then ``~/.cache/agentnet/data``. Each of these is a directory holding an
-``mnist/`` folder. ``agentnet-fetch-mnist`` fills it (see :mod:`agentnet.fetch`).
+``mnist/`` folder and/or a ``cifar-10-batches-py/`` folder; ``agentnet-fetch-mnist`` and
+``agentnet-fetch-cifar10`` fill them (see :mod:`agentnet.fetch`).
 """
 
 from __future__ import annotations
 
 import gzip
 import hashlib
+import io
 import os
+import pickle
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,10 +32,14 @@ __all__ = [
     "MNIST_SHA256",
     "DataError",
     "Split",
-    "MNIST",
+    "ImageData",
+    "CIFAR10_DIR",
+    "CIFAR10_MD5",
     "resolve_data_root",
     "read_idx",
     "load_mnist",
+    "load_cifar10",
+    "load_dataset",
 ]
 
 #: Split name -> (images file, labels file), as published.
@@ -147,12 +158,14 @@ class Split:
 
 
 @dataclass
-class MNIST:
-    """Train and test splits of MNIST as device tensors."""
+class ImageData:
+    """Train and test splits of an image dataset as flat device tensors."""
 
     train: Split
     test: Split
     num_classes: int = 10
+    channels: int = 1
+    """Image channels: each flat row is ``channels`` x s x s, channel-major."""
 
     @property
     def input_dim(self) -> int:
@@ -166,7 +179,7 @@ def load_mnist(
     verify: bool = True,
     normalize: bool = True,
     checksums: dict[str, str] | None = None,
-) -> MNIST:
+) -> ImageData:
     """Load MNIST from ``<root>/mnist`` onto ``device``.
 
     Images become float32 (N, 784), scaled to [0, 1] and, when ``normalize``, standardised with the
@@ -188,4 +201,116 @@ def load_mnist(
             x = (x - MNIST_MEAN) / MNIST_STD
         y = torch.from_numpy(labels.astype(np.int64))
         splits[split] = Split(x.to(device), y.to(device))
-    return MNIST(train=splits["train"], test=splits["test"])
+    return ImageData(train=splits["train"], test=splits["test"])
+
+
+# -- CIFAR-10 --------------------------------------------------------------------------------------
+
+#: Folder of the python-pickle release, as it unpacks from ``cifar-10-python.tar.gz``.
+CIFAR10_DIR = "cifar-10-batches-py"
+#: md5 of every batch file of the official release (as published with it).
+CIFAR10_MD5: dict[str, str] = {
+    "data_batch_1": "c99cafc152244af753f735de768cd75f",
+    "data_batch_2": "d4bba439e000b95fd0a9bffe97cbabec",
+    "data_batch_3": "54ebc095f3ab1f0389bbae665268c751",
+    "data_batch_4": "634d18415352ddfa80567beed471001a",
+    "data_batch_5": "482c414d41f54cd18b22e5b47cb7c3cb",
+    "test_batch": "40351d587109b95175f43aff81a1287e",
+}
+CIFAR10_TRAIN = ("data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5")
+CIFAR10_TEST = ("test_batch",)
+# Per-channel statistics of the CIFAR-10 training set, the usual normalisation.
+CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+
+CIFAR10_HINT = (
+    "Fetch it with `agentnet-fetch-cifar10 --root {root}` (downloads cifar-10-python.tar.gz and "
+    "verifies its md5), or unpack that archive yourself so that {root}/" + CIFAR10_DIR + "/ holds "
+    "data_batch_1..5 and test_batch, or point `data.root=` / AGENTNET_DATA at such a directory."
+)
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickles plain containers and numpy arrays only: a batch file cannot run code on load."""
+
+    _ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+        ("_codecs", "encode"),
+    }
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self._ALLOWED:
+            raise pickle.UnpicklingError(f"disallowed object {module}.{name} in a dataset file")
+        return super().find_class(module, name)
+
+
+def _read_cifar_batch(path: Path, root: Path, md5: str | None) -> tuple[np.ndarray, np.ndarray]:
+    """One batch file: images ``(N, 3072)`` uint8 and labels ``(N,)``, with clear errors."""
+    if not path.is_file():
+        raise DataError(f"CIFAR-10 file {path.name} not found in {path.parent}. " + CIFAR10_HINT.format(root=root))
+    raw = path.read_bytes()
+    if md5 is not None and hashlib.md5(raw).hexdigest() != md5:
+        raise DataError(
+            f"CIFAR-10 file {path} is corrupt: md5 {hashlib.md5(raw).hexdigest()}, expected {md5}. Delete it. "
+            + CIFAR10_HINT.format(root=root)
+        )
+    try:
+        batch = _ArrayUnpickler(io.BytesIO(raw), encoding="bytes").load()
+        data = np.asarray(batch[b"data"], dtype=np.uint8)
+        labels = np.asarray(batch[b"labels"], dtype=np.int64)
+    except (pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError) as exc:
+        raise DataError(
+            f"CIFAR-10 file {path} is not a python-pickle batch with b'data' and b'labels' ({exc}). "
+            + CIFAR10_HINT.format(root=root)
+        ) from exc
+    if data.ndim != 2 or data.shape[1] != 3072 or data.shape[0] != labels.shape[0]:
+        raise DataError(f"CIFAR-10 file {path}: data {data.shape} and labels {labels.shape} are not (N, 3072) and (N,)")
+    if labels.size and (labels.min() < 0 or labels.max() > 9):
+        raise DataError(f"CIFAR-10 file {path}: labels outside 0..9")
+    return data, labels
+
+
+def load_cifar10(
+    root: str | os.PathLike | None = None,
+    device: torch.device | str = "cpu",
+    *,
+    verify: bool = True,
+    normalize: bool = True,
+    checksums: dict[str, str] | None = None,
+) -> ImageData:
+    """Load CIFAR-10 from ``<root>/cifar-10-batches-py`` onto ``device``.
+
+    Images become float32 ``(N, 3072)`` (channel-major 3 x 32 x 32), scaled to [0, 1] and, when
+    ``normalize``, standardised per channel. ``checksums`` overrides :data:`CIFAR10_MD5` (test fixtures).
+    """
+    data_root = resolve_data_root(root)
+    directory = data_root / CIFAR10_DIR
+    if not directory.is_dir():
+        raise DataError(f"CIFAR-10 not found: {directory} does not exist. " + CIFAR10_HINT.format(root=data_root))
+    sums = CIFAR10_MD5 if checksums is None else checksums
+    splits = {}
+    for split, names in (("train", CIFAR10_TRAIN), ("test", CIFAR10_TEST)):
+        parts = [_read_cifar_batch(directory / n, data_root, sums.get(n) if verify else None) for n in names]
+        x = torch.from_numpy(np.concatenate([p[0] for p in parts]).astype(np.float32) / 255.0)
+        if normalize:
+            mean = torch.tensor(CIFAR10_MEAN).repeat_interleave(1024)
+            std = torch.tensor(CIFAR10_STD).repeat_interleave(1024)
+            x = (x - mean) / std
+        y = torch.from_numpy(np.concatenate([p[1] for p in parts]))
+        splits[split] = Split(x.to(device), y.to(device))
+    return ImageData(train=splits["train"], test=splits["test"], num_classes=10, channels=3)
+
+
+#: ``data.name`` -> loader ``(root, device, verify=, normalize=) -> ImageData``.
+DATASETS = {"mnist": load_mnist, "cifar10": load_cifar10}
+
+
+def load_dataset(name: str, root: str | os.PathLike | None, device: torch.device | str, *, verify: bool = True, normalize: bool = True) -> ImageData:
+    """Load the dataset ``name`` (see :data:`DATASETS`); unknown names list the available ones."""
+    if name not in DATASETS:
+        raise ValueError(f"data.name={name!r}: choose one of {sorted(DATASETS)}")
+    return DATASETS[name](root, device, verify=verify, normalize=normalize)

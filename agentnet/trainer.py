@@ -22,8 +22,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from agentnet.config import ConfigError, RunConfig
-from agentnet.data import MNIST, Split, load_mnist
+from agentnet.config import ConfigError, RunConfig, check
+from agentnet.data import ImageData, Split, load_dataset
 from agentnet.network import WorkerNetwork, build_model
 from agentnet.registry import build_strategy
 from agentnet.strategy import StepResult, Strategy
@@ -230,7 +230,7 @@ class Trainer:
         cfg: RunConfig,
         model: WorkerNetwork,
         strategy: Strategy,
-        data: MNIST | None,
+        data: ImageData | None,
         output_dir: Path | None,
         plugins: list[TrainerPlugin] | None = None,
         total_steps: int | None = None,
@@ -449,25 +449,33 @@ def output_dir_of(cfg: RunConfig) -> Path:
         return Path.cwd()
 
 
-def prepare_run(cfg: DictConfig | RunConfig | dict, data: MNIST | None = None) -> tuple[RunConfig, torch.device, Path, MNIST]:
+def prepare_run(cfg: DictConfig | RunConfig | dict, data: ImageData | None = None) -> tuple[RunConfig, torch.device, Path, ImageData]:
     """What every task starts with: the validated config, its device and output directory (created),
-    and MNIST on that device (loaded unless ``data`` is given) cut to ``data.subset`` / ``data.test_subset``."""
+    and the dataset on that device (loaded unless ``data`` is given) cut to ``data.subset`` / ``data.test_subset``."""
     run = to_run_config(cfg)
     device = resolve_device(run.device)
     out = output_dir_of(run)
     out.mkdir(parents=True, exist_ok=True)
     if data is None:
-        data = load_mnist(run.data.root, device, verify=run.data.verify, normalize=run.data.normalize)
+        data = load_dataset(run.data.name, run.data.root, device, verify=run.data.verify, normalize=run.data.normalize)
+    if run.model.conv:
+        check(
+            run.model.in_channels == data.channels,
+            "model.in_channels",
+            run.model.in_channels,
+            f"data.name={run.data.name} has {data.channels}-channel images",
+        )
     gen = torch.Generator().manual_seed(run.seed)
-    data = MNIST(
+    data = ImageData(
         train=data.train.subset(run.data.subset, gen),
         test=data.test.subset(run.data.test_subset),
         num_classes=data.num_classes,
+        channels=data.channels,
     )
     return run, device, out, data
 
 
-def train(cfg: DictConfig | RunConfig | dict, data: MNIST | None = None) -> dict[str, Any]:
+def train(cfg: DictConfig | RunConfig | dict, data: ImageData | None = None) -> dict[str, Any]:
     """Train and evaluate one configuration; write ``metrics.json`` (and plots) to the output directory.
 
     ``data`` lets callers that run several configurations share one loaded dataset.

@@ -89,7 +89,7 @@ from pettingzoo import ParallelEnv
 from pettingzoo.utils import parallel_to_aec, wrappers
 
 from agentnet.config import DataConfig, ModelConfig, RunConfig, TrainerConfig
-from agentnet.data import MNIST, load_mnist
+from agentnet.data import ImageData, load_mnist
 from agentnet.network import build_model
 from agentnet.registry import build_strategy, strategy_config
 from agentnet.strategy import StepResult
@@ -103,7 +103,7 @@ ROLE_LEADER, ROLE_FOLLOWER, ROLE_OUTPUT = 0, 1, 2
 
 
 @functools.lru_cache(maxsize=4)
-def _mnist(root: str | None, device: str) -> MNIST:
+def _mnist(root: str | None, device: str) -> ImageData:
     """MNIST is loaded once per process; envs are built often (tests, seeding)."""
     return load_mnist(root, device)
 
@@ -194,7 +194,7 @@ class NeuralCollectiveEnv(ParallelEnv):
         run = self.run
         run.seed = seed
         gen = torch.Generator().manual_seed(seed)
-        self.data = MNIST(train=self._base_data.train.subset(run.data.subset, gen), test=self._base_data.test.subset(2000))
+        self.data = ImageData(train=self._base_data.train.subset(run.data.subset, gen), test=self._base_data.test.subset(2000))
         seed_everything(seed)
         self.model = build_model(run.model, self.data.input_dim, self.data.num_classes, seed).to(self.device)
         if not self.model.is_mlp:

@@ -10,7 +10,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from agentnet.cli import CONFIG_DIR
-from agentnet.data import MNIST, load_mnist
+from agentnet.data import ImageData, load_mnist
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -26,7 +26,7 @@ os.environ.setdefault("AGENTNET_DATA", str(data_root()))
 
 
 @pytest.fixture(scope="session")
-def mnist() -> MNIST:
+def mnist() -> ImageData:
     """Full real MNIST on the CPU, loaded once per session (checksums verified)."""
     return load_mnist(data_root(), "cpu")
 

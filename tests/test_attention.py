@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from agentnet.config import ModelConfig, RunConfig, TrainerConfig
-from agentnet.data import MNIST, Split
+from agentnet.data import ImageData, Split
 from agentnet.network import WorkerNetwork
 from agentnet.registry import build_strategy, strategy_config
 from agentnet.trainer import Trainer, train
@@ -27,9 +27,9 @@ def make_trainer(strategy: dict, hidden, activation, optimizer, dtype, data, see
     return Trainer(run, model, build_strategy(run.strategy, model), data, output_dir=None)
 
 
-def small_data(mnist, dtype) -> MNIST:
+def small_data(mnist, dtype) -> ImageData:
     n = 512
-    return MNIST(train=Split(mnist.train.x[:n].to(dtype), mnist.train.y[:n]), test=Split(mnist.test.x[:n].to(dtype), mnist.test.y[:n]))
+    return ImageData(train=Split(mnist.train.x[:n].to(dtype), mnist.train.y[:n]), test=Split(mnist.test.x[:n].to(dtype), mnist.test.y[:n]))
 
 
 def max_relative_error(a: WorkerNetwork, b: WorkerNetwork) -> float:

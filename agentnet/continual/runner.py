@@ -22,7 +22,7 @@ from agentnet.config import ConfigError, RunConfig
 from agentnet.continual.methods import CLMethod, build_cl_method
 from agentnet.continual.metrics import summarize
 from agentnet.continual.streams import Task, TaskStream, build_stream
-from agentnet.data import MNIST
+from agentnet.data import ImageData
 from agentnet.network import build_model
 from agentnet.registry import build_strategy
 from agentnet.trainer import (
@@ -107,7 +107,7 @@ def _train_stage(
     trainer.model.logit_mask = None
 
 
-def run_continual(cfg: DictConfig | RunConfig | dict, data: MNIST | None = None) -> dict[str, Any]:
+def run_continual(cfg: DictConfig | RunConfig | dict, data: ImageData | None = None) -> dict[str, Any]:
     """Run a continual-learning protocol; write and return ``cl_metrics``."""
     wall_start = time.perf_counter()
     run, device, out, data = prepare_run(cfg, data)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from agentnet.data import MNIST, Split
+from agentnet.data import ImageData, Split
 
 __all__ = ["Task", "TaskStream", "build_stream", "pad_to_32"]
 
@@ -49,7 +49,7 @@ class TaskStream:
 
     def __init__(
         self,
-        data: MNIST,
+        data: ImageData,
         scenario: str,
         num_tasks: int,
         seed: int = 0,
@@ -62,7 +62,7 @@ class TaskStream:
             raise ValueError(f"benchmark.scenario={scenario!r}: choose one of {self.SCENARIOS}")
         if pad32:
             background = data.train.x.min().item()
-            data = MNIST(train=pad_to_32(data.train, background), test=pad_to_32(data.test, background))
+            data = ImageData(train=pad_to_32(data.train, background), test=pad_to_32(data.test, background))
         self.data = data
         self.scenario = scenario
         self.num_classes = data.num_classes
@@ -130,7 +130,7 @@ class TaskStream:
         return Split(self.transform(task, self.data.test.x[task.test_idx]), self.data.test.y[task.test_idx])
 
 
-def build_stream(data: MNIST, cfg, seed: int) -> TaskStream:
+def build_stream(data: ImageData, cfg, seed: int) -> TaskStream:
     """The stream a :class:`~agentnet.continual.config.BenchmarkConfig` describes."""
     return TaskStream(
         data,

@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 from omegaconf import OmegaConf
 
 from agentnet.config import ExperimentConfig, ModelConfig, RunConfig
-from agentnet.data import MNIST, load_mnist
+from agentnet.data import ImageData, load_mnist
 from agentnet.registry import STRATEGIES, Registry
 
 __all__ = ["EXPERIMENTS", "Experiment", "preset", "run_experiment"]
@@ -34,7 +34,7 @@ class Experiment:
         self.cfg = cfg
         self.run_cfg = run
 
-    def run(self, out: Path, data: MNIST) -> dict[str, float]:
+    def run(self, out: Path, data: ImageData) -> dict[str, float]:
         raise NotImplementedError
 
 
@@ -51,7 +51,7 @@ def preset(group: str, name: str) -> Any:
     raise ValueError(f"no preset loader for group {group!r}")
 
 
-def run_experiment(run: RunConfig, out: Path, data: MNIST | None = None) -> dict[str, Any]:
+def run_experiment(run: RunConfig, out: Path, data: ImageData | None = None) -> dict[str, Any]:
     """Run ``run.experiment`` into ``out``; writes and returns ``experiment.json``."""
     from agentnet.trainer import atomic_write_json, resolve_device
 

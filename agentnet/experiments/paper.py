@@ -25,7 +25,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from agentnet.config import ExperimentConfig, check  # noqa: E402
-from agentnet.data import MNIST  # noqa: E402
+from agentnet.data import ImageData  # noqa: E402
 from agentnet.experiments import EXPERIMENTS, Experiment, preset  # noqa: E402
 from agentnet.experiments.online import Setting, train_online  # noqa: E402
 from agentnet.report import markdown_table  # noqa: E402
@@ -48,7 +48,7 @@ TABLE2 = {
 LEADERSHIP = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
 
 
-def _permuted(data: MNIST, run, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _permuted(data: ImageData, run, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Pixel-permuted MNIST (one fixed permutation), training set capped by ``data.subset``."""
     perm = torch.randperm(data.input_dim, generator=torch.Generator().manual_seed(seed)).to(data.train.x.device)
     train = data.train.subset(run.data.subset, torch.Generator().manual_seed(seed))
@@ -93,7 +93,7 @@ class OnlineConfig(ExperimentConfig):
 class OnlineExperiment(Experiment):
     Config = OnlineConfig
 
-    def _train(self, data: MNIST, settings: list[Setting], width: int, label: str, **kw):
+    def _train(self, data: ImageData, settings: list[Setting], width: int, label: str, **kw):
         cfg, run = self.cfg, self.run_cfg
         x, y, xt, yt = _permuted(data, run, cfg.seed)
         bar, update = _bar(len(x) // cfg.batch_size, label, run.trainer.progress)
@@ -108,7 +108,7 @@ class OnlineExperiment(Experiment):
 class OnlinePMNIST(OnlineExperiment):
     """Fig. 3a: test accuracy after one online pass vs leadership fraction, per width, with BP."""
 
-    def run(self, out: Path, data: MNIST) -> dict[str, float]:
+    def run(self, out: Path, data: ImageData) -> dict[str, float]:
         cfg = self.cfg
         settings = [Setting(f"{d:.0%}", delta=d, lambda1=cfg.lambda1, lambda2=cfg.lambda2) for d in cfg.leadership]
         settings.append(Setting("BP", bp=True))
@@ -135,7 +135,7 @@ class OnlinePMNIST(OnlineExperiment):
 class LossAblation(OnlineExperiment):
     """Fig. 3b: the four loss variants on the 32-worker, 30 %-leadership network."""
 
-    def run(self, out: Path, data: MNIST) -> dict[str, float]:
+    def run(self, out: Path, data: ImageData) -> dict[str, float]:
         cfg = self.cfg
         delta = cfg.leadership[0] if len(cfg.leadership) == 1 else 0.3
         settings = [
@@ -166,7 +166,7 @@ class LossAblation(OnlineExperiment):
 class WorkerActivityFigure(OnlineExperiment):
     """Fig. 5: per-step change of every worker's output, leaders vs followers (class-0 classifier)."""
 
-    def run(self, out: Path, data: MNIST) -> dict[str, float]:
+    def run(self, out: Path, data: ImageData) -> dict[str, float]:
         cfg = self.cfg
         delta = cfg.leadership[0] if len(cfg.leadership) == 1 else 0.3
         width = cfg.widths[0]
@@ -222,7 +222,7 @@ class LeadershipDevelopment(Experiment):
 
     Config = LeadershipDevelopmentConfig
 
-    def run(self, out: Path, data: MNIST) -> dict[str, float]:
+    def run(self, out: Path, data: ImageData) -> dict[str, float]:
         from agentnet.trainer import train
 
         cfg, base = self.cfg, self.run_cfg
@@ -269,7 +269,7 @@ class GridConfig(ExperimentConfig):
     seeds: list[int] = field(default_factory=lambda: [0])
 
 
-def _grid_run(base, model: str, strategy: str, seed: int, out: Path, data: MNIST, delta: float | None = None) -> dict:
+def _grid_run(base, model: str, strategy: str, seed: int, out: Path, data: ImageData, delta: float | None = None) -> dict:
     from agentnet.trainer import train
 
     strat = preset("strategy", strategy)
@@ -286,7 +286,7 @@ class Table1(Experiment):
 
     Config = GridConfig
 
-    def run(self, out: Path, data: MNIST) -> dict[str, float]:
+    def run(self, out: Path, data: ImageData) -> dict[str, float]:
         rows, summary = [], {}
         for model in self.cfg.models:
             for strategy in self.cfg.strategies:
@@ -324,7 +324,7 @@ class LeadershipSweep(Experiment):
 
     Config = GridConfig
 
-    def run(self, out: Path, data: MNIST) -> dict[str, float]:
+    def run(self, out: Path, data: ImageData) -> dict[str, float]:
         deltas = self.cfg.leadership or LEADERSHIP
         model = self.cfg.models[0]
         results: dict[str, list[float]] = {}
