@@ -35,6 +35,7 @@ OPTIMIZERS = ("adam", "sgd", "adamw")
 LR_SCHEDULES = ("none", "cosine", "step")
 DEVICES = ("auto", "cpu", "cuda")
 DATASETS = ("mnist", "cifar10")
+AMP_MODES = ("none", "bf16")
 
 
 class ConfigError(ValueError):
@@ -216,6 +217,11 @@ class TrainerConfig:
     """Write ``checkpoint.pt`` atomically at the end of every epoch."""
     tensorboard: bool = True
     """Also log the per-epoch history to ``<output>/tensorboard`` when ``tensorboard`` is installed."""
+    amp: str = "none"
+    """Mixed precision: ``bf16`` runs forward passes under bf16 autocast (weights, optimiser state and
+    the strategies' custom backward stay fp32-safe); ``none`` is full fp32. Meant for CUDA (Ampere+)."""
+    channels_last: bool = False
+    """Store conv weights and inputs channels-last (NHWC), the fast layout for conv models on CUDA."""
 
     def __post_init__(self) -> None:
         check(self.epochs > 0, "trainer.epochs", self.epochs, "must be positive")
@@ -229,6 +235,7 @@ class TrainerConfig:
         check(self.lr_schedule in LR_SCHEDULES, "trainer.lr_schedule", self.lr_schedule, f"choose one of {LR_SCHEDULES}")
         check(self.eval_batch_size > 0, "trainer.eval_batch_size", self.eval_batch_size, "must be positive")
         check(self.log_every > 0, "trainer.log_every", self.log_every, "must be positive")
+        check(self.amp in AMP_MODES, "trainer.amp", self.amp, f"choose one of {AMP_MODES}")
 
 
 @dataclass

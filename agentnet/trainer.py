@@ -247,6 +247,10 @@ class Trainer:
         self.steps_per_epoch = math.ceil(len(data.train) / tcfg.batch_size) if data is not None else 0
         total = total_steps if total_steps is not None else tcfg.epochs * self.steps_per_epoch
         self.total_steps = min(total, tcfg.max_steps) if tcfg.max_steps else total
+        if tcfg.channels_last:
+            # Conv weights (and, in the model, conv inputs) in NHWC: the fast layout for cuDNN/tensor cores.
+            model.to(memory_format=torch.channels_last)
+        self._autocast = dict(device_type=self.device.type, dtype=torch.bfloat16, enabled=tcfg.amp == "bf16")
         self.optimizer = build_optimizer(model.parameters(), tcfg)
         self.scheduler = _build_scheduler(self.optimizer, tcfg.lr_schedule, self.total_steps)
         self.shuffle = torch.Generator().manual_seed(cfg.seed)
@@ -271,7 +275,8 @@ class Trainer:
         for plugin in self.plugins:
             plugin.before_step(self, x, y)
         self.optimizer.zero_grad(set_to_none=True)
-        result = self.strategy.compute(x, y)
+        with torch.autocast(**self._autocast):  # forward (and the strategy's losses) in bf16 when trainer.amp=bf16
+            result = self.strategy.compute(x, y)
         self.strategy.backward(result)
         for plugin in self.plugins:
             plugin.after_backward(self, result)
@@ -314,7 +319,8 @@ class Trainer:
         bs = self.cfg.trainer.eval_batch_size
         for start in range(0, len(split), bs):
             x, y = split.x[start : start + bs], split.y[start : start + bs]
-            logits = self.model(x)
+            with torch.autocast(**self._autocast):
+                logits = self.model(x)
             loss += self.model.global_loss(logits, y) * len(y)
             correct += (self.model.predict(logits) == y).sum()
         n = max(len(split), 1)

@@ -4,7 +4,11 @@ All variants run side by side in one process, interleaved round-robin (so drift 
 them alike), each repeat timing ``--steps`` optimiser steps on real MNIST batches; the table shows
 medians over ``--repeats`` and the ratios the targets are stated in::
 
-    python benchmarks/step_time.py [--models mlp_275k,mlp_400x2] [--json out.json] [--device cpu]
+    python benchmarks/step_time.py [--models mlp_275k,mlp_400x2,cnn_mnist_438k] [--json out.json] [--device cpu]
+        [--amp bf16 --channels-last]   # the GPU path options (CUDA)
+
+Conv models get a hand-written ``nn.Sequential`` reference of the same layers (none for block-wise
+models, whose grouped blocks have no plain-PyTorch twin here); attention rows are MLP-only.
 """
 
 from __future__ import annotations
@@ -40,27 +44,50 @@ VARIANTS = {
 }
 
 
-def raw_torch_step(model_cfg, device):
-    """The reference: an nn.Sequential MLP of the same shape with (fused) Adam, written by hand."""
+def raw_torch_step(model_cfg, device, channels_last: bool = False, amp: bool = False):
+    """The reference: an nn.Sequential of the same layers with (fused) Adam, written by hand.
+
+    ``None`` for block-wise models (no plain twin of the grouped blocks).
+    """
+    if any(spec.block != "none" for spec in model_cfg.conv):
+        return None
     torch.manual_seed(0)
-    widths = [784, *model_cfg.hidden]
     layers: list[nn.Module] = []
-    for a, b in zip(widths[:-1], widths[1:]):
-        layers += [nn.Linear(a, b), nn.ReLU()]
-    net = nn.Sequential(*layers, nn.Linear(widths[-1], 10)).to(device)
+    features = 784
+    if model_cfg.conv:
+        channels, side = 1, 28
+        layers.append(nn.Unflatten(1, (1, 28, 28)))
+        for spec in model_cfg.conv:
+            layers += [nn.Conv2d(channels, spec.channels, spec.kernel_size, spec.stride, spec.kernel_size // 2), nn.ReLU()]
+            side = (side - 1) // spec.stride + 1
+            if spec.pool > 1:
+                layers.append(nn.MaxPool2d(spec.pool))
+                side //= spec.pool
+            channels = spec.channels
+        layers.append(nn.Flatten())
+        features = channels * side * side
+    for width in model_cfg.hidden:
+        layers += [nn.Linear(features, width), nn.ReLU()]
+        features = width
+    net = nn.Sequential(*layers, nn.Linear(features, 10)).to(device)
+    if channels_last:
+        net = net.to(memory_format=torch.channels_last)
     opt = torch.optim.Adam(net.parameters(), lr=1e-3, fused=True)
 
     def step(x, y):
         opt.zero_grad(set_to_none=True)
-        F.cross_entropy(net(x), y).backward()
+        with torch.autocast(device.type, torch.bfloat16, enabled=amp):
+            loss = F.cross_entropy(net(x), y)
+        loss.backward()
         opt.step()
 
     return step
 
 
-def framework_step(strategy_overrides: list[str], model: str, device, data):
+def framework_step(strategy_overrides: list[str], model: str, device, data, gpu_overrides: list[str]):
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose("config", overrides=[*strategy_overrides, f"model={model}", "trainer.lr_schedule=none", "trainer.checkpoint=false"])
+        cfg = compose("config", overrides=[*strategy_overrides, f"model={model}", "trainer.lr_schedule=none",
+                                           "trainer.checkpoint=false", *gpu_overrides])
     run = to_run_config(cfg)
     torch.manual_seed(0)
     net = build_model(run.model, 784, 10).to(device)
@@ -75,12 +102,14 @@ def sync(device):
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", default="mlp_275k,mlp_400x2")
+    parser.add_argument("--models", default="mlp_275k,mlp_400x2,cnn_mnist_438k")
     parser.add_argument("--steps", type=int, default=50, help="steps per timed repeat")
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
+    parser.add_argument("--amp", default="none", choices=["none", "bf16"], help="trainer.amp for every variant")
+    parser.add_argument("--channels-last", action="store_true", help="trainer.channels_last for every variant")
     parser.add_argument("--json", default=None, help='write {"<model>": {"raw_torch": ms, "bp": ms, ...}} here')
     args = parser.parse_args(argv)
     if args.threads:
@@ -91,13 +120,17 @@ def main(argv=None) -> dict:
     idx = torch.randint(0, len(data.train), (args.steps, args.batch), generator=gen).to(device)
     batches = [(data.train.x[i], data.train.y[i]) for i in idx]
 
+    gpu_overrides = [f"trainer.amp={args.amp}", f"trainer.channels_last={str(args.channels_last).lower()}"]
     results: dict[str, dict[str, float]] = {}
     for model in args.models.split(","):
         variants = {}
         for label, overrides in VARIANTS.items():
-            step, model_cfg = framework_step(overrides, model, device, data)
+            if label.startswith("attention") and not model.startswith("mlp"):
+                continue  # message passing is defined for fully connected layers
+            step, model_cfg = framework_step(overrides, model, device, data, gpu_overrides)
             variants[label] = step
-        variants = {"raw_torch": raw_torch_step(model_cfg, device), **variants}
+        raw = raw_torch_step(model_cfg, device, args.channels_last, args.amp == "bf16")
+        variants = {**({"raw_torch": raw} if raw is not None else {}), **variants}
         times: dict[str, list[float]] = {k: [] for k in variants}
         for name, step in variants.items():  # warm-up
             for x, y in batches[:10]:
@@ -113,14 +146,15 @@ def main(argv=None) -> dict:
         results[model] = {k: statistics.median(v) for k, v in times.items()}
 
     print(f"\nmedian ms/step, batch {args.batch}, device {device}, torch threads {torch.get_num_threads()}, "
-          f"{args.repeats} repeats x {args.steps} steps\n")
+          f"amp {args.amp}, channels_last {args.channels_last}, {args.repeats} repeats x {args.steps} steps\n")
     labels = ["raw_torch", *VARIANTS]
-    print("| model | " + " | ".join(labels) + " | bp/raw | lfnn/bp | lfnn_local/bp | attention_exact/bp |")
-    print("|---" * (len(labels) + 5) + "|")
+    ratios = [("bp", "raw_torch"), ("lfnn", "bp"), ("lfnn_local", "bp"), ("attention_exact", "bp")]
+    print("| model | " + " | ".join(labels) + " | " + " | ".join(f"{a}/{b}" for a, b in ratios) + " |")
+    print("|---" * (len(labels) + len(ratios) + 1) + "|")
     for model, r in results.items():
-        cells = " | ".join(f"{r[k]:.3f}" for k in labels)
-        print(f"| {model} | {cells} | {r['bp'] / r['raw_torch']:.3f} | {r['lfnn'] / r['bp']:.3f} | "
-              f"{r['lfnn_local'] / r['bp']:.3f} | {r['attention_exact'] / r['bp']:.3f} |")
+        cells = " | ".join(f"{r[k]:.3f}" if k in r else "-" for k in labels)
+        quotients = " | ".join(f"{r[a] / r[b]:.3f}" if a in r and b in r else "-" for a, b in ratios)
+        print(f"| {model} | {cells} | {quotients} |")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     return results

@@ -235,3 +235,22 @@ def test_mnist_cnn_clearly_learns(quick_overrides, mnist, strategy, max_error):
     assert metrics["history"][-1]["train_loss"] < metrics["history"][0]["train_loss"]
     saved = json.loads((Path(quick_overrides[-1].split("=", 1)[1]) / "metrics.json").read_text())
     assert saved["num_params"] == 429_710
+
+
+@pytest.mark.parametrize("model_name", ["resnet_blocks", "cnn_mnist_438k"])
+@pytest.mark.parametrize("strategy", ["bp", "lfnn", "lfnn_local"])
+def test_bf16_autocast_and_channels_last_train_conv_workers(mnist, strategy, model_name):
+    """The GPU-path options run every routing path (split conv, blocks) and keep fp32 master weights."""
+    run = to_run_config(compose_config(f"model={model_name}", f"strategy={strategy}", "device=cpu",
+                                       "trainer.amp=bf16", "trainer.channels_last=true"))
+    from agentnet.trainer import Trainer
+
+    torch.manual_seed(0)
+    model = build_model(run.model, 784, 10)
+    trainer = Trainer(run, model, build_strategy(run.strategy, model), None, None, total_steps=10)
+    assert model.hidden[0].weight.is_contiguous(memory_format=torch.channels_last)
+    result = trainer.train_step(mnist.train.x[:32], mnist.train.y[:32])
+    assert result.logits.dtype == torch.bfloat16
+    assert torch.isfinite(result.loss) and all(p.dtype == torch.float32 for p in model.parameters())
+    assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
+    assert trainer.evaluate(mnist.test.subset(256))["acc"] >= 0.0
