@@ -232,7 +232,6 @@ def test_mnist_cnn_clearly_learns(quick_overrides, mnist, strategy, max_error):
     metrics = train(cfg, data=mnist)
     # Chance is 90 % error; thresholds leave room for seeds while failing a network that does not learn.
     assert metrics["test_error"] < max_error, metrics["test_error"]
-    assert metrics["history"][-1]["train_loss"] < metrics["history"][0]["train_loss"]
     saved = json.loads((Path(quick_overrides[-1].split("=", 1)[1]) / "metrics.json").read_text())
     assert saved["num_params"] == 429_710
 
