@@ -191,6 +191,8 @@ def test_conv_presets_parameter_counts(preset, input_dim, channels, expected):
     assert sum(p.numel() for p in model.parameters()) == expected
     logits = model(torch.randn(2, input_dim))
     assert logits.shape == (2, 10)
+    graph = model.to_networkx()  # input, one node per worker, the output
+    assert graph.number_of_nodes() == 2 + sum(model.workers_per_layer)
 
 
 def test_conv_config_errors_name_the_field():
