@@ -79,7 +79,7 @@ def _first_verified(
     moved to ``final``. Returns ``(final or None, failures)``."""
     failures = []
     for url in urls:
-        fd, tmp_name = tempfile.mkstemp(dir=target_dir, prefix=f".{final.name}-")
+        fd, tmp_name = tempfile.mkstemp(dir=target_dir, prefix=f".{final.name}-", suffix=final.suffix)  # the content check gunzips by suffix
         os.close(fd)
         tmp = Path(tmp_name)
         try:
