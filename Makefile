@@ -38,7 +38,7 @@ test-slow: data
 
 # Speed and accuracy figures for docs/benchmarks.md (tens of minutes on 2 cores; cl_reference: hours).
 benchmarks: data
-	$(BIN)/python benchmarks/step_time.py --models mlp_275k,mlp_400x2,mlp_1000x2
+	$(BIN)/python benchmarks/step_time.py --models mlp_275k,mlp_400x2,mlp_1000x2,cnn_mnist_438k,resnet_blocks
 	$(BIN)/python benchmarks/env_overhead.py
 	$(BIN)/python benchmarks/table1_mnist.py
 
