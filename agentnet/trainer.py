@@ -7,6 +7,8 @@ bookkeeping is a :class:`TrainerPlugin`'s.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import logging
 import math
@@ -250,7 +252,10 @@ class Trainer:
         if tcfg.channels_last:
             # Conv weights (and, in the model, conv inputs) in NHWC: the fast layout for cuDNN/tensor cores.
             model.to(memory_format=torch.channels_last)
-        self._autocast = dict(device_type=self.device.type, dtype=torch.bfloat16, enabled=tcfg.amp == "bf16")
+        # A fresh autocast context per use for trainer.amp=bf16; no context at all in full precision.
+        self._autocast = (
+            functools.partial(torch.autocast, self.device.type, torch.bfloat16) if tcfg.amp == "bf16" else contextlib.nullcontext
+        )
         self.optimizer = build_optimizer(model.parameters(), tcfg)
         self.scheduler = _build_scheduler(self.optimizer, tcfg.lr_schedule, self.total_steps)
         self.shuffle = torch.Generator().manual_seed(cfg.seed)
@@ -275,7 +280,7 @@ class Trainer:
         for plugin in self.plugins:
             plugin.before_step(self, x, y)
         self.optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(**self._autocast):  # forward (and the strategy's losses) in bf16 when trainer.amp=bf16
+        with self._autocast():  # forward (and the strategy's losses) in bf16 when trainer.amp=bf16
             result = self.strategy.compute(x, y)
         self.strategy.backward(result)
         for plugin in self.plugins:
@@ -319,7 +324,7 @@ class Trainer:
         bs = self.cfg.trainer.eval_batch_size
         for start in range(0, len(split), bs):
             x, y = split.x[start : start + bs], split.y[start : start + bs]
-            with torch.autocast(**self._autocast):
+            with self._autocast():
                 logits = self.model(x)
             loss += self.model.global_loss(logits, y) * len(y)
             correct += (self.model.predict(logits) == y).sum()
