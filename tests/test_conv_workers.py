@@ -16,6 +16,7 @@ from agentnet.registry import build_strategy
 from agentnet.trainer import to_run_config, train
 from agentnet.workers import LeaderSelection, WorkerBlock, WorkerConv2d, split_conv2d
 from tests.conftest import compose_config
+from tests.test_routing import reference_local_terms
 
 
 def conv_model(seed: int = 0, block: str = "residual", head: bool = False) -> WorkerNetwork:
@@ -160,9 +161,7 @@ def test_lfnn_conv_gradient_matches_reference_construction(block):
     for layer, inp, mask, best in zip(model.hidden, inputs, masks, bests):
         a = torch.relu(layer(inp.detach()))
         z = (a.mean((2, 3)) if a.dim() == 4 else a).view(len(x), layer.num_workers, -1)
-        e = F.cross_entropy(z.permute(0, 2, 1), y[:, None].expand(-1, layer.num_workers), reduction="none").mean(0)
-        mse = ((z - z[:, best].detach()[:, None]) ** 2).mean((0, 2))
-        loss = loss + 0.7 * e[mask].sum() + 1.3 * mse[~mask].sum()
+        loss = loss + reference_local_terms(z, y, mask, best, 0.7, 1.3)
     loss.backward()
     torch.testing.assert_close(result.loss, loss)
     for name, p in model.named_parameters():

@@ -34,6 +34,13 @@ def grads(model) -> dict[str, torch.Tensor | None]:
     return {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()}
 
 
+def reference_local_terms(z, y, mask, best, lambda1: float, lambda2: float) -> torch.Tensor:
+    """Eq. 1's local terms written out for one layer's worker outputs ``z`` ``(B, W, k)``."""
+    e = F.cross_entropy(z.permute(0, 2, 1), y[:, None].expand(-1, z.shape[1]), reduction="none").mean(0)
+    mse = ((z - z[:, best].detach()[:, None]) ** 2).mean((0, 2))
+    return lambda1 * e[mask].sum() + lambda2 * mse[~mask].sum()
+
+
 def test_lfnn_global_loss_reaches_only_leaders():
     model = small_model()
     x, y = batch()
@@ -83,9 +90,7 @@ def test_lfnn_total_gradient_matches_reference_construction(predict_from):
     for layer, inp, mask, best in zip(model.hidden, inputs, masks, bests):
         z = F.linear(inp.detach(), layer.weight, layer.bias).view(len(x), layer.num_workers, -1)
         z = torch.tanh(z) if predict_from == "activation" else z
-        e = F.cross_entropy(z.permute(0, 2, 1), y[:, None].expand(-1, layer.num_workers), reduction="none").mean(0)
-        mse = ((z - z[:, best].detach()[:, None]) ** 2).mean((0, 2))
-        loss = loss + 0.7 * e[mask].sum() + 1.3 * mse[~mask].sum()
+        loss = loss + reference_local_terms(z, y, mask, best, 0.7, 1.3)
     loss.backward()
     torch.testing.assert_close(result.loss, loss)
     for name, p in model.named_parameters():
