@@ -1,9 +1,10 @@
 """agentnet: neural networks whose workers are self-interested agents.
 
-Core pieces: :mod:`agentnet.workers` (worker layers, predictions, leader selection),
-:mod:`agentnet.network` (the worker MLP), :mod:`agentnet.strategy` and :mod:`agentnet.registry`
-(pluggable local objectives; built-ins in the top-level ``strategies`` package),
-:mod:`agentnet.trainer` (``train(cfg) -> metrics``), :mod:`agentnet.data` / :mod:`agentnet.fetch` (MNIST).
+Imports point one way (enforced by import-linter, ``pyproject.toml``): :mod:`agentnet.config` →
+:mod:`agentnet.registry` → core (:mod:`agentnet.workers`, :mod:`agentnet.network`,
+:mod:`agentnet.objectives`, :mod:`agentnet.data`) → :mod:`agentnet.strategy` and the ``strategies``
+package → :mod:`agentnet.training` (the one loop, plugins, checkpoints, ``train(cfg)``) →
+:mod:`agentnet.continual` / :mod:`agentnet.experiments` → :mod:`agentnet.cli`. See docs/architecture.md.
 """
 
 __version__ = "0.1.0"

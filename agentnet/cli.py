@@ -1,43 +1,68 @@
-"""Thin Hydra entry point: ``agentnet`` / ``python -m agentnet``. All work happens in :func:`agentnet.trainer.train`."""
+"""Thin Hydra entry point: ``agentnet`` / ``python -m agentnet``.
+
+Dispatches the composed config to its task — :func:`agentnet.experiments.run_experiment`,
+:func:`agentnet.continual.runner.run_continual` or :func:`agentnet.training.train` — and turns any
+failure into a clear message plus ``error.txt`` in the job's directory. A multirun keeps going past
+failed jobs and exits non-zero at the end if any failed (:class:`SweepStatus`).
+"""
 
 from __future__ import annotations
 
 import json
 import logging
 import sys
-import warnings
+import traceback
 from pathlib import Path
+from typing import Any
 
 import hydra
 import torch
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from agentnet.config import ConfigError, register_configs
-from agentnet.continual.methods import CL_METHODS
+from agentnet.config import ConfigError
+from agentnet.continual.runner import run_continual
 from agentnet.data import DataError
-from agentnet.experiments import EXPERIMENTS
-from agentnet.registry import available_strategies
-from agentnet.trainer import NonFiniteLossError, to_run_config, train
+from agentnet.experiments import run_experiment
+from agentnet.paths import CONFIG_DIR, output_dir_of
+from agentnet.registry import register_all, to_run_config
+from agentnet.training import CheckpointError, NonFiniteLossError, RunDirectoryLockedError, train
 
 log = logging.getLogger("agentnet")
 
-# configs/hydra/launcher/*.yaml share their names with the launcher plugins' schemas on purpose: Hydra
-# then validates them against those schemas (and warns that this matching is deprecated).
-warnings.filterwarnings("ignore", message="(?s).*is validated against ConfigStore schema with the same name")
+register_all()  # the group schemas and every plugin's <name>_schema, before Hydra composes
 
-register_configs()
-available_strategies()  # imports strategies/ so their config schemas are in the ConfigStore
-CL_METHODS.names()  # likewise for the continual-learning methods
-EXPERIMENTS.names()  # and the paper experiments
-
-#: The repository's configs/ (an editable install keeps it beside the package).
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
-#: The repository's configs/ (an editable install keeps it beside the package).
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
 SUMMARY_KEYS = ("strategy", "model", "test_error", "train_error", "num_params", "samples_per_s", "wall_s")
-
-
 CL_SUMMARY_KEYS = ("strategy", "cl", "benchmark", "ACC", "BWT", "FWT", "forgetting", "wall_s")
+#: Failures with a message that says everything; anything else is logged with its traceback.
+EXPECTED = (ConfigError, DataError, NonFiniteLossError, CheckpointError, RunDirectoryLockedError, FileNotFoundError)
+
+
+class SweepStatus(Callback):
+    """Counts a multirun's failed jobs (those that wrote ``error.txt``) once every job has ended."""
+
+    failed: list[str] = []
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep = Path(config.hydra.sweep.dir)
+        SweepStatus.failed = sorted(str(p.parent) for p in sweep.glob("**/error.txt"))
+
+
+def run_task(cfg: DictConfig) -> float | None:
+    """The task the config asks for; returns the value a sweeper would optimise."""
+    run = to_run_config(cfg)
+    if run.threads:
+        torch.set_num_threads(run.threads)
+    if run.experiment is not None:
+        result = run_experiment(run, output_dir_of(run.output_dir))
+        return None if not result["summary"] else float(next(iter(result["summary"].values())))
+    if run.benchmark is not None:
+        metrics = run_continual(run)
+        log.info("%s", json.dumps({k: metrics[k] for k in CL_SUMMARY_KEYS}))
+        return metrics["ACC"]
+    metrics = train(run)
+    log.info("%s", json.dumps({k: metrics[k] for k in SUMMARY_KEYS}))
+    return metrics["test_error"]
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
@@ -45,38 +70,34 @@ def _app(cfg: DictConfig) -> float | None:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from agentnet.continual.runner import run_continual
-
     try:
-        run = to_run_config(cfg)
-        if run.threads:
-            torch.set_num_threads(run.threads)
-        if run.experiment is not None:
-            from agentnet.experiments import run_experiment
-            from agentnet.trainer import output_dir_of
-
-            result = run_experiment(run, output_dir_of(run))
-            return None if not result["summary"] else float(next(iter(result["summary"].values())))
-        if run.benchmark is not None:
-            metrics = run_continual(run)
-            log.info("%s", json.dumps({k: metrics[k] for k in CL_SUMMARY_KEYS}))
-            return metrics["ACC"]
-        metrics = train(run)
-        log.info("%s", json.dumps({k: metrics[k] for k in SUMMARY_KEYS}))
-        return metrics["test_error"]
-    except (ConfigError, DataError, NonFiniteLossError, FileNotFoundError) as exc:
+        return run_task(cfg)
+    except Exception as exc:  # every failure leaves error.txt; expected ones without a traceback
         message = f"{type(exc).__name__}: {exc}"
-        log.error("%s", message)
-        if HydraConfig.get().mode == RunMode.MULTIRUN:
-            # Record the failure for agentnet-report and let the sweep's other jobs run.
-            (Path(HydraConfig.get().runtime.output_dir) / "error.txt").write_text(message + "\n")
-            return None
+        if isinstance(exc, EXPECTED):
+            log.error("%s", message)
+            detail = message
+        else:
+            detail = traceback.format_exc()
+            log.error("%s", detail)
+        hydra_cfg = HydraConfig.get()
+        out = Path(cfg.get("output_dir") or hydra_cfg.runtime.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "error.txt").write_text(detail.rstrip() + "\n")
+        if hydra_cfg.mode == RunMode.MULTIRUN:
+            return None  # the sweep's other jobs go on; main() exits non-zero at the end
         sys.exit(1)
 
 
 def main() -> None:
     """Console script ``agentnet``."""
+    SweepStatus.failed = []
     _app()
+    if SweepStatus.failed:
+        print(f"agentnet: {len(SweepStatus.failed)} job(s) of the sweep failed (see error.txt):", file=sys.stderr)
+        for job in SweepStatus.failed:
+            print(f"  {job}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -185,7 +185,7 @@ class ModelConfig:
 class TrainerConfig:
     """Optimisation loop settings."""
 
-    epochs: int = 10
+    epochs: int = 20
     """Passes over the training set."""
     max_steps: Optional[int] = None
     """Stop after this many optimiser steps in total (``None``: run all epochs)."""
@@ -203,7 +203,7 @@ class TrainerConfig:
     """L2 penalty (decoupled for adamw)."""
     fused: bool = True
     """Use torch's fused optimiser kernels (several times faster Adam on CPU for large layers)."""
-    lr_schedule: str = "none"
+    lr_schedule: str = "cosine"
     """none, cosine (to 0 over the run) or step (x0.1 at 50 % and 75 % of the run)."""
     eval_batch_size: int = 2000
     """Batch size for evaluation passes."""
@@ -214,7 +214,10 @@ class TrainerConfig:
     record_activity: bool = False
     """Record per-step worker activity (mean |output change| from the update, LFNN paper Fig. 5)."""
     checkpoint: bool = True
-    """Write ``checkpoint.pt`` atomically at the end of every epoch."""
+    """Write ``checkpoint.pt`` atomically at the end of every epoch (and of every continual task)."""
+    checkpoint_every: Optional[int] = None
+    """Also checkpoint every this many optimiser steps, so ``resume=true`` continues mid-epoch or
+    mid-task (``None``: only at epoch and task ends)."""
     tensorboard: bool = True
     """Also log the per-epoch history to ``<output>/tensorboard`` when ``tensorboard`` is installed."""
     amp: str = "none"
@@ -235,6 +238,12 @@ class TrainerConfig:
         check(self.lr_schedule in LR_SCHEDULES, "trainer.lr_schedule", self.lr_schedule, f"choose one of {LR_SCHEDULES}")
         check(self.eval_batch_size > 0, "trainer.eval_batch_size", self.eval_batch_size, "must be positive")
         check(self.log_every > 0, "trainer.log_every", self.log_every, "must be positive")
+        check(
+            self.checkpoint_every is None or self.checkpoint_every > 0,
+            "trainer.checkpoint_every",
+            self.checkpoint_every,
+            "must be positive or null",
+        )
         check(self.amp in AMP_MODES, "trainer.amp", self.amp, f"choose one of {AMP_MODES}")
 
 
@@ -243,7 +252,7 @@ class StrategyConfig:
     """Base of every strategy's config; ``name`` selects the registered strategy."""
 
     name: str = MISSING
-    """Registered strategy name (see ``agentnet.registry.available_strategies()``)."""
+    """Registered strategy name (see ``agentnet.registry.STRATEGIES.names()``)."""
 
 
 @dataclass

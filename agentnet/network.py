@@ -15,8 +15,10 @@ routes the global gradient through leaders only. All of it is batched per layer.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import networkx as nx
 import torch
@@ -142,6 +144,15 @@ class WorkerNetwork(nn.Module):
     def worker_loss(self, layer: int, workers: Tensor, y: Tensor) -> Tensor:
         """Per-sample prediction loss ``(B, W)`` of hidden layer ``layer``'s workers ``(B, W, k)``."""
         return self.predictor.loss(self.readouts[layer](workers), y)
+
+    @contextlib.contextmanager
+    def logit_mask_as(self, mask: Tensor | None) -> Iterator[None]:
+        """Within the block, restrict predictions to ``mask``'s classes (``None``: all); restored after."""
+        saved, self.logit_mask = self.logit_mask, mask
+        try:
+            yield
+        finally:
+            self.logit_mask = saved
 
     def _masked(self, logits: Tensor) -> Tensor:
         # Task-incremental heads: classes outside the active task never win and get no gradient.

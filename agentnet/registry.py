@@ -1,36 +1,42 @@
-"""Plugin registries: a new strategy (or continual-learning method) is one module plus one config.
+"""Plugin registries and the validated run config: a new strategy, CL method or experiment is one module.
 
 A :class:`Registry` imports every module of its package on first lookup; each module registers its
-class with ``@<registry>.register("<name>")``. Each class carries a ``Config`` dataclass, stored in
-Hydra's ConfigStore as ``<group>/<name>_schema`` so its YAML can name it in its defaults list, and
-used to validate configs (unknown names list the registered ones; bad fields name themselves).
+class with ``@<registry>.register("<name>")``. Each class carries a ``Config`` dataclass — the one
+source of that plugin's defaults — stored in Hydra's ConfigStore as ``<group>/<name>_schema`` so its
+YAML names it in its defaults list, and used to validate configs (unknown names list the registered
+ones; bad fields name themselves).
 
-* :data:`STRATEGIES` — package ``strategies``, config group ``strategy``
-  (:func:`register_strategy`, :func:`build_strategy`).
-* ``agentnet.continual.methods.CL_METHODS`` — continual-learning methods, group ``cl``.
+* :data:`STRATEGIES` — package ``strategies``, config group ``strategy``.
+* :data:`CL_METHODS` — package ``agentnet.continual.methods``, group ``cl``.
+* :data:`EXPERIMENTS` — package ``agentnet.experiments``, group ``experiment``.
+
+Discovery imports those packages by name at run time (the plugin mechanism), so this module sits
+below them in the import graph.
 """
 
 from __future__ import annotations
 
 import importlib
 import pkgutil
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Sequence, TypeVar
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from agentnet.config import ConfigError
+from agentnet.config import ConfigError, RunConfig, register_configs
+from agentnet.paths import CONFIG_DIR
 
 __all__ = [
     "UnknownNameError",
-    "UnknownStrategyError",
     "Registry",
     "STRATEGIES",
+    "CL_METHODS",
+    "EXPERIMENTS",
     "register_strategy",
-    "get_strategy",
-    "available_strategies",
-    "strategy_config",
     "build_strategy",
+    "register_all",
+    "to_run_config",
+    "compose",
 ]
 
 C = TypeVar("C", bound=type)
@@ -41,9 +47,6 @@ class UnknownNameError(ConfigError, KeyError):
 
     def __str__(self) -> str:  # KeyError would repr() the message
         return self.args[0]
-
-
-UnknownStrategyError = UnknownNameError
 
 
 class Registry:
@@ -96,7 +99,13 @@ class Registry:
             ) from None
 
     def config(self, node: Any) -> Any:
-        """Validate a config (DictConfig, dict or dataclass) against the named class's ``Config``."""
+        """Validate a config (DictConfig, dict, name or dataclass) against the named class's ``Config``.
+
+        A bare name (``"lfnn"``) gives that plugin's defaults, exactly what ``<group>=<name>`` gives
+        on the command line.
+        """
+        if isinstance(node, str):
+            node = {"name": node}
         if not isinstance(node, (DictConfig, dict)):
             node = OmegaConf.structured(node)
         # Plain values: a node typed by one plugin's schema must validate against the named one.
@@ -112,8 +121,15 @@ class Registry:
             where = f"{self.group}.{key}" if key else f"{self.group} ({name})"
             raise ConfigError(f"{where}: {getattr(exc, 'msg', exc)}") from None
 
+    def build(self, node: Any, *args: Any) -> Any:
+        """Instantiate the class a config names: ``cls(validated_config, *args)``."""
+        cfg = self.config(node)
+        return self.get(cfg.name)(cfg, *args)
+
 
 STRATEGIES = Registry("strategy", "strategies", "strategy")
+CL_METHODS = Registry("cl", "agentnet.continual.methods", "continual-learning method")
+EXPERIMENTS = Registry("experiment", "agentnet.experiments", "experiment")
 
 
 def register_strategy(name: str) -> Callable[[C], C]:
@@ -121,22 +137,57 @@ def register_strategy(name: str) -> Callable[[C], C]:
     return STRATEGIES.register(name)
 
 
-def available_strategies() -> list[str]:
-    """Names of every registered strategy, sorted."""
-    return STRATEGIES.names()
-
-
-def get_strategy(name: str) -> type:
-    """The strategy class registered as ``name``; unknown names list the valid ones."""
-    return STRATEGIES.get(name)
-
-
-def strategy_config(node: Any) -> Any:
-    """Validate a strategy config against its registered ``Config``."""
-    return STRATEGIES.config(node)
-
-
 def build_strategy(node: Any, model) -> Any:
-    """Instantiate the strategy a config names, for ``model``."""
-    cfg = strategy_config(node)
-    return get_strategy(cfg.name)(cfg, model)
+    """Instantiate the strategy a config (or a bare name) names, for ``model``."""
+    return STRATEGIES.build(node, model)
+
+
+def register_all() -> None:
+    """Fill Hydra's ConfigStore: the group schemas and every plugin's ``<name>_schema`` (idempotent)."""
+    register_configs()
+    for registry in (STRATEGIES, CL_METHODS, EXPERIMENTS):
+        registry.names()
+
+
+def to_run_config(cfg: DictConfig | RunConfig | dict) -> RunConfig:
+    """Validate a composed config into a :class:`RunConfig`; plugin groups by their registered classes.
+
+    Also refuses combinations that would silently do nothing (a CL method without a benchmark).
+    """
+    if isinstance(cfg, RunConfig):
+        return cfg
+    plain = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+    strategy_node = plain.pop("strategy", None)
+    cl_node = plain.pop("cl", None)
+    experiment_node = plain.pop("experiment", None)
+    plain.pop("hydra", None)
+    try:
+        base = OmegaConf.merge(OmegaConf.structured(RunConfig), plain)
+        base.strategy = {}
+        run: RunConfig = OmegaConf.to_object(base)
+    except ConfigError:
+        raise
+    except Exception as exc:  # omegaconf validation errors carry the full key
+        key = getattr(exc, "full_key", "")
+        raise ConfigError(f"{key}: {getattr(exc, 'msg', exc)}") from None
+    run.strategy = STRATEGIES.config(strategy_node if strategy_node is not None else {})
+    if cl_node is not None:
+        run.cl = CL_METHODS.config(cl_node)
+        if run.cl.name != "none" and run.benchmark is None and experiment_node is None:
+            raise ConfigError(
+                f"cl.name={run.cl.name!r}: a continual-learning method needs a task sequence; "
+                "add a benchmark (e.g. benchmark=pmnist_quick) or drop cl"
+            )
+    if experiment_node is not None:
+        run.experiment = EXPERIMENTS.config(experiment_node)
+    return run
+
+
+def compose(overrides: Sequence[str] = ()) -> DictConfig:
+    """The app's config for these command-line overrides, composed exactly as ``agentnet`` does."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    register_all()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return hydra_compose("config", overrides=list(overrides))

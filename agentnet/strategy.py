@@ -39,6 +39,9 @@ class StepResult:
     incoming weights bit-exactly); ``None`` everywhere means a plain optimiser step."""
     cache: dict = field(default_factory=dict)
     """Whatever ``compute`` hands to ``backward`` (strategy-private)."""
+    fresh: int | None = None
+    """How many leading rows of the batch came from the data stream (set by the trainer; plugins
+    such as replay append their own examples after them)."""
 
 
 class Strategy:

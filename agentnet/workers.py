@@ -33,6 +33,7 @@ __all__ = [
     "WorkerReadout",
     "WorkerPredictor",
     "LeaderSelection",
+    "lerp_update",
 ]
 
 #: How a layer's gradients may travel:
@@ -329,6 +330,22 @@ class WorkerPredictor(nn.Module):
             return F.cross_entropy(logits.transpose(1, 2), y.view(-1, 1).expand(-1, logits.shape[1]), reduction="none")
         target = y.to(logits.dtype).view(-1, 1).expand_as(logits[..., 0])
         return F.binary_cross_entropy_with_logits(logits[..., 0], target, reduction="none")
+
+
+def lerp_update(layer: nn.Module, olds: list[Tensor], scale: Tensor) -> None:
+    """After an optimiser step, ``p <- lerp(p_old, p_new, s)`` per unit of ``layer`` (exact at 0 and 1).
+
+    ``scale`` holds one value per unit (row of the layer's output). Parameters whose rows are not
+    units — a block worker's inner convs — take the scale of their worker's first unit, so a 0
+    freezes a whole block bit-exactly. ``olds`` are the parameters before the step, in
+    ``layer.parameters()`` order.
+    """
+    workers = getattr(layer, "num_workers", 1)
+    with torch.no_grad():
+        for p, old in zip(layer.parameters(), olds):
+            rows = p.shape[0]
+            s = scale if rows == scale.numel() else scale.view(workers, -1)[:, 0].repeat_interleave(rows // workers)
+            p.copy_(torch.lerp(old, p, s.view(-1, *([1] * (p.dim() - 1))).to(old.dtype)))
 
 
 class LeaderSelection:

@@ -22,10 +22,11 @@ from hydra import compose, initialize_config_dir
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from agentnet.cli import CONFIG_DIR  # noqa: E402
+from agentnet.paths import CONFIG_DIR  # noqa: E402
 from agentnet.continual.runner import run_continual  # noqa: E402
 from agentnet.data import load_mnist  # noqa: E402
-from agentnet.trainer import resolve_device, to_run_config  # noqa: E402
+from agentnet.registry import to_run_config  # noqa: E402
+from agentnet.training import resolve_device  # noqa: E402
 
 #: Published domain-IL permuted-MNIST ACC (%) (van de Ven, Tuytelaars & Tolias 2022).
 PUBLISHED = {"none": 78.51, "ewc": 94.31, "online_ewc": 94.42, "si": 95.33, "joint": 97.59}

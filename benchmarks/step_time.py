@@ -27,11 +27,12 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from agentnet.cli import CONFIG_DIR  # noqa: E402
+from agentnet.paths import CONFIG_DIR  # noqa: E402
 from agentnet.data import load_mnist  # noqa: E402
 from agentnet.network import build_model  # noqa: E402
 from agentnet.registry import build_strategy  # noqa: E402
-from agentnet.trainer import Trainer, resolve_device, to_run_config  # noqa: E402
+from agentnet.registry import to_run_config  # noqa: E402
+from agentnet.training import Trainer, resolve_device  # noqa: E402
 
 #: label -> strategy overrides
 VARIANTS = {

@@ -16,9 +16,9 @@ from hydra import compose, initialize_config_dir
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from agentnet.cli import CONFIG_DIR  # noqa: E402
+from agentnet.paths import CONFIG_DIR  # noqa: E402
 from agentnet.experiments import run_experiment  # noqa: E402
-from agentnet.trainer import to_run_config  # noqa: E402
+from agentnet.registry import to_run_config  # noqa: E402
 
 #: Targets: test error (%) per (model, strategy).
 TARGETS = {

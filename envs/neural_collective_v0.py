@@ -53,7 +53,7 @@ attention they received, ``bp`` workers and the output agent minus the global lo
 ## Episode
 Ends (``terminations``) when the data stream is exhausted (``epochs`` passes over the training
 subset) or is truncated at ``max_cycles`` steps. With every action equal to 1 (scale mode), the
-env reproduces :class:`agentnet.trainer.Trainer` exactly for the same seed and settings.
+env reproduces :class:`agentnet.training.Trainer` exactly for the same seed and settings.
 
 ## Arguments
 ``neural_collective_v0.parallel_env(strategy="lfnn", hidden=(40, 40), worker_size=10, activation="relu",
@@ -90,10 +90,10 @@ from pettingzoo.utils import parallel_to_aec, wrappers
 
 from agentnet.config import DataConfig, ModelConfig, RunConfig, TrainerConfig
 from agentnet.data import ImageData, load_mnist
-from agentnet.network import build_model
-from agentnet.registry import build_strategy, strategy_config
+from agentnet.network import WorkerNetwork, build_model
+from agentnet.registry import STRATEGIES, build_strategy
 from agentnet.strategy import StepResult
-from agentnet.trainer import Trainer, resolve_device, seed_everything
+from agentnet.training import Trainer, TrainerPlugin, resolve_device, seed_everything
 from agentnet.workers import LeaderSelection
 
 __all__ = ["NeuralCollectiveEnv", "parallel_env", "raw_env", "env", "OBS_DIM", "run_config"]
@@ -124,9 +124,8 @@ def run_config(
     worker_projection: bool = False,
 ) -> RunConfig:
     """The :class:`RunConfig` an env with these arguments trains under (also for an equivalent Trainer)."""
-    node = {"name": strategy} if isinstance(strategy, str) else dict(strategy)
     return RunConfig(
-        strategy=strategy_config(node),
+        strategy=STRATEGIES.config(strategy),  # a bare name gets exactly what `agentnet strategy=<name>` trains
         model=ModelConfig(
             name="env", hidden=list(hidden), worker_size=worker_size, activation=activation, worker_projection=worker_projection
         ),
@@ -137,6 +136,13 @@ def run_config(
         seed=seed,
         device=device,
     )
+
+
+class _StepInputs(TrainerPlugin):
+    """Keeps the mini-batch of the latest step (observations describe the batch just consumed)."""
+
+    def before_step(self, trainer, x, y) -> None:
+        self.x, self.y = x, y
 
 
 class NeuralCollectiveEnv(ParallelEnv):
@@ -190,7 +196,7 @@ class NeuralCollectiveEnv(ParallelEnv):
 
     # -- construction --------------------------------------------------------------------------
     def _build(self, seed: int) -> None:
-        """(Re)build model, strategy and trainer exactly as :func:`agentnet.trainer.train` would."""
+        """(Re)build model, strategy and trainer exactly as :func:`agentnet.training.train` would."""
         run = self.run
         run.seed = seed
         gen = torch.Generator().manual_seed(seed)
@@ -203,15 +209,16 @@ class NeuralCollectiveEnv(ParallelEnv):
                 "train conv and block workers with agentnet's trainer"
             )
         self.strategy = build_strategy(run.strategy, self.model)
-        self.trainer = Trainer(run, self.model, self.strategy, self.data, output_dir=None)
+        # The env steps through the one training loop (Trainer.run), one batch per env step; a
+        # plugin hands it the batch each step consumed, for the observations.
+        self._step_inputs = _StepInputs()
+        self.trainer = Trainer(run, self.model, self.strategy, self.data, output_dir=None, plugins=[self._step_inputs])
         self._layers = [*self.model.hidden, self.model.output]
         self._units = [l.worker_size for l in self.model.hidden] + [self.model.output.out_features]
         self._agents_per_layer = [l.num_workers for l in self.model.hidden] + [1]
         # Roles and losses for strategies that do not select leaders themselves come from a
         # no-grad pass with an observation-only selection (nothing is trained by it).
         self._observer = LeaderSelection(1.0, "batch", self.model.workers_per_layer, self.device)
-        self._batches = None
-        self._steps_done = 0
         self._last_params = [p.clone() for p in self._params()]
         self._last_update = torch.zeros(sum(self._agents_per_layer), device=self.device)
 
@@ -226,18 +233,6 @@ class NeuralCollectiveEnv(ParallelEnv):
         return len(self.possible_agents)
 
     # -- the batched core ----------------------------------------------------------------------
-    def _next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._batches is None:
-            self._batches = self.trainer.epoch_batches()
-        return next(self._batches)
-
-    def _after_batch(self) -> None:
-        """Epoch bookkeeping exactly where the trainer does it (strategy's ``on_epoch_end``)."""
-        self._steps_done += 1
-        if self._steps_done % self.trainer.steps_per_epoch == 0:
-            self.strategy.on_epoch_end()
-            self._batches = None
-
     @property
     def stream_steps(self) -> int:
         """Steps until the data stream ends: ``epochs`` passes over the training subset."""
@@ -309,14 +304,14 @@ class NeuralCollectiveEnv(ParallelEnv):
         Returns ``(observations (N, 11), rewards (N,), terminated, truncated, info)``.
         """
         self._validate(actions)
-        if self._steps_done >= self.stream_steps:
+        if self.trainer.step >= self.stream_steps:
             raise RuntimeError("the data stream is exhausted; call reset()")
-        x, y = self._next_batch()
+        plugin = self._step_inputs
         if self.action_mode == "scale":
-            result = self.trainer.train_step(x, y, update_scale=self._scales(torch.as_tensor(actions)))
+            result = self.trainer.run(self.trainer.stream, 1, update_scale=self._scales(torch.as_tensor(actions)))
         else:
-            result = self._delta_step(x, y, actions)
-        self._after_batch()
+            result = self.trainer.run(self.trainer.stream, 1, update=self._delta_update(actions))
+        x, y = plugin.x, plugin.y
         obs, rewards = self._finish_step(x, y, result)
         self._last_obs = obs
         self.cycles += 1
@@ -324,7 +319,7 @@ class NeuralCollectiveEnv(ParallelEnv):
             "batch_loss": float(result.loss.detach()),
             "batch_acc": float((self.model.predict(result.logits.detach()[: len(y)]) == y).float().mean()),
         }
-        return obs, rewards, self._steps_done >= self.stream_steps, self.cycles >= self.max_cycles, info
+        return obs, rewards, self.trainer.step >= self.stream_steps, self.cycles >= self.max_cycles, info
 
     def _finish_step(self, x, y, result):
         with torch.no_grad():
@@ -335,19 +330,19 @@ class NeuralCollectiveEnv(ParallelEnv):
             self._last_params = [p.clone() for p in params]
         return self._observe(x, y, result)
 
-    def _delta_step(self, x, y, actions) -> StepResult:
-        self.trainer.optimizer.zero_grad(set_to_none=True)
-        result = self.strategy.compute(x, y)
-        self.strategy.backward(result)
-        self.trainer.step += 1
+    def _delta_update(self, actions):
+        """The agents' own updates as the step's external update (applied in place of the optimiser's)."""
         offsets = np.cumsum([0, *self._agents_per_layer])
-        with torch.no_grad():
-            for li, layer in enumerate(self._layers):
+        layers = self._layers
+
+        def apply(model: WorkerNetwork) -> None:
+            for li, layer in enumerate(layers):
                 delta = torch.stack([torch.as_tensor(a, dtype=torch.float32) for a in actions[offsets[li] : offsets[li + 1]]])
                 delta = delta.to(self.device).view(layer.weight.shape[0], -1)
                 layer.weight.add_(delta[:, :-1].to(layer.weight.dtype))
                 layer.bias.add_(delta[:, -1].to(layer.bias.dtype))
-        return result
+
+        return apply
 
     def proposed_gradient(self) -> list[torch.Tensor | None]:
         """The strategy's gradient from the last step, per layer (weights with the bias as last column)."""
@@ -466,7 +461,7 @@ class NeuralCollectiveEnv(ParallelEnv):
         return image
 
     def close(self) -> None:
-        self._batches = None
+        pass
 
 
 def parallel_env(**kwargs) -> NeuralCollectiveEnv:

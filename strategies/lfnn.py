@@ -23,12 +23,12 @@ from agentnet.workers import GradientPath, LeaderSelection
 
 @dataclass
 class LeaderFollowerConfig(StrategyConfig):
-    """Settings shared by ``lfnn`` and ``lfnn_local``."""
+    """Settings shared by ``lfnn`` and ``lfnn_local`` (each has its own defaults for the weights)."""
 
     delta: float = 0.7
     """Leadership fraction: the ``ceil(delta * W)`` lowest-loss workers of a layer lead."""
     lambda1: float = 1.0
-    """Weight of the leaders' own prediction loss."""
+    """Weight of the leaders' own prediction loss (1: in LFNN-l it is a leader's whole objective)."""
     lambda2: float = 1.0
     """Weight of the followers' alignment (MSE to the best leader)."""
     selection: str = "batch"
@@ -70,6 +70,19 @@ class LeaderFollower(Strategy):
         return StepResult(loss=loss, logits=record.logits, record=record, worker_objectives=per_worker)
 
 
+@dataclass
+class LFNNConfig(LeaderFollowerConfig):
+    """``lfnn`` settings: the local terms are weighted down beside the back-propagated global loss."""
+
+    lambda1: float = 0.1
+    """Weight of the leaders' own prediction loss (0.1: about 2 points less test error than 1 on
+    mlp_275k, docs/strategies/leader_follower.md)."""
+    lambda2: float = 0.1
+    """Weight of the followers' alignment (MSE to the best leader)."""
+
+
 @register_strategy("lfnn")
 class LFNN(LeaderFollower):
     """LFNN (Eq. 1): BP of the global loss through leaders, plus local leader/follower losses."""
+
+    Config = LFNNConfig

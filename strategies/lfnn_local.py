@@ -8,13 +8,21 @@ matmul is ever computed.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from agentnet.registry import register_strategy
-from strategies.lfnn import LeaderFollower
+from strategies.lfnn import LeaderFollower, LeaderFollowerConfig
+
+
+@dataclass
+class LFNNLocalConfig(LeaderFollowerConfig):
+    """``lfnn_local`` settings: the local terms are each worker's whole objective, so weight 1."""
 
 
 @register_strategy("lfnn_local")
 class LFNNLocal(LeaderFollower):
     """LFNN-l (Eq. 2): purely local losses, layer inputs detached."""
 
+    Config = LFNNLocalConfig
     path = "local"
     leaders_carry_global = False

@@ -7,9 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
-from agentnet.cli import CONFIG_DIR
+from agentnet.registry import compose
 from agentnet.data import ImageData, load_mnist
 
 REPO = Path(__file__).resolve().parent.parent
@@ -33,8 +32,7 @@ def mnist() -> ImageData:
 
 def compose_config(*overrides: str):
     """Compose the app's config with Hydra's compose API, exactly as the CLI would."""
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return compose("config", overrides=list(overrides))
+    return compose(overrides)
 
 
 @pytest.fixture

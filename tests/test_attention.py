@@ -11,14 +11,14 @@ import torch
 from agentnet.config import ModelConfig, RunConfig, TrainerConfig
 from agentnet.data import ImageData, Split
 from agentnet.network import WorkerNetwork
-from agentnet.registry import build_strategy, strategy_config
-from agentnet.trainer import Trainer, train
+from agentnet.registry import STRATEGIES, build_strategy
+from agentnet.training import Trainer, train
 from tests.conftest import compose_config
 
 
 def make_trainer(strategy: dict, hidden, activation, optimizer, dtype, data, seed=0):
     run = RunConfig(
-        strategy=strategy_config(strategy),
+        strategy=STRATEGIES.config(strategy),
         model=ModelConfig(hidden=hidden, worker_size=10, activation=activation),
         trainer=TrainerConfig(optimizer=optimizer, lr=0.05 if optimizer == "sgd" else 1e-3, momentum=0.9, lr_schedule="none"),
     )

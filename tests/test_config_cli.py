@@ -12,10 +12,10 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 
-from agentnet.cli import CONFIG_DIR
+from agentnet.paths import CONFIG_DIR
 from agentnet.config import ConfigError
-from agentnet.registry import UnknownStrategyError, available_strategies, get_strategy
-from agentnet.trainer import to_run_config
+from agentnet.registry import STRATEGIES, UnknownNameError
+from agentnet.registry import to_run_config
 from tests.conftest import REPO, compose_config, data_root
 
 GROUPS = {
@@ -29,7 +29,7 @@ def test_every_group_option_composes_and_validates(group, option):
     cfg = compose_config(f"{group}={option}")
     run = to_run_config(cfg)
     if group == "strategy":
-        assert run.strategy.name == option and type(run.strategy) is get_strategy(option).Config
+        assert run.strategy.name == option and type(run.strategy) is STRATEGIES.get(option).Config
     if group == "cl":
         assert run.cl.name == option
     if group == "benchmark":
@@ -41,13 +41,13 @@ def test_every_group_option_composes_and_validates(group, option):
 
 
 def test_builtin_strategies_registered():
-    assert {"bp", "lfnn", "lfnn_local"} <= set(available_strategies())
-    assert set(GROUPS["strategy"]) <= set(available_strategies())
+    assert {"bp", "lfnn", "lfnn_local"} <= set(STRATEGIES.names())
+    assert set(GROUPS["strategy"]) <= set(STRATEGIES.names())
 
 
 def test_unknown_strategy_lists_registered():
-    with pytest.raises(UnknownStrategyError, match=r"unknown strategy; registered: .*bp.*lfnn.*lfnn_local"):
-        get_strategy("nope")
+    with pytest.raises(UnknownNameError, match=r"unknown strategy; registered: .*bp.*lfnn.*lfnn_local"):
+        STRATEGIES.get("nope")
     cfg = compose_config("strategy=bp")
     cfg.strategy.name = "nope"
     with pytest.raises(ConfigError, match="strategy.name='nope'.*registered"):
@@ -125,7 +125,7 @@ def _sweep(tmp_path, launcher: str, *extra: str) -> Path:
 
 
 def _report(sweep: Path) -> str:
-    proc = subprocess.run([sys.executable, "-m", "agentnet.report", str(sweep)], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-m", "agentnet.sweep_report", str(sweep)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert (sweep / "summary.md").is_file() and (sweep / "summary.csv").is_file() and (sweep / "summary.png").is_file()
     return proc.stdout

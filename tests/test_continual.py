@@ -21,8 +21,8 @@ from agentnet.continual.metrics import (
 from agentnet.continual.runner import run_continual
 from agentnet.continual.streams import TaskStream
 from agentnet.network import WorkerNetwork
-from agentnet.registry import available_strategies
-from agentnet.trainer import to_run_config
+from agentnet.registry import STRATEGIES
+from agentnet.registry import to_run_config
 from tests.conftest import compose_config
 
 # Rows: before training, after task 1, 2, 3 (GEM's R with an init row for FWT).
@@ -174,7 +174,7 @@ def test_cl_registry_and_configs():
         to_run_config(compose_config("cl=ewc", "cl.ewc_lambda=-1"))
     with pytest.raises(Exception, match="registered"):
         to_run_config(compose_config("cl=none", "cl.name=magic"))
-    assert available_strategies()
+    assert STRATEGIES.names()
 
 
 def test_cl_run_checkpoints_after_every_task(mnist, tmp_path):

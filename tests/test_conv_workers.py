@@ -13,7 +13,8 @@ from agentnet.config import ConfigError, ConvLayerConfig, ModelConfig
 from agentnet.network import WorkerNetwork, build_model
 from agentnet.objectives import leader_follower_loss
 from agentnet.registry import build_strategy
-from agentnet.trainer import to_run_config, train
+from agentnet.registry import to_run_config
+from agentnet.training import train
 from agentnet.workers import LeaderSelection, WorkerBlock, WorkerConv2d, split_conv2d
 from tests.conftest import compose_config
 from tests.test_routing import reference_local_terms
@@ -211,7 +212,7 @@ def test_conv_config_errors_name_the_field():
 
 def test_zero_update_scale_freezes_a_whole_block_worker(mnist):
     run = to_run_config(compose_config("model=resnet_blocks", "strategy=lfnn_local", "device=cpu"))
-    from agentnet.trainer import Trainer
+    from agentnet.training import Trainer
 
     model = build_model(run.model, 784, 10)
     trainer = Trainer(run, model, build_strategy(run.strategy, model), None, None, total_steps=10)
@@ -243,7 +244,7 @@ def test_bf16_autocast_and_channels_last_train_conv_workers(mnist, strategy, mod
     """The GPU-path options run every routing path (split conv, blocks) and keep fp32 master weights."""
     run = to_run_config(compose_config(f"model={model_name}", f"strategy={strategy}", "device=cpu",
                                        "trainer.amp=bf16", "trainer.channels_last=true"))
-    from agentnet.trainer import Trainer
+    from agentnet.training import Trainer
 
     torch.manual_seed(0)
     model = build_model(run.model, 784, 10)

@@ -15,7 +15,7 @@ from pettingzoo.test import (
 )
 from pettingzoo.utils import parallel_to_aec
 
-from agentnet.trainer import Trainer
+from agentnet.training import Trainer
 from envs import neural_collective_v0
 from tests.conftest import REPO, data_root
 
@@ -51,7 +51,7 @@ def test_all_ones_reproduces_the_trainer_bit_for_bit(strategy):
                                           data_root=SMALL["data_root"], seed=3)
     from agentnet.network import build_model
     from agentnet.registry import build_strategy
-    from agentnet.trainer import seed_everything
+    from agentnet.training import seed_everything
 
     data = par.data  # the same seeded subset
     seed_everything(3)

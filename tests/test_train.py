@@ -11,7 +11,7 @@ import torch
 from agentnet.config import StrategyConfig
 from agentnet.registry import register_strategy
 from agentnet.strategy import StepResult, Strategy
-from agentnet.trainer import CHECKPOINT, NonFiniteLossError, train
+from agentnet.training import CHECKPOINT, NonFiniteLossError, train
 from tests.conftest import compose_config
 
 REQUIRED = ("test_acc", "test_error", "train_acc", "final_train_loss", "num_params", "samples_per_s", "wall_s", "history")

@@ -125,6 +125,31 @@ class TaskStream:
         rows = task.train_idx[idx]
         return self.transform(task, self.data.train.x[rows]), self.data.train.y[rows]
 
+    def stage_gather(self, tasks: list[Task]):
+        """``gather(positions) -> (x, y)`` over the concatenated training sets of ``tasks``.
+
+        One task: a gather on the device, no host round trip. Several (a cumulative stage): which
+        task each position belongs to, then each task's own transform.
+        """
+        if len(tasks) == 1:
+            task = tasks[0]
+            return lambda idx: self.batch(task, idx)
+        sizes = torch.tensor([len(t.train_idx) for t in tasks])
+        offsets = torch.cumsum(sizes, 0) - sizes
+        device = tasks[0].train_idx.device
+
+        def gather(flat: Tensor) -> tuple[Tensor, Tensor]:
+            flat = flat.cpu()
+            owner = torch.searchsorted(offsets, flat, right=True) - 1
+            parts = [
+                self.batch(task, (flat[owner == i] - offsets[i]).to(device))
+                for i, task in enumerate(tasks)
+                if bool((owner == i).any())
+            ]
+            return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+        return gather
+
     def test_split(self, task: Task) -> Split:
         """The task's whole test set, transformed."""
         return Split(self.transform(task, self.data.test.x[task.test_idx]), self.data.test.y[task.test_idx])

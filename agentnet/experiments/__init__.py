@@ -1,4 +1,4 @@
-"""The LFNN paper's experiments, each one command: ``agentnet +experiment=<name>``.
+"""The LFNN paper's experiments, each one command: ``agentnet experiment=<name>``.
 
 An experiment is a class registered in :data:`EXPERIMENTS` with a ``Config`` dataclass; its
 ``configs/experiment/<name>.yaml`` selects it (and may override other groups). ``run`` trains what
@@ -16,13 +16,12 @@ from typing import Any, ClassVar
 from omegaconf import OmegaConf
 
 from agentnet.config import ExperimentConfig, ModelConfig, RunConfig
-from agentnet.data import ImageData, load_mnist
-from agentnet.registry import STRATEGIES, Registry
+from agentnet.data import ImageData, load_dataset
+from agentnet.paths import CONFIG_DIR
+from agentnet.registry import EXPERIMENTS, STRATEGIES
+from agentnet.training import atomic_write_json, resolve_device
 
 __all__ = ["EXPERIMENTS", "Experiment", "preset", "run_experiment"]
-
-EXPERIMENTS = Registry("experiment", "agentnet.experiments", "experiment")
-
 
 class Experiment:
     """Base class: ``run(out, data) -> summary``."""
@@ -39,13 +38,12 @@ class Experiment:
 
 
 def preset(group: str, name: str) -> Any:
-    """A config preset from ``configs/<group>/<name>.yaml`` as its validated dataclass."""
-    from agentnet.cli import CONFIG_DIR
-
+    """A config preset as its validated dataclass: a strategy's registered defaults (what
+    ``strategy=<name>`` selects), or a model preset from ``configs/model/<name>.yaml``."""
+    if group == "strategy":
+        return STRATEGIES.config(name)
     node = OmegaConf.load(Path(CONFIG_DIR) / group / f"{name}.yaml")
     node.pop("defaults", None)
-    if group == "strategy":
-        return STRATEGIES.config(node)
     if group == "model":
         return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), node))
     raise ValueError(f"no preset loader for group {group!r}")
@@ -53,12 +51,10 @@ def preset(group: str, name: str) -> Any:
 
 def run_experiment(run: RunConfig, out: Path, data: ImageData | None = None) -> dict[str, Any]:
     """Run ``run.experiment`` into ``out``; writes and returns ``experiment.json``."""
-    from agentnet.trainer import atomic_write_json, resolve_device
-
     start = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     if data is None:
-        data = load_mnist(run.data.root, resolve_device(run.device), verify=run.data.verify, normalize=run.data.normalize)
+        data = load_dataset(run.data.name, run.data.root, resolve_device(run.device), verify=run.data.verify, normalize=run.data.normalize)
     experiment = EXPERIMENTS.get(run.experiment.name)(run.experiment, run)
     summary = experiment.run(out, data)
     result = {

@@ -28,8 +28,8 @@ from agentnet.config import ExperimentConfig, check  # noqa: E402
 from agentnet.data import ImageData  # noqa: E402
 from agentnet.experiments import EXPERIMENTS, Experiment, preset  # noqa: E402
 from agentnet.experiments.online import Setting, train_online  # noqa: E402
-from agentnet.report import markdown_table  # noqa: E402
-from agentnet.trainer import progress_bar  # noqa: E402
+from agentnet.tables import markdown_table  # noqa: E402
+from agentnet.training import progress_bar, train  # noqa: E402
 
 #: Test / train error (%) of the paper's Table 1, MNIST columns.
 TABLE1 = {
@@ -135,9 +135,20 @@ class OnlinePMNIST(OnlineExperiment):
         return {f"acc_w{w}_{s.label}": a for w, accs in results.items() for s, a in zip(settings, accs)}
 
 
+@dataclass
+class LossAblationConfig(OnlineConfig):
+    """Fig. 3b settings: one 32-worker network at 30 % leadership."""
+
+    widths: list[int] = field(default_factory=lambda: [32])
+    leadership: list[float] = field(default_factory=lambda: [0.3])
+    curve_every: int = 50
+
+
 @EXPERIMENTS.register("lfnn_loss_ablation")
 class LossAblation(OnlineExperiment):
     """Fig. 3b: the four loss variants on the 32-worker, 30 %-leadership network."""
+
+    Config = LossAblationConfig
 
     def run(self, out: Path, data: ImageData) -> dict[str, float]:
         cfg = self.cfg
@@ -166,9 +177,19 @@ class LossAblation(OnlineExperiment):
         return {f"acc_{s.label.replace(' ', '')}": a for s, a in zip(settings, result.test_acc)}
 
 
+@dataclass
+class WorkerActivityConfig(OnlineConfig):
+    """Fig. 5 settings: one 32-worker network at 30 % leadership."""
+
+    widths: list[int] = field(default_factory=lambda: [32])
+    leadership: list[float] = field(default_factory=lambda: [0.3])
+
+
 @EXPERIMENTS.register("worker_activity")
 class WorkerActivityFigure(OnlineExperiment):
     """Fig. 5: per-step change of every worker's output, leaders vs followers (class-0 classifier)."""
+
+    Config = WorkerActivityConfig
 
     def run(self, out: Path, data: ImageData) -> dict[str, float]:
         cfg = self.cfg
@@ -227,8 +248,6 @@ class LeadershipDevelopment(Experiment):
     Config = LeadershipDevelopmentConfig
 
     def run(self, out: Path, data: ImageData) -> dict[str, float]:
-        from agentnet.trainer import train
-
         cfg, base = self.cfg, self.run_cfg
         n_train = len(data.train) if base.data.subset is None else min(base.data.subset, len(data.train))
         run = dataclasses.replace(
@@ -274,8 +293,6 @@ class GridConfig(ExperimentConfig):
 
 
 def _grid_run(base, model: str, strategy: str, seed: int, out: Path, data: ImageData, delta: float | None = None) -> dict:
-    from agentnet.trainer import train
-
     strat = preset("strategy", strategy)
     if delta is not None:
         strat = dataclasses.replace(strat, delta=delta)
@@ -284,11 +301,18 @@ def _grid_run(base, model: str, strategy: str, seed: int, out: Path, data: Image
     return train(run, data=data)
 
 
+@dataclass
+class Table1Config(GridConfig):
+    """Table 1 settings: both MLP sizes and the conv network of the paper's 429K-438K column."""
+
+    models: list[str] = field(default_factory=lambda: ["mlp_275k", "mlp_438k", "cnn_mnist_438k"])
+
+
 @EXPERIMENTS.register("lfnn_table1_mnist")
 class Table1(Experiment):
     """Table 1 (MNIST columns): test / train error of bp, lfnn, lfnn_local beside the paper's."""
 
-    Config = GridConfig
+    Config = Table1Config
 
     def run(self, out: Path, data: ImageData) -> dict[str, float]:
         rows, summary = [], {}
@@ -322,11 +346,20 @@ class Table1(Experiment):
         return summary
 
 
+@dataclass
+class LeadershipSweepConfig(GridConfig):
+    """Table 2 settings: mlp_275k, the two LFNN variants, leadership 10 %-100 %."""
+
+    models: list[str] = field(default_factory=lambda: ["mlp_275k"])
+    strategies: list[str] = field(default_factory=lambda: ["lfnn", "lfnn_local"])
+    leadership: list[float] = field(default_factory=lambda: list(LEADERSHIP))
+
+
 @EXPERIMENTS.register("lfnn_leadership_sweep")
 class LeadershipSweep(Experiment):
     """Table 2 (MNIST 275K): test error for leadership 10 %-100 %, lfnn and lfnn_local."""
 
-    Config = GridConfig
+    Config = LeadershipSweepConfig
 
     def run(self, out: Path, data: ImageData) -> dict[str, float]:
         deltas = self.cfg.leadership or LEADERSHIP

@@ -68,10 +68,8 @@ class EWC(CLMethod):
         n = min(self.cfg.fisher_samples, len(task.train_idx))
         pick = torch.randperm(len(task.train_idx), generator=gen)[:n].to(task.train_idx.device)
         x, _ = stream.batch(task, pick)
-        saved_mask = self.model.logit_mask
-        self.model.logit_mask = stream.logit_mask(task)
-        fisher = diagonal_fisher(self.model, x)
-        self.model.logit_mask = saved_mask
+        with self.model.logit_mask_as(stream.logit_mask(task)):
+            fisher = diagonal_fisher(self.model, x)
         theta = {k: v.detach().clone() for k, v in self.model.named_parameters()}
         if self.cfg.online and self.anchors:
             old, _ = self.anchors[0]
@@ -86,6 +84,12 @@ class EWC(CLMethod):
             for name, p in self.model.named_parameters():
                 g = sum(f[name] * (p - theta[name]) for f, theta in self.anchors) * self.cfg.ewc_lambda
                 p.grad = g if p.grad is None else p.grad.add_(g)
+
+    def state_dict(self) -> dict:
+        return {"anchors": [{"fisher": f, "theta": t} for f, t in self.anchors]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.anchors = [(a["fisher"], a["theta"]) for a in state["anchors"]]
 
     def penalty(self) -> torch.Tensor:
         value = torch.zeros(())

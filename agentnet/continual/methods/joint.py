@@ -10,4 +10,5 @@ from agentnet.continual.methods import CL_METHODS, CLMethod
 class JointTraining(CLMethod):
     """Cumulative replay of every earlier task's full data."""
 
-    cumulative = True
+    def stage_tasks(self, stream, index: int) -> list:
+        return list(stream.tasks[: index + 1])

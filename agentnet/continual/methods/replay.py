@@ -59,6 +59,13 @@ class ReservoirBuffer:
         self.y[slots] = y[keep.to(x.device)]
         self.seen += n
 
+    def state_dict(self) -> dict:
+        return {"seen": self.seen, "x": self.x, "y": self.y, "gen": self.gen.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.seen, self.x, self.y = state["seen"], state["x"], state["y"]
+        self.gen.set_state(state["gen"])
+
     def sample(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         idx = torch.randint(0, len(self), (n,), generator=self.gen).to(self.x.device)
         return self.x[idx], self.y[idx]
@@ -84,3 +91,12 @@ class ExperienceReplay(CLMethod):
 
     def after_step(self, trainer, x, y, result) -> None:
         self.buffer.add(*self._fresh)
+
+    def state_dict(self) -> dict:
+        return {"buffer": self.buffer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.buffer.load_state_dict(state["buffer"])
+        if self.buffer.x is not None:
+            device = next(self.model.parameters()).device
+            self.buffer.x, self.buffer.y = self.buffer.x.to(device), self.buffer.y.to(device)

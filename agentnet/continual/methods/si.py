@@ -69,6 +69,14 @@ class SynapticIntelligence(CLMethod):
                 self.omega[k].zero_()
                 self.anchor[k] = p.detach().clone()
 
+    def state_dict(self) -> dict:
+        return {"omega": self.omega, "importance": self.importance, "anchor": self.anchor, "task_start": self.task_start}
+
+    def load_state_dict(self, state: dict) -> None:
+        device = next(iter(self.params.values())).device
+        for key in ("omega", "importance", "anchor", "task_start"):
+            setattr(self, key, {k: v.to(device) for k, v in state[key].items()})
+
     def penalty(self) -> torch.Tensor:
         return sum(
             (self.cfg.si_c * self.importance[k] * (p.detach() - self.anchor[k]).pow(2)).sum() for k, p in self.params.items()

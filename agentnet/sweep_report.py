@@ -20,6 +20,8 @@ from typing import Sequence
 
 import yaml
 
+from agentnet.tables import markdown_table
+
 __all__ = ["Job", "collect_jobs", "group_jobs", "markdown_table", "write_report", "main"]
 
 CL_COLUMNS = ("ACC", "BWT", "FWT", "forgetting", "wall_s")
@@ -143,13 +145,6 @@ def summary_rows(groups: list[Group]) -> tuple[tuple[str, ...], list[list[str]]]
     return header, rows
 
 
-def markdown_table(header, rows) -> str:
-    """A Markdown table from a header and rows of cell strings."""
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(lines)
-
-
 def _plot(groups: list[Group], path: Path) -> None:
     import matplotlib
 
@@ -216,6 +211,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Console script ``agentnet-report``."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("sweep_dir", nargs="?", default=None, help="a multirun directory (default: the newest under multirun/)")
+    parser.add_argument(
+        "--allow-failed",
+        action="store_true",
+        help="exit 0 even when the table lists failed jobs (by default such a report exits 1)",
+    )
     args = parser.parse_args(argv)
     if args.sweep_dir is None:
         candidates = sorted(p.parent for p in Path("multirun").glob("**/multirun.yaml"))
@@ -229,6 +229,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(write_report(sweep))
     except FileNotFoundError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 1
+    failed = [j for j in collect_jobs(sweep) if j.metrics is None]
+    if failed and not args.allow_failed:
+        print(f"error: {len(failed)} of the sweep's jobs failed (listed above); --allow-failed exits 0", file=sys.stderr)
         return 1
     return 0
 

@@ -12,7 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 if TYPE_CHECKING:
-    from agentnet.trainer import WorkerActivity
+    from agentnet.training.plugins import WorkerActivity
     from agentnet.workers import LeaderSelection
 
 __all__ = [

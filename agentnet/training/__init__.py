@@ -1,0 +1,39 @@
+"""Training: the one loop (:mod:`.engine`), its plugins (:mod:`.plugins`), safe checkpoints
+(:mod:`.checkpoint`) and the single-run task (:mod:`.task`)."""
+
+from agentnet.training.checkpoint import (
+    CHECKPOINT,
+    CheckpointError,
+    RunDirectoryLockedError,
+    RunLock,
+    atomic_save,
+    atomic_write_json,
+    load_checkpoint,
+)
+from agentnet.training.engine import BatchStream, NonFiniteLossError, Trainer, build_optimizer, build_scheduler
+from agentnet.training.plugins import TensorBoardLogger, TrainerPlugin, WorkerActivity, progress_bar
+from agentnet.training.task import prepare_run, resolve_device, seed_everything, standard_plugins, train
+
+__all__ = [
+    "CHECKPOINT",
+    "BatchStream",
+    "CheckpointError",
+    "NonFiniteLossError",
+    "RunDirectoryLockedError",
+    "RunLock",
+    "TensorBoardLogger",
+    "Trainer",
+    "TrainerPlugin",
+    "WorkerActivity",
+    "atomic_save",
+    "atomic_write_json",
+    "build_optimizer",
+    "build_scheduler",
+    "load_checkpoint",
+    "prepare_run",
+    "progress_bar",
+    "resolve_device",
+    "seed_everything",
+    "standard_plugins",
+    "train",
+]

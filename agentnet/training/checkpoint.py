@@ -1,0 +1,217 @@
+"""Checkpoint files that never execute code, written atomically, guarded by a run-directory lock.
+
+* :func:`atomic_save` / :func:`atomic_write_json`: a unique temporary file per writer, then a rename,
+  so readers and concurrent writers never see half a file.
+* :func:`load_checkpoint`: ``torch.load(weights_only=True)``; state is tensors and plain containers.
+* :func:`config_differences`: the keys that would change training, checkpoint vs current config.
+* :class:`RunLock`: a run refuses a directory that a live run holds (``.agentnet.lock`` names its PID).
+* :func:`rng_state` / :func:`set_rng_state`: Python, NumPy and torch generators as plain values.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import random
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from agentnet.config import ConfigError
+
+__all__ = [
+    "CHECKPOINT",
+    "CheckpointError",
+    "RunDirectoryLockedError",
+    "atomic_save",
+    "atomic_write_json",
+    "load_checkpoint",
+    "config_differences",
+    "RunLock",
+    "rng_state",
+    "set_rng_state",
+]
+
+CHECKPOINT = "checkpoint.pt"
+LOCK = ".agentnet.lock"
+
+#: Config keys that may differ on resume: they do not change what is trained, or only extend it.
+RESUMABLE_KEYS = {
+    "trainer.epochs",
+    "trainer.max_steps",
+    "trainer.progress",
+    "trainer.log_every",
+    "trainer.checkpoint",
+    "trainer.checkpoint_every",
+    "trainer.tensorboard",
+    "trainer.record_activity",
+    "trainer.eval_batch_size",
+    "data.root",
+    "data.verify",
+    "benchmark.eval_every",
+}
+#: Top-level groups and keys compared on resume (device, threads, paths, experiment are free).
+COMPARED = ("strategy", "model", "data", "trainer", "benchmark", "cl", "seed")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used: unreadable, unsafe to unpickle, or from another config."""
+
+
+class RunDirectoryLockedError(RuntimeError):
+    """Another live run holds the output directory."""
+
+
+def _temporary(path: Path) -> Path:
+    return path.with_name(f"{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    """``torch.save`` to a temporary file unique to this writer, then rename over ``path``."""
+    tmp = _temporary(path)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_json(obj: Any, path: Path) -> None:
+    """Write JSON via a temporary file and a rename, so readers never see half a file."""
+    tmp = _temporary(path)
+    try:
+        tmp.write_text(json.dumps(obj, indent=2))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict:
+    """Load a checkpoint with ``weights_only=True``: a file that would run code is refused."""
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(
+            f"{path}: refused to load — it holds objects other than tensors and plain containers "
+            f"(a checkpoint never executes code; {first})"
+        ) from None
+    except (RuntimeError, EOFError, OSError) as exc:
+        raise CheckpointError(f"{path}: not a readable agentnet checkpoint ({exc})") from None
+
+
+def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(node, dict):
+        out: dict[str, Any] = {}
+        for key, value in node.items():
+            out.update(_flatten(value, f"{prefix}{key}."))
+        return out or {prefix.rstrip("."): {}}
+    return {prefix.rstrip("."): node}
+
+
+def config_differences(saved: dict, current: dict) -> list[str]:
+    """``key: checkpoint=<a>, this run=<b>`` for every training-relevant key that differs."""
+    diffs = []
+    a = {k: v for g in COMPARED for k, v in _flatten(saved.get(g), f"{g}.").items()}
+    b = {k: v for g in COMPARED for k, v in _flatten(current.get(g), f"{g}.").items()}
+    for key in sorted(set(a) | set(b)):
+        if key in RESUMABLE_KEYS:
+            continue
+        if a.get(key, "<absent>") != b.get(key, "<absent>"):
+            diffs.append(f"{key}: checkpoint={a.get(key, '<absent>')!r}, this run={b.get(key, '<absent>')!r}")
+    return diffs
+
+
+def check_resumable(saved: dict, current: dict, path: Path) -> None:
+    """Refuse a checkpoint whose config differs in a key that changes training."""
+    diffs = config_differences(saved, current)
+    if diffs:
+        raise ConfigError(
+            f"resume=true: {path} was written by a run with a different config; resuming would mix both. "
+            "Differences:\n  " + "\n  ".join(diffs) + "\nStart a fresh run (another output directory) or restore these values."
+        )
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class RunLock:
+    """Exclusive hold on a run directory for this process (``.agentnet.lock`` holds the PID).
+
+    A lock left by a dead process (``kill -9``) is taken over; one held by a live process is an error.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self.path = Path(directory) / LOCK
+        self._held = False
+
+    def acquire(self) -> "RunLock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                try:
+                    pid = int(self.path.read_text().strip() or 0)
+                except (OSError, ValueError):
+                    pid = 0
+                if pid and pid != os.getpid() and _pid_alive(pid):
+                    raise RunDirectoryLockedError(
+                        f"{self.path.parent} is in use by a live run (PID {pid}, lock file {self.path}); "
+                        "wait for it, or give this run another output directory"
+                    ) from None
+                self.path.unlink(missing_ok=True)  # stale: its process is gone (or it is ours)
+                continue
+            with os.fdopen(fd, "w") as fh:
+                fh.write(str(os.getpid()))
+            self._held = True
+            return self
+        raise RunDirectoryLockedError(f"could not take the lock {self.path}")
+
+    def release(self) -> None:
+        if self._held:
+            self.path.unlink(missing_ok=True)
+            self._held = False
+
+    def __enter__(self) -> "RunLock":
+        return self.acquire()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+
+def rng_state() -> dict:
+    """Python's, NumPy's and torch's global generator states as tensors and plain values."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {
+        "python": list(random.getstate()[1]) + [random.getstate()[0]],
+        "python_gauss": random.getstate()[2],
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "gauss": float(gauss)},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what :func:`rng_state` returned."""
+    values = state["python"]
+    random.setstate((values[-1], tuple(values[:-1]), state["python_gauss"]))
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

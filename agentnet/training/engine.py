@@ -1,0 +1,470 @@
+"""The one training loop: every kind of run — a single run, each continual-learning stage, the
+PettingZoo env in both action modes, the paper's grid experiments — steps through :class:`Trainer`.
+
+The loop only orchestrates: it draws mini-batches from a :class:`BatchStream`, asks the strategy
+for gradients, applies the update (the optimiser's, scaled per unit, or one supplied from outside),
+keeps the epoch accounting and checkpoints, and calls the plugins' hooks
+(:mod:`agentnet.training.plugins`). What the workers optimise is the strategy's; replay buffers,
+penalties, task-head masks and loggers are plugins.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+from torch import Tensor
+
+from agentnet.config import ConfigError, RunConfig
+from agentnet.data import ImageData, Split
+from agentnet.network import WorkerNetwork
+from agentnet.strategy import StepResult, Strategy
+from agentnet.training.checkpoint import (
+    CHECKPOINT,
+    CheckpointError,
+    atomic_save,
+    check_resumable,
+    load_checkpoint,
+    rng_state,
+    set_rng_state,
+)
+from agentnet.training.plugins import TrainerPlugin, progress_bar
+from agentnet.workers import lerp_update
+
+__all__ = ["NonFiniteLossError", "BatchStream", "Trainer", "build_optimizer", "build_scheduler"]
+
+log = logging.getLogger(__name__)
+
+#: Applies an update supplied from outside (the env's delta mode) in place of the optimiser step.
+ExternalUpdate = Callable[[WorkerNetwork], None]
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite; the last good checkpoint is left untouched."""
+
+
+def build_optimizer(params, cfg) -> torch.optim.Optimizer:
+    """The optimiser named by ``trainer.optimizer``."""
+    fused = cfg.fused or None  # None: torch's default (foreach on CUDA, a loop on CPU)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, fused=fused)
+    opt = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
+    return opt(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, fused=fused)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, kind: str, total_steps: int):
+    """The learning-rate schedule over ``total_steps`` optimiser steps (``None`` for ``none``)."""
+    total_steps = max(total_steps, 1)
+    if kind == "cosine":
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / total_steps)))
+    if kind == "step":
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.1 ** ((s >= total_steps // 2) + (s >= 3 * total_steps // 4)))
+    return None
+
+
+class BatchStream:
+    """Shuffled mini-batches over ``size`` examples, pass after pass; resumable mid-pass.
+
+    Each pass draws one permutation from ``generator`` on the host and moves it to the device;
+    ``gather(indices)`` turns a slice of it into ``(x, y)`` on the device (a plain index into a
+    split, or a continual stage's per-task transform). The last batch of a pass may be smaller.
+    """
+
+    def __init__(self, size: int, batch_size: int, generator: torch.Generator, gather: Callable[[Tensor], tuple[Tensor, Tensor]],
+                 device: torch.device) -> None:
+        if size <= 0:
+            raise ConfigError(f"the training data is empty ({size} examples); check data.subset and the benchmark")
+        self.size = size
+        self.batch_size = batch_size
+        self.generator = generator
+        self.gather = gather
+        self.device = device
+        self.steps_per_epoch = math.ceil(size / batch_size)
+        self.position = 0  # batches drawn in the current pass
+        self._perm: Tensor | None = None
+        self._pass_start = generator.get_state()
+
+    @property
+    def at_epoch_start(self) -> bool:
+        """No batch of the current pass has been drawn yet."""
+        return self._perm is None
+
+    @property
+    def at_epoch_end(self) -> bool:
+        """The last batch of the current pass has been drawn."""
+        return self._perm is not None and self.position == self.steps_per_epoch
+
+    def next(self) -> tuple[Tensor, Tensor]:
+        """The next mini-batch, starting a new pass when the last one is exhausted."""
+        if self._perm is None or self.position == self.steps_per_epoch:
+            self._pass_start = self.generator.get_state()
+            self._perm = torch.randperm(self.size, generator=self.generator).to(self.device)
+            self.position = 0
+        bs = self.batch_size
+        idx = self._perm[self.position * bs : (self.position + 1) * bs]
+        self.position += 1
+        return self.gather(idx)
+
+    def end_pass(self) -> None:
+        """Drop the rest of the current pass (the next batch starts a new permutation)."""
+        self._perm = None
+        self.position = 0
+
+    def batches(self, steps: int) -> Iterator[tuple[Tensor, Tensor]]:
+        """``steps`` consecutive mini-batches."""
+        for _ in range(steps):
+            yield self.next()
+
+    def state_dict(self) -> dict:
+        return {"pass_start": self._pass_start, "position": self.position, "in_pass": self._perm is not None}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Regenerate the interrupted pass's permutation from its generator state, then skip ahead."""
+        self.generator.set_state(state["pass_start"])
+        self._pass_start = state["pass_start"]
+        if state["in_pass"]:
+            self._perm = torch.randperm(self.size, generator=self.generator).to(self.device)
+            self.position = state["position"]
+        else:
+            self.end_pass()
+
+
+class Trainer:
+    """Runs a strategy: draw a batch, step, account, evaluate, checkpoint — calling plugin hooks.
+
+    ``data`` (a single run, the env) gives the stream of training batches and the test split
+    evaluated at every epoch's end; without it (continual stages) the caller makes streams with
+    :meth:`make_stream`, and ``total_steps`` sizes the learning-rate schedule.
+    """
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        model: WorkerNetwork,
+        strategy: Strategy,
+        data: ImageData | None,
+        output_dir: Path | None,
+        plugins: list[TrainerPlugin] | None = None,
+        total_steps: int | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.model = model
+        self.strategy = strategy
+        self.data = data
+        self.output_dir = output_dir
+        self.plugins = list(plugins or [])
+        keys = [p.state_key for p in self.plugins]
+        if len(set(keys)) != len(keys):
+            raise ValueError(f"plugins need distinct state keys, got {keys}")
+        self.device = next(model.parameters()).device
+        tcfg = cfg.trainer
+        if tcfg.channels_last:
+            # Conv weights (and, in the model, conv inputs) in NHWC: the fast layout for cuDNN/tensor cores.
+            model.to(memory_format=torch.channels_last)
+        # A fresh autocast context per use for trainer.amp=bf16; no context at all in full precision.
+        self._autocast = (
+            functools.partial(torch.autocast, self.device.type, torch.bfloat16) if tcfg.amp == "bf16" else contextlib.nullcontext
+        )
+        self.shuffle = torch.Generator().manual_seed(cfg.seed)
+        self.stream: BatchStream | None = None
+        self._pending_stream: dict | None = None
+        if data is not None:
+            train = data.train
+            self.stream = self.make_stream(len(train), lambda idx: (train.x[idx], train.y[idx]))
+        self.steps_per_epoch = self.stream.steps_per_epoch if self.stream is not None else 0
+        total = total_steps if total_steps is not None else tcfg.epochs * self.steps_per_epoch
+        self.total_steps = min(total, tcfg.max_steps) if tcfg.max_steps else total
+        self.optimizer = build_optimizer(model.parameters(), tcfg)
+        self.scheduler = build_scheduler(self.optimizer, tcfg.lr_schedule, self.total_steps)
+        self.epoch = 0  # epochs completed
+        self.step = 0  # optimiser steps taken
+        self.history: list[dict] = []
+        self.train_seconds = 0.0
+        self.samples_seen = 0
+        self.resumed_from: str | None = None
+        self._reset_running()
+
+    # -- the step ------------------------------------------------------------------------------
+    def train_step(
+        self,
+        x: Tensor,
+        y: Tensor,
+        update_scale: list[Tensor | None] | None = None,
+        update: ExternalUpdate | None = None,
+    ) -> StepResult:
+        """One step of the strategy on one mini-batch, with every plugin hook.
+
+        ``update_scale`` (per layer of ``[*model.hidden, model.output]``, per unit) multiplies the
+        update each unit's incoming weights receive, on top of any scale the strategy sets.
+        ``update`` replaces the optimiser step with an update supplied from outside (the env's delta
+        mode); the strategy's gradients stay in ``.grad`` for the caller to inspect.
+        """
+        fresh = len(y)
+        for plugin in self.plugins:
+            x, y = plugin.adapt_batch(self, x, y)
+        for plugin in self.plugins:
+            plugin.before_step(self, x, y)
+        self.optimizer.zero_grad(set_to_none=True)
+        with self._autocast():  # forward (and the strategy's losses) in bf16 when trainer.amp=bf16
+            result = self.strategy.compute(x, y)
+        self.strategy.backward(result)
+        result.fresh = fresh
+        for plugin in self.plugins:
+            plugin.after_backward(self, result)
+        if update is not None:
+            with torch.no_grad():
+                update(self.model)
+        else:
+            scales = _combine_scales(result.update_scale, update_scale)
+            if scales is None:
+                self.optimizer.step()
+            else:
+                self._scaled_step(scales)
+        if self.scheduler is not None:
+            self.scheduler.step()
+        self.step += 1
+        for plugin in self.plugins:
+            plugin.after_step(self, x, y, result)
+        return result
+
+    def _scaled_step(self, scales: list[Tensor | None]) -> None:
+        """Optimiser step, then each unit's update scaled (see :func:`agentnet.workers.lerp_update`)."""
+        layers = [(layer, s) for layer, s in zip([*self.model.hidden, self.model.output], scales) if s is not None]
+        before = [[p.detach().clone() for p in layer.parameters()] for layer, _ in layers]
+        self.optimizer.step()
+        for (layer, scale), olds in zip(layers, before):
+            lerp_update(layer, olds, scale)
+
+    # -- the loop ------------------------------------------------------------------------------
+    def make_stream(self, size: int, gather: Callable[[Tensor], tuple[Tensor, Tensor]]) -> BatchStream:
+        """A batch stream on this trainer's seeded shuffle generator; a resumed run continues the
+        interrupted stream where it stopped."""
+        stream = BatchStream(size, self.cfg.trainer.batch_size, self.shuffle, gather, self.device)
+        if self._pending_stream is not None:
+            stream.load_state_dict(self._pending_stream)
+            self._pending_stream = None
+        self.stream = stream
+        return stream
+
+    def run(
+        self,
+        stream: BatchStream,
+        steps: int,
+        label: str = "",
+        update_scale: list[Tensor | None] | None = None,
+        update: ExternalUpdate | None = None,
+    ) -> StepResult | None:
+        """``steps`` training steps on ``stream``: the loop every kind of run uses.
+
+        Opens and closes epochs as the stream's passes start and end (``before_epoch`` /
+        ``after_epoch``, evaluation, checkpoint), checks the loss every ``trainer.log_every`` steps,
+        and checkpoints every ``trainer.checkpoint_every`` steps. Returns the last step's result.
+        """
+        tcfg = self.cfg.trainer
+        self.stream = stream
+        bar = progress_bar(steps, label or self.strategy.name, True) if tcfg.progress and steps > 1 else None
+        result = None
+        start = time.perf_counter()
+        for _ in range(steps):
+            if stream.at_epoch_start or stream.at_epoch_end:
+                self._begin_epoch()
+            x, y = stream.next()
+            result = self.train_step(x, y, update_scale, update)
+            self._loss_sum += result.loss.detach() * len(y)
+            self._correct += (self.model.predict(result.logits.detach()[: result.fresh]) == y[: result.fresh]).sum()
+            self._seen += len(y)
+            if self.step % tcfg.log_every == 0:
+                self.check_finite(f"at step {self.step}")
+                if bar is not None:
+                    bar.set_postfix(loss=f"{self._loss_sum.item() / self._seen:.4f}", acc=f"{self._correct.item() / self._seen:.4f}")
+            if bar is not None:
+                bar.update(1)
+            if stream.at_epoch_end:
+                self._epoch_seconds += time.perf_counter() - start
+                start = time.perf_counter()
+                self.end_epoch()
+            elif tcfg.checkpoint_every and self.step % tcfg.checkpoint_every == 0:
+                self._epoch_seconds += time.perf_counter() - start
+                start = time.perf_counter()
+                self.save_checkpoint()
+        self._epoch_seconds += time.perf_counter() - start
+        if bar is not None:
+            bar.close()
+        return result
+
+    def close_epoch(self) -> None:
+        """End a pass cut short (``max_steps``, a continual stage's step budget) as an epoch."""
+        if self.stream is not None and not (self.stream.at_epoch_start or self.stream.at_epoch_end):
+            self.stream.end_pass()
+            self.end_epoch()
+
+    def fit(self) -> list[dict]:
+        """A single run: the configured epochs (or ``max_steps``) over ``data.train``."""
+        for plugin in self.plugins:
+            plugin.before_run(self)
+        remaining = self.total_steps - self.step
+        if remaining > 0:
+            self.run(self.stream, remaining, f"{self.strategy.name}")
+        self.close_epoch()
+        for plugin in self.plugins:
+            plugin.after_run(self)
+        return self.history
+
+    def _reset_running(self) -> None:
+        self._loss_sum = torch.zeros((), device=self.device)
+        self._correct = torch.zeros((), device=self.device)
+        self._seen = 0
+        self._epoch_seconds = 0.0
+
+    def _begin_epoch(self) -> None:
+        self._reset_running()
+        for plugin in self.plugins:
+            plugin.before_epoch(self)
+
+    def end_epoch(self) -> dict:
+        """Close an epoch: strategy hook, test evaluation (with ``data``), history entry, plugins, checkpoint."""
+        self.check_finite(f"in epoch {self.epoch + 1}")
+        seen = max(self._seen, 1)
+        self.train_seconds += self._epoch_seconds
+        self.samples_seen += self._seen
+        self.strategy.on_epoch_end()
+        self.epoch += 1
+        entry = {
+            "epoch": self.epoch,
+            "step": self.step,
+            "train_loss": self._loss_sum.item() / seen,
+            "train_acc_running": self._correct.item() / seen,
+        }
+        if self.data is not None:
+            test = self.evaluate(self.data.test)
+            entry.update(test_acc=test["acc"], test_loss=test["loss"])
+        entry.update(lr=self.optimizer.param_groups[0]["lr"], epoch_s=self._epoch_seconds)
+        self.history.append(entry)
+        self._reset_running()
+        log.info("epoch %d: %s", self.epoch, json.dumps({k: round(v, 5) for k, v in entry.items()}))
+        for plugin in self.plugins:
+            plugin.after_epoch(self, entry)
+        self.save_checkpoint()
+        return entry
+
+    def check_finite(self, where: str) -> None:
+        """Stop with :class:`NonFiniteLossError` if this epoch's running loss is NaN or infinite."""
+        if not torch.isfinite(self._loss_sum).item():
+            path = self.checkpoint_path
+            kept = (
+                f"last good checkpoint: {path} (epoch {self.epoch})" if path is not None and path.exists() else "no checkpoint was written yet"
+            )
+            raise NonFiniteLossError(f"training loss became non-finite {where}; stopped. {kept}")
+
+    # -- evaluation ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, split: Split) -> dict[str, float]:
+        """Accuracy and global loss of the model on ``split``."""
+        correct = torch.zeros((), device=self.device)
+        loss = torch.zeros((), device=self.device)
+        bs = self.cfg.trainer.eval_batch_size
+        for start in range(0, len(split), bs):
+            x, y = split.x[start : start + bs], split.y[start : start + bs]
+            with self._autocast():
+                logits = self.model(x)
+            loss += self.model.global_loss(logits, y) * len(y)
+            correct += (self.model.predict(logits) == y).sum()
+        n = max(len(split), 1)
+        return {"acc": correct.item() / n, "loss": loss.item() / n}
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    @property
+    def checkpoint_path(self) -> Path | None:
+        return None if self.output_dir is None else self.output_dir / CHECKPOINT
+
+    def state_dict(self) -> dict:
+        """Everything a resumed run needs to continue exactly: tensors and plain containers only."""
+        return {
+            "format": 2,
+            "config": dataclasses.asdict(self.cfg),
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
+            "strategy": self.strategy.state_dict(),
+            "plugins": {p.state_key: p.state_dict() for p in self.plugins},
+            "shuffle": self.shuffle.get_state(),
+            "stream": None if self.stream is None else self.stream.state_dict(),
+            "rng": rng_state(),
+            "epoch": self.epoch,
+            "step": self.step,
+            "history": self.history,
+            "train_seconds": self.train_seconds,
+            "samples_seen": self.samples_seen,
+            "running": {"loss_sum": self._loss_sum, "correct": self._correct, "seen": self._seen, "seconds": self._epoch_seconds},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None and state["scheduler"] is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        self.strategy.load_state_dict(state["strategy"])
+        saved_plugins = state["plugins"]
+        for plugin in self.plugins:
+            if plugin.state_key in saved_plugins:
+                plugin.load_state_dict(saved_plugins[plugin.state_key])
+        self.shuffle.set_state(state["shuffle"])
+        set_rng_state(state["rng"])
+        self.epoch, self.step = state["epoch"], state["step"]
+        self.history = state["history"]
+        self.train_seconds, self.samples_seen = state["train_seconds"], state["samples_seen"]
+        running = state["running"]
+        self._loss_sum = running["loss_sum"].to(self.device)
+        self._correct = running["correct"].to(self.device)
+        self._seen, self._epoch_seconds = running["seen"], running["seconds"]
+        if state["stream"] is not None:
+            if self.stream is not None and self.data is not None:
+                self.stream.load_state_dict(state["stream"])
+            else:  # a continual stage's stream: applied when the runner makes it
+                self._pending_stream = state["stream"]
+
+    def save_checkpoint(self) -> None:
+        """Write ``checkpoint.pt`` atomically (when checkpointing is on and there is an output
+        directory); a non-finite running loss stops the run first, keeping the last good one."""
+        if not self.cfg.trainer.checkpoint or self.output_dir is None:
+            return
+        self.check_finite(f"before the checkpoint at step {self.step}")
+        atomic_save(self.state_dict(), self.checkpoint_path)
+
+    def resume(self, directory: Path) -> bool:
+        """Continue from ``<directory>/checkpoint.pt`` if it exists; ``False`` (and a warning) if not.
+
+        The checkpoint is loaded without executing code and refused if its config differs from this
+        run's in a key that changes training (growing ``trainer.epochs`` / ``max_steps`` is fine).
+        """
+        path = Path(directory) / CHECKPOINT
+        if not path.is_file():
+            log.warning("resume=true but there is no checkpoint at %s; starting from scratch", path)
+            return False
+        state = load_checkpoint(path, self.device)
+        if not isinstance(state, dict) or state.get("format") != 2:
+            raise CheckpointError(f"{path}: not an agentnet checkpoint of this version (no format 2 marker)")
+        check_resumable(state["config"], dataclasses.asdict(self.cfg), path)
+        if state["epoch"] > self.cfg.trainer.epochs:
+            raise ConfigError(
+                f"trainer.epochs={self.cfg.trainer.epochs}: the checkpoint at {path} has already completed {state['epoch']} epochs"
+            )
+        self.load_state_dict(state)
+        self.resumed_from = str(path)
+        log.info("resumed from %s at epoch %d, step %d", path, self.epoch, self.step)
+        return True
+
+
+def _combine_scales(a: list | None, b: list | None) -> list | None:
+    """Multiply two optional per-layer scale lists (``None`` entries mean 1)."""
+    if a is None or b is None:
+        return a if b is None else b
+    return [y if x is None else x if y is None else x * y for x, y in zip(a, b)]

@@ -1,0 +1,147 @@
+"""Trainer plugins: behaviour around the one training loop, each with named hooks and its own state.
+
+The engine (:class:`agentnet.training.engine.Trainer`) only orchestrates; it calls these hooks in
+order for every plugin in its list (Avalanche's template/plugin split):
+
+``before_run`` · ``before_task`` · ``before_epoch`` · ``adapt_batch`` · ``before_step`` ·
+``after_backward`` · ``after_step`` · ``after_epoch`` · ``after_task`` · ``after_run``
+
+Task hooks fire only in continual-learning runs. A plugin that keeps state across steps returns it
+from ``state_dict`` (tensors and plain containers only: checkpoints are loaded with
+``weights_only=True``) and takes it back in ``load_state_dict``; the checkpoint stores it under the
+plugin's ``state_key``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from tqdm import tqdm
+
+from agentnet.strategy import StepResult
+
+if TYPE_CHECKING:
+    from agentnet.training.engine import Trainer
+
+__all__ = ["TrainerPlugin", "WorkerActivity", "TensorBoardLogger", "progress_bar"]
+
+
+class TrainerPlugin:
+    """Named hooks the trainer calls; override the ones you need. Every hook is a no-op here."""
+
+    @property
+    def state_key(self) -> str:
+        """Key of this plugin's state in a checkpoint (unique among a run's plugins)."""
+        return type(self).__name__
+
+    def before_run(self, trainer: "Trainer") -> None:
+        """Once, before the first step of a run (also after a resume)."""
+
+    def before_task(self, trainer: "Trainer", stream: Any, task: Any) -> None:
+        """Before training on ``task`` of the continual ``stream`` (not re-fired on a mid-task resume)."""
+
+    def before_epoch(self, trainer: "Trainer") -> None:
+        """Before the first step of each pass over the data."""
+
+    def adapt_batch(self, trainer: "Trainer", x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Change the mini-batch before the step. Added examples go *after* the fresh ones: the loop
+        counts (accuracy, samples seen) only the ``len(y)`` examples the data stream gave."""
+        return x, y
+
+    def before_step(self, trainer: "Trainer", x: torch.Tensor, y: torch.Tensor) -> None:
+        """Before the forward pass, with the (adapted) batch."""
+
+    def after_backward(self, trainer: "Trainer", result: StepResult) -> None:
+        """After the strategy wrote ``.grad``, before the update (add penalty gradients here)."""
+
+    def after_step(self, trainer: "Trainer", x: torch.Tensor, y: torch.Tensor, result: StepResult) -> None:
+        """After the update was applied."""
+
+    def after_epoch(self, trainer: "Trainer", entry: dict) -> None:
+        """After an epoch closed; ``entry`` is its history entry."""
+
+    def after_task(self, trainer: "Trainer", stream: Any, task: Any) -> None:
+        """After training on ``task`` (consolidate importances, fill buffers...)."""
+
+    def after_run(self, trainer: "Trainer") -> None:
+        """Once, after the last step."""
+
+    def state_dict(self) -> dict:
+        """State to checkpoint (tensors and plain containers)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Take back what :meth:`state_dict` returned."""
+
+
+class WorkerActivity(TrainerPlugin):
+    """Per-step worker activity: mean |change| of each worker's output on the batch caused by the update.
+
+    The LFNN paper's Fig. 5. Costs two extra no-grad forwards per step, so it is off by default.
+    ``steps[i]`` is a list over hidden layers of ``(W,)`` tensors; ``leaders[i]`` the leader masks
+    of that step (``None`` for strategies without leaders).
+    """
+
+    def __init__(self) -> None:
+        self.steps: list[list[torch.Tensor]] = []
+        self.leaders: list[list[torch.Tensor | None]] = []
+        self._before = None
+
+    @torch.no_grad()
+    def before_step(self, trainer: "Trainer", x: torch.Tensor, y: torch.Tensor) -> None:
+        self._before = trainer.model.forward_record(x)
+
+    @torch.no_grad()
+    def after_step(self, trainer: "Trainer", x: torch.Tensor, y: torch.Tensor, result: StepResult) -> None:
+        after = trainer.model.forward_record(x)
+        self.steps.append([(a.workers - b.workers).abs().mean((0, 2)).cpu() for a, b in zip(after.layers, self._before.layers)])
+        layers = result.record.layers if result.record is not None else [None] * len(after.layers)
+        self.leaders.append([None if r is None or r.leaders is None else r.leaders.cpu() for r in layers])
+
+    def state_dict(self) -> dict:
+        return {"steps": self.steps, "leaders": self.leaders}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.steps, self.leaders = state["steps"], state["leaders"]
+
+
+class TensorBoardLogger(TrainerPlugin):
+    """Writes each epoch's history entry, and each task's accuracies, as scalars to ``<output>/tensorboard``."""
+
+    def __init__(self, directory: Path) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(str(directory))
+
+    @staticmethod
+    def available() -> bool:
+        """Whether the ``tensorboard`` package is installed."""
+        return importlib.util.find_spec("tensorboard") is not None
+
+    def after_epoch(self, trainer: "Trainer", entry: dict) -> None:
+        for key, value in entry.items():
+            if key != "epoch" and isinstance(value, (int, float)):
+                self.writer.add_scalar(key, value, trainer.step)
+        self.writer.flush()
+
+    def after_run(self, trainer: "Trainer") -> None:
+        self.writer.close()
+
+
+def progress_bar(total: int, desc: str, enabled: bool) -> tqdm:
+    """The progress bar of a run. In a parallel Hydra sweep each job gets its own terminal line."""
+    position = None
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        hydra_cfg = HydraConfig.get()
+        if hydra_cfg.mode == RunMode.MULTIRUN:
+            position = int(hydra_cfg.job.num) % max(os.cpu_count() or 1, 1)
+    except (ImportError, ValueError):
+        pass
+    return tqdm(total=total, desc=desc, disable=not enabled, leave=False, dynamic_ncols=True, position=position)

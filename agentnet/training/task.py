@@ -1,0 +1,147 @@
+"""The single-run task: ``train(cfg) -> metrics``, the pure function behind ``agentnet`` without a
+benchmark, plus what every task starts with (device, seeds, data, output directory, plugins)."""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+
+from agentnet import plots
+from agentnet.config import ConfigError, RunConfig, check
+from agentnet.data import ImageData, load_dataset
+from agentnet.network import build_model
+from agentnet.paths import output_dir_of
+from agentnet.registry import build_strategy, to_run_config
+from agentnet.training.checkpoint import RunLock, atomic_write_json
+from agentnet.training.engine import Trainer
+from agentnet.training.plugins import TensorBoardLogger, TrainerPlugin, WorkerActivity
+
+__all__ = ["resolve_device", "seed_everything", "prepare_run", "standard_plugins", "resume_info", "train"]
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when available; ``cuda`` without a GPU is a clear error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device={name!r}: CUDA is not available on this machine; use device=cpu or auto")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (CPU and CUDA)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def prepare_run(cfg: DictConfig | RunConfig | dict, data: ImageData | None = None) -> tuple[RunConfig, torch.device, Path, ImageData]:
+    """What every task starts with: the validated config, its device and output directory (created),
+    and the dataset on that device (loaded unless ``data`` is given) cut to ``data.subset`` /
+    ``data.test_subset`` — a subset larger than the split is an error, never silently everything."""
+    run = to_run_config(cfg)
+    device = resolve_device(run.device)
+    out = output_dir_of(run.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if data is None:
+        data = load_dataset(run.data.name, run.data.root, device, verify=run.data.verify, normalize=run.data.normalize)
+    if run.model.conv:
+        check(
+            run.model.in_channels == data.channels,
+            "model.in_channels",
+            run.model.in_channels,
+            f"data.name={run.data.name} has {data.channels}-channel images",
+        )
+    for key, split in (("subset", data.train), ("test_subset", data.test)):
+        value = getattr(run.data, key)
+        check(value is None or value <= len(split), f"data.{key}", value,
+              f"larger than the {len(split)} examples of {run.data.name}'s {'training' if key == 'subset' else 'test'} split")
+    gen = torch.Generator().manual_seed(run.seed)
+    data = ImageData(
+        train=data.train.subset(run.data.subset, gen),
+        test=data.test.subset(run.data.test_subset),
+        num_classes=data.num_classes,
+        channels=data.channels,
+    )
+    return run, device, out, data
+
+
+def standard_plugins(run: RunConfig, out: Path) -> tuple[list[TrainerPlugin], WorkerActivity | None]:
+    """The plugins every kind of run gets from ``trainer.*``: worker activity and TensorBoard."""
+    plugins: list[TrainerPlugin] = []
+    activity = WorkerActivity() if run.trainer.record_activity else None
+    if activity is not None:
+        plugins.append(activity)
+    if run.trainer.tensorboard and TensorBoardLogger.available():
+        plugins.append(TensorBoardLogger(out / "tensorboard"))
+    return plugins, activity
+
+
+def resume_info(run: RunConfig, trainer: Trainer, out: Path) -> dict[str, Any] | None:
+    """Continue from the run's checkpoint when ``resume=true``; what happened, for the metrics file."""
+    if not run.resume:
+        return None
+    directory = Path(run.resume_from) if run.resume_from else out
+    if trainer.resume(directory):
+        return {"from": trainer.resumed_from, "step": trainer.step, "epoch": trainer.epoch}
+    return {"from": None, "note": f"resume=true but there was no checkpoint at {directory / 'checkpoint.pt'}; started from scratch"}
+
+
+def train(cfg: DictConfig | RunConfig | dict, data: ImageData | None = None) -> dict[str, Any]:
+    """Train and evaluate one configuration; write ``metrics.json`` (and plots) to the output directory.
+
+    ``data`` lets callers that run several configurations share one loaded dataset.
+    Returns the metrics dictionary that was written.
+    """
+    wall_start = time.perf_counter()
+    run, device, out, data = prepare_run(cfg, data)
+    with RunLock(out):
+        seed_everything(run.seed)
+        model = build_model(run.model, data.input_dim, data.num_classes, run.seed).to(device)
+        strategy = build_strategy(run.strategy, model)
+        plugins, activity = standard_plugins(run, out)
+        trainer = Trainer(run, model, strategy, data, out, plugins)
+        resumed = resume_info(run, trainer, out)
+        trainer.fit()
+
+        test = trainer.evaluate(data.test)
+        train_eval = trainer.evaluate(data.train)
+        metrics: dict[str, Any] = {
+            "strategy": strategy.name,
+            "model": run.model.name,
+            "seed": run.seed,
+            "device": str(device),
+            "test_acc": test["acc"],
+            "test_error": 100.0 * (1.0 - test["acc"]),
+            "test_loss": test["loss"],
+            "train_acc": train_eval["acc"],
+            "train_error": 100.0 * (1.0 - train_eval["acc"]),
+            "train_loss": train_eval["loss"],
+            "final_train_loss": trainer.history[-1]["train_loss"] if trainer.history else float("nan"),
+            "num_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            "epochs": trainer.epoch,
+            "steps": trainer.step,
+            "samples_per_s": trainer.samples_seen / trainer.train_seconds if trainer.train_seconds else 0.0,
+            "wall_s": time.perf_counter() - wall_start,
+            "history": trainer.history,
+            "config": {"strategy": asdict(run.strategy), "model": asdict(run.model), "trainer": asdict(run.trainer)},
+        }
+        if resumed is not None:
+            metrics["resumed"] = resumed
+        selection = strategy.selection
+        if selection is not None:
+            metrics["leadership_counts"] = [c.cpu().tolist() for c in selection.counts]
+            metrics["leadership_epoch_counts"] = [[c.tolist() for c in layer] for layer in selection.epoch_counts]
+        atomic_write_json(metrics, out / "metrics.json")
+        plots.write_run_plots(out, trainer.history, selection, activity)
+    return metrics
