@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -11,10 +12,13 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
 
 from agentnet.paths import CONFIG_DIR
 from agentnet.config import ConfigError
-from agentnet.registry import STRATEGIES, UnknownNameError
+from agentnet.config import DataConfig, ModelConfig, TrainerConfig
+from agentnet.network import WorkerNetwork
+from agentnet.registry import CL_METHODS, EXPERIMENTS, STRATEGIES, UnknownNameError, build_strategy
 from agentnet.registry import to_run_config
 from tests.conftest import REPO, compose_config, data_root
 
@@ -26,7 +30,7 @@ GROUPS = {
 
 @pytest.mark.parametrize("group,option", [(g, o) for g, opts in GROUPS.items() for o in opts])
 def test_every_group_option_composes_and_validates(group, option):
-    cfg = compose_config(f"{group}={option}")
+    cfg = compose_config(f"{group}={option}", *(["benchmark=pmnist_quick"] if group == "cl" else []))
     run = to_run_config(cfg)
     if group == "strategy":
         assert run.strategy.name == option and type(run.strategy) is STRATEGIES.get(option).Config
@@ -38,6 +42,61 @@ def test_every_group_option_composes_and_validates(group, option):
         with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
             full = compose("config", overrides=[f"hydra/launcher={option}"], return_hydra_config=True)
         assert full.hydra.launcher._target_.startswith("hydra_plugins.")
+
+
+PLUGIN_GROUPS = {"strategy": STRATEGIES, "cl": CL_METHODS, "experiment": EXPERIMENTS}
+
+
+@pytest.mark.parametrize(
+    "group,option",
+    [(g, o) for g in ("strategy", "cl", "trainer", "data", "experiment") for o in sorted(p.stem for p in (REPO / "configs" / g).glob("*.yaml"))],
+)
+def test_yaml_presets_only_select_their_dataclass_defaults(group, option):
+    """One source of defaults: a plugin/trainer/data yaml composes to exactly its dataclass's defaults."""
+    extra = ["benchmark=pmnist_quick"] if group == "cl" else []
+    node = OmegaConf.to_container(compose_config(f"{group}={option}", *extra)[group], resolve=True)
+    if group in PLUGIN_GROUPS:
+        expected = dataclasses.asdict(PLUGIN_GROUPS[group].get(option).Config(name=option))
+    else:
+        schema = {"trainer": TrainerConfig, "data": DataConfig}[group]
+        expected = dataclasses.asdict(schema(**({"name": option} if group == "data" else {})))
+    assert node == expected
+
+
+@pytest.mark.parametrize("name", ["bp", "lfnn", "lfnn_local", "attention"])
+def test_python_api_env_and_cli_build_the_same_strategy(name):
+    from envs import neural_collective_v0
+
+    cli = to_run_config(compose_config(f"strategy={name}")).strategy
+    api = build_strategy(name, WorkerNetwork(784, 10, ModelConfig(hidden=[20], worker_size=10))).cfg
+    env_cfg = neural_collective_v0.run_config(strategy=name).strategy
+    assert cli == api == env_cfg == STRATEGIES.config({"name": name})
+    if name == "lfnn":
+        assert (cli.lambda1, cli.lambda2) == (0.1, 0.1)
+    if name == "lfnn_local":
+        assert (cli.lambda1, cli.lambda2) == (1.0, 1.0)
+
+
+def test_experiment_group_needs_no_plus():
+    run = to_run_config(compose_config("experiment=lfnn_table1_mnist"))
+    assert run.experiment.name == "lfnn_table1_mnist" and "cnn_mnist_438k" in run.experiment.models
+
+
+def test_import_contracts_hold():
+    """Imports point one way (pyproject.toml's import-linter contracts); the library never imports the CLI."""
+    lint = Path(sys.executable).parent / "lint-imports"
+    proc = subprocess.run([str(lint), "--no-cache"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert "Contracts: " in proc.stdout and " broken" in proc.stdout
+
+
+def test_cl_without_benchmark_and_oversized_subset_are_errors(tmp_path):
+    with pytest.raises(ConfigError, match="cl.name='ewc'.*benchmark"):
+        to_run_config(compose_config("cl=ewc"))
+    from agentnet.training import prepare_run
+
+    with pytest.raises(ConfigError, match="data.subset=100000.*60000"):
+        prepare_run(compose_config("data.subset=100000", f"data.root={data_root()}", "device=cpu", f"output_dir={tmp_path}"))
 
 
 def test_builtin_strategies_registered():
@@ -108,44 +167,61 @@ def test_cli_bad_config_exits_nonzero_with_field(tmp_path):
     assert "model.worker_size=7" in proc.stderr + proc.stdout
 
 
+def test_cli_uncaught_exception_writes_error_txt(tmp_path):
+    """A failure nobody anticipated still leaves error.txt (with its traceback) and exits non-zero."""
+    out = tmp_path / "run"
+    proc = _run_cli("model=cnn_mnist_438k", "strategy=attention", "device=cpu", f"output_dir={out}",
+                    f"hydra.run.dir={tmp_path / 'hydra'}", cwd=tmp_path)
+    assert proc.returncode == 1
+    error = (out / "error.txt").read_text()
+    assert "Traceback" in error and "strategy=attention" in error
+
+
 def test_cli_missing_data_explains_fetch(tmp_path):
     proc = _run_cli(f"data.root={tmp_path / 'empty'}", f"hydra.run.dir={tmp_path}", cwd=tmp_path)
     assert proc.returncode == 1
     assert "agentnet-fetch-mnist" in proc.stderr + proc.stdout
 
 
-def _sweep(tmp_path, launcher: str, *extra: str) -> Path:
+def _sweep(tmp_path, launcher: str, *extra: str, failures: int = 0) -> Path:
     sweep = tmp_path / "sweep"
     proc = _run_cli(
         "-m", f"hydra/launcher={launcher}", "data.subset=1500", "data.test_subset=500", "trainer.epochs=1",
         "trainer.progress=false", "device=cpu", "threads=1", f"hydra.sweep.dir={sweep}", *extra, cwd=tmp_path,
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    if failures:  # every job ran; the sweep as a whole says it failed
+        assert proc.returncode == 1, proc.stderr[-3000:]
+        assert f"{failures} job(s) of the sweep failed" in proc.stderr
+    else:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "ConfigStore schema with the same name" not in proc.stderr + proc.stdout
     return sweep
 
 
-def _report(sweep: Path) -> str:
-    proc = subprocess.run([sys.executable, "-m", "agentnet.sweep_report", str(sweep)], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
+def _report(sweep: Path, *flags: str, rc: int = 0) -> str:
+    proc = subprocess.run([sys.executable, "-m", "agentnet.sweep_report", str(sweep), *flags], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == rc, proc.stderr
     assert (sweep / "summary.md").is_file() and (sweep / "summary.csv").is_file() and (sweep / "summary.png").is_file()
     return proc.stdout
 
 
 def test_real_multirun_basic_launcher_and_report(tmp_path):
     """2 strategies x 1 seed plus one invalid job: the failure is reported and hides nothing."""
-    sweep = _sweep(tmp_path, "basic", "strategy=lfnn", "strategy.delta=0.5,1.5,0.3")
+    sweep = _sweep(tmp_path, "basic", "strategy=lfnn", "strategy.delta=0.5,1.5,0.3", failures=1)
     found = sorted(json.loads(p.read_text())["config"]["strategy"]["delta"] for p in sweep.glob("*/metrics.json"))
     assert found == [0.3, 0.5]
-    report = _report(sweep)
+    assert "strategy.delta=1.5" in next(sweep.glob("*/error.txt")).read_text()
+    assert "Failed jobs" in _report(sweep, rc=1)  # a report listing failed jobs exits non-zero...
+    report = _report(sweep, "--allow-failed")  # ...unless asked not to
     assert "strategy.delta=0.5 | 1 | 0 |" in report and "strategy.delta=0.3 | 1 | 0 |" in report
     assert "strategy.delta=1.5 | 1 | 1 |" in report and "Failed jobs" in report and "strategy.delta=1.5" in report
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("launcher", ["joblib", "submitit_local"])
+@pytest.mark.parametrize("launcher", ["local", "local_submitit"])
 def test_real_multirun_through_launcher(tmp_path, launcher):
     sweep = _sweep(tmp_path, launcher, "strategy=bp,lfnn_local", "benchmark=pmnist_quick", "benchmark.num_tasks=2",
-                   "benchmark.iterations_per_task=30", "hydra.launcher.n_jobs=2" if launcher == "joblib" else "hydra.launcher.timeout_min=10")
+                   "benchmark.iterations_per_task=30", "hydra.launcher.n_jobs=2" if launcher == "local" else "hydra.launcher.timeout_min=10")
     assert len(list(sweep.glob("*/cl_metrics.json"))) == 2
     report = _report(sweep)
     assert "strategy=bp" in report and "strategy=lfnn_local" in report and "ACC (%)" in report

@@ -17,16 +17,15 @@ from __future__ import annotations
 import importlib.util
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from tqdm import tqdm
 
 from agentnet.strategy import StepResult
 
-if TYPE_CHECKING:
-    from agentnet.training.engine import Trainer
-
+# Hooks receive the agentnet.training.engine.Trainer that calls them; annotated by name only, so
+# this module does not import the engine that imports it.
 __all__ = ["TrainerPlugin", "WorkerActivity", "TensorBoardLogger", "progress_bar"]
 
 
@@ -125,7 +124,7 @@ class TensorBoardLogger(TrainerPlugin):
     def after_epoch(self, trainer: "Trainer", entry: dict) -> None:
         for key, value in entry.items():
             if key != "epoch" and isinstance(value, (int, float)):
-                self.writer.add_scalar(key, value, trainer.step)
+                self.writer.add_scalar(key, value, trainer.epoch)
         self.writer.flush()
 
     def after_run(self, trainer: "Trainer") -> None:
