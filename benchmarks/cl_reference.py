@@ -18,14 +18,12 @@ import statistics
 import sys
 from pathlib import Path
 
-from hydra import compose, initialize_config_dir
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from agentnet.paths import CONFIG_DIR  # noqa: E402
 from agentnet.continual.runner import run_continual  # noqa: E402
 from agentnet.data import load_mnist  # noqa: E402
-from agentnet.registry import to_run_config  # noqa: E402
+from agentnet.registry import compose, to_run_config  # noqa: E402
 from agentnet.training import resolve_device  # noqa: E402
 
 #: Published domain-IL permuted-MNIST ACC (%) (van de Ven, Tuytelaars & Tolias 2022).
@@ -35,12 +33,11 @@ PUBLISHED = {"none": 78.51, "ewc": 94.31, "online_ewc": 94.42, "si": 95.33, "joi
 def _runs(strategy: str, method: str, seeds: list[str], args, data) -> list[dict]:
     results = []
     for seed in seeds:
-        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-            cfg = compose("config", overrides=[
-                "benchmark=pmnist_vdv", f"strategy={strategy}", f"cl={method}", f"seed={seed}",
-                f"benchmark.iterations_per_task={args.iterations}", f"output_dir={args.out}/{strategy}_{method}_s{seed}",
-                "trainer.progress=false", *args.overrides,
-            ])
+        cfg = compose([
+            "benchmark=pmnist_vdv", f"strategy={strategy}", f"cl={method}", f"seed={seed}",
+            f"benchmark.iterations_per_task={args.iterations}", f"output_dir={args.out}/{strategy}_{method}_s{seed}",
+            "trainer.progress=false", *args.overrides,
+        ])
         run = to_run_config(cfg)
         results.append(run_continual(run, data=data))
         r = results[-1]

@@ -22,15 +22,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from hydra import compose, initialize_config_dir
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from agentnet.paths import CONFIG_DIR  # noqa: E402
 from agentnet.data import load_mnist  # noqa: E402
 from agentnet.network import build_model  # noqa: E402
-from agentnet.registry import build_strategy  # noqa: E402
+from agentnet.registry import compose, build_strategy  # noqa: E402
 from agentnet.registry import to_run_config  # noqa: E402
 from agentnet.training import Trainer, resolve_device  # noqa: E402
 
@@ -86,9 +84,7 @@ def raw_torch_step(model_cfg, device, channels_last: bool = False, amp: bool = F
 
 
 def framework_step(strategy_overrides: list[str], model: str, device, data, gpu_overrides: list[str]):
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose("config", overrides=[*strategy_overrides, f"model={model}", "trainer.lr_schedule=none",
-                                           "trainer.checkpoint=false", *gpu_overrides])
+    cfg = compose([*strategy_overrides, f"model={model}", "trainer.lr_schedule=none", "trainer.checkpoint=false", *gpu_overrides])
     run = to_run_config(cfg)
     torch.manual_seed(0)
     net = build_model(run.model, 784, 10).to(device)

@@ -1,6 +1,6 @@
 """The MNIST rows of the LFNN paper's Table 1 (bp, lfnn, lfnn_local on mlp_275k, mlp_438k, cnn_mnist_438k).
 
-A thin wrapper over the ``lfnn_table1_mnist`` experiment (``agentnet +experiment=lfnn_table1_mnist``)
+A thin wrapper over the ``lfnn_table1_mnist`` experiment (``agentnet experiment=lfnn_table1_mnist``)
 that adds the issue's targets to its table::
 
     python benchmarks/table1_mnist.py [--seeds 0,1] [--models mlp_275k,cnn_mnist_438k] [--out outputs/table1] [overrides ...]
@@ -12,13 +12,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from hydra import compose, initialize_config_dir
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from agentnet.paths import CONFIG_DIR  # noqa: E402
 from agentnet.experiments import run_experiment  # noqa: E402
-from agentnet.registry import to_run_config  # noqa: E402
+from agentnet.registry import compose, to_run_config  # noqa: E402
 
 #: Targets: test error (%) per (model, strategy).
 TARGETS = {
@@ -36,10 +34,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--out", default="outputs/table1")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose("config", overrides=["+experiment=lfnn_table1_mnist", f"experiment.seeds=[{args.seeds}]",
-                                           f"experiment.models=[{args.models}]",
-                                           "trainer.progress=false", *args.overrides])
+    cfg = compose(["experiment=lfnn_table1_mnist", f"experiment.seeds=[{args.seeds}]", f"experiment.models=[{args.models}]",
+                   "trainer.progress=false", *args.overrides])
     result = run_experiment(to_run_config(cfg), Path(args.out))
     print("\ntargets:")
     for (model, strategy), target in TARGETS.items():

@@ -180,5 +180,6 @@ def test_cl_registry_and_configs():
 def test_cl_run_checkpoints_after_every_task(mnist, tmp_path):
     run_continual(compose_config("strategy=bp", *_cl_overrides(tmp_path), "benchmark.num_tasks=2",
                                  "benchmark.iterations_per_task=10"), data=mnist)
-    state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
-    assert state["tasks_done"] == 2 and len(state["acc_matrix"]) == 3 and state["step"] == 20
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    progress = state["plugins"]["ContinualProgress"]
+    assert progress["stage"] == 2 and len(progress["acc_matrix"]) == 3 and state["step"] == 20

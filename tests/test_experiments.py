@@ -17,10 +17,10 @@ NAMES = sorted(p.stem for p in (REPO / "configs" / "experiment").glob("*.yaml"))
 def test_experiment_configs_registered_and_valid():
     assert set(NAMES) == set(EXPERIMENTS.names())
     for name in NAMES:
-        run = to_run_config(compose_config(f"+experiment={name}"))
+        run = to_run_config(compose_config(f"experiment={name}"))
         assert run.experiment.name == name
     with pytest.raises(Exception, match="experiment.leadership"):
-        to_run_config(compose_config("+experiment=lfnn_online_pmnist", "experiment.leadership=[0.0]"))
+        to_run_config(compose_config("experiment=lfnn_online_pmnist", "experiment.leadership=[0.0]"))
 
 
 def test_online_ensemble_learns_and_bp_member_is_plain_bp(mnist):
@@ -36,7 +36,7 @@ def test_online_ensemble_learns_and_bp_member_is_plain_bp(mnist):
 @pytest.mark.parametrize("name", NAMES)
 def test_experiment_fast_variant_runs(name, mnist, tmp_path):
     extra = ["experiment.widths=[16,32]"] if name == "lfnn_online_pmnist" else []
-    run = to_run_config(compose_config(f"+experiment={name}", "trainer.max_steps=20", "data.subset=2000",
+    run = to_run_config(compose_config(f"experiment={name}", "trainer.max_steps=20", "data.subset=2000",
                                        "data.test_subset=500", "trainer.progress=false", *extra))
     result = run_experiment(run, tmp_path, data=mnist)
     assert result["summary"] and all(isinstance(v, float) for v in result["summary"].values())
