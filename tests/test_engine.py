@@ -1,0 +1,80 @@
+"""The one training loop: hook order, the same loop under single runs, continual stages and the env."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from agentnet.continual.runner import run_continual
+from agentnet.network import build_model
+from agentnet.registry import build_strategy, to_run_config
+from agentnet.training import BatchStream, Trainer, TrainerPlugin, prepare_run
+from envs import neural_collective_v0
+from tests.conftest import compose_config, data_root
+
+
+class Recorder(TrainerPlugin):
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def __getattribute__(self, name):
+        hooks = ("before_run", "before_epoch", "adapt_batch", "before_step", "after_backward", "after_step", "after_epoch", "after_run")
+        if name in hooks:
+            calls = object.__getattribute__(self, "calls")
+            inherited = object.__getattribute__(self, name)
+
+            def record(*args):
+                calls.append(name)
+                return inherited(*args)
+
+            return record
+        return object.__getattribute__(self, name)
+
+
+def test_hooks_fire_in_order_and_partial_epochs_close(mnist, quick_overrides):
+    run, device, out, data = prepare_run(compose_config("strategy=lfnn", *quick_overrides, "data.subset=640", "trainer.max_steps=7"), mnist)
+    model = build_model(run.model, data.input_dim, data.num_classes, run.seed)
+    recorder = Recorder()
+    trainer = Trainer(run, model, build_strategy(run.strategy, model), data, out, [recorder])
+    trainer.fit()
+    step = ["adapt_batch", "before_step", "after_backward", "after_step"]
+    # 640 / 128 = 5 steps per epoch; max_steps=7 cuts the second epoch, which still closes.
+    assert recorder.calls == ["before_run", "before_epoch", *step * 5, "after_epoch", "before_epoch", *step * 2, "after_epoch", "after_run"]
+    assert [h["step"] for h in trainer.history] == [5, 7] and trainer.epoch == 2
+
+
+def test_batch_stream_resumes_mid_pass_exactly():
+    gen = torch.Generator().manual_seed(3)
+    data = torch.arange(10)
+    stream = BatchStream(10, 3, gen, lambda idx: (data[idx], data[idx]), torch.device("cpu"))
+    first = [stream.next()[0] for _ in range(5)]  # one pass of 4 batches (last one short), then one more
+    assert sorted(torch.cat(first[:4]).tolist()) == list(range(10)) and len(first[3]) == 1
+    state = stream.state_dict()
+    expected = [stream.next()[0] for _ in range(6)]
+    again = BatchStream(10, 3, torch.Generator().manual_seed(99), lambda idx: (data[idx], data[idx]), torch.device("cpu"))
+    again.load_state_dict(state)
+    assert all(torch.equal(a, b) for a, b in zip(expected, [again.next()[0] for _ in range(6)]))
+
+
+def test_continual_runs_get_the_loops_accounting_and_standard_plugins(mnist, tmp_path):
+    overrides = ["strategy=lfnn", "benchmark=pmnist_quick", "benchmark.num_tasks=2", "benchmark.iterations_per_task=12",
+                 "data.subset=1280", "data.test_subset=300", "trainer.record_activity=true", "trainer.progress=false",
+                 "device=cpu", f"data.root={data_root()}", f"output_dir={tmp_path}"]
+    metrics = run_continual(compose_config(*overrides), data=mnist)
+    # 1280 examples = 10 steps per pass: each 12-step task is one full pass and a cut-short one.
+    assert [h["step"] for h in metrics["history"]] == [10, 12, 22, 24]
+    assert (tmp_path / "activity.png").is_file() and any((tmp_path / "tensorboard").iterdir())
+    assert json.loads((tmp_path / "cl_metrics.json").read_text())["epochs"] == 4
+
+
+def test_env_steps_through_the_trainers_loop_in_both_modes():
+    for mode in ("scale", "delta"):
+        env = neural_collective_v0.parallel_env(strategy="lfnn", action_mode=mode, data_subset=256, batch_size=64, max_cycles=10)
+        env.reset(seed=1)
+        trainer = env.trainer
+        while env.agents:
+            env.step({a: env.action_space(a).sample() * (0 if mode == "delta" else 1) for a in env.agents})
+        # 256 / 64 = 4 steps per epoch, one epoch: the loop closed it (history entry, leader counts).
+        assert trainer.step == 4 and trainer.epoch == 1 and len(trainer.history) == 1
+        assert len(env.strategy.selection.epoch_counts[0]) == 1
