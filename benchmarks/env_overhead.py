@@ -44,7 +44,7 @@ def measure(strategy: str, hidden, worker_size: int, projection: bool, steps: in
     ones_dict = {a: np.ones(1, np.float32) for a in env.agents}
     ones = torch.ones(env.num_workers)
     trainer = env.trainer
-    batches = [next(trainer.epoch_batches()) for _ in range(4)]
+    batches = [trainer.stream.next() for _ in range(4)]
 
     def trainer_step():
         x, y = batches[trainer.step % 4]
