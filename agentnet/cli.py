@@ -81,9 +81,10 @@ def _app(cfg: DictConfig) -> float | None:
             detail = traceback.format_exc()
             log.error("%s", detail)
         hydra_cfg = HydraConfig.get()
-        out = Path(cfg.get("output_dir") or hydra_cfg.runtime.output_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "error.txt").write_text(detail.rstrip() + "\n")
+        if not isinstance(exc, RunDirectoryLockedError):  # that directory belongs to the live run
+            out = Path(cfg.get("output_dir") or hydra_cfg.runtime.output_dir)
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "error.txt").write_text(detail.rstrip() + "\n")
         if hydra_cfg.mode == RunMode.MULTIRUN:
             return None  # the sweep's other jobs go on; main() exits non-zero at the end
         sys.exit(1)

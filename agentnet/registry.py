@@ -36,6 +36,7 @@ __all__ = [
     "build_strategy",
     "register_all",
     "to_run_config",
+    "check_combinations",
     "compose",
 ]
 
@@ -155,6 +156,7 @@ def to_run_config(cfg: DictConfig | RunConfig | dict) -> RunConfig:
     Also refuses combinations that would silently do nothing (a CL method without a benchmark).
     """
     if isinstance(cfg, RunConfig):
+        check_combinations(cfg)
         return cfg
     plain = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
     strategy_node = plain.pop("strategy", None)
@@ -173,14 +175,20 @@ def to_run_config(cfg: DictConfig | RunConfig | dict) -> RunConfig:
     run.strategy = STRATEGIES.config(strategy_node if strategy_node is not None else {})
     if cl_node is not None:
         run.cl = CL_METHODS.config(cl_node)
-        if run.cl.name != "none" and run.benchmark is None and experiment_node is None:
-            raise ConfigError(
-                f"cl.name={run.cl.name!r}: a continual-learning method needs a task sequence; "
-                "add a benchmark (e.g. benchmark=pmnist_quick) or drop cl"
-            )
     if experiment_node is not None:
         run.experiment = EXPERIMENTS.config(experiment_node)
+    check_combinations(run)
     return run
+
+
+def check_combinations(run: RunConfig) -> None:
+    """Refuse settings that would silently do nothing together (a CL method without a benchmark)."""
+    cl_name = getattr(run.cl, "name", None) if not isinstance(run.cl, dict) else run.cl.get("name")
+    if cl_name not in (None, "none") and run.benchmark is None and run.experiment is None:
+        raise ConfigError(
+            f"cl.name={cl_name!r}: a continual-learning method needs a task sequence; "
+            "add a benchmark (e.g. benchmark=pmnist_quick) or drop cl"
+        )
 
 
 def compose(overrides: Sequence[str] = ()) -> DictConfig:

@@ -52,7 +52,9 @@ attention they received, ``bp`` workers and the output agent minus the global lo
 
 ## Episode
 Ends (``terminations``) when the data stream is exhausted (``epochs`` passes over the training
-subset) or is truncated at ``max_cycles`` steps. With every action equal to 1 (scale mode), the
+subset) or is truncated at ``max_cycles`` steps. Every step goes through the trainer's one loop
+(``Trainer.run``), so epochs close as in a training run: leader-selection bookkeeping, a history
+entry and an evaluation on the env's 2000 test examples (``env.trainer.history``). With every action equal to 1 (scale mode), the
 env reproduces :class:`agentnet.training.Trainer` exactly for the same seed and settings.
 
 ## Arguments
@@ -213,6 +215,7 @@ class NeuralCollectiveEnv(ParallelEnv):
         # plugin hands it the batch each step consumed, for the observations.
         self._step_inputs = _StepInputs()
         self.trainer = Trainer(run, self.model, self.strategy, self.data, output_dir=None, plugins=[self._step_inputs])
+        self.trainer.begin_run()
         self._layers = [*self.model.hidden, self.model.output]
         self._units = [l.worker_size for l in self.model.hidden] + [self.model.output.out_features]
         self._agents_per_layer = [l.num_workers for l in self.model.hidden] + [1]

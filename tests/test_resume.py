@@ -89,15 +89,17 @@ def test_single_run_killed_mid_epoch_resumes_to_identical_metrics(tmp_path):
 )
 def test_continual_run_killed_resumes_to_identical_cl_metrics(cl, kill_at, tmp_path):
     overrides = ["strategy=lfnn", "benchmark=pmnist_quick", "benchmark.num_tasks=3", "benchmark.iterations_per_task=40",
-                 f"cl={cl}", "data.subset=6000", "data.test_subset=500", "trainer.checkpoint_every=7"]
+                 f"cl={cl}", "data.subset=6000", "data.test_subset=500"]
+    if kill_at == "mid_task":
+        overrides.append("trainer.checkpoint_every=7")
     if cl == "ewc":
         overrides.append("cl.fisher_samples=200")
     _run(_cli(tmp_path / "straight", *overrides))
     killed = tmp_path / "killed"
     if kill_at == "mid_task":  # inside task 2: the stage began, some of its steps are done
         ready = lambda s: s["plugins"]["ContinualProgress"]["stage"] == 1 and s["step"] >= 47  # noqa: E731
-    else:  # task 2 finished and evaluated, task 3 not begun
-        ready = lambda s: s["plugins"]["ContinualProgress"]["stage"] >= 2  # noqa: E731
+    else:  # task 2 finished and evaluated, task 3 not begun (its next checkpoint is at its end)
+        ready = lambda s: s["plugins"]["ContinualProgress"]["stage"] == 2 and not s["plugins"]["ContinualProgress"]["stage_started"]  # noqa: E731
     _kill_when(_cli(killed, *overrides), killed / CHECKPOINT, ready)
     assert not (killed / "cl_metrics.json").exists()
     _run(_cli(killed, *overrides, "resume=true"))
@@ -152,18 +154,25 @@ def test_growing_epochs_is_allowed(mnist, quick_overrides, tmp_path):
 
 
 def test_a_live_run_holds_its_directory(mnist, quick_overrides, tmp_path):
-    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    # A live process holds the directory the way a run does (an flock on .agentnet.lock with its PID).
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from agentnet.training import RunLock; RunLock(sys.argv[1]).acquire(); "
+         "print('held', flush=True); time.sleep(60)", str(tmp_path)],
+        cwd=REPO, stdout=subprocess.PIPE, text=True,
+    )
     try:
-        (tmp_path / ".agentnet.lock").write_text(str(holder.pid))
+        assert holder.stdout.readline().strip() == "held"
         with pytest.raises(RunDirectoryLockedError, match=f"PID {holder.pid}"):
             train(compose_config("strategy=bp", *quick_overrides, "trainer.epochs=1"), data=mnist)
         assert not (tmp_path / "metrics.json").exists()
     finally:
-        holder.kill()
+        holder.kill()  # kill -9: the operating system drops its lock
         holder.wait()
-    # The holder is dead now: its stale lock is taken over, and released at the end.
+    (tmp_path / "error.txt").write_text("an earlier attempt failed\n")
+    # The holder is dead now: the lock is taken over (and the stale error.txt cleared), and released at the end.
     train(compose_config("strategy=bp", *quick_overrides, "trainer.epochs=1"), data=mnist)
     assert (tmp_path / "metrics.json").is_file() and not (tmp_path / ".agentnet.lock").exists()
+    assert not (tmp_path / "error.txt").exists()
 
 
 def test_concurrent_writers_never_share_a_temporary_file(tmp_path):
@@ -188,7 +197,7 @@ def test_concurrent_writers_never_share_a_temporary_file(tmp_path):
     assert list(tmp_path.glob("*.tmp")) == []
 
 
-def test_continual_run_resumes_between_tasks_in_process(mnist, tmp_path):
+def test_continual_resume_refuses_a_changed_protocol(mnist, tmp_path):
     overrides = ["strategy=lfnn_local", "benchmark=pmnist_quick", "benchmark.num_tasks=3", "benchmark.iterations_per_task=15",
                  "cl=ewc", "cl.fisher_samples=100", "data.subset=3000", "data.test_subset=300", "device=cpu",
                  "trainer.progress=false", f"data.root={data_root()}"]

@@ -46,32 +46,27 @@ def evaluate_all(trainer: Trainer, stream: TaskStream) -> list[float]:
 
 
 class TaskHeadMask(TrainerPlugin):
-    """Task-incremental heads: while a task trains, only its classes' logits compete."""
+    """Task-incremental heads: each training example competes only among its own task's classes.
+
+    The mask is per example (looked up from its label), so replayed or cumulative examples of
+    earlier tasks keep their own heads. Only the ``split_task`` scenario has heads; elsewhere this
+    does nothing.
+    """
 
     def __init__(self, stream: TaskStream) -> None:
-        self.stream = stream
-        self.task: int | None = None
-        self._mask: torch.Tensor | None = None
-
-    def _set(self, index: int | None) -> None:
-        self.task = index
-        self._mask = None if index is None else self.stream.logit_mask(self.stream.tasks[index])
-
-    def before_task(self, trainer: Trainer, stream: TaskStream, task) -> None:
-        self._set(task.index)
+        self.table: torch.Tensor | None = None  # (C, C): row c = the classes of the task holding c
+        if stream.scenario == "split_task":
+            self.table = torch.zeros(stream.num_classes, stream.num_classes, dtype=torch.bool, device=stream.tasks[0].classes.device)
+            for task in stream.tasks:
+                self.table[task.classes] = stream.logit_mask(task)
 
     def before_step(self, trainer: Trainer, x, y) -> None:
-        trainer.model.logit_mask = self._mask
+        if self.table is not None:
+            trainer.model.logit_mask = self.table[y]
 
-    def after_task(self, trainer: Trainer, stream: TaskStream, task) -> None:
-        self._set(None)
-        trainer.model.logit_mask = None
-
-    def state_dict(self) -> dict:
-        return {"task": self.task}
-
-    def load_state_dict(self, state: dict) -> None:
-        self._set(state["task"])
+    def after_step(self, trainer: Trainer, x, y, result) -> None:
+        if self.table is not None:
+            trainer.model.logit_mask = None
 
 
 class ContinualProgress(TrainerPlugin):
@@ -136,8 +131,7 @@ def run_continual(cfg: DictConfig | RunConfig | dict, data: ImageData | None = N
         if not progress.acc_matrix:
             progress.acc_matrix.append(evaluate_all(trainer, stream))
 
-        for plugin in plugins:
-            plugin.before_run(trainer)
+        trainer.begin_run()
         while progress.stage < len(stream):
             i = progress.stage
             task = stream.tasks[i]
@@ -161,8 +155,7 @@ def run_continual(cfg: DictConfig | RunConfig | dict, data: ImageData | None = N
             trainer.save_checkpoint()  # the last good state, should a later task diverge
             R = progress.acc_matrix
             log.info("after task %d: mean acc over tasks so far %.4f", i + 1, sum(R[-1][: i + 1]) / (i + 1))
-        for plugin in plugins:
-            plugin.after_run(trainer)
+        trainer.end_run()
 
         R = progress.acc_matrix
         metrics: dict[str, Any] = {

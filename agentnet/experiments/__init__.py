@@ -19,7 +19,7 @@ from agentnet.config import ExperimentConfig, ModelConfig, RunConfig
 from agentnet.data import ImageData, load_dataset
 from agentnet.paths import CONFIG_DIR
 from agentnet.registry import EXPERIMENTS, STRATEGIES
-from agentnet.training import atomic_write_json, resolve_device
+from agentnet.training import RunLock, atomic_write_json, resolve_device
 
 __all__ = ["EXPERIMENTS", "Experiment", "preset", "run_experiment"]
 
@@ -56,7 +56,8 @@ def run_experiment(run: RunConfig, out: Path, data: ImageData | None = None) -> 
     if data is None:
         data = load_dataset(run.data.name, run.data.root, resolve_device(run.device), verify=run.data.verify, normalize=run.data.normalize)
     experiment = EXPERIMENTS.get(run.experiment.name)(run.experiment, run)
-    summary = experiment.run(out, data)
+    with RunLock(out):
+        summary = experiment.run(out, data)
     result = {
         "experiment": run.experiment.name,
         "summary": summary,

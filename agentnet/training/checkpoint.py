@@ -4,12 +4,13 @@
   so readers and concurrent writers never see half a file.
 * :func:`load_checkpoint`: ``torch.load(weights_only=True)``; state is tensors and plain containers.
 * :func:`config_differences`: the keys that would change training, checkpoint vs current config.
-* :class:`RunLock`: a run refuses a directory that a live run holds (``.agentnet.lock`` names its PID).
+* :class:`RunLock`: a run refuses a directory that a live run holds (an ``flock``; the file names its PID).
 * :func:`rng_state` / :func:`set_rng_state`: Python, NumPy and torch generators as plain values.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import pickle
@@ -136,53 +137,42 @@ def check_resumable(saved: dict, current: dict, path: Path) -> None:
         )
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 class RunLock:
-    """Exclusive hold on a run directory for this process (``.agentnet.lock`` holds the PID).
+    """Exclusive hold on a run directory for this process: an ``flock`` on ``.agentnet.lock``
+    (which also records the holder's PID for the error message).
 
-    A lock left by a dead process (``kill -9``) is taken over; one held by a live process is an error.
+    The operating system drops the lock when its process dies, ``kill -9`` included, so a crashed
+    run never blocks its directory; a live holder makes a second run fail with a clear error. Taking
+    the lock also removes an ``error.txt`` a failed earlier attempt left there.
     """
 
     def __init__(self, directory: Path) -> None:
         self.path = Path(directory) / LOCK
-        self._held = False
+        self._fd: int | None = None
 
     def acquire(self) -> "RunLock":
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        for _ in range(3):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            except FileExistsError:
-                try:
-                    pid = int(self.path.read_text().strip() or 0)
-                except (OSError, ValueError):
-                    pid = 0
-                if pid and pid != os.getpid() and _pid_alive(pid):
-                    raise RunDirectoryLockedError(
-                        f"{self.path.parent} is in use by a live run (PID {pid}, lock file {self.path}); "
-                        "wait for it, or give this run another output directory"
-                    ) from None
-                self.path.unlink(missing_ok=True)  # stale: its process is gone (or it is ours)
-                continue
-            with os.fdopen(fd, "w") as fh:
-                fh.write(str(os.getpid()))
-            self._held = True
-            return self
-        raise RunDirectoryLockedError(f"could not take the lock {self.path}")
+        fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise RunDirectoryLockedError(
+                f"{self.path.parent} is in use by a live run (PID {holder}, lock file {self.path}); "
+                "wait for it, or give this run another output directory"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._fd = fd
+        (self.path.parent / "error.txt").unlink(missing_ok=True)
+        return self
 
     def release(self) -> None:
-        if self._held:
+        if self._fd is not None:
             self.path.unlink(missing_ok=True)
-            self._held = False
+            os.close(self._fd)  # closing drops the flock
+            self._fd = None
 
     def __enter__(self) -> "RunLock":
         return self.acquire()

@@ -117,6 +117,7 @@ class BatchStream:
         """Drop the rest of the current pass (the next batch starts a new permutation)."""
         self._perm = None
         self.position = 0
+        self._pass_start = self.generator.get_state()  # where the next pass will start
 
     def batches(self, steps: int) -> Iterator[tuple[Tensor, Tensor]]:
         """``steps`` consecutive mini-batches."""
@@ -306,16 +307,24 @@ class Trainer:
             self.stream.end_pass()
             self.end_epoch()
 
-    def fit(self) -> list[dict]:
-        """A single run: the configured epochs (or ``max_steps``) over ``data.train``."""
+    def begin_run(self) -> None:
+        """Fire ``before_run`` (once per run, also after a resume)."""
         for plugin in self.plugins:
             plugin.before_run(self)
+
+    def end_run(self) -> None:
+        """Fire ``after_run``."""
+        for plugin in self.plugins:
+            plugin.after_run(self)
+
+    def fit(self) -> list[dict]:
+        """A single run: the configured epochs (or ``max_steps``) over ``data.train``."""
+        self.begin_run()
         remaining = self.total_steps - self.step
         if remaining > 0:
             self.run(self.stream, remaining, f"{self.strategy.name}")
         self.close_epoch()
-        for plugin in self.plugins:
-            plugin.after_run(self)
+        self.end_run()
         return self.history
 
     def _reset_running(self) -> None:
@@ -449,11 +458,11 @@ class Trainer:
         if not path.is_file():
             log.warning("resume=true but there is no checkpoint at %s; starting from scratch", path)
             return False
-        state = load_checkpoint(path, self.device)
+        state = load_checkpoint(path, "cpu")  # generator states must stay on the CPU; tensors move on load
         if not isinstance(state, dict) or state.get("format") != 2:
             raise CheckpointError(f"{path}: not an agentnet checkpoint of this version (no format 2 marker)")
         check_resumable(state["config"], dataclasses.asdict(self.cfg), path)
-        if state["epoch"] > self.cfg.trainer.epochs:
+        if self.cfg.benchmark is None and state["epoch"] > self.cfg.trainer.epochs:
             raise ConfigError(
                 f"trainer.epochs={self.cfg.trainer.epochs}: the checkpoint at {path} has already completed {state['epoch']} epochs"
             )

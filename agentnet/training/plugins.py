@@ -109,12 +109,19 @@ class WorkerActivity(TrainerPlugin):
 
 
 class TensorBoardLogger(TrainerPlugin):
-    """Writes each epoch's history entry, and each task's accuracies, as scalars to ``<output>/tensorboard``."""
+    """Writes each epoch's history entry as scalars to ``<output>/tensorboard`` (x axis: epochs).
+
+    The writer opens when the run starts (after any resume check), so a refused run writes nothing.
+    """
 
     def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.writer = None
+
+    def before_run(self, trainer: "Trainer") -> None:
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(str(directory))
+        self.writer = SummaryWriter(str(self.directory))
 
     @staticmethod
     def available() -> bool:
@@ -122,13 +129,16 @@ class TensorBoardLogger(TrainerPlugin):
         return importlib.util.find_spec("tensorboard") is not None
 
     def after_epoch(self, trainer: "Trainer", entry: dict) -> None:
+        if self.writer is None:
+            return
         for key, value in entry.items():
             if key != "epoch" and isinstance(value, (int, float)):
                 self.writer.add_scalar(key, value, trainer.epoch)
         self.writer.flush()
 
     def after_run(self, trainer: "Trainer") -> None:
-        self.writer.close()
+        if self.writer is not None:
+            self.writer.close()
 
 
 def progress_bar(total: int, desc: str, enabled: bool) -> tqdm:

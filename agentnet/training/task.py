@@ -105,6 +105,11 @@ def train(cfg: DictConfig | RunConfig | dict, data: ImageData | None = None) -> 
     """
     wall_start = time.perf_counter()
     run, device, out, data = prepare_run(cfg, data)
+    if run.benchmark is not None:
+        raise ConfigError(
+            f"benchmark.name={run.benchmark.name!r}: train() runs one training job; a benchmark is a "
+            "continual run (agentnet.continual.runner.run_continual, or the agentnet CLI)"
+        )
     with RunLock(out):
         seed_everything(run.seed)
         model = build_model(run.model, data.input_dim, data.num_classes, run.seed).to(device)

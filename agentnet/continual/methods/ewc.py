@@ -89,7 +89,11 @@ class EWC(CLMethod):
         return {"anchors": [{"fisher": f, "theta": t} for f, t in self.anchors]}
 
     def load_state_dict(self, state: dict) -> None:
-        self.anchors = [(a["fisher"], a["theta"]) for a in state["anchors"]]
+        device = next(self.model.parameters()).device
+        self.anchors = [
+            ({k: v.to(device) for k, v in a["fisher"].items()}, {k: v.to(device) for k, v in a["theta"].items()})
+            for a in state["anchors"]
+        ]
 
     def penalty(self) -> torch.Tensor:
         value = torch.zeros(())

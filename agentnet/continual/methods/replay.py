@@ -64,7 +64,7 @@ class ReservoirBuffer:
 
     def load_state_dict(self, state: dict) -> None:
         self.seen, self.x, self.y = state["seen"], state["x"], state["y"]
-        self.gen.set_state(state["gen"])
+        self.gen.set_state(state["gen"].cpu())
 
     def sample(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         idx = torch.randint(0, len(self), (n,), generator=self.gen).to(self.x.device)
