@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -49,8 +50,16 @@ class SweepStatus(Callback):
 
 
 def run_task(cfg: DictConfig) -> float | None:
-    """The task the config asks for; returns the value a sweeper would optimise."""
+    """The task the config asks for; returns the value a sweeper would optimise.
+
+    A job that SLURM requeued (preemption, ``scontrol requeue``, submitit's timeout handling) starts
+    again with ``SLURM_RESTART_COUNT`` > 0: it resumes from its own checkpoint.
+    """
     run = to_run_config(cfg)
+    restarts = int(os.environ.get("SLURM_RESTART_COUNT") or 0)
+    if restarts and not run.resume:
+        log.warning("SLURM requeued this job (restart %d): resuming from its checkpoint", restarts)
+        run.resume = True
     if run.threads:
         torch.set_num_threads(run.threads)
     if run.experiment is not None:

@@ -1,0 +1,111 @@
+"""Sweeps through a real SLURM scheduler: a one-node cluster started by examples/slurm_local.sh.
+
+Slow, and needs root on a Debian-like machine (the script installs slurm-wlm and munge with apt-get
+when they are missing); skipped elsewhere.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, data_root
+
+pytestmark = pytest.mark.slow
+SCRIPT = REPO / "examples" / "slurm_local.sh"
+TIMING = {"wall_s", "samples_per_s", "epoch_s", "resumed"}
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    if os.geteuid() != 0 or (shutil.which("slurmctld") is None and shutil.which("apt-get") is None):
+        pytest.skip("a local SLURM cluster needs root and apt-get (or SLURM already installed)")
+    proc = subprocess.run(["bash", str(SCRIPT), "start"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    yield
+    subprocess.run(["bash", str(SCRIPT), "stop"], capture_output=True, text=True, timeout=120)
+
+
+def _sweep_cmd(sweep: Path, *overrides: str) -> list[str]:
+    return [sys.executable, "-m", "agentnet", "-m", "hydra/launcher=slurm", "hydra.launcher.cpus_per_task=1",
+            "hydra.launcher.mem_gb=2", "hydra.launcher.timeout_min=20", "device=cpu", "threads=1",
+            "trainer.progress=false", f"data.root={data_root()}", f"hydra.sweep.dir={sweep}", *overrides]
+
+
+def _array_task_state(job_num: int) -> tuple[str, str] | None:
+    """(SLURM id, state) of the sweep's array task for Hydra job ``job_num`` (hydra-submitit submits an array)."""
+    out = subprocess.run(["squeue", "-h", "-r", "-o", "%i|%T"], capture_output=True, text=True).stdout
+    for line in out.splitlines():
+        job_id, state = line.split("|")
+        if job_id.endswith(f"_{job_num}"):
+            return job_id, state
+    return None
+
+
+def _checkpoint_step(job_dir: Path) -> int:
+    from agentnet.training import CheckpointError, load_checkpoint
+
+    path = job_dir / "checkpoint.pt"
+    try:
+        return load_checkpoint(path)["step"] if path.is_file() else -1
+    except CheckpointError:
+        return -1
+
+
+def _without_timing(node):
+    if isinstance(node, dict):
+        return {k: _without_timing(v) for k, v in node.items() if k not in TIMING}
+    if isinstance(node, list):
+        return [_without_timing(v) for v in node]
+    return node
+
+
+def test_sweep_through_slurm_with_a_cancelled_and_a_requeued_job(cluster, tmp_path):
+    sweep = tmp_path / "sweep"
+    run_args = ["data.subset=20000", "data.test_subset=1000", "trainer.epochs=3", "trainer.checkpoint_every=10",
+                "trainer.tensorboard=false"]
+    # Hydra job 0: bp (finishes), 1: lfnn_local (cancelled with scancel), 2: lfnn (requeued mid-run).
+    proc = subprocess.Popen(_sweep_cmd(sweep, "strategy=bp,lfnn_local,lfnn", *run_args), cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        cancelled = requeued = None
+        while time.monotonic() < deadline and not (cancelled and requeued):
+            assert proc.poll() is None, proc.stdout.read()[-3000:]
+            task = _array_task_state(1)
+            if cancelled is None and task and task[1] == "RUNNING":
+                cancelled = task[0]
+                subprocess.run(["scancel", cancelled], check=True)
+            task = _array_task_state(2)
+            dirs = list(sweep.glob("2_*"))
+            if requeued is None and task and task[1] == "RUNNING" and dirs and _checkpoint_step(dirs[0]) >= 20:
+                requeued = task[0]
+                subprocess.run(["scontrol", "requeue", requeued], check=True)
+            time.sleep(0.2)
+        assert cancelled and requeued, f"could not catch the jobs running: {cancelled} {requeued}"
+        output, _ = proc.communicate(timeout=900)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0, "a sweep with a cancelled job must not exit 0"
+    done = {p.parent.name.split("_")[0] for p in sweep.glob("*/metrics.json")}
+    assert done == {"0", "2"}, output[-3000:]
+    report = _report(sweep)
+    assert report.returncode == 1 and "Failed jobs" in report.stdout and "lfnn_local" in report.stdout.split("Failed jobs")[1]
+    # The requeued job resumed from its checkpoint and ended where an uninterrupted run ends.
+    requeued_dir = next(sweep.glob("2_*"))
+    resumed = json.loads((requeued_dir / "metrics.json").read_text())
+    assert resumed["resumed"]["from"] and resumed["resumed"]["step"] >= 20
+    straight = tmp_path / "straight"
+    local = subprocess.run([sys.executable, "-m", "agentnet", "strategy=lfnn", *run_args, "device=cpu", "threads=1",
+                            "trainer.progress=false", f"data.root={data_root()}", f"output_dir={straight}",
+                            f"hydra.run.dir={straight}"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert local.returncode == 0, local.stderr[-2000:]
+    assert _without_timing(json.loads((straight / "metrics.json").read_text())) == _without_timing(resumed)
