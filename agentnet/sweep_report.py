@@ -92,6 +92,17 @@ def collect_jobs(sweep_dir: Path) -> list[Job]:
             error_file = job_dir / "error.txt"
             job.error = error_file.read_text().strip() if error_file.is_file() else "no metrics written (crashed or still running)"
         jobs.append(job)
+    # A scheduler may end a job before Hydra made its directory (scancel, a node failure): submitit
+    # still left a folder per array task, so such a job is listed as failed rather than missing.
+    started = {j.directory.name.split("_", 1)[0] for j in jobs}
+    for folder in sorted((sweep_dir / ".submitit").glob("*_*")):
+        num = folder.name.rsplit("_", 1)[1]
+        if num.isdigit() and num not in started:
+            logs = sorted(folder.glob("*_log.err"))
+            tail = logs[0].read_text().strip().splitlines()[-1:] if logs else []
+            reason = f"scheduler job {folder.name} ended before the run started ({tail[0] if tail else 'no log'})"
+            jobs.append(Job(folder, {"hydra.job.num": num}, error=reason))
+            started.add(num)
     return jobs
 
 

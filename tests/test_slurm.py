@@ -49,6 +49,10 @@ def _array_task_state(job_num: int) -> tuple[str, str] | None:
     return None
 
 
+def _report(sweep: Path, *flags: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "agentnet.sweep_report", str(sweep), *flags], capture_output=True, text=True, timeout=120)
+
+
 def _checkpoint_step(job_dir: Path) -> int:
     from agentnet.training import CheckpointError, load_checkpoint
 
@@ -69,7 +73,7 @@ def _without_timing(node):
 
 def test_sweep_through_slurm_with_a_cancelled_and_a_requeued_job(cluster, tmp_path):
     sweep = tmp_path / "sweep"
-    run_args = ["data.subset=20000", "data.test_subset=1000", "trainer.epochs=3", "trainer.checkpoint_every=10",
+    run_args = ["data.subset=20000", "data.test_subset=1000", "trainer.epochs=10", "trainer.checkpoint_every=10",
                 "trainer.tensorboard=false"]
     # Hydra job 0: bp (finishes), 1: lfnn_local (cancelled with scancel), 2: lfnn (requeued mid-run).
     proc = subprocess.Popen(_sweep_cmd(sweep, "strategy=bp,lfnn_local,lfnn", *run_args), cwd=tmp_path,
@@ -98,9 +102,11 @@ def test_sweep_through_slurm_with_a_cancelled_and_a_requeued_job(cluster, tmp_pa
     done = {p.parent.name.split("_")[0] for p in sweep.glob("*/metrics.json")}
     assert done == {"0", "2"}, output[-3000:]
     report = _report(sweep)
-    assert report.returncode == 1 and "Failed jobs" in report.stdout and "lfnn_local" in report.stdout.split("Failed jobs")[1]
+    assert report.returncode == 1 and "Failed jobs" in report.stdout
+    failed = report.stdout.split("Failed jobs")[1]
+    assert cancelled in failed or "lfnn_local" in failed, report.stdout
     # The requeued job resumed from its checkpoint and ended where an uninterrupted run ends.
-    requeued_dir = next(sweep.glob("2_*"))
+    requeued_dir = next(sweep.glob("2_*"))  # SLURM restarts a requeued job after its BeginTime delay (~2 min)
     resumed = json.loads((requeued_dir / "metrics.json").read_text())
     assert resumed["resumed"]["from"] and resumed["resumed"]["step"] >= 20
     straight = tmp_path / "straight"
