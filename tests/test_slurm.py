@@ -99,6 +99,11 @@ def test_sweep_through_slurm_with_a_cancelled_and_a_requeued_job(cluster, tmp_pa
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode != 0, "a sweep with a cancelled job must not exit 0"
+    # Hydra's submitit launcher stops waiting at the first failed job; the requeued one still runs in
+    # SLURM (restarted after its BeginTime delay, ~2 min) and finishes on its own.
+    deadline = time.monotonic() + 420
+    while time.monotonic() < deadline and not list(sweep.glob("2_*/metrics.json")):
+        time.sleep(2)
     done = {p.parent.name.split("_")[0] for p in sweep.glob("*/metrics.json")}
     assert done == {"0", "2"}, output[-3000:]
     report = _report(sweep)
