@@ -54,3 +54,16 @@ def quick_overrides(tmp_path) -> list[str]:
 def _torch_threads():
     torch.set_num_threads(2)
     yield
+
+
+#: Keys that measure time, not training: they legitimately differ between two identical runs.
+TIMING_KEYS = {"wall_s", "samples_per_s", "epoch_s", "task_seconds", "resumed"}
+
+
+def without_timing(node):
+    """A metrics tree without its timing keys (and without ``resumed``), to compare two runs."""
+    if isinstance(node, dict):
+        return {k: without_timing(v) for k, v in node.items() if k not in TIMING_KEYS}
+    if isinstance(node, list):
+        return [without_timing(v) for v in node]
+    return node

@@ -18,18 +18,9 @@ import torch
 from agentnet.config import ConfigError
 from agentnet.continual.runner import run_continual
 from agentnet.training import CHECKPOINT, CheckpointError, RunDirectoryLockedError, atomic_save, load_checkpoint, train
-from tests.conftest import REPO, compose_config, data_root
-
-#: Keys that measure time, not training: they legitimately differ between two identical runs.
-TIMING = {"wall_s", "samples_per_s", "epoch_s", "task_seconds", "resumed"}
+from tests.conftest import REPO, compose_config, data_root, without_timing
 
 
-def _without_timing(node):
-    if isinstance(node, dict):
-        return {k: _without_timing(v) for k, v in node.items() if k not in TIMING}
-    if isinstance(node, list):
-        return [_without_timing(v) for v in node]
-    return node
 
 
 def _cli(out: Path, *overrides: str) -> list[str]:
@@ -80,7 +71,7 @@ def test_single_run_killed_mid_epoch_resumes_to_identical_metrics(tmp_path):
     a = json.loads((tmp_path / "straight" / "metrics.json").read_text())
     b = json.loads((killed / "metrics.json").read_text())
     assert b["resumed"]["from"] and 0 < b["resumed"]["step"] < 157
-    assert _without_timing(a) == _without_timing(b)
+    assert without_timing(a) == without_timing(b)
 
 
 @pytest.mark.parametrize(
@@ -106,7 +97,7 @@ def test_continual_run_killed_resumes_to_identical_cl_metrics(cl, kill_at, tmp_p
     a = json.loads((tmp_path / "straight" / "cl_metrics.json").read_text())
     b = json.loads((killed / "cl_metrics.json").read_text())
     assert b["resumed"]["from"]
-    assert _without_timing(a) == _without_timing(b)
+    assert without_timing(a) == without_timing(b)
     assert len(b["acc_matrix"]) == 4 and (killed / "tensorboard").is_dir()
 
 

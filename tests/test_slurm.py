@@ -16,11 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, data_root
+from tests.conftest import REPO, data_root, without_timing
 
 pytestmark = pytest.mark.slow
 SCRIPT = REPO / "examples" / "slurm_local.sh"
-TIMING = {"wall_s", "samples_per_s", "epoch_s", "resumed"}
 
 
 @pytest.fixture(scope="module")
@@ -62,13 +61,6 @@ def _checkpoint_step(job_dir: Path) -> int:
     except CheckpointError:
         return -1
 
-
-def _without_timing(node):
-    if isinstance(node, dict):
-        return {k: _without_timing(v) for k, v in node.items() if k not in TIMING}
-    if isinstance(node, list):
-        return [_without_timing(v) for v in node]
-    return node
 
 
 def test_sweep_through_slurm_with_a_cancelled_and_a_requeued_job(cluster, tmp_path):
@@ -119,4 +111,4 @@ def test_sweep_through_slurm_with_a_cancelled_and_a_requeued_job(cluster, tmp_pa
                             "trainer.progress=false", f"data.root={data_root()}", f"output_dir={straight}",
                             f"hydra.run.dir={straight}"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert local.returncode == 0, local.stderr[-2000:]
-    assert _without_timing(json.loads((straight / "metrics.json").read_text())) == _without_timing(resumed)
+    assert without_timing(json.loads((straight / "metrics.json").read_text())) == without_timing(resumed)
