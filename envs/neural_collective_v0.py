@@ -54,8 +54,9 @@ attention they received, ``bp`` workers and the output agent minus the global lo
 Ends (``terminations``) when the data stream is exhausted (``epochs`` passes over the training
 subset) or is truncated at ``max_cycles`` steps. Every step goes through the trainer's one loop
 (``Trainer.run``), so epochs close as in a training run: leader-selection bookkeeping, a history
-entry and an evaluation on the env's 2000 test examples (``env.trainer.history``). With every action equal to 1 (scale mode), the
-env reproduces :class:`agentnet.training.Trainer` exactly for the same seed and settings.
+entry and an evaluation on the env's 2000 test examples (``env.trainer.history``). With every
+action equal to 1 (scale mode), the env reproduces :class:`agentnet.training.Trainer` exactly for
+the same seed and settings.
 
 ## Arguments
 ``neural_collective_v0.parallel_env(strategy="lfnn", hidden=(40, 40), worker_size=10, activation="relu",
