@@ -58,7 +58,8 @@ class DataConfig:
     """Directory holding ``mnist/`` or ``cifar-10-batches-py/``; ``None`` means ``$AGENTNET_DATA`` then
     ``~/.cache/agentnet/data``."""
     subset: Optional[int] = None
-    """Use only this many training examples (seeded random choice); ``None`` uses all."""
+    """Use only this many training examples (a fixed random choice, the same for every seed, so
+    seeds and replicas differ only in initialisation and order); ``None`` uses all."""
     test_subset: Optional[int] = None
     """Use only the first this many test examples; ``None`` uses all."""
     verify: bool = True
@@ -326,7 +327,16 @@ class RunConfig:
     experiment: Any = None
     """A paper experiment (group ``experiment``); ``None`` runs training or the benchmark."""
     seed: int = 0
-    """Seeds initialisation, shuffling and subset choice."""
+    """Seeds initialisation, shuffling and task permutations (replica ``r`` of a population uses
+    ``seed + r``). The ``data.subset`` choice does not depend on it."""
+    replicas: int = 1
+    """Train this many independent networks as one batched model (a population): replica ``r`` is
+    exactly the run ``seed=<seed + r>`` would be. Metrics report the mean, ``<key>_std`` and each
+    replica's own metrics (``docs/populations.md``)."""
+    vary: dict[str, Any] = field(default_factory=dict)
+    """Per-replica values of numeric fields, one list entry per replica:
+    ``vary.strategy.delta=[0.1,0.5,1.0]``, ``vary.trainer.lr=[...]``, ``vary.cl.ewc_lambda=[...]``,
+    ``vary.seed=[0,0,0]`` (explicit seeds). Each list must have ``replicas`` values."""
     device: str = "auto"
     """auto (CUDA when available), cpu or cuda."""
     resume: bool = False
@@ -340,6 +350,7 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         check(self.threads >= 0, "threads", self.threads, "must be >= 0")
+        check(self.replicas > 0, "replicas", self.replicas, "must be positive")
         check(self.device in DEVICES or self.device.startswith("cuda:"), "device", self.device, f"choose one of {DEVICES}")
 
 

@@ -4,8 +4,13 @@ Hidden layers are :class:`~agentnet.workers.WorkerConv2d` (filter-wise workers),
 :class:`~agentnet.workers.WorkerBlock` (block-wise workers) and
 :class:`~agentnet.workers.WorkerLinear` (neuron groups), in that order; each may be followed by a
 max-pool, and the maps are flattened before the first fully connected layer. Inputs arrive flat
-``(B, D)`` (datasets and continual streams stay flat, so permutations are gathers) and are viewed
-as ``(B, in_channels, s, s)`` images when the first layer is a convolution.
+``(R, B, D)`` — one batch per replica; a ``(B, D)`` batch is shared by all replicas — (datasets and
+continual streams stay flat, so permutations are gathers) and are viewed as images when the first
+layer is a convolution.
+
+A network holds ``R`` replicas (``seeds``, one per replica; see :mod:`agentnet.workers`): replica
+``r`` is initialised exactly as a one-replica network built with ``seeds[r]``, so a population
+trains the same networks as ``R`` separate runs, in one batched model. Outputs are ``(R, B, C)``.
 
 ``forward`` is the plain inference pass. ``forward_record`` is the training pass that strategies
 use: per layer it chooses the :data:`~agentnet.workers.GradientPath`, computes every worker's
@@ -29,6 +34,7 @@ from agentnet.config import ModelConfig
 from agentnet.workers import (
     GradientPath,
     LeaderSelection,
+    ReplicaLinear,
     WorkerBlock,
     WorkerConv2d,
     WorkerLinear,
@@ -46,15 +52,15 @@ class LayerRecord:
     """One hidden layer's view of a training forward pass."""
 
     workers: Tensor
-    """Worker outputs ``(B, W, k)`` (pre-activation) whose gradient reaches only this layer."""
+    """Worker outputs ``(R, B, W, k)`` whose gradient reaches only this layer."""
     worker_loss: Tensor | None = None
-    """Per-sample prediction loss ``e`` ``(B, W)``; ``None`` when not requested."""
+    """Per-sample prediction loss ``e`` ``(R, B, W)``; ``None`` when not requested."""
     leaders: Tensor | None = None
-    """Leader mask, bool ``(W,)`` or ``(B, W)``."""
+    """Leader mask, bool ``(R, W)`` or ``(R, B, W)`` (sample mode)."""
     best: Tensor | None = None
-    """Index of the best leader, 0-d or ``(B,)``."""
+    """Index of the best leader, ``(R,)`` or ``(R, B)``."""
     activation: Tensor | None = None
-    """The layer's activation ``(B, n)`` (``(B, n, H, W)`` for conv layers), before any pooling."""
+    """The layer's activation ``(R, B, n)`` (channel-folded ``(B, R*n, H, W)`` for conv layers), before any pooling."""
 
 
 @dataclass
@@ -76,11 +82,28 @@ def image_shape(input_dim: int, channels: int) -> tuple[int, int, int]:
     return channels, side, side
 
 
-class WorkerNetwork(nn.Module):
-    """A network whose hidden layers (conv, block and fully connected) are split into workers."""
+class _ReplicaFlatten(nn.Module):
+    """Channel-folded maps ``(B, R*C, H, W)`` -> per-replica flat features ``(R, B, C*H*W)``."""
 
-    def __init__(self, input_dim: int, num_classes: int, cfg: ModelConfig, seed: int = 0) -> None:
+    def __init__(self, replicas: int) -> None:
         super().__init__()
+        self.replicas = replicas
+
+    def forward(self, h: Tensor) -> Tensor:
+        return h.reshape(h.shape[0], self.replicas, -1).transpose(0, 1)
+
+
+class WorkerNetwork(nn.Module):
+    """A network whose hidden layers (conv, block and fully connected) are split into workers,
+    held as ``len(seeds)`` independent replicas."""
+
+    def __init__(self, input_dim: int, num_classes: int, cfg: ModelConfig, seeds: int | list[int] = 0) -> None:
+        super().__init__()
+        seeds = [seeds] if isinstance(seeds, int) else list(seeds)
+        if not seeds:
+            raise ValueError("a network needs at least one replica (one seed)")
+        self.seeds = seeds
+        self.replicas = R = len(seeds)
         self.cfg = cfg
         self.num_classes = num_classes
         self.act = _ACTIVATIONS[cfg.activation]
@@ -96,7 +119,8 @@ class WorkerNetwork(nn.Module):
             channels, side = self.image_shape[0], self.image_shape[1]
             for spec in cfg.conv:
                 if spec.block == "none":
-                    layer = WorkerConv2d(channels, spec.channels // cfg.worker_size, cfg.worker_size, spec.kernel_size, spec.stride)
+                    layer = WorkerConv2d(channels, spec.channels // cfg.worker_size, cfg.worker_size, spec.kernel_size, spec.stride,
+                                         replicas=R)
                 else:
                     layer = WorkerBlock(
                         channels,
@@ -108,6 +132,7 @@ class WorkerNetwork(nn.Module):
                         kernel_size=spec.kernel_size,
                         stride=spec.stride,
                         activation=self.act,
+                        replicas=R,
                     )
                 side = (side - 1) // spec.stride + 1
                 if spec.pool > 1:
@@ -117,22 +142,29 @@ class WorkerNetwork(nn.Module):
                 hidden.append(layer)
                 post.append(nn.MaxPool2d(spec.pool) if spec.pool > 1 else nn.Identity())
                 channels = spec.channels
-            post[-1] = nn.Sequential(post[-1], nn.Flatten())
+            post[-1] = nn.Sequential(post[-1], _ReplicaFlatten(R))
             features = channels * side * side
         for width in cfg.hidden:
-            hidden.append(WorkerLinear(features, width // cfg.worker_size, cfg.worker_size))
+            hidden.append(WorkerLinear(features, width // cfg.worker_size, cfg.worker_size, replicas=R))
             post.append(nn.Identity())
             features = width
         self.hidden = nn.ModuleList(hidden)
         self.post = nn.ModuleList(post)
         """What follows each hidden layer's activation: max-pool, flatten, or nothing."""
-        self.output = nn.Linear(features, out_units)
+        self.output = ReplicaLinear(features, out_units, R)
         self.logit_mask: Tensor | None = None
-        """Boolean ``(C,)`` of the classes the output may predict (task-incremental heads); ``None``: all."""
+        """Boolean ``(C,)`` (or per example ``(R, B, C)``) of the classes the output may predict
+        (task-incremental heads); ``None``: all."""
         self.readouts = nn.ModuleList(
-            WorkerReadout(layer.num_workers, layer.worker_size, out_units, projection=cfg.worker_projection, head=cfg.worker_head, seed=seed + i)
+            WorkerReadout(layer.num_workers, layer.worker_size, out_units, projection=cfg.worker_projection, head=cfg.worker_head,
+                          seeds=[s + i for s in seeds])
             for i, layer in enumerate(hidden)
         )
+        # Replica r starts exactly where a one-replica network seeded with seeds[r] starts.
+        for r, seed in enumerate(seeds):
+            torch.manual_seed(seed)
+            for layer in [*self.hidden, self.output]:
+                layer.reset_replica(r)
         """Per hidden layer, worker outputs ``(B, W, k)`` -> prediction logits ``(B, W, C)``."""
         self.predictor = WorkerPredictor(cfg.output_activation)
 
@@ -142,7 +174,7 @@ class WorkerNetwork(nn.Module):
         return all(isinstance(layer, WorkerLinear) for layer in self.hidden)
 
     def worker_loss(self, layer: int, workers: Tensor, y: Tensor) -> Tensor:
-        """Per-sample prediction loss ``(B, W)`` of hidden layer ``layer``'s workers ``(B, W, k)``."""
+        """Per-sample prediction loss ``(R, B, W)`` of hidden layer ``layer``'s workers ``(R, B, W, k)``."""
         return self.predictor.loss(self.readouts[layer](workers), y)
 
     @contextlib.contextmanager
@@ -169,16 +201,23 @@ class WorkerNetwork(nn.Module):
         return worker_graph(self, roles, leadership)
 
     def _input(self, x: Tensor) -> Tensor:
-        """Flat ``(B, D)`` inputs as images for conv models (channels-last when the model is)."""
+        """Flat ``(R, B, D)`` inputs (``(B, D)``: the same batch for every replica); for conv models
+        channel-folded images ``(B, R*C, s, s)`` (channels-last when the model is)."""
+        R = self.replicas
+        if x.dim() == 2:
+            x = x.unsqueeze(0).expand(R, *x.shape)
+        elif x.dim() != 3 or x.shape[0] != R:
+            raise ValueError(f"inputs must be (B, D) or (replicas={R}, B, D), got {tuple(x.shape)}")
         if self.image_shape is None:
             return x
-        x = x.view(x.shape[0], *self.image_shape)
+        B = x.shape[1]
+        x = x.reshape(R, B, *self.image_shape).transpose(0, 1).reshape(B, R * self.image_shape[0], *self.image_shape[1:])
         if self.hidden[0].input_weight.is_contiguous(memory_format=torch.channels_last):
             x = x.contiguous(memory_format=torch.channels_last)
         return x
 
     def forward(self, x: Tensor) -> Tensor:
-        """Inference: output logits ``(B, C)`` (``(B, 1)`` for a sigmoid output)."""
+        """Inference: output logits ``(R, B, C)`` (``(R, B, 1)`` for a sigmoid output)."""
         x = self._input(x)
         for layer, post in zip(self.hidden, self.post):
             x = post(self.act(layer(x)))
@@ -194,16 +233,21 @@ class WorkerNetwork(nn.Module):
         return a * (1 - a)  # sigmoid
 
     def global_loss(self, logits: Tensor, y: Tensor) -> Tensor:
-        """The task loss at the output: cross-entropy, or BCE for a sigmoid output."""
+        """The task loss per replica ``(R,)``: mean cross-entropy (BCE for a sigmoid output) of
+        logits ``(R, B, C)`` against labels ``(R, B)``. Replicas' losses are independent, so the
+        gradient of their sum is each replica's own gradient."""
+        R, B = logits.shape[:2]
+        y = y.expand(R, B) if y.dim() == 1 else y
         if self.output_activation == "softmax":
-            return F.cross_entropy(self._masked(logits), y)
-        return F.binary_cross_entropy_with_logits(logits[:, 0], y.to(logits.dtype))
+            per_sample = F.cross_entropy(self._masked(logits).reshape(R * B, -1), y.reshape(-1), reduction="none")
+            return per_sample.view(R, B).mean(1)
+        return F.binary_cross_entropy_with_logits(logits[..., 0], y.to(logits.dtype), reduction="none").mean(1)
 
     def predict(self, logits: Tensor) -> Tensor:
-        """Class predictions from output logits."""
+        """Class predictions ``(R, B)`` from output logits ``(R, B, C)``."""
         if self.output_activation == "softmax":
-            return self._masked(logits).argmax(1)
-        return (logits[:, 0] > 0).long()
+            return self._masked(logits).argmax(-1)
+        return (logits[..., 0] > 0).long()
 
     def forward_record(
         self,
@@ -236,7 +280,7 @@ class WorkerNetwork(nn.Module):
                 record.leaders, record.best = selection.select(index, record.worker_loss)
             if leaders_carry_global and record.leaders is not None:
                 # Followers' units feed forward with their values but without a gradient path.
-                h = torch.where(_unit_gate(record.leaders, layer.worker_size, h), h, h.detach())
+                h = torch.where(_unit_gate(record.leaders, layer, h), h, h.detach())
             record.activation = h
             records.append(record)
             x = post(h)
@@ -244,18 +288,22 @@ class WorkerNetwork(nn.Module):
         return ForwardRecord(logits=logits, layers=records)
 
 
-def _unit_gate(leaders: Tensor, worker_size: int, h: Tensor) -> Tensor:
-    """Leader mask ``(W,)`` or ``(B, W)`` expanded over each worker's units, broadcastable to ``h``."""
-    units = leaders.repeat_interleave(worker_size, dim=-1)  # (n,) or (B, n)
-    if units.dim() == 1:
-        units = units.unsqueeze(0)
-    return units.view(*units.shape, *([1] * (h.dim() - 2)))
+def _unit_gate(leaders: Tensor, layer: nn.Module, h: Tensor) -> Tensor:
+    """Leader mask ``(R, W)`` or ``(R, B, W)`` expanded over each worker's units, broadcastable to
+    the layer's activation ``h`` (``(R, B, n)``, or channel-folded ``(B, R*n, H, W)``)."""
+    units = leaders.repeat_interleave(layer.worker_size, dim=-1)  # (R, n) or (R, B, n)
+    if not layer.folded:
+        return units if units.dim() == 3 else units.unsqueeze(1)
+    if units.dim() == 2:
+        return units.reshape(1, -1, 1, 1)
+    return units.transpose(0, 1).reshape(units.shape[1], -1, 1, 1)
 
 
 def worker_graph(
     model: WorkerNetwork, roles: list[list[str]] | None = None, leadership: list[Tensor] | None = None
 ) -> nx.DiGraph:
-    """The network as a graph of workers (see :meth:`WorkerNetwork.to_networkx`)."""
+    """The network as a graph of workers (see :meth:`WorkerNetwork.to_networkx`); the first replica's."""
+    R = model.replicas
     graph = nx.DiGraph()
     graph.add_node("input", layer=0, index=0, role="input", leadership=0.0)
     previous = ["input"]
@@ -267,12 +315,13 @@ def worker_graph(
                 name = f"worker_{agent}"
                 agent += 1
                 role = roles[li][w] if roles else "worker"
-                lead = float(leadership[li][w]) if leadership is not None else 0.0
+                lead = float(leadership[li].reshape(-1, layer.num_workers)[0, w]) if leadership is not None else 0.0
                 graph.add_node(name, layer=li + 1, index=w, role=role, leadership=lead)
                 names.append(name)
             # The weight reading the layer's input, rows grouped by worker and input columns by the
             # previous layer's workers (FC, conv channels and flattened maps are all worker-major).
             weight = layer.input_weight
+            weight = weight[: weight.shape[0] // R]
             if li == 0:
                 norms = weight.reshape(layer.num_workers, -1).norm(dim=1).view(-1, 1)
             else:
@@ -283,12 +332,12 @@ def worker_graph(
             previous = names
         out = model.output
         graph.add_node(f"worker_{agent}", layer=len(model.hidden) + 1, index=0, role="output", leadership=0.0)
-        norms = out.weight.view(out.out_features, len(previous), -1).norm(dim=(0, 2))
+        norms = out.weight[: out.out_features].view(out.out_features, len(previous), -1).norm(dim=(0, 2))
         for i, src in enumerate(previous):
             graph.add_edge(src, f"worker_{agent}", weight=float(norms[i]))
     return graph
 
 
-def build_model(cfg: ModelConfig, input_dim: int, num_classes: int, seed: int = 0) -> WorkerNetwork:
-    """Construct the model preset described by ``cfg`` for the data's dimensions."""
-    return WorkerNetwork(input_dim, num_classes, cfg, seed)
+def build_model(cfg: ModelConfig, input_dim: int, num_classes: int, seeds: int | list[int] = 0) -> WorkerNetwork:
+    """Construct the model preset described by ``cfg`` for the data's dimensions, one replica per seed."""
+    return WorkerNetwork(input_dim, num_classes, cfg, seeds)

@@ -25,13 +25,23 @@ __all__ = [
 ]
 
 
-def plot_history(history: list[dict], path: Path) -> None:
-    """Training objective and test accuracy per epoch."""
+def plot_history(history: list[dict], path: Path, histories: list[list[dict]] | None = None) -> None:
+    """Training objective and test accuracy per epoch: the mean over replicas, and with several
+    replicas each replica's curve (thin) and the spread (mean ± std, shaded)."""
     epochs = [h["epoch"] for h in history]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.2))
-    ax1.plot(epochs, [h["train_loss"] for h in history], marker="o")
+    for ax, key, scale, color in ((ax1, "train_loss", 1, "tab:blue"), (ax2, "test_acc", 100, "tab:green")):
+        if key not in history[0]:
+            continue
+        ax.plot(epochs, [scale * h[key] for h in history], marker="o", color=color, label="mean" if histories and len(histories) > 1 else None)
+        if histories and len(histories) > 1:
+            values = scale * np.array([[h[key] for h in run] for run in histories])  # (R, epochs)
+            for row in values:
+                ax.plot(epochs, row, color=color, lw=0.6, alpha=0.35)
+            mean, std = values.mean(0), values.std(0, ddof=1)
+            ax.fill_between(epochs, mean - std, mean + std, color=color, alpha=0.2, label=f"± std ({len(histories)} replicas)")
+            ax.legend(fontsize=7)
     ax1.set(xlabel="epoch", ylabel="training objective", title="objective")
-    ax2.plot(epochs, [100 * h["test_acc"] for h in history], marker="o", color="tab:green")
     ax2.set(xlabel="epoch", ylabel="test accuracy (%)", title="test accuracy")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -39,8 +49,9 @@ def plot_history(history: list[dict], path: Path) -> None:
 
 
 def plot_leadership(epoch_counts: list[list], path: Path) -> None:
-    """How often each worker led, per epoch and hidden layer (rows: epochs, columns: workers)."""
-    layers = [np.stack([np.asarray(c) for c in per_layer]) for per_layer in epoch_counts if per_layer]
+    """How often each worker led, per epoch and hidden layer (rows: epochs, columns: workers); the
+    first replica's counts when they are per replica ``(R, W)``."""
+    layers = [np.stack([np.asarray(c).reshape(-1, np.asarray(c).shape[-1])[0] for c in per_layer]) for per_layer in epoch_counts if per_layer]
     if not layers:
         return
     fig, axes = plt.subplots(len(layers), 1, figsize=(8, 1.2 + 1.4 * len(layers)), squeeze=False)
@@ -76,11 +87,12 @@ def plot_activity(activity: "WorkerActivity", path: Path, layer: int = 0) -> Non
 
 
 def write_run_plots(
-    out: Path, history: list[dict], selection: "LeaderSelection | None", activity: "WorkerActivity | None"
+    out: Path, history: list[dict], selection: "LeaderSelection | None", activity: "WorkerActivity | None",
+    histories: list[list[dict]] | None = None,
 ) -> None:
-    """Write the plots that apply to a finished run into ``out``."""
+    """Write the plots that apply to a finished run into ``out`` (``histories``: per replica)."""
     if history:
-        plot_history(history, out / "history.png")
+        plot_history(history, out / "history.png", histories)
     if selection is not None and any(selection.epoch_counts):
         plot_leadership(selection.epoch_counts, out / "leadership.png")
     if activity is not None:

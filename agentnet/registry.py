@@ -138,9 +138,10 @@ def register_strategy(name: str) -> Callable[[C], C]:
     return STRATEGIES.register(name)
 
 
-def build_strategy(node: Any, model) -> Any:
-    """Instantiate the strategy a config (or a bare name) names, for ``model``."""
-    return STRATEGIES.build(node, model)
+def build_strategy(node: Any, model, variants: dict[str, list[float]] | None = None) -> Any:
+    """Instantiate the strategy a config (or a bare name) names, for ``model`` (and, in a
+    population, the per-replica values of its ``replica_fields``)."""
+    return STRATEGIES.build(node, model, variants or {})
 
 
 def register_all() -> None:

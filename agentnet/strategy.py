@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
+import torch
 from torch import Tensor
 
 from agentnet.config import StrategyConfig
@@ -25,17 +26,17 @@ class StepResult:
     """What one strategy step produced."""
 
     loss: Tensor
-    """Scalar the strategy minimises this step (for logging; ``backward`` decides how it is used)."""
+    """Each replica's objective this step ``(R,)`` (for logging; ``backward`` decides how it is used)."""
     logits: Tensor
-    """Output logits for the batch (for accuracy)."""
+    """Output logits ``(R, B, C)`` for the batch (for accuracy)."""
     record: ForwardRecord | None = None
     """The forward record, when the strategy made one."""
     worker_objectives: list[Tensor] = field(default_factory=list)
-    """Per hidden layer, each worker's own local loss ``(W,)`` (lower is better for the worker)."""
+    """Per hidden layer, each worker's own local loss ``(R, W)`` (lower is better for the worker)."""
     signals: dict[str, list[Tensor]] = field(default_factory=dict)
-    """Other named per-layer, per-unit signals (e.g. ``attention_received``), for logging and envs."""
+    """Other named per-layer, per-unit ``(R, n)`` signals (e.g. ``attention_received``), for logging and envs."""
     update_scale: list[Tensor | None] | None = None
-    """Per hidden layer, a per-unit multiplier ``(n,)`` on this step's update (0 freezes a unit's
+    """Per hidden layer, a per-unit multiplier ``(R, n)`` on this step's update (0 freezes a unit's
     incoming weights bit-exactly); ``None`` everywhere means a plain optimiser step."""
     cache: dict = field(default_factory=dict)
     """Whatever ``compute`` hands to ``backward`` (strategy-private)."""
@@ -45,14 +46,32 @@ class StepResult:
 
 
 class Strategy:
-    """Base class of all strategies. Subclasses set ``Config`` and implement :meth:`compute`."""
+    """Base class of all strategies. Subclasses set ``Config`` and implement :meth:`compute`.
+
+    Every tensor carries the model's replica dimension first (see :mod:`agentnet.workers`);
+    a strategy that reads a config field through :meth:`per_replica` and lists it in
+    ``replica_fields`` lets a population give each replica its own value of it.
+    """
 
     name: ClassVar[str] = ""
     Config: ClassVar[type[StrategyConfig]] = StrategyConfig
+    #: Numeric config fields that may differ per replica (``vary.strategy.<field>``).
+    replica_fields: ClassVar[tuple[str, ...]] = ()
 
-    def __init__(self, cfg: StrategyConfig, model: WorkerNetwork) -> None:
+    def __init__(self, cfg: StrategyConfig, model: WorkerNetwork, variants: dict[str, list[float]] | None = None) -> None:
         self.cfg = cfg
         self.model = model
+        self.variants = dict(variants or {})
+        unknown = set(self.variants) - set(self.replica_fields)
+        if unknown:
+            raise ValueError(f"strategy={self.name}: {sorted(unknown)} cannot vary per replica (only {list(self.replica_fields)})")
+
+    def per_replica(self, field: str) -> float | Tensor:
+        """``cfg.<field>``, or its per-replica values as an ``(R, 1, 1)`` tensor when a population varies it."""
+        if field not in self.variants:
+            return getattr(self.cfg, field)
+        device = next(self.model.parameters()).device
+        return torch.tensor(self.variants[field], device=device).view(-1, 1, 1)
 
     @property
     def selection(self) -> LeaderSelection | None:
@@ -64,8 +83,9 @@ class Strategy:
         raise NotImplementedError
 
     def backward(self, result: StepResult) -> None:
-        """Put this step's gradients into ``.grad``; the default back-propagates ``result.loss``."""
-        result.loss.backward()
+        """Put this step's gradients into ``.grad``; the default back-propagates the sum of the
+        replicas' losses (each replica's parameters get exactly their own gradient)."""
+        result.loss.sum().backward()
 
     def on_epoch_end(self) -> None:
         """Called by the trainer after every epoch."""

@@ -45,14 +45,14 @@ class AttentionConfig(StrategyConfig):
 
 
 def attention_weights(weight: Tensor, mode: str) -> Tensor:
-    """``alpha`` (shape of ``weight``, ``(n_next, n)``): the attention next-layer neurons pay.
+    """``alpha`` (shape of ``weight``, ``(R, n_next, n)``): the attention next-layer neurons pay.
 
     ``normalized``: ``alpha_ji = sign(w_ji) |w_ji| / sum_i' |w_ji'|``, each row a budget of 1,
-    rescaled by the mean row L1 norm so the overall magnitude matches ``W``'s.
+    rescaled by the replica's mean row L1 norm so the overall magnitude matches ``W``'s.
     """
     if mode == "normalized":
-        l1 = weight.abs().sum(1, keepdim=True).clamp_min(1e-12)
-        return weight / l1 * l1.mean()
+        l1 = weight.abs().sum(-1, keepdim=True).clamp_min(1e-12)
+        return weight / l1 * l1.mean((1, 2), keepdim=True)
     return weight
 
 
@@ -62,19 +62,19 @@ class AttentionSeeking(Strategy):
 
     Config = AttentionConfig
 
-    def __init__(self, cfg: AttentionConfig, model: WorkerNetwork) -> None:
+    def __init__(self, cfg: AttentionConfig, model: WorkerNetwork, variants: dict[str, list[float]] | None = None) -> None:
         if not model.is_mlp:
             raise ValueError(
                 "strategy=attention passes messages through fully connected weights (alpha = W); "
                 "it does not support conv or block worker layers yet (use a model with model.conv=[])"
             )
-        super().__init__(cfg, model)
+        super().__init__(cfg, model, variants)
 
     def compute(self, x: Tensor, y: Tensor) -> StepResult:
         """Forward pass with every layer's input detached; keeps inputs and pre-activations."""
         inputs, preacts = [], []
         with torch.no_grad():
-            a = x
+            a = self.model._input(x)
             for layer in self.model.hidden:
                 inputs.append(a)
                 z = layer(a)
@@ -91,23 +91,25 @@ class AttentionSeeking(Strategy):
     def backward(self, result: StepResult) -> None:
         """Top-down message passing: each layer updates from the needs it receives and passes its own on."""
         cache, model = result.cache, self.model
-        (grad_out,) = torch.autograd.grad(result.loss, result.logits)
-        need = grad_out.neg_()  # g_j = -dJ/dz_j of the output neurons
+        (grad_out,) = torch.autograd.grad(result.loss.sum(), result.logits)
+        need = grad_out.neg_()  # g_j = -dJ/dz_j of the output neurons, (R, B, n_next)
         layers = [*model.hidden, model.output]
         received_all, objective_all, scales = [], [], []
+        R = model.replicas
         for index in range(len(layers) - 1, -1, -1):
             layer, a_in = layers[index], cache["inputs"][index]
             # Gradient ascent on U over the layer's own incoming weights (the optimiser descends -U).
-            layer.weight.grad = (need.t() @ a_in).neg_()
-            layer.bias.grad = need.sum(0).neg_()
+            layer.weight.grad = torch.bmm(need.transpose(1, 2), a_in).reshape(layer.weight.shape).neg_()
+            layer.bias.grad = need.sum(1).reshape(-1).neg_()
             if index == 0:
                 break
-            message = need @ attention_weights(layer.weight.detach(), self.cfg.mode)  # sum_j alpha_ji g_j
+            weight = layer.weight.detach().view(R, -1, layer.weight.shape[1])
+            message = torch.bmm(need, attention_weights(weight, self.cfg.mode))  # sum_j alpha_ji g_j
             a = cache["inputs"][index]  # this layer's input is the lower layer's activation
             need = message * model.activation_derivative(cache["preacts"][index - 1], a)  # g_i = f'(z_i) * message_i
-            received = message.abs().mean(0)
+            received = message.abs().mean(1)  # (R, n)
             received_all.append(received)
-            objective_all.append((a * message).mean(0))
+            objective_all.append((a * message).mean(1))
             scales.append(self._topk_scale(received) if self.cfg.mode == "topk" else None)
         result.signals["attention_received"] = received_all[::-1]
         result.signals["objective"] = objective_all[::-1]
@@ -116,6 +118,6 @@ class AttentionSeeking(Strategy):
             result.update_scale = scales[::-1]
 
     def _topk_scale(self, received: Tensor) -> Tensor:
-        """1 for the ``ceil(rho * n)`` most-attended neurons of a layer, 0 for the rest."""
-        chosen = received.topk(math.ceil(self.cfg.rho * received.numel())).indices
-        return torch.zeros_like(received).index_fill_(0, chosen, 1.0)
+        """1 for the ``ceil(rho * n)`` most-attended neurons of a layer (per replica), 0 for the rest."""
+        chosen = received.topk(math.ceil(self.cfg.rho * received.shape[-1]), dim=-1).indices
+        return torch.zeros_like(received).scatter_(-1, chosen, 1.0)

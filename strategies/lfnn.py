@@ -45,13 +45,16 @@ class LeaderFollower(Strategy):
     """Shared machinery: one forward record with leader selection, global plus local terms."""
 
     Config = LeaderFollowerConfig
+    replica_fields = ("delta", "lambda1", "lambda2")
     path: GradientPath = "split"
     leaders_carry_global = True
 
-    def __init__(self, cfg: LeaderFollowerConfig, model: WorkerNetwork) -> None:
-        super().__init__(cfg, model)
+    def __init__(self, cfg: LeaderFollowerConfig, model: WorkerNetwork, variants: dict[str, list[float]] | None = None) -> None:
+        super().__init__(cfg, model, variants)
         device = next(model.parameters()).device
-        self._selection = LeaderSelection(cfg.delta, cfg.selection, model.workers_per_layer, device)
+        delta = self.variants.get("delta", cfg.delta)
+        self._selection = LeaderSelection(delta, cfg.selection, model.workers_per_layer, device, model.replicas)
+        self._lambda1, self._lambda2 = self.per_replica("lambda1"), self.per_replica("lambda2")
 
     @property
     def selection(self) -> LeaderSelection:
@@ -64,7 +67,7 @@ class LeaderFollower(Strategy):
         loss = self.model.global_loss(record.logits, y)
         per_worker = []
         for layer in record.layers:
-            local, mine = leader_follower_loss(layer, self.cfg.lambda1, self.cfg.lambda2)
+            local, mine = leader_follower_loss(layer, self._lambda1, self._lambda2)
             loss = loss + local
             per_worker.append(mine.detach())
         return StepResult(loss=loss, logits=record.logits, record=record, worker_objectives=per_worker)

@@ -37,7 +37,8 @@ from agentnet.training.checkpoint import (
     set_rng_state,
 )
 from agentnet.training.plugins import TrainerPlugin, progress_bar
-from agentnet.workers import lerp_update
+from agentnet.population import population_of
+from agentnet.workers import lerp_update, replica_rows
 
 __all__ = ["NonFiniteLossError", "BatchStream", "Trainer", "build_optimizer", "build_scheduler"]
 
@@ -71,26 +72,27 @@ def build_scheduler(optimizer: torch.optim.Optimizer, kind: str, total_steps: in
 
 
 class BatchStream:
-    """Shuffled mini-batches over ``size`` examples, pass after pass; resumable mid-pass.
+    """Shuffled mini-batches over ``size`` examples, pass after pass, one order per replica; resumable mid-pass.
 
-    Each pass draws one permutation from ``generator`` on the host and moves it to the device;
-    ``gather(indices)`` turns a slice of it into ``(x, y)`` on the device (a plain index into a
-    split, or a continual stage's per-task transform). The last batch of a pass may be smaller.
+    Each pass draws one permutation per replica from that replica's generator on the host and moves
+    them to the device; ``gather(indices)`` turns an ``(R, B)`` slice of them into ``(x, y)``
+    ``(R, B, D)`` / ``(R, B)`` on the device (a plain index into a split, or a continual stage's
+    per-task, per-replica transform). The last batch of a pass may be smaller.
     """
 
-    def __init__(self, size: int, batch_size: int, generator: torch.Generator, gather: Callable[[Tensor], tuple[Tensor, Tensor]],
-                 device: torch.device) -> None:
+    def __init__(self, size: int, batch_size: int, generators: list[torch.Generator],
+                 gather: Callable[[Tensor], tuple[Tensor, Tensor]], device: torch.device) -> None:
         if size <= 0:
             raise ConfigError(f"the training data is empty ({size} examples); check data.subset and the benchmark")
         self.size = size
         self.batch_size = batch_size
-        self.generator = generator
+        self.generators = generators
         self.gather = gather
         self.device = device
         self.steps_per_epoch = math.ceil(size / batch_size)
         self.position = 0  # batches drawn in the current pass
         self._perm: Tensor | None = None
-        self._pass_start = generator.get_state()
+        self._pass_start = [g.get_state() for g in generators]
 
     @property
     def at_epoch_start(self) -> bool:
@@ -102,14 +104,17 @@ class BatchStream:
         """The last batch of the current pass has been drawn."""
         return self._perm is not None and self.position == self.steps_per_epoch
 
+    def _draw(self) -> None:
+        self._perm = torch.stack([torch.randperm(self.size, generator=g) for g in self.generators]).to(self.device)
+
     def next(self) -> tuple[Tensor, Tensor]:
         """The next mini-batch, starting a new pass when the last one is exhausted."""
         if self._perm is None or self.position == self.steps_per_epoch:
-            self._pass_start = self.generator.get_state()
-            self._perm = torch.randperm(self.size, generator=self.generator).to(self.device)
+            self._pass_start = [g.get_state() for g in self.generators]
+            self._draw()
             self.position = 0
         bs = self.batch_size
-        idx = self._perm[self.position * bs : (self.position + 1) * bs]
+        idx = self._perm[:, self.position * bs : (self.position + 1) * bs]
         self.position += 1
         return self.gather(idx)
 
@@ -117,7 +122,7 @@ class BatchStream:
         """Drop the rest of the current pass (the next batch starts a new permutation)."""
         self._perm = None
         self.position = 0
-        self._pass_start = self.generator.get_state()  # where the next pass will start
+        self._pass_start = [g.get_state() for g in self.generators]  # where the next pass will start
 
     def batches(self, steps: int) -> Iterator[tuple[Tensor, Tensor]]:
         """``steps`` consecutive mini-batches."""
@@ -128,11 +133,12 @@ class BatchStream:
         return {"pass_start": self._pass_start, "position": self.position, "in_pass": self._perm is not None}
 
     def load_state_dict(self, state: dict) -> None:
-        """Regenerate the interrupted pass's permutation from its generator state, then skip ahead."""
-        self.generator.set_state(state["pass_start"])
-        self._pass_start = state["pass_start"]
+        """Regenerate the interrupted pass's permutations from their generator states, then skip ahead."""
+        for g, s in zip(self.generators, state["pass_start"]):
+            g.set_state(s)
+        self._pass_start = list(state["pass_start"])
         if state["in_pass"]:
-            self._perm = torch.randperm(self.size, generator=self.generator).to(self.device)
+            self._draw()
             self.position = state["position"]
         else:
             self.end_pass()
@@ -144,6 +150,10 @@ class Trainer:
     ``data`` (a single run, the env) gives the stream of training batches and the test split
     evaluated at every epoch's end; without it (continual stages) the caller makes streams with
     :meth:`make_stream`, and ``total_steps`` sizes the learning-rate schedule.
+
+    All of it is per replica when the model holds a population (:mod:`agentnet.population`): each
+    replica draws its own batch order, its accounting and history are its own (``histories``;
+    ``history`` is their mean), and a per-replica learning rate scales its update.
     """
 
     def __init__(
@@ -166,6 +176,10 @@ class Trainer:
         if len(set(keys)) != len(keys):
             raise ValueError(f"plugins need distinct state keys, got {keys}")
         self.device = next(model.parameters()).device
+        self.population = population_of(cfg)
+        if self.population.replicas != model.replicas:
+            raise ConfigError(f"replicas={self.population.replicas}: the model holds {model.replicas} replicas")
+        self.replicas = model.replicas
         tcfg = cfg.trainer
         if tcfg.channels_last:
             # Conv weights (and, in the model, conv inputs) in NHWC: the fast layout for cuDNN/tensor cores.
@@ -174,7 +188,7 @@ class Trainer:
         self._autocast = (
             functools.partial(torch.autocast, self.device.type, torch.bfloat16) if tcfg.amp == "bf16" else contextlib.nullcontext
         )
-        self.shuffle = torch.Generator().manual_seed(cfg.seed)
+        self.shuffles = [torch.Generator().manual_seed(seed) for seed in self.population.seeds]
         self.stream: BatchStream | None = None
         self._pending_stream: dict | None = None
         if data is not None:
@@ -185,9 +199,16 @@ class Trainer:
         self.total_steps = min(total, tcfg.max_steps) if tcfg.max_steps else total
         self.optimizer = build_optimizer(model.parameters(), tcfg)
         self.scheduler = build_scheduler(self.optimizer, tcfg.lr_schedule, self.total_steps)
+        lrs = self.population.of("trainer").get("lr")
+        # Every optimiser's update is linear in the learning rate, so replica r's own rate is the
+        # shared step scaled by lr_r / lr (exactly; see _apply_update).
+        self.lr_scale = None if lrs is None else torch.tensor([v / tcfg.lr for v in lrs], device=self.device)
         self.epoch = 0  # epochs completed
         self.step = 0  # optimiser steps taken
         self.history: list[dict] = []
+        """Per epoch, the mean over replicas of their history entries."""
+        self.histories: list[list[dict]] = [[] for _ in range(self.replicas)]
+        """Per replica, its own history entries."""
         self.train_seconds = 0.0
         self.samples_seen = 0
         self.resumed_from: str | None = None
@@ -208,7 +229,7 @@ class Trainer:
         ``update`` replaces the optimiser step with an update supplied from outside (the env's delta
         mode); the strategy's gradients stay in ``.grad`` for the caller to inspect.
         """
-        fresh = len(y)
+        fresh = y.shape[1]
         for plugin in self.plugins:
             x, y = plugin.adapt_batch(self, x, y)
         for plugin in self.plugins:
@@ -224,11 +245,7 @@ class Trainer:
             with torch.no_grad():
                 update(self.model)
         else:
-            scales = _combine_scales(result.update_scale, update_scale)
-            if scales is None:
-                self.optimizer.step()
-            else:
-                self._scaled_step(scales)
+            self._apply_update(_combine_scales(result.update_scale, update_scale))
         if self.scheduler is not None:
             self.scheduler.step()
         self.step += 1
@@ -236,19 +253,28 @@ class Trainer:
             plugin.after_step(self, x, y, result)
         return result
 
-    def _scaled_step(self, scales: list[Tensor | None]) -> None:
-        """Optimiser step, then each unit's update scaled (see :func:`agentnet.workers.lerp_update`)."""
-        layers = [(layer, s) for layer, s in zip([*self.model.hidden, self.model.output], scales) if s is not None]
-        before = [[p.detach().clone() for p in layer.parameters()] for layer, _ in layers]
+    def _apply_update(self, scales: list[Tensor | None] | None) -> None:
+        """Optimiser step; then each unit's update scaled (see :func:`agentnet.workers.lerp_update`)
+        and each replica's update scaled by its own learning rate's ratio to ``trainer.lr``."""
+        if scales is None and self.lr_scale is None:
+            self.optimizer.step()
+            return
+        layers = [] if scales is None else [(l, s) for l, s in zip([*self.model.hidden, self.model.output], scales) if s is not None]
+        params = list(self.model.parameters()) if self.lr_scale is not None else [p for l, _ in layers for p in l.parameters()]
+        before = {p: p.detach().clone() for p in params}
         self.optimizer.step()
-        for (layer, scale), olds in zip(layers, before):
-            lerp_update(layer, olds, scale)
+        for layer, scale in layers:
+            lerp_update(layer, [before[p] for p in layer.parameters()], scale)
+        if self.lr_scale is not None:
+            with torch.no_grad():
+                for p in params:
+                    p.copy_(torch.lerp(before[p], p, replica_rows(self.lr_scale, p)))
 
     # -- the loop ------------------------------------------------------------------------------
     def make_stream(self, size: int, gather: Callable[[Tensor], tuple[Tensor, Tensor]]) -> BatchStream:
         """A batch stream on this trainer's seeded shuffle generator; a resumed run continues the
         interrupted stream where it stopped."""
-        stream = BatchStream(size, self.cfg.trainer.batch_size, self.shuffle, gather, self.device)
+        stream = BatchStream(size, self.cfg.trainer.batch_size, self.shuffles, gather, self.device)
         if self._pending_stream is not None:
             stream.load_state_dict(self._pending_stream)
             self._pending_stream = None
@@ -279,13 +305,15 @@ class Trainer:
                 self._begin_epoch()
             x, y = stream.next()
             result = self.train_step(x, y, update_scale, update)
-            self._loss_sum += result.loss.detach() * len(y)
-            self._correct += (self.model.predict(result.logits.detach()[: result.fresh]) == y[: result.fresh]).sum()
-            self._seen += len(y)
+            fresh = y.shape[1]
+            self._loss_sum += result.loss.detach() * fresh
+            self._correct += (self.model.predict(result.logits.detach()[:, :fresh]) == y).sum(1)
+            self._seen += fresh
             if self.step % tcfg.log_every == 0:
                 self.check_finite(f"at step {self.step}")
                 if bar is not None:
-                    bar.set_postfix(loss=f"{self._loss_sum.item() / self._seen:.4f}", acc=f"{self._correct.item() / self._seen:.4f}")
+                    bar.set_postfix(loss=f"{self._loss_sum.mean().item() / self._seen:.4f}",
+                                    acc=f"{self._correct.mean().item() / self._seen:.4f}")
             if bar is not None:
                 bar.update(1)
             if stream.at_epoch_end:
@@ -328,8 +356,8 @@ class Trainer:
         return self.history
 
     def _reset_running(self) -> None:
-        self._loss_sum = torch.zeros((), device=self.device)
-        self._correct = torch.zeros((), device=self.device)
+        self._loss_sum = torch.zeros(self.replicas, device=self.device)
+        self._correct = torch.zeros(self.replicas, device=self.device)
         self._seen = 0
         self._epoch_seconds = 0.0
 
@@ -343,19 +371,23 @@ class Trainer:
         self.check_finite(f"in epoch {self.epoch + 1}")
         seen = max(self._seen, 1)
         self.train_seconds += self._epoch_seconds
-        self.samples_seen += self._seen
+        self.samples_seen += self._seen * self.replicas
         self.strategy.on_epoch_end()
         self.epoch += 1
-        entry = {
-            "epoch": self.epoch,
-            "step": self.step,
-            "train_loss": self._loss_sum.item() / seen,
-            "train_acc_running": self._correct.item() / seen,
+        lr = self.optimizer.param_groups[0]["lr"]
+        per_replica: dict[str, list[float]] = {
+            "train_loss": (self._loss_sum / seen).tolist(),
+            "train_acc_running": (self._correct / seen).tolist(),
         }
         if self.data is not None:
             test = self.evaluate(self.data.test)
-            entry.update(test_acc=test["acc"], test_loss=test["loss"])
-        entry.update(lr=self.optimizer.param_groups[0]["lr"], epoch_s=self._epoch_seconds)
+            per_replica.update(test_acc=test["acc"], test_loss=test["loss"])
+        lr_scale = self.lr_scale.tolist() if self.lr_scale is not None else [1.0] * self.replicas
+        for r, history in enumerate(self.histories):
+            history.append({"epoch": self.epoch, "step": self.step, **{k: v[r] for k, v in per_replica.items()},
+                            "lr": lr * lr_scale[r], "epoch_s": self._epoch_seconds})
+        entry = {"epoch": self.epoch, "step": self.step, **{k: sum(v) / len(v) for k, v in per_replica.items()},
+                 "lr": lr, "epoch_s": self._epoch_seconds}
         self.history.append(entry)
         self._reset_running()
         log.info("epoch %d: %s", self.epoch, json.dumps({k: round(v, 5) for k, v in entry.items()}))
@@ -365,29 +397,38 @@ class Trainer:
         return entry
 
     def check_finite(self, where: str) -> None:
-        """Stop with :class:`NonFiniteLossError` if this epoch's running loss is NaN or infinite."""
-        if not torch.isfinite(self._loss_sum).item():
+        """Stop with :class:`NonFiniteLossError` if this epoch's running loss is NaN or infinite
+        (in any replica: replicas share one checkpoint)."""
+        finite = torch.isfinite(self._loss_sum)
+        if not bool(finite.all()):
             path = self.checkpoint_path
             kept = (
                 f"last good checkpoint: {path} (epoch {self.epoch})" if path is not None and path.exists() else "no checkpoint was written yet"
             )
-            raise NonFiniteLossError(f"training loss became non-finite {where}; stopped. {kept}")
+            which = "" if self.replicas == 1 else f" in replica(s) {(~finite).nonzero().view(-1).tolist()}"
+            raise NonFiniteLossError(f"training loss became non-finite{which} {where}; stopped. {kept}")
 
     # -- evaluation ----------------------------------------------------------------------------
     @torch.no_grad()
-    def evaluate(self, split: Split) -> dict[str, float]:
-        """Accuracy and global loss of the model on ``split``."""
-        correct = torch.zeros((), device=self.device)
-        loss = torch.zeros((), device=self.device)
+    def evaluate(self, split: Split, transform: Callable[[Tensor], Tensor] | None = None) -> dict[str, list[float]]:
+        """Accuracy and global loss of every replica on ``split``: ``{"acc": [R], "loss": [R]}``.
+
+        ``transform`` maps a shared batch ``(B, D)`` to each replica's view of it ``(R, B, D)``
+        (a continual task's per-replica permutation); without it every replica sees the batch as is.
+        """
+        correct = torch.zeros(self.replicas, device=self.device)
+        loss = torch.zeros(self.replicas, device=self.device)
         bs = self.cfg.trainer.eval_batch_size
         for start in range(0, len(split), bs):
             x, y = split.x[start : start + bs], split.y[start : start + bs]
+            if transform is not None:
+                x = transform(x)
             with self._autocast():
                 logits = self.model(x)
             loss += self.model.global_loss(logits, y) * len(y)
-            correct += (self.model.predict(logits) == y).sum()
+            correct += (self.model.predict(logits) == y).sum(1)
         n = max(len(split), 1)
-        return {"acc": correct.item() / n, "loss": loss.item() / n}
+        return {"acc": (correct / n).tolist(), "loss": (loss / n).tolist()}
 
     # -- checkpoints ---------------------------------------------------------------------------
     @property
@@ -404,12 +445,13 @@ class Trainer:
             "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
             "strategy": self.strategy.state_dict(),
             "plugins": {p.state_key: p.state_dict() for p in self.plugins},
-            "shuffle": self.shuffle.get_state(),
+            "shuffle": [g.get_state() for g in self.shuffles],
             "stream": None if self.stream is None else self.stream.state_dict(),
             "rng": rng_state(),
             "epoch": self.epoch,
             "step": self.step,
             "history": self.history,
+            "histories": self.histories,
             "train_seconds": self.train_seconds,
             "samples_seen": self.samples_seen,
             "running": {"loss_sum": self._loss_sum, "correct": self._correct, "seen": self._seen, "seconds": self._epoch_seconds},
@@ -425,10 +467,11 @@ class Trainer:
         for plugin in self.plugins:
             if plugin.state_key in saved_plugins:
                 plugin.load_state_dict(saved_plugins[plugin.state_key])
-        self.shuffle.set_state(state["shuffle"])
+        for g, s in zip(self.shuffles, state["shuffle"]):
+            g.set_state(s)
         set_rng_state(state["rng"])
         self.epoch, self.step = state["epoch"], state["step"]
-        self.history = state["history"]
+        self.history, self.histories = state["history"], state["histories"]
         self.train_seconds, self.samples_seen = state["train_seconds"], state["samples_seen"]
         running = state["running"]
         self._loss_sum = running["loss_sum"].to(self.device)

@@ -82,7 +82,7 @@ class WorkerActivity(TrainerPlugin):
 
     The LFNN paper's Fig. 5. Costs two extra no-grad forwards per step, so it is off by default.
     ``steps[i]`` is a list over hidden layers of ``(W,)`` tensors; ``leaders[i]`` the leader masks
-    of that step (``None`` for strategies without leaders).
+    of that step (``None`` for strategies without leaders). A population records its first replica.
     """
 
     def __init__(self) -> None:
@@ -97,9 +97,9 @@ class WorkerActivity(TrainerPlugin):
     @torch.no_grad()
     def after_step(self, trainer: "Trainer", x: torch.Tensor, y: torch.Tensor, result: StepResult) -> None:
         after = trainer.model.forward_record(x)
-        self.steps.append([(a.workers - b.workers).abs().mean((0, 2)).cpu() for a, b in zip(after.layers, self._before.layers)])
+        self.steps.append([(a.workers[0] - b.workers[0]).abs().mean((0, 2)).cpu() for a, b in zip(after.layers, self._before.layers)])
         layers = result.record.layers if result.record is not None else [None] * len(after.layers)
-        self.leaders.append([None if r is None or r.leaders is None else r.leaders.cpu() for r in layers])
+        self.leaders.append([None if r is None or r.leaders is None else r.leaders[0].cpu() for r in layers])
 
     def state_dict(self) -> dict:
         return {"steps": self.steps, "leaders": self.leaders}

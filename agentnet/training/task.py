@@ -19,6 +19,7 @@ from agentnet.config import ConfigError, RunConfig, check
 from agentnet.data import ImageData, load_dataset
 from agentnet.network import build_model
 from agentnet.paths import output_dir_of
+from agentnet.population import population_of, summarize
 from agentnet.registry import build_strategy, to_run_config
 from agentnet.training.checkpoint import RunLock, atomic_write_json
 from agentnet.training.engine import Trainer
@@ -66,7 +67,7 @@ def prepare_run(cfg: DictConfig | RunConfig | dict, data: ImageData | None = Non
         value = getattr(run.data, key)
         check(value is None or value <= len(split), f"data.{key}", value,
               f"larger than the {len(split)} examples of {run.data.name}'s {'training' if key == 'subset' else 'test'} split")
-    gen = torch.Generator().manual_seed(run.seed)
+    gen = torch.Generator().manual_seed(0)  # the same subset for every seed and replica
     data = ImageData(
         train=data.train.subset(run.data.subset, gen),
         test=data.test.subset(run.data.test_subset),
@@ -112,8 +113,9 @@ def train(cfg: DictConfig | RunConfig | dict, data: ImageData | None = None) -> 
         )
     with RunLock(out):
         seed_everything(run.seed)
-        model = build_model(run.model, data.input_dim, data.num_classes, run.seed).to(device)
-        strategy = build_strategy(run.strategy, model)
+        population = population_of(run)
+        model = build_model(run.model, data.input_dim, data.num_classes, population.seeds).to(device)
+        strategy = build_strategy(run.strategy, model, population.of("strategy"))
         plugins, activity = standard_plugins(run, out)
         trainer = Trainer(run, model, strategy, data, out, plugins)
         resumed = resume_info(run, trainer, out)
@@ -121,32 +123,46 @@ def train(cfg: DictConfig | RunConfig | dict, data: ImageData | None = None) -> 
 
         test = trainer.evaluate(data.test)
         train_eval = trainer.evaluate(data.train)
-        metrics: dict[str, Any] = {
-            "strategy": strategy.name,
-            "model": run.model.name,
-            "seed": run.seed,
-            "device": str(device),
-            "test_acc": test["acc"],
-            "test_error": 100.0 * (1.0 - test["acc"]),
-            "test_loss": test["loss"],
-            "train_acc": train_eval["acc"],
-            "train_error": 100.0 * (1.0 - train_eval["acc"]),
-            "train_loss": train_eval["loss"],
-            "final_train_loss": trainer.history[-1]["train_loss"] if trainer.history else float("nan"),
-            "num_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
-            "epochs": trainer.epoch,
-            "steps": trainer.step,
-            "samples_per_s": trainer.samples_seen / trainer.train_seconds if trainer.train_seconds else 0.0,
-            "wall_s": time.perf_counter() - wall_start,
-            "history": trainer.history,
-            "config": {"strategy": asdict(run.strategy), "model": asdict(run.model), "trainer": asdict(run.trainer)},
-        }
+        num_params = sum(p.numel() for p in model.parameters() if p.requires_grad) // model.replicas
+        wall_s = time.perf_counter() - wall_start
+        selection = strategy.selection
+        per_replica = []
+        for r in range(model.replicas):
+            replica: dict[str, Any] = {
+                "strategy": strategy.name,
+                "model": run.model.name,
+                **population.describe(r),
+                "device": str(device),
+                "test_acc": test["acc"][r],
+                "test_error": 100.0 * (1.0 - test["acc"][r]),
+                "test_loss": test["loss"][r],
+                "train_acc": train_eval["acc"][r],
+                "train_error": 100.0 * (1.0 - train_eval["acc"][r]),
+                "train_loss": train_eval["loss"][r],
+                "final_train_loss": trainer.histories[r][-1]["train_loss"] if trainer.histories[r] else float("nan"),
+                "num_params": num_params,
+                "epochs": trainer.epoch,
+                "steps": trainer.step,
+                "history": trainer.histories[r],
+            }
+            if selection is not None:
+                replica["leadership_counts"] = [c[r].cpu().tolist() for c in selection.counts]
+                replica["leadership_epoch_counts"] = [[c[r].tolist() for c in layer] for layer in selection.epoch_counts]
+            per_replica.append(replica)
+        metrics = summarize(per_replica)
+        metrics.update(
+            samples_per_s=trainer.samples_seen / trainer.train_seconds if trainer.train_seconds else 0.0,
+            wall_s=wall_s,
+            history=trainer.history,
+            config={"strategy": asdict(run.strategy), "model": asdict(run.model), "trainer": asdict(run.trainer),
+                    "replicas": model.replicas, "vary": population.variants},
+        )
+        for key in population.describe(0):  # who each replica is, not a measurement
+            metrics.pop(key, None)
+            metrics.pop(f"{key}_std", None)
+        metrics["seed"], metrics["seeds"] = run.seed, population.seeds
         if resumed is not None:
             metrics["resumed"] = resumed
-        selection = strategy.selection
-        if selection is not None:
-            metrics["leadership_counts"] = [c.cpu().tolist() for c in selection.counts]
-            metrics["leadership_epoch_counts"] = [[c.tolist() for c in layer] for layer in selection.epoch_counts]
         atomic_write_json(metrics, out / "metrics.json")
-        plots.write_run_plots(out, trainer.history, selection, activity)
+        plots.write_run_plots(out, trainer.history, selection, activity, trainer.histories)
     return metrics
