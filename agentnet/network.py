@@ -267,6 +267,8 @@ class WorkerNetwork(nn.Module):
         """
         records = []
         x = self._input(x)
+        if y is not None and y.dim() == 1:  # labels of a batch shared by every replica
+            y = y.unsqueeze(0).expand(self.replicas, -1)
         for index, (layer, post) in enumerate(zip(self.hidden, self.post)):
             z, z_local = layer.forward_path(x, path)
             h = self.act(z)

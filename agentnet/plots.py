@@ -116,14 +116,19 @@ def plot_accuracy_matrix(R: list[list[float]], path: Path, title: str = "") -> N
     plt.close(fig)
 
 
-def plot_task_accuracy(R: list[list[float]], path: Path) -> None:
-    """Each task's accuracy across the sequence, from the moment it is learned."""
+def plot_task_accuracy(R: list[list[float]], path: Path, replicas: list[list[list[float]]] | None = None) -> None:
+    """Each task's accuracy across the sequence, from the moment it is learned; with several
+    replicas, the spread (± std over replicas) of the mean accuracy over the tasks seen."""
     m = 100 * np.asarray(R)
     T = m.shape[1]
     fig, ax = plt.subplots(figsize=(7, 3.5))
     for j in range(T):
         ax.plot(range(j + 1, T + 1), m[j + 1 :, j], marker="o", ms=3, label=f"task {j + 1}")
     ax.plot(range(1, T + 1), [m[i, :i].mean() for i in range(1, T + 1)], color="black", lw=2, label="mean (seen)")
+    if replicas is not None and len(replicas) > 1:
+        seen = np.array([[100 * np.mean(np.asarray(r)[i, :i]) for i in range(1, T + 1)] for r in replicas])
+        mean, std = seen.mean(0), seen.std(0, ddof=1)
+        ax.fill_between(range(1, T + 1), mean - std, mean + std, color="black", alpha=0.15, label=f"± std ({len(replicas)} replicas)")
     ax.set(xlabel="after training task", ylabel="test accuracy (%)", title="per-task accuracy across the sequence")
     ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()

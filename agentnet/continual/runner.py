@@ -23,10 +23,12 @@ from omegaconf import DictConfig
 from agentnet import plots
 from agentnet.config import ConfigError, RunConfig
 from agentnet.continual.methods import CLMethod, build_cl_method
-from agentnet.continual.metrics import summarize
+from agentnet.continual.metrics import summarize as summarize_matrix
 from agentnet.continual.streams import TaskStream, build_stream
 from agentnet.data import ImageData
 from agentnet.network import build_model
+from agentnet.population import population_of
+from agentnet.population import summarize as summarize_population
 from agentnet.registry import build_strategy
 from agentnet.training import RunLock, Trainer, TrainerPlugin, atomic_write_json, prepare_run, seed_everything, standard_plugins
 from agentnet.training.task import resume_info
@@ -36,13 +38,14 @@ __all__ = ["run_continual", "evaluate_all", "TaskHeadMask", "ContinualProgress"]
 log = logging.getLogger(__name__)
 
 
-def evaluate_all(trainer: Trainer, stream: TaskStream) -> list[float]:
-    """Test accuracy on every task of the stream (task-incremental heads masked per task)."""
-    accs = []
+def evaluate_all(trainer: Trainer, stream: TaskStream) -> list[list[float]]:
+    """Per replica, test accuracy on every task of the stream ``[R][T]`` (task-incremental heads masked per task)."""
+    per_task = []
     for task in stream.tasks:
         with trainer.model.logit_mask_as(stream.logit_mask(task)):
-            accs.append(trainer.evaluate(stream.test_split(task))["acc"])
-    return accs
+            split, transform = stream.test_split(task)
+            per_task.append(trainer.evaluate(split, transform)["acc"])
+    return [list(accs) for accs in zip(*per_task)]
 
 
 class TaskHeadMask(TrainerPlugin):
@@ -70,7 +73,11 @@ class TaskHeadMask(TrainerPlugin):
 
 
 class ContinualProgress(TrainerPlugin):
-    """Where a continual run stands: the stage, whether it began, its first step, ``R`` and curves."""
+    """Where a continual run stands: the stage, whether it began, its first step, ``R`` and curves.
+
+    ``acc_matrices[r]`` is replica ``r``'s accuracy matrix so far (rows appended after each task);
+    curve points hold one accuracy list per replica.
+    """
 
     def __init__(self, stream: TaskStream, eval_every: int | None) -> None:
         self.stream = stream
@@ -78,7 +85,7 @@ class ContinualProgress(TrainerPlugin):
         self.stage = 0
         self.stage_started = False
         self.stage_start_step = 0
-        self.acc_matrix: list[list[float]] = []
+        self.acc_matrices: list[list[list[float]]] = [[] for _ in range(stream.replicas)]
         self.curves: list[dict] = []
         self.task_seconds: list[float] = []
 
@@ -92,7 +99,7 @@ class ContinualProgress(TrainerPlugin):
             "stage": self.stage,
             "stage_started": self.stage_started,
             "stage_start_step": self.stage_start_step,
-            "acc_matrix": self.acc_matrix,
+            "acc_matrices": self.acc_matrices,
             "curves": self.curves,
             "task_seconds": self.task_seconds,
         }
@@ -100,6 +107,11 @@ class ContinualProgress(TrainerPlugin):
     def load_state_dict(self, state: dict) -> None:
         for key, value in state.items():
             setattr(self, key, value)
+
+    def record(self, accs: list[list[float]]) -> None:
+        """Append one row per replica to the accuracy matrices."""
+        for matrix, row in zip(self.acc_matrices, accs):
+            matrix.append(row)
 
 
 def _stage_steps(bench, stage_size: int, batch_size: int) -> int:
@@ -115,11 +127,12 @@ def run_continual(cfg: DictConfig | RunConfig | dict, data: ImageData | None = N
     if run.benchmark is None:
         raise ConfigError("benchmark=null: choose a protocol, e.g. benchmark=pmnist_quick")
     with RunLock(out):
-        stream = build_stream(data, run.benchmark, run.seed)
         seed_everything(run.seed)
-        model = build_model(run.model, stream.input_dim, stream.num_classes, run.seed).to(device)
-        strategy = build_strategy(run.strategy, model)
-        method: CLMethod = build_cl_method(run.cl, model)
+        population = population_of(run)
+        stream = build_stream(data, run.benchmark, population.seeds)
+        model = build_model(run.model, stream.input_dim, stream.num_classes, population.seeds).to(device)
+        strategy = build_strategy(run.strategy, model, population.of("strategy"))
+        method: CLMethod = build_cl_method(run.cl, model, population.of("cl"))
         bs = run.trainer.batch_size
         # Steps per stage: from one task's size, so a cumulative stage trains as long as the others.
         stage_steps = [_stage_steps(run.benchmark, len(task.train_idx), bs) for task in stream.tasks]
@@ -128,8 +141,8 @@ def run_continual(cfg: DictConfig | RunConfig | dict, data: ImageData | None = N
         plugins = [method, TaskHeadMask(stream), progress, *extra]
         trainer = Trainer(run, model, strategy, None, out, plugins=plugins, total_steps=sum(stage_steps))
         resumed = resume_info(run, trainer, out)
-        if not progress.acc_matrix:
-            progress.acc_matrix.append(evaluate_all(trainer, stream))
+        if not progress.acc_matrices[0]:
+            progress.record(evaluate_all(trainer, stream))
 
         trainer.begin_run()
         while progress.stage < len(stream):
@@ -149,28 +162,44 @@ def run_continual(cfg: DictConfig | RunConfig | dict, data: ImageData | None = N
             for plugin in plugins:
                 plugin.after_task(trainer, stream, task)
             progress.task_seconds[i] += time.perf_counter() - start
-            progress.acc_matrix.append(evaluate_all(trainer, stream))
+            progress.record(evaluate_all(trainer, stream))
             progress.stage, progress.stage_started = i + 1, False
             trainer.stream = None  # the next stage makes its own
             trainer.save_checkpoint()  # the last good state, should a later task diverge
-            R = progress.acc_matrix
-            log.info("after task %d: mean acc over tasks so far %.4f", i + 1, sum(R[-1][: i + 1]) / (i + 1))
+            seen = [sum(m[-1][: i + 1]) / (i + 1) for m in progress.acc_matrices]
+            log.info("after task %d: mean acc over tasks so far %.4f", i + 1, sum(seen) / len(seen))
         trainer.end_run()
 
-        R = progress.acc_matrix
-        metrics: dict[str, Any] = {
-            "strategy": strategy.name,
-            "cl": method.name,
-            "benchmark": run.benchmark.name,
-            "model": run.model.name,
+        per_replica = []
+        selection = strategy.selection
+        for r, R in enumerate(progress.acc_matrices):
+            replica: dict[str, Any] = {
+                "strategy": strategy.name,
+                "cl": method.name,
+                "benchmark": run.benchmark.name,
+                "model": run.model.name,
+                **population.describe(r),
+                "acc_matrix": R,
+                **summarize_matrix(R),
+                "steps": trainer.step,
+                "epochs": trainer.epoch,
+                "curves": [{"step": c["step"], "acc": c["acc"][r]} for c in progress.curves],
+                "history": trainer.histories[r],
+            }
+            if selection is not None:
+                replica["leadership_counts"] = [c[r].cpu().tolist() for c in selection.counts]
+            per_replica.append(replica)
+        metrics = summarize_population(per_replica)
+        for key in population.describe(0):  # who each replica is, not a measurement
+            metrics.pop(key, None)
+            metrics.pop(f"{key}_std", None)
+        R = metrics["acc_matrix"]  # the mean over replicas
+        metrics.update({
             "seed": run.seed,
-            "acc_matrix": R,
-            **summarize(R),
+            "seeds": population.seeds,
             "task_seconds": progress.task_seconds,
-            "steps": trainer.step,
-            "epochs": trainer.epoch,
             "wall_s": time.perf_counter() - wall_start,
-            "curves": progress.curves,
+            "curves": [{"step": c["step"], "acc": [sum(a) / len(a) for a in zip(*c["acc"])]} for c in progress.curves],
             "history": trainer.history,
             "config": {
                 "strategy": asdict(run.strategy),
@@ -178,13 +207,12 @@ def run_continual(cfg: DictConfig | RunConfig | dict, data: ImageData | None = N
                 "benchmark": asdict(run.benchmark),
                 "model": asdict(run.model),
                 "trainer": asdict(run.trainer),
+                "replicas": model.replicas,
+                "vary": population.variants,
             },
-        }
+        })
         if resumed is not None:
             metrics["resumed"] = resumed
-        selection = strategy.selection
-        if selection is not None:
-            metrics["leadership_counts"] = [c.cpu().tolist() for c in selection.counts]
         atomic_write_json(metrics, out / "cl_metrics.json")
         with open(out / "acc_matrix.csv", "w", newline="") as fh:
             writer = csv.writer(fh)
@@ -192,7 +220,7 @@ def run_continual(cfg: DictConfig | RunConfig | dict, data: ImageData | None = N
             for i, row in enumerate(R):
                 writer.writerow(["init" if i == 0 else f"task_{i}"] + [f"{a:.4f}" for a in row])
         plots.plot_accuracy_matrix(R, out / "acc_matrix.png", title=f"{strategy.name} + {method.name}")
-        plots.plot_task_accuracy(R, out / "task_accuracy.png")
+        plots.plot_task_accuracy(R, out / "task_accuracy.png", progress.acc_matrices)
         if activity is not None:
             plots.plot_activity(activity, out / "activity.png")
     return metrics

@@ -2,12 +2,16 @@
 
 A stream never materialises a task's images: each task is a set of example indices plus an input
 transform applied per batch (a pixel gather for permutations, ``grid_sample`` for rotations).
+
+A stream serves a population: each seed (replica) draws its own permutations, and every batch is
+``(R, B, D)`` — replica ``r`` sees exactly what a one-replica stream with ``seeds[r]`` would show.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +38,7 @@ class Task:
     test_idx: Tensor
     classes: Tensor
     permutation: Tensor | None = None
+    """Per replica, the pixel permutation ``(R, D)``; ``None`` for no permutation."""
     angle: float | None = None
 
 
@@ -52,7 +57,7 @@ class TaskStream:
         data: ImageData,
         scenario: str,
         num_tasks: int,
-        seed: int = 0,
+        seeds: int | list[int] = 0,
         *,
         first_unpermuted: bool = False,
         pad32: bool = False,
@@ -68,14 +73,18 @@ class TaskStream:
         self.num_classes = data.num_classes
         self.side = 32 if pad32 else 28
         device = data.train.y.device
-        gen = torch.Generator().manual_seed(seed)
+        seeds = [seeds] if isinstance(seeds, int) else list(seeds)
+        self.replicas = len(seeds)
+        gens = [torch.Generator().manual_seed(s) for s in seeds]
         all_train = torch.arange(len(data.train), device=device)
         all_test = torch.arange(len(data.test), device=device)
         all_classes = torch.arange(self.num_classes, device=device)
         self.tasks: list[Task] = []
         if scenario == "permuted":
             for t in range(num_tasks):
-                perm = None if (t == 0 and first_unpermuted) else torch.randperm(self.input_dim, generator=gen).to(device)
+                perm = None
+                if not (t == 0 and first_unpermuted):
+                    perm = torch.stack([torch.randperm(self.input_dim, generator=g) for g in gens]).to(device)
                 self.tasks.append(Task(t, all_train, all_test, all_classes, permutation=perm))
         elif scenario == "rotated":
             for t in range(num_tasks):
@@ -99,17 +108,22 @@ class TaskStream:
         return len(self.tasks)
 
     def transform(self, task: Task, x: Tensor) -> Tensor:
-        """Apply the task's input transform to a batch ``(B, D)``."""
+        """Each replica's view ``(R, B, D)`` of a batch: ``x`` is per replica ``(R, B, D)`` or shared ``(B, D)``."""
+        R = self.replicas
+        if x.dim() == 2:
+            x = x.unsqueeze(0).expand(R, *x.shape)
         if task.permutation is not None:
-            return x.index_select(1, task.permutation)
+            if R == 1:
+                return x.index_select(2, task.permutation[0])
+            return x.gather(2, task.permutation.unsqueeze(1).expand(R, x.shape[1], -1))
         if task.angle:
             theta = math.radians(task.angle)
             rot = torch.tensor([[math.cos(theta), -math.sin(theta), 0.0], [math.sin(theta), math.cos(theta), 0.0]], dtype=x.dtype, device=x.device)
-            images = x.view(-1, 1, self.side, self.side)
-            grid = F.affine_grid(rot.expand(len(x), 2, 3), list(images.shape), align_corners=False)
+            images = x.reshape(-1, 1, self.side, self.side)
+            grid = F.affine_grid(rot.expand(len(images), 2, 3), list(images.shape), align_corners=False)
             background = self.data.train.x.min()
             rotated = F.grid_sample(images - background, grid, align_corners=False) + background
-            return rotated.view(len(x), -1)
+            return rotated.view(x.shape)
         return x
 
     def logit_mask(self, task: Task) -> Tensor | None:
@@ -121,47 +135,49 @@ class TaskStream:
         return mask
 
     def batch(self, task: Task, idx: Tensor) -> tuple[Tensor, Tensor]:
-        """Training batch of ``task`` for positions ``idx`` into its training indices."""
+        """Training batch ``(R, B, D)``, ``(R, B)`` of ``task`` for positions ``idx`` into its training
+        indices: per replica ``(R, B)``, or ``(B,)`` shared by every replica."""
         rows = task.train_idx[idx]
-        return self.transform(task, self.data.train.x[rows]), self.data.train.y[rows]
+        y = self.data.train.y[rows]
+        return self.transform(task, self.data.train.x[rows]), y.expand(self.replicas, -1) if y.dim() == 1 else y
 
     def stage_gather(self, tasks: list[Task]):
-        """``gather(positions) -> (x, y)`` over the concatenated training sets of ``tasks``.
+        """``gather(positions (R, B)) -> (x, y)`` over the concatenated training sets of ``tasks``.
 
-        One task: a gather on the device, no host round trip. Several (a cumulative stage): which
-        task each position belongs to, then each task's own transform.
+        One task: a gather on the device. Several (a cumulative stage): which task each position
+        belongs to, then each task's own transform (computed for the whole batch and selected).
         """
         if len(tasks) == 1:
             task = tasks[0]
             return lambda idx: self.batch(task, idx)
-        sizes = torch.tensor([len(t.train_idx) for t in tasks])
-        offsets = torch.cumsum(sizes, 0) - sizes
         device = tasks[0].train_idx.device
+        sizes = torch.tensor([len(t.train_idx) for t in tasks], device=device)
+        offsets = torch.cumsum(sizes, 0) - sizes
 
         def gather(flat: Tensor) -> tuple[Tensor, Tensor]:
-            flat = flat.cpu()
-            owner = torch.searchsorted(offsets, flat, right=True) - 1
-            parts = [
-                self.batch(task, (flat[owner == i] - offsets[i]).to(device))
-                for i, task in enumerate(tasks)
-                if bool((owner == i).any())
-            ]
-            return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+            owner = torch.searchsorted(offsets, flat.contiguous(), right=True) - 1  # (R, B)
+            x = y = None
+            for i, task in enumerate(tasks):
+                xi, yi = self.batch(task, (flat - offsets[i]).clamp(0, len(task.train_idx) - 1))
+                mine = owner == i
+                x = xi if x is None else torch.where(mine.unsqueeze(-1), xi, x)
+                y = yi if y is None else torch.where(mine, yi, y)
+            return x, y
 
         return gather
 
-    def test_split(self, task: Task) -> Split:
-        """The task's whole test set, transformed."""
-        return Split(self.transform(task, self.data.test.x[task.test_idx]), self.data.test.y[task.test_idx])
+    def test_split(self, task: Task) -> tuple[Split, Callable[[Tensor], Tensor]]:
+        """The task's whole test set (untransformed) and the per-replica transform to apply per batch."""
+        return Split(self.data.test.x[task.test_idx], self.data.test.y[task.test_idx]), lambda x: self.transform(task, x)
 
 
-def build_stream(data: ImageData, cfg, seed: int) -> TaskStream:
-    """The stream a :class:`~agentnet.continual.config.BenchmarkConfig` describes."""
+def build_stream(data: ImageData, cfg, seeds: int | list[int]) -> TaskStream:
+    """The stream a :class:`~agentnet.config.BenchmarkConfig` describes, one set of tasks per seed."""
     return TaskStream(
         data,
         cfg.scenario,
         cfg.num_tasks,
-        seed,
+        seeds,
         first_unpermuted=cfg.first_unpermuted,
         pad32=cfg.pad32,
         max_angle=cfg.max_angle,

@@ -224,11 +224,14 @@ class Trainer:
     ) -> StepResult:
         """One step of the strategy on one mini-batch, with every plugin hook.
 
-        ``update_scale`` (per layer of ``[*model.hidden, model.output]``, per unit) multiplies the
+        ``x`` ``(R, B, D)`` and ``y`` ``(R, B)`` hold one batch per replica (``(B, D)`` and ``(B,)``:
+        one batch for all). ``update_scale`` (per layer of ``[*model.hidden, model.output]``, per unit) multiplies the
         update each unit's incoming weights receive, on top of any scale the strategy sets.
         ``update`` replaces the optimiser step with an update supplied from outside (the env's delta
         mode); the strategy's gradients stay in ``.grad`` for the caller to inspect.
         """
+        if y.dim() == 1:  # one batch shared by every replica
+            x, y = x.unsqueeze(0).expand(self.replicas, *x.shape), y.unsqueeze(0).expand(self.replicas, -1)
         fresh = y.shape[1]
         for plugin in self.plugins:
             x, y = plugin.adapt_batch(self, x, y)
@@ -438,7 +441,7 @@ class Trainer:
     def state_dict(self) -> dict:
         """Everything a resumed run needs to continue exactly: tensors and plain containers only."""
         return {
-            "format": 2,
+            "format": 3,
             "config": dataclasses.asdict(self.cfg),
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -502,8 +505,8 @@ class Trainer:
             log.warning("resume=true but there is no checkpoint at %s; starting from scratch", path)
             return False
         state = load_checkpoint(path, "cpu")  # generator states must stay on the CPU; tensors move on load
-        if not isinstance(state, dict) or state.get("format") != 2:
-            raise CheckpointError(f"{path}: not an agentnet checkpoint of this version (no format 2 marker)")
+        if not isinstance(state, dict) or state.get("format") != 3:
+            raise CheckpointError(f"{path}: not an agentnet checkpoint of this version (no format 3 marker)")
         check_resumable(state["config"], dataclasses.asdict(self.cfg), path)
         if self.cfg.benchmark is None and state["epoch"] > self.cfg.trainer.epochs:
             raise ConfigError(

@@ -17,6 +17,7 @@ import torch
 from agentnet.config import CLConfig
 from agentnet.registry import CL_METHODS
 from agentnet.training.plugins import TrainerPlugin
+from agentnet.workers import replica_rows
 
 __all__ = ["CL_METHODS", "CLMethod", "build_cl_method"]
 
@@ -26,10 +27,23 @@ class CLMethod(TrainerPlugin):
 
     name: ClassVar[str] = ""
     Config: ClassVar[type[CLConfig]] = CLConfig
+    #: Numeric config fields that may differ per replica (``vary.cl.<field>``).
+    replica_fields: ClassVar[tuple[str, ...]] = ()
 
-    def __init__(self, cfg: CLConfig, model: torch.nn.Module) -> None:
+    def __init__(self, cfg: CLConfig, model: torch.nn.Module, variants: dict[str, list[float]] | None = None) -> None:
         self.cfg = cfg
         self.model = model
+        self.variants = dict(variants or {})
+        unknown = set(self.variants) - set(self.replica_fields)
+        if unknown:
+            raise ValueError(f"cl={self.name}: {sorted(unknown)} cannot vary per replica (only {list(self.replica_fields)})")
+
+    def per_replica(self, field: str, p: torch.Tensor) -> float | torch.Tensor:
+        """``cfg.<field>``, or (in a population varying it) its per-replica values spread over the
+        replica-major rows of parameter ``p``."""
+        if field not in self.variants:
+            return getattr(self.cfg, field)
+        return replica_rows(torch.tensor(self.variants[field], device=p.device), p)
 
     @property
     def state_key(self) -> str:
@@ -44,6 +58,7 @@ class CLMethod(TrainerPlugin):
         return torch.zeros(())
 
 
-def build_cl_method(node, model: torch.nn.Module) -> CLMethod:
-    """Instantiate the method a ``cl`` config names (``None`` means fine-tuning)."""
-    return CL_METHODS.build(node if node is not None else {"name": "none"}, model)
+def build_cl_method(node, model: torch.nn.Module, variants: dict[str, list[float]] | None = None) -> CLMethod:
+    """Instantiate the method a ``cl`` config names (``None`` means fine-tuning), with a
+    population's per-replica values of its ``replica_fields``."""
+    return CL_METHODS.build(node if node is not None else {"name": "none"}, model, variants or {})

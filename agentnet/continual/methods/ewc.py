@@ -37,20 +37,25 @@ class EWCConfig(CLConfig):
 
 
 def diagonal_fisher(model: torch.nn.Module, x: torch.Tensor, chunk: int = 64) -> dict[str, torch.Tensor]:
-    """Mean squared per-sample gradient of ``log p(y_hat | x)`` for every parameter."""
+    """Mean squared per-sample gradient of ``log p(y_hat | x)`` for every parameter.
+
+    ``x`` is ``(R, N, D)``: sample ``n`` of every replica in one call; the summed loss's gradient
+    on replica ``r``'s rows is replica ``r``'s own per-sample gradient.
+    """
     params = {k: v.detach() for k, v in model.named_parameters()}
 
-    def nll(p, xi):
-        logits = functional_call(model, p, (xi.unsqueeze(0),))
+    def nll(p, xi):  # xi: (R, D), one sample per replica
+        logits = functional_call(model, p, (xi.unsqueeze(1),))
         label = model.predict(logits).detach()
-        return model.global_loss(logits, label)
+        return model.global_loss(logits, label).sum()
 
-    per_sample = vmap(grad(nll), in_dims=(None, 0))
+    per_sample = vmap(grad(nll), in_dims=(None, 1))
     total = {k: torch.zeros_like(v) for k, v in params.items()}
-    for start in range(0, len(x), chunk):
-        for k, g in per_sample(params, x[start : start + chunk]).items():
+    n = x.shape[1]
+    for start in range(0, n, chunk):
+        for k, g in per_sample(params, x[:, start : start + chunk]).items():
             total[k] += g.pow(2).sum(0)
-    return {k: v / len(x) for k, v in total.items()}
+    return {k: v / n for k, v in total.items()}
 
 
 @CL_METHODS.register("ewc")
@@ -58,9 +63,10 @@ class EWC(CLMethod):
     """Quadratic pull of every parameter toward its value after earlier tasks, weighted by Fisher."""
 
     Config = EWCConfig
+    replica_fields = ("ewc_lambda",)
 
-    def __init__(self, cfg: EWCConfig, model: torch.nn.Module) -> None:
-        super().__init__(cfg, model)
+    def __init__(self, cfg: EWCConfig, model: torch.nn.Module, variants: dict[str, list[float]] | None = None) -> None:
+        super().__init__(cfg, model, variants)
         self.anchors: list[tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]] = []  # (fisher, theta*)
 
     def after_task(self, trainer, stream, task) -> None:
@@ -82,7 +88,7 @@ class EWC(CLMethod):
             return
         with torch.no_grad():
             for name, p in self.model.named_parameters():
-                g = sum(f[name] * (p - theta[name]) for f, theta in self.anchors) * self.cfg.ewc_lambda
+                g = sum(f[name] * (p - theta[name]) for f, theta in self.anchors) * self.per_replica("ewc_lambda", p)
                 p.grad = g if p.grad is None else p.grad.add_(g)
 
     def state_dict(self) -> dict:
@@ -99,7 +105,7 @@ class EWC(CLMethod):
         value = torch.zeros(())
         for fisher, theta in self.anchors:
             for name, p in self.model.named_parameters():
-                value = value + 0.5 * self.cfg.ewc_lambda * (fisher[name] * (p.detach() - theta[name]).pow(2)).sum()
+                value = value + 0.5 * (self.per_replica("ewc_lambda", p) * fisher[name] * (p.detach() - theta[name]).pow(2)).sum()
         return value
 
 

@@ -32,7 +32,11 @@ class ReplayConfig(CLConfig):
 
 
 class ReservoirBuffer:
-    """Uniform sample of a stream with fixed capacity (Vitter's algorithm R, vectorised per batch)."""
+    """Uniform sample of a stream with fixed capacity (Vitter's algorithm R, vectorised per batch).
+
+    Examples are stored per replica along dim 1 (``x`` ``(R, capacity, D)``); which slots are kept
+    and drawn depends only on the stream position and the buffer's own seed, as in one replica.
+    """
 
     def __init__(self, capacity: int, seed: int = 0) -> None:
         self.capacity = capacity
@@ -46,17 +50,18 @@ class ReservoirBuffer:
 
     def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
         if self.x is None:
-            self.x = torch.empty(self.capacity, *x.shape[1:], dtype=x.dtype, device=x.device)
-            self.y = torch.empty(self.capacity, dtype=y.dtype, device=y.device)
-        n = len(x)
+            self.x = torch.empty(x.shape[0], self.capacity, *x.shape[2:], dtype=x.dtype, device=x.device)
+            self.y = torch.empty(y.shape[0], self.capacity, dtype=y.dtype, device=y.device)
+        n = x.shape[1]
         positions = torch.arange(self.seen, self.seen + n)
         slots = torch.where(
             positions < self.capacity, positions, (torch.rand(n, generator=self.gen) * (positions + 1)).long()
         )
         keep = slots < self.capacity
         slots = slots[keep].to(x.device)
-        self.x[slots] = x[keep.to(x.device)]
-        self.y[slots] = y[keep.to(x.device)]
+        keep = keep.to(x.device)
+        self.x[:, slots] = x[:, keep]
+        self.y[:, slots] = y[:, keep]
         self.seen += n
 
     def state_dict(self) -> dict:
@@ -68,7 +73,7 @@ class ReservoirBuffer:
 
     def sample(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         idx = torch.randint(0, len(self), (n,), generator=self.gen).to(self.x.device)
-        return self.x[idx], self.y[idx]
+        return self.x[:, idx], self.y[:, idx]
 
 
 @CL_METHODS.register("replay")
@@ -77,8 +82,8 @@ class ExperienceReplay(CLMethod):
 
     Config = ReplayConfig
 
-    def __init__(self, cfg: ReplayConfig, model: torch.nn.Module) -> None:
-        super().__init__(cfg, model)
+    def __init__(self, cfg: ReplayConfig, model: torch.nn.Module, variants: dict[str, list[float]] | None = None) -> None:
+        super().__init__(cfg, model, variants)
         self.buffer = ReservoirBuffer(cfg.buffer_size, cfg.seed)
         self._fresh: tuple[torch.Tensor, torch.Tensor] | None = None
 
@@ -87,7 +92,7 @@ class ExperienceReplay(CLMethod):
         if len(self.buffer) == 0:
             return x, y
         rx, ry = self.buffer.sample(self.cfg.replay_batch)
-        return torch.cat([x, rx]), torch.cat([y, ry])
+        return torch.cat([x, rx], 1), torch.cat([y, ry], 1)
 
     def after_step(self, trainer, x, y, result) -> None:
         self.buffer.add(*self._fresh)

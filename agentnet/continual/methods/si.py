@@ -34,9 +34,10 @@ class SynapticIntelligence(CLMethod):
     """Path-integral importance per parameter, quadratic penalty toward the previous task's end."""
 
     Config = SIConfig
+    replica_fields = ("si_c",)
 
-    def __init__(self, cfg: SIConfig, model: torch.nn.Module) -> None:
-        super().__init__(cfg, model)
+    def __init__(self, cfg: SIConfig, model: torch.nn.Module, variants: dict[str, list[float]] | None = None) -> None:
+        super().__init__(cfg, model, variants)
         self.params = dict(model.named_parameters())
         self.omega = {k: torch.zeros_like(p) for k, p in self.params.items()}
         self.importance = {k: torch.zeros_like(p) for k, p in self.params.items()}
@@ -53,7 +54,7 @@ class SynapticIntelligence(CLMethod):
             for k, p in self.params.items():
                 self._grad[k] = torch.zeros_like(p) if p.grad is None else p.grad.clone()
                 self._before[k] = p.detach().clone()
-                g = 2 * self.cfg.si_c * self.importance[k] * (p - self.anchor[k])
+                g = 2 * self.per_replica("si_c", p) * self.importance[k] * (p - self.anchor[k])
                 p.grad = g if p.grad is None else p.grad.add_(g)
 
     def after_step(self, trainer, x, y, result) -> None:
@@ -79,5 +80,5 @@ class SynapticIntelligence(CLMethod):
 
     def penalty(self) -> torch.Tensor:
         return sum(
-            (self.cfg.si_c * self.importance[k] * (p.detach() - self.anchor[k]).pow(2)).sum() for k, p in self.params.items()
+            (self.per_replica("si_c", p) * self.importance[k] * (p.detach() - self.anchor[k]).pow(2)).sum() for k, p in self.params.items()
         )
