@@ -141,7 +141,9 @@ def register_strategy(name: str) -> Callable[[C], C]:
 def build_strategy(node: Any, model, variants: dict[str, list[float]] | None = None) -> Any:
     """Instantiate the strategy a config (or a bare name) names, for ``model`` (and, in a
     population, the per-replica values of its ``replica_fields``)."""
-    return STRATEGIES.build(node, model, variants or {})
+    # Only a population that varies a field passes it: a user's strategy whose __init__ takes
+    # (cfg, model) keeps working everywhere else.
+    return STRATEGIES.build(node, model, variants) if variants else STRATEGIES.build(node, model)
 
 
 def register_all() -> None:

@@ -61,4 +61,5 @@ class CLMethod(TrainerPlugin):
 def build_cl_method(node, model: torch.nn.Module, variants: dict[str, list[float]] | None = None) -> CLMethod:
     """Instantiate the method a ``cl`` config names (``None`` means fine-tuning), with a
     population's per-replica values of its ``replica_fields``."""
-    return CL_METHODS.build(node if node is not None else {"name": "none"}, model, variants or {})
+    node = node if node is not None else {"name": "none"}
+    return CL_METHODS.build(node, model, variants) if variants else CL_METHODS.build(node, model)
