@@ -2,9 +2,11 @@
 
 Each job directory holds ``.hydra/overrides.yaml`` and, if it finished, ``metrics.json`` (a single
 training run) or ``cl_metrics.json`` (a continual-learning run). Jobs are grouped by their overrides
-minus ``seed`` (and output paths); every group gets mean ± std over its jobs and a job count. A job
-without metrics is listed as failed with its error, and the others are still reported. Writes
-``summary.md``, ``summary.csv`` and ``summary.png`` into the sweep directory and prints the table.
+minus ``seed`` (and output paths). A job's replicas (a population, ``replicas=R``) count like seeds:
+every group gets mean ± std (sample std) over all its runs — each job's replicas, over all its jobs —
+the run count and a 95 % confidence interval of the mean (Student's t). A job without metrics is
+listed as failed with its error, and the others are still reported. Writes ``summary.md``,
+``summary.csv`` and ``summary.png`` into the sweep directory and prints the table.
 """
 
 from __future__ import annotations
@@ -50,6 +52,23 @@ class Job:
         source = self.metrics.get("summary", self.metrics) if self.metrics else {}
         value = source.get(column, self.metrics.get(column) if self.metrics else None)
         return value if isinstance(value, (int, float)) else None
+
+    def values(self, column: str) -> list[float]:
+        """A column's value for each of the job's runs: one per replica when the replica's own
+        metrics have it (a population), else the job's single value."""
+        if self.metrics is None:
+            return []
+        replicas = self.metrics.get("replicas") or []
+        per_run = [r.get(column) for r in replicas]
+        if per_run and all(isinstance(v, (int, float)) for v in per_run):
+            return [float(v) for v in per_run]
+        value = self.value(column)
+        return [] if value is None else [float(value)]
+
+    @property
+    def runs(self) -> int:
+        """Independent runs this job holds (its replicas)."""
+        return len(self.metrics.get("replicas") or [None]) if self.metrics else 0
 
 
 @dataclass
@@ -126,8 +145,24 @@ def _stat(values: list[float], scale: float) -> str:
     if not values:
         return "-"
     mean = statistics.mean(values) * scale
-    std = statistics.pstdev(values) * scale if len(values) > 1 else 0.0
+    std = statistics.stdev(values) * scale if len(values) > 1 else 0.0
     return f"{mean:.2f} ± {std:.2f}"
+
+
+def confidence_interval(values: list[float], level: float = 0.95) -> tuple[float, float] | None:
+    """Student-t confidence interval of the mean of ``values`` (``None`` for fewer than two)."""
+    if len(values) < 2:
+        return None
+    from scipy import stats
+
+    mean = statistics.mean(values)
+    half = stats.t.ppf(0.5 + level / 2, len(values) - 1) * statistics.stdev(values) / len(values) ** 0.5
+    return mean - half, mean + half
+
+
+def _interval(values: list[float], scale: float) -> str:
+    ci = confidence_interval(values)
+    return "-" if ci is None else f"[{ci[0] * scale:.2f}, {ci[1] * scale:.2f}]"
 
 
 def _columns(groups: list[Group]) -> tuple[str, ...]:
@@ -147,12 +182,15 @@ def _columns(groups: list[Group]) -> tuple[str, ...]:
 def summary_rows(groups: list[Group]) -> tuple[tuple[str, ...], list[list[str]]]:
     """Header and rows of the summary table (percent for accuracy-type CL metrics)."""
     columns = _columns(groups)
-    header = ("group", "jobs", "failed", *(f"{c} (%)" if c in PERCENT else c for c in columns))
+    main = columns[0] if columns else None
+    header = ("group", "jobs", "failed", "runs", *(f"{c} (%)" if c in PERCENT else c for c in columns),
+              *([f"{main} 95% CI"] if main else []))
     rows = []
     for group in groups:
         done = group.finished()
-        cells = [_stat([v for j in done if (v := j.value(c)) is not None], 100.0 if c in PERCENT else 1.0) for c in columns]
-        rows.append([group.label, str(len(group.jobs)), str(len(group.jobs) - len(done)), *cells])
+        cells = [_stat([v for j in done for v in j.values(c)], 100.0 if c in PERCENT else 1.0) for c in columns]
+        ci = [_interval([v for j in done for v in j.values(main)], 100.0 if main in PERCENT else 1.0)] if main else []
+        rows.append([group.label, str(len(group.jobs)), str(len(group.jobs) - len(done)), str(sum(j.runs for j in done)), *cells, *ci])
     return header, rows
 
 
@@ -168,8 +206,9 @@ def _plot(groups: list[Group], path: Path) -> None:
         fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.8))
         labels = [g.label.replace("strategy=", "").replace(" ", "\n") for g in cl_groups]
         for offset, metric, color in ((-0.2, "ACC", "tab:green"), (0.2, "forgetting", "tab:red")):
-            means = [100 * np.mean([j.metrics[metric] for j in g.finished()]) for g in cl_groups]
-            stds = [100 * np.std([j.metrics[metric] for j in g.finished()]) for g in cl_groups]
+            runs = [[v for j in g.finished() for v in j.values(metric)] for g in cl_groups]
+            means = [100 * np.mean(r) for r in runs]
+            stds = [100 * np.std(r, ddof=1) if len(r) > 1 else 0.0 for r in runs]
             ax1.bar(np.arange(len(cl_groups)) + offset, means, 0.4, yerr=stds, label=metric, color=color)
         ax1.set_xticks(range(len(cl_groups)), labels, fontsize=7)
         ax1.set(ylabel="%", title="ACC and forgetting per group")
@@ -182,8 +221,12 @@ def _plot(groups: list[Group], path: Path) -> None:
     else:
         fig, ax1 = plt.subplots(figsize=(7, 3.5))
         done = [g for g in groups if g.finished()]
-        means = [np.mean([j.metrics["test_error"] for j in g.finished()]) for g in done]
-        ax1.bar(range(len(done)), means)
+        runs = [[v for j in g.finished() for v in j.values("test_error")] for g in done]
+        means = [np.mean(r) for r in runs]
+        stds = [np.std(r, ddof=1) if len(r) > 1 else 0.0 for r in runs]
+        ax1.bar(range(len(done)), means, yerr=stds)
+        for i, r in enumerate(runs):  # every run (seed or replica) as a dot: the spread, not just its summary
+            ax1.scatter(np.full(len(r), i), r, color="black", s=8, zorder=3)
         ax1.set_xticks(range(len(done)), [g.label.replace(" ", "\n") for g in done], fontsize=7)
         ax1.set(ylabel="test error (%)", title="test error per group")
     fig.tight_layout()
@@ -203,7 +246,7 @@ def write_report(sweep_dir: Path) -> str:
     seeds = sorted({j.overrides.get("seed", "0") for j in jobs})
     text = (
         f"# Sweep report: {sweep_dir}\n\nCommon overrides: {' '.join(common) or '(none)'}; seeds: {', '.join(seeds)}; "
-        f"mean ± std over seeds.\n\n{markdown_table(header, rows)}\n"
+        f"mean ± std (sample) over runs (seeds and replicas).\n\n{markdown_table(header, rows)}\n"
     )
     failed = [j for j in jobs if j.metrics is None]
     if failed:

@@ -145,7 +145,7 @@ class _StepInputs(TrainerPlugin):
     """Keeps the mini-batch of the latest step (observations describe the batch just consumed)."""
 
     def before_step(self, trainer, x, y) -> None:
-        self.x, self.y = x, y
+        self.x, self.y = x[0], y[0]  # the env trains one replica
 
 
 class NeuralCollectiveEnv(ParallelEnv):
@@ -202,7 +202,7 @@ class NeuralCollectiveEnv(ParallelEnv):
         """(Re)build model, strategy and trainer exactly as :func:`agentnet.training.train` would."""
         run = self.run
         run.seed = seed
-        gen = torch.Generator().manual_seed(seed)
+        gen = torch.Generator().manual_seed(0)  # the subset train() uses: the same for every seed
         self.data = ImageData(train=self._base_data.train.subset(run.data.subset, gen), test=self._base_data.test.subset(2000))
         seed_everything(seed)
         self.model = build_model(run.model, self.data.input_dim, self.data.num_classes, seed).to(self.device)
@@ -244,37 +244,38 @@ class NeuralCollectiveEnv(ParallelEnv):
 
     def _observe(self, x: torch.Tensor, y: torch.Tensor, result: StepResult) -> tuple[torch.Tensor, torch.Tensor]:
         """Observations ``(N, 11)`` and rewards ``(N,)`` from the step's (pre-update) signals."""
+        # The env holds one replica: every signal below is replica 0's.
         record = result.record
         if record is None or record.layers[0].worker_loss is None:
             with torch.no_grad():
                 record = self.model.forward_record(x, y, selection=self._observer)
         has_roles = result.record is not None and result.record.layers[0].leaders is not None
         attention = result.signals.get("attention_received")
-        global_loss = result.loss.detach()
+        global_loss = result.loss.detach()[0]
         rows, rewards = [], []
         n_layers = len(self._layers)
         for li, layer_record in enumerate(record.layers):
-            workers = layer_record.workers.detach()
+            workers = layer_record.workers.detach()[0]
             W = workers.shape[1]
             obs = torch.zeros(W, OBS_DIM, device=self.device)
             if has_roles:
-                leaders = result.record.layers[li].leaders
+                leaders = result.record.layers[li].leaders[0]
                 lead = leaders.float().mean(0) if leaders.dim() == 2 else leaders.float()
                 obs[:, ROLE_LEADER] = lead
                 obs[:, ROLE_FOLLOWER] = 1 - lead
-            e = layer_record.worker_loss.detach().mean(0)
+            e = layer_record.worker_loss.detach()[0].mean(0)
             obs[:, 3] = e
             best = workers[:, e.argmin()]
             obs[:, 4] = (workers - best.unsqueeze(1)).pow(2).mean((0, 2))
             if attention is not None:
-                obs[:, 5] = attention[li].view(W, -1).sum(1)
-            act = layer_record.activation.detach().view(len(x), W, -1)
+                obs[:, 5] = attention[li][0].view(W, -1).sum(1)
+            act = layer_record.activation.detach()[0].view(len(x), W, -1)
             obs[:, 6] = act.mean((0, 2))
             obs[:, 7] = act.std((0, 2)) if act.numel() > W else 0.0
             obs[:, 10] = (li + 1) / n_layers
             rows.append(obs)
             if result.worker_objectives and attention is None:
-                rewards.append(-result.worker_objectives[li])
+                rewards.append(-result.worker_objectives[li][0])
             elif attention is not None:
                 rewards.append(obs[:, 5])
             else:
@@ -282,7 +283,7 @@ class NeuralCollectiveEnv(ParallelEnv):
         out = torch.zeros(1, OBS_DIM, device=self.device)
         out[0, ROLE_OUTPUT] = 1.0
         out[0, 3] = global_loss
-        logits = result.logits.detach()
+        logits = result.logits.detach()[0]
         out[0, 6], out[0, 7] = logits.mean(), logits.std()
         out[0, 10] = 1.0
         rows.append(out)
@@ -321,7 +322,7 @@ class NeuralCollectiveEnv(ParallelEnv):
         self.cycles += 1
         info = {
             "batch_loss": float(result.loss.detach()),
-            "batch_acc": float((self.model.predict(result.logits.detach()[: len(y)]) == y).float().mean()),
+            "batch_acc": float((self.model.predict(result.logits.detach()[:, : len(y)])[0] == y).float().mean()),
         }
         return obs, rewards, self.trainer.step >= self.stream_steps, self.cycles >= self.max_cycles, info
 

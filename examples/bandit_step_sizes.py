@@ -57,7 +57,7 @@ def run(strategy: str, steps: int, subset: int, policy: bool, seed: int = 0) -> 
     if policy:
         favourite = ARMS[bandit.values.argmax(1)]
         print(f"  learned multipliers per agent: {favourite.tolist()}")
-    return env.trainer.evaluate(env.data.test)["acc"]
+    return env.trainer.evaluate(env.data.test)["acc"][0]
 
 
 def main() -> None:
