@@ -160,12 +160,12 @@ class WorkerNetwork(nn.Module):
                           seeds=[s + i for s in seeds])
             for i, layer in enumerate(hidden)
         )
+        """Per hidden layer, worker outputs ``(R, B, W, k)`` -> prediction logits ``(R, B, W, C)``."""
         # Replica r starts exactly where a one-replica network seeded with seeds[r] starts.
         for r, seed in enumerate(seeds):
             torch.manual_seed(seed)
             for layer in [*self.hidden, self.output]:
                 layer.reset_replica(r)
-        """Per hidden layer, worker outputs ``(B, W, k)`` -> prediction logits ``(B, W, C)``."""
         self.predictor = WorkerPredictor(cfg.output_activation)
 
     @property

@@ -70,8 +70,8 @@ class Strategy:
         """``cfg.<field>``, or its per-replica values as an ``(R, 1, 1)`` tensor when a population varies it."""
         if field not in self.variants:
             return getattr(self.cfg, field)
-        device = next(self.model.parameters()).device
-        return torch.tensor(self.variants[field], device=device).view(-1, 1, 1)
+        param = next(self.model.parameters())
+        return torch.tensor(self.variants[field], device=param.device, dtype=param.dtype).view(-1, 1, 1)
 
     @property
     def selection(self) -> LeaderSelection | None:

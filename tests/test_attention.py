@@ -85,8 +85,11 @@ def test_topk_freezes_unattended_neurons_bit_exactly(mnist):
         before = [(l.weight.detach().clone(), l.bias.detach().clone()) for l in trainer.model.hidden]
         result = trainer.train_step(x, y)
         for layer, scale, (w, b) in zip(trainer.model.hidden, result.update_scale, before):
-            frozen = scale == 0
-            assert frozen.sum().item() == layer.weight.shape[0] - math.ceil(0.25 * layer.weight.shape[0])
+            n = layer.out_features
+            assert scale.shape == (1, n)  # (R, n): one scale per unit of each replica
+            frozen_per_replica = (scale == 0).sum(-1)
+            assert (frozen_per_replica == n - math.ceil(0.25 * n)).all()
+            frozen = (scale == 0).reshape(-1)  # replica-major, like the weight's rows
             assert torch.equal(layer.weight[frozen], w[frozen]) and torch.equal(layer.bias[frozen], b[frozen])
             assert not torch.equal(layer.weight[~frozen], w[~frozen])
     assert len(result.signals["attention_received"]) == 2 and len(result.signals["objective"]) == 2

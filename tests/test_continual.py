@@ -53,26 +53,37 @@ def test_metrics_no_forgetting_and_shape_check():
 
 
 def test_permutations_fixed_distinct_and_seeded(mnist):
-    a = TaskStream(mnist, "permuted", 4, seed=3, first_unpermuted=True)
-    b = TaskStream(mnist, "permuted", 4, seed=3, first_unpermuted=True)
-    c = TaskStream(mnist, "permuted", 4, seed=4, first_unpermuted=True)
+    a = TaskStream(mnist, "permuted", 4, seeds=3, first_unpermuted=True)
+    b = TaskStream(mnist, "permuted", 4, seeds=3, first_unpermuted=True)
+    c = TaskStream(mnist, "permuted", 4, seeds=4, first_unpermuted=True)
     assert a.tasks[0].permutation is None
-    perms = [t.permutation for t in a.tasks[1:]]
+    assert all(t.permutation.shape == (1, 784) for t in a.tasks[1:])  # (R, D)
+    perms = [t.permutation[0] for t in a.tasks[1:]]
     for i in range(3):
         assert sorted(perms[i].tolist()) == list(range(784))  # a real permutation
-        assert torch.equal(perms[i], b.tasks[i + 1].permutation)  # same seed, same permutation
-        assert not torch.equal(perms[i], c.tasks[i + 1].permutation)
+        assert torch.equal(perms[i], b.tasks[i + 1].permutation[0])  # same seed, same permutation
+        assert not torch.equal(perms[i], c.tasks[i + 1].permutation[0])
         for j in range(i):
             assert not torch.equal(perms[i], perms[j])
-    x, _ = a.batch(a.tasks[2], torch.arange(5))
-    assert torch.equal(x, mnist.train.x[:5][:, perms[1]])  # a gather of the pixels
+    x, y = a.batch(a.tasks[2], torch.arange(5))
+    assert x.shape == (1, 5, 784) and torch.equal(y, mnist.train.y[:5].unsqueeze(0))
+    assert torch.equal(x[0], mnist.train.x[:5][:, perms[1]])  # a gather of the pixels
+    # A population: replica r draws exactly the permutations of a one-replica stream seeded seeds[r].
+    pop = TaskStream(mnist, "permuted", 4, seeds=[3, 4], first_unpermuted=True)
+    for i in range(1, 4):
+        assert torch.equal(pop.tasks[i].permutation[0], a.tasks[i].permutation[0])
+        assert torch.equal(pop.tasks[i].permutation[1], c.tasks[i].permutation[0])
+    x, y = pop.batch(pop.tasks[2], torch.arange(5))  # one shared batch, each replica's own view
+    assert x.shape == (2, 5, 784) and y.shape == (2, 5)
+    assert torch.equal(x[0], mnist.train.x[:5][:, perms[1]])
+    assert torch.equal(x[1], mnist.train.x[:5][:, c.tasks[2].permutation[0]])
 
 
 def test_pad32_and_split_and_rotated_streams(mnist):
     padded = TaskStream(mnist, "permuted", 2, pad32=True)
     assert padded.input_dim == 1024
     x, _ = padded.batch(padded.tasks[0], torch.arange(3))
-    assert x.shape == (3, 1024)
+    assert x.shape == (1, 3, 1024)
     split = TaskStream(mnist, "split_task", 5)
     assert [t.classes.tolist() for t in split.tasks] == [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9]]
     assert set(mnist.train.y[split.tasks[2].train_idx].unique().tolist()) == {4, 5}
@@ -80,7 +91,8 @@ def test_pad32_and_split_and_rotated_streams(mnist):
     rotated = TaskStream(mnist, "rotated", 4)
     x0, _ = rotated.batch(rotated.tasks[0], torch.arange(2))
     x2, _ = rotated.batch(rotated.tasks[2], torch.arange(2))
-    assert torch.allclose(x0, mnist.train.x[:2]) and not torch.allclose(x2, x0)
+    assert x0.shape == x2.shape == (1, 2, 784)
+    assert torch.allclose(x0[0], mnist.train.x[:2]) and not torch.allclose(x2, x0)
 
 
 def _model():
@@ -117,15 +129,24 @@ def test_penalties_zero_at_anchor_and_grow(name, mnist):
 def test_replay_buffer_respects_budget_and_is_uniform():
     buffer = ReservoirBuffer(100, seed=0)
     for start in range(0, 5000, 50):
-        x = torch.arange(start, start + 50, dtype=torch.float32).unsqueeze(1)
-        buffer.add(x, torch.arange(start, start + 50))
+        x = torch.arange(start, start + 50, dtype=torch.float32).view(1, 50, 1)  # (R, B, D)
+        buffer.add(x, torch.arange(start, start + 50).unsqueeze(0))
         assert len(buffer) <= 100
-    assert len(buffer) == 100 and buffer.x.shape == (100, 1)
-    kept = buffer.y.numpy()
+    assert len(buffer) == 100 and buffer.x.shape == (1, 100, 1) and buffer.y.shape == (1, 100)
+    kept = buffer.y[0].numpy()
     assert len(np.unique(kept)) == 100
     assert 1500 < kept.mean() < 3500  # a uniform sample of 0..4999, not the most recent items
     x, y = buffer.sample(32)
-    assert x.shape == (32, 1) and torch.equal(x[:, 0].long(), y)
+    assert x.shape == (1, 32, 1) and y.shape == (1, 32) and torch.equal(x[0, :, 0].long(), y[0])
+    # Two replicas: each keeps its own examples, in the slots a one-replica buffer would keep.
+    pair = ReservoirBuffer(100, seed=0)
+    for start in range(0, 5000, 50):
+        ids = torch.arange(start, start + 50)
+        ids2 = torch.stack([ids, ids + 10_000])
+        pair.add(ids2.float().unsqueeze(-1), ids2)
+    assert pair.x.shape == (2, 100, 1) and torch.equal(pair.y[0], buffer.y[0]) and torch.equal(pair.y[1], buffer.y[0] + 10_000)
+    x, y = pair.sample(32)
+    assert x.shape == (2, 32, 1) and torch.equal(x[..., 0].long(), y) and torch.equal(y[1], y[0] + 10_000)
 
 
 def _cl_overrides(tmp_path, *extra):
@@ -182,4 +203,6 @@ def test_cl_run_checkpoints_after_every_task(mnist, tmp_path):
                                  "benchmark.iterations_per_task=10"), data=mnist)
     state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     progress = state["plugins"]["ContinualProgress"]
-    assert progress["stage"] == 2 and len(progress["acc_matrix"]) == 3 and state["step"] == 20
+    assert state["format"] == 3 and len(state["shuffle"]) == 1  # one replica, one shuffle generator
+    assert progress["stage"] == 2 and len(progress["acc_matrices"]) == 1 and state["step"] == 20
+    assert len(progress["acc_matrices"][0]) == 3 and all(len(row) == 2 for row in progress["acc_matrices"][0])

@@ -41,10 +41,11 @@ def batch(seed: int = 1):
 
 
 def worker_grad_norms(layer) -> torch.Tensor:
-    """Per worker, the norm of the gradient over all of the layer's parameters (rows grouped by worker)."""
-    W = layer.num_workers
-    parts = [torch.zeros(W, 1, dtype=torch.float64) if p.grad is None else p.grad.reshape(W, -1) for p in layer.parameters()]
-    return torch.cat(parts, 1).norm(dim=1)
+    """Per replica and worker, the norm of the gradient over all of the layer's parameters ``(R, W)``
+    (rows replica-major, then grouped by worker)."""
+    R, W = layer.replicas, layer.num_workers
+    parts = [torch.zeros(R * W, 1, dtype=torch.float64) if p.grad is None else p.grad.reshape(R * W, -1) for p in layer.parameters()]
+    return torch.cat(parts, 1).norm(dim=1).view(R, W)
 
 
 def layer_touched(layer) -> bool:
@@ -72,11 +73,21 @@ def test_conv_workers_are_pooled_filter_groups():
     layer = WorkerConv2d(3, num_workers=4, worker_size=5)
     h = torch.randn(2, 20, 6, 6)
     view = layer.workers(h)
-    assert view.shape == (2, 4, 5)
-    torch.testing.assert_close(view[:, 2], h[:, 10:15].mean((2, 3)))
+    assert view.shape == (1, 2, 4, 5)  # (R, B, W, k)
+    torch.testing.assert_close(view[0, :, 2], h[:, 10:15].mean((2, 3)))
     block = WorkerBlock(3, num_workers=4, worker_size=5, width=2, depth=3)
     assert block(torch.randn(2, 3, 6, 6)).shape == (2, 20, 6, 6)
     assert [c.groups for c in block.convs] == [1, 4, 4]  # only the first conv mixes blocks
+    # Two replicas: channels are folded replica-major, replica r's worker w owns channels r*W*k + w*k...
+    layer2 = WorkerConv2d(3, num_workers=4, worker_size=5, replicas=2)
+    h2 = torch.randn(2, 40, 6, 6)
+    view2 = layer2.workers(h2)
+    assert view2.shape == (2, 2, 4, 5)
+    torch.testing.assert_close(view2[0, :, 2], h2[:, 10:15].mean((2, 3)))
+    torch.testing.assert_close(view2[1, :, 2], h2[:, 30:35].mean((2, 3)))
+    block2 = WorkerBlock(3, num_workers=4, worker_size=5, width=2, depth=3, replicas=2)
+    assert block2(torch.randn(2, 6, 6, 6)).shape == (2, 40, 6, 6)
+    assert [c.groups for c in block2.convs] == [2, 8, 8]  # replicas never mix; blocks only in the first conv
 
 
 def test_blocks_are_independent_workers():
@@ -96,9 +107,10 @@ def test_lfnn_global_loss_reaches_only_conv_leaders(block):
     x, y = batch()
     selection = LeaderSelection(0.5, "batch", model.workers_per_layer)
     record = model.forward_record(x, y, path="split", selection=selection, leaders_carry_global=True)
-    model.global_loss(record.logits, y).backward()
+    model.global_loss(record.logits, y).sum().backward()
     for layer, rec in zip(model.hidden, record.layers):
         norms = worker_grad_norms(layer)
+        assert norms.shape == rec.leaders.shape == (1, layer.num_workers)
         assert (norms[~rec.leaders] == 0).all(), f"a follower of {type(layer).__name__} received the global error signal"
         assert (norms[rec.leaders] > 0).all(), f"a leader of {type(layer).__name__} received no global error signal"
 
@@ -146,25 +158,29 @@ def test_lfnn_conv_gradient_matches_reference_construction(block):
     x, y = batch()
     strategy = build_strategy({"name": "lfnn", "delta": 0.5, "lambda1": 0.7, "lambda2": 1.3}, model)
     result = strategy.compute(x, y)
-    result.loss.backward()
+    assert result.loss.shape == (1,)  # one replica
+    result.loss.sum().backward()
     fused = {n: p.grad.clone() for n, p in model.named_parameters()}
-    masks = [r.leaders for r in result.record.layers]
-    bests = [r.best for r in result.record.layers]
+    # The one replica's leader masks (W,) and best leaders.
+    masks = [r.leaders[0] for r in result.record.layers]
+    bests = [int(r.best[0]) for r in result.record.layers]
     model.zero_grad(set_to_none=True)
 
+    # One replica: conv maps are (B, C, H, W) and, after the flatten, FC activations (1, B, n).
     h, inputs = x.view(-1, 1, 8, 8), []
     for layer, post, mask in zip(model.hidden, model.post, masks):
         inputs.append(h)
         a = torch.relu(layer(h))
-        gate = mask.repeat_interleave(layer.worker_size).view(1, -1, *([1] * (a.dim() - 2)))
+        gate = mask.repeat_interleave(layer.worker_size)
+        gate = gate.view(1, -1, 1, 1) if a.dim() == 4 else gate.view(1, 1, -1)
         h = post(torch.where(gate, a, a.detach()))
-    loss = F.cross_entropy(model.output(h), y)
+    loss = F.cross_entropy(model.output(h)[0], y)
     for layer, inp, mask, best in zip(model.hidden, inputs, masks, bests):
         a = torch.relu(layer(inp.detach()))
-        z = (a.mean((2, 3)) if a.dim() == 4 else a).view(len(x), layer.num_workers, -1)
+        z = (a.mean((2, 3)) if a.dim() == 4 else a[0]).view(len(x), layer.num_workers, -1)
         loss = loss + reference_local_terms(z, y, mask, best, 0.7, 1.3)
     loss.backward()
-    torch.testing.assert_close(result.loss, loss)
+    torch.testing.assert_close(result.loss[0], loss)
     for name, p in model.named_parameters():
         torch.testing.assert_close(fused[name], p.grad, msg=name)
 
@@ -172,10 +188,12 @@ def test_lfnn_conv_gradient_matches_reference_construction(block):
 def test_bp_on_conv_model_matches_plain_backprop():
     model = conv_model()
     x, y = batch()
-    build_strategy({"name": "bp"}, model).compute(x, y).loss.backward()
+    build_strategy({"name": "bp"}, model).compute(x, y).loss.sum().backward()
     ours = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad(set_to_none=True)
-    F.cross_entropy(model(x), y).backward()
+    logits = model(x)
+    assert logits.shape == (1, len(x), 10)  # (R, B, C)
+    F.cross_entropy(logits[0], y).backward()
     for name, p in model.named_parameters():
         torch.testing.assert_close(ours[name], p.grad)
 
@@ -190,7 +208,7 @@ def test_conv_presets_parameter_counts(preset, input_dim, channels, expected):
     model = build_model(run.model, input_dim, 10)
     assert sum(p.numel() for p in model.parameters()) == expected
     logits = model(torch.randn(2, input_dim))
-    assert logits.shape == (2, 10)
+    assert logits.shape == (1, 2, 10)  # (R, B, C)
     graph = model.to_networkx()  # input, one node per worker, the output
     assert graph.number_of_nodes() == 2 + sum(model.workers_per_layer)
 
@@ -252,6 +270,8 @@ def test_bf16_autocast_and_channels_last_train_conv_workers(mnist, strategy, mod
     assert model.hidden[0].weight.is_contiguous(memory_format=torch.channels_last)
     result = trainer.train_step(mnist.train.x[:32], mnist.train.y[:32])
     assert result.logits.dtype == torch.bfloat16
-    assert torch.isfinite(result.loss) and all(p.dtype == torch.float32 for p in model.parameters())
+    assert result.loss.shape == (1,) and torch.isfinite(result.loss).all()
+    assert all(p.dtype == torch.float32 for p in model.parameters())
     assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
-    assert trainer.evaluate(mnist.test.subset(256))["acc"] >= 0.0
+    acc = trainer.evaluate(mnist.test.subset(256))["acc"]
+    assert len(acc) == 1 and 0.0 <= acc[0] <= 1.0

@@ -44,15 +44,29 @@ def test_hooks_fire_in_order_and_partial_epochs_close(mnist, quick_overrides):
     assert [h["step"] for h in trainer.history] == [5, 7] and trainer.epoch == 2
 
 
+def _gather(data):
+    return lambda idx: (data[idx], data[idx])
+
+
 def test_batch_stream_resumes_mid_pass_exactly():
-    gen = torch.Generator().manual_seed(3)
     data = torch.arange(10)
-    stream = BatchStream(10, 3, gen, lambda idx: (data[idx], data[idx]), torch.device("cpu"))
+    cpu = torch.device("cpu")
+    # Two replicas, each with its own generator: each draws its own order over all 10 examples.
+    stream = BatchStream(10, 3, [torch.Generator().manual_seed(3), torch.Generator().manual_seed(4)], _gather(data), cpu)
     first = [stream.next()[0] for _ in range(5)]  # one pass of 4 batches (last one short), then one more
-    assert sorted(torch.cat(first[:4]).tolist()) == list(range(10)) and len(first[3]) == 1
+    assert all(b.shape[0] == 2 for b in first) and first[3].shape == (2, 1)
+    one_pass = torch.cat(first[:4], 1)  # (R, 10)
+    for r in range(2):
+        assert sorted(one_pass[r].tolist()) == list(range(10))
+    assert not torch.equal(one_pass[0], one_pass[1])  # replicas shuffle independently
+    # Replica r's order is exactly that of a one-replica stream on its own generator.
+    alone = BatchStream(10, 3, [torch.Generator().manual_seed(4)], _gather(data), cpu)
+    assert torch.equal(torch.cat([alone.next()[0] for _ in range(4)], 1)[0], one_pass[1])
     state = stream.state_dict()
+    assert isinstance(state["pass_start"], list) and len(state["pass_start"]) == 2
     expected = [stream.next()[0] for _ in range(6)]
-    again = BatchStream(10, 3, torch.Generator().manual_seed(99), lambda idx: (data[idx], data[idx]), torch.device("cpu"))
+    gens = [torch.Generator().manual_seed(99), torch.Generator().manual_seed(98)]
+    again = BatchStream(10, 3, gens, _gather(data), cpu)
     again.load_state_dict(state)
     assert all(torch.equal(a, b) for a, b in zip(expected, [again.next()[0] for _ in range(6)]))
 
@@ -60,12 +74,13 @@ def test_batch_stream_resumes_mid_pass_exactly():
 def test_batch_stream_resumes_after_a_cut_pass():
     """A pass cut short (a stage's step budget) must not be replayed after a resume."""
     data = torch.arange(10)
-    stream = BatchStream(10, 3, torch.Generator().manual_seed(5), lambda idx: (data[idx], data[idx]), torch.device("cpu"))
+    cpu = torch.device("cpu")
+    stream = BatchStream(10, 3, [torch.Generator().manual_seed(5), torch.Generator().manual_seed(6)], _gather(data), cpu)
     stream.next()
     stream.end_pass()
     state = stream.state_dict()
     expected = [stream.next()[0] for _ in range(4)]
-    again = BatchStream(10, 3, torch.Generator().manual_seed(0), lambda idx: (data[idx], data[idx]), torch.device("cpu"))
+    again = BatchStream(10, 3, [torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)], _gather(data), cpu)
     again.load_state_dict(state)
     assert all(torch.equal(a, b) for a, b in zip(expected, [again.next()[0] for _ in range(4)]))
 

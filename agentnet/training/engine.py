@@ -202,7 +202,7 @@ class Trainer:
         lrs = self.population.of("trainer").get("lr")
         # Every optimiser's update is linear in the learning rate, so replica r's own rate is the
         # shared step scaled by lr_r / lr (exactly; see _apply_update).
-        self.lr_scale = None if lrs is None else torch.tensor([v / tcfg.lr for v in lrs], device=self.device)
+        self.lr_scale = None if lrs is None else torch.tensor([v / tcfg.lr for v in lrs], device=self.device, dtype=torch.float64)
         self.epoch = 0  # epochs completed
         self.step = 0  # optimiser steps taken
         self.history: list[dict] = []
@@ -230,8 +230,10 @@ class Trainer:
         ``update`` replaces the optimiser step with an update supplied from outside (the env's delta
         mode); the strategy's gradients stay in ``.grad`` for the caller to inspect.
         """
-        if y.dim() == 1:  # one batch shared by every replica
-            x, y = x.unsqueeze(0).expand(self.replicas, *x.shape), y.unsqueeze(0).expand(self.replicas, -1)
+        if x.dim() == 2:  # one batch shared by every replica
+            x = x.unsqueeze(0).expand(self.replicas, *x.shape)
+        if y.dim() == 1:
+            y = y.unsqueeze(0).expand(self.replicas, -1)
         fresh = y.shape[1]
         for plugin in self.plugins:
             x, y = plugin.adapt_batch(self, x, y)

@@ -43,7 +43,7 @@ class CLMethod(TrainerPlugin):
         replica-major rows of parameter ``p``."""
         if field not in self.variants:
             return getattr(self.cfg, field)
-        return replica_rows(torch.tensor(self.variants[field], device=p.device), p)
+        return replica_rows(torch.tensor(self.variants[field], device=p.device, dtype=p.dtype), p)
 
     @property
     def state_key(self) -> str:

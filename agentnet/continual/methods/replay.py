@@ -57,11 +57,15 @@ class ReservoirBuffer:
         slots = torch.where(
             positions < self.capacity, positions, (torch.rand(n, generator=self.gen) * (positions + 1)).long()
         )
-        keep = slots < self.capacity
-        slots = slots[keep].to(x.device)
-        keep = keep.to(x.device)
-        self.x[:, slots] = x[:, keep]
-        self.y[:, slots] = y[:, keep]
+        # Algorithm R is sequential: when two examples of the batch draw the same slot, the later
+        # one wins. Written explicitly, so the result never depends on scatter order.
+        kept = torch.nonzero(slots < self.capacity).view(-1)
+        unique, inverse = torch.unique(slots[kept], return_inverse=True)
+        last = torch.full((len(unique),), -1, dtype=torch.long).scatter_reduce(0, inverse, torch.arange(len(kept)), "amax")
+        source = kept[last].to(x.device)
+        unique = unique.to(x.device)
+        self.x[:, unique] = x[:, source]
+        self.y[:, unique] = y[:, source]
         self.seen += n
 
     def state_dict(self) -> dict:
