@@ -23,10 +23,10 @@ data: setup
 	$(BIN)/agentnet-fetch-mnist --root "$(AGENTNET_DATA)"
 
 # The main job: the permuted-MNIST strategy comparison as a Hydra multirun (joblib, one process per
-# core), then one report table. Extra overrides: make main ARGS="seed=0,1,2 cl=ewc".
+# core), 3 replicas (seeds) per strategy trained as one batched model, then one report table. Extra overrides: make main ARGS="seed=0,1,2 cl=ewc".
 SWEEP ?= outputs/main/$(shell date +%Y-%m-%d_%H-%M-%S)
 main: data
-	$(BIN)/agentnet -m benchmark=pmnist_quick strategy=bp,lfnn,lfnn_local,attention threads=1 \
+	$(BIN)/agentnet -m benchmark=pmnist_quick strategy=bp,lfnn,lfnn_local,attention replicas=3 threads=1 \
 		hydra.sweep.dir=$(SWEEP) $(ARGS)
 	$(BIN)/agentnet-report $(SWEEP)
 
