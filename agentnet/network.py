@@ -216,6 +216,10 @@ class WorkerNetwork(nn.Module):
             x = x.contiguous(memory_format=torch.channels_last)
         return x
 
+    def per_replica_labels(self, y: Tensor) -> Tensor:
+        """Labels ``(R, B)``; ``(B,)`` labels of a batch shared by every replica are broadcast."""
+        return y.unsqueeze(0).expand(self.replicas, -1) if y.dim() == 1 else y
+
     def forward(self, x: Tensor) -> Tensor:
         """Inference: output logits ``(R, B, C)`` (``(R, B, 1)`` for a sigmoid output)."""
         x = self._input(x)
@@ -237,7 +241,7 @@ class WorkerNetwork(nn.Module):
         logits ``(R, B, C)`` against labels ``(R, B)``. Replicas' losses are independent, so the
         gradient of their sum is each replica's own gradient."""
         R, B = logits.shape[:2]
-        y = y.expand(R, B) if y.dim() == 1 else y
+        y = self.per_replica_labels(y)
         if self.output_activation == "softmax":
             per_sample = F.cross_entropy(self._masked(logits).reshape(R * B, -1), y.reshape(-1), reduction="none")
             return per_sample.view(R, B).mean(1)
@@ -267,8 +271,8 @@ class WorkerNetwork(nn.Module):
         """
         records = []
         x = self._input(x)
-        if y is not None and y.dim() == 1:  # labels of a batch shared by every replica
-            y = y.unsqueeze(0).expand(self.replicas, -1)
+        if y is not None:
+            y = self.per_replica_labels(y)
         for index, (layer, post) in enumerate(zip(self.hidden, self.post)):
             z, z_local = layer.forward_path(x, path)
             h = self.act(z)

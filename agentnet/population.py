@@ -15,6 +15,7 @@ Metrics of a population keep the single-run keys as the mean over replicas, add 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import statistics
 from dataclasses import dataclass, field
@@ -95,20 +96,14 @@ def population_of(run: RunConfig) -> Population:
             if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values):
                 raise ConfigError(f"{key}={values!r}: per-replica values must be finite numbers")
             config = getattr(run, group)
-            # Each value must be valid on its own: validate it through the group's own dataclass checks.
+            # Each value must be valid on its own: dataclasses.replace runs the group's own checks.
             for v in values:
                 try:
-                    type(config)(**{**_fields_of(config), name: type(getattr(config, name))(v)})
+                    dataclasses.replace(config, **{name: type(getattr(config, name))(v)})
                 except ConfigError as exc:
                     raise ConfigError(f"{key}: {exc}") from None
             variants.setdefault(group, {})[name] = [float(v) for v in values]
     return Population(seeds, variants)
-
-
-def _fields_of(config: Any) -> dict[str, Any]:
-    import dataclasses
-
-    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.init}
 
 
 def _is_number(value: Any) -> bool:

@@ -66,12 +66,13 @@ def main(argv=None) -> dict:
     results: dict = {}
     for model in args.models.split(","):
         conv = model.startswith("cnn")
-        variants = {(s, R): None for s in strategies for R in counts if not (conv and s == "attention")}
         gen = torch.Generator().manual_seed(0)
-        steps = {}
-        for key in variants:
-            strategy, R = key
-            steps[key] = population_step(strategy, model, R, device, data, [])
+        steps = {
+            (s, R): population_step(s, model, R, device, data, [])
+            for s in strategies
+            for R in counts
+            if not (conv and s == "attention")  # attention is MLP-only
+        }
         batches = {
             R: [(data.train.x[i], data.train.y[i]) for i in torch.randint(0, len(data.train), (args.steps, R, args.batch), generator=gen).to(device)]
             for R in counts

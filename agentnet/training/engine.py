@@ -232,8 +232,7 @@ class Trainer:
         """
         if x.dim() == 2:  # one batch shared by every replica
             x = x.unsqueeze(0).expand(self.replicas, *x.shape)
-        if y.dim() == 1:
-            y = y.unsqueeze(0).expand(self.replicas, -1)
+        y = self.model.per_replica_labels(y)
         fresh = y.shape[1]
         for plugin in self.plugins:
             x, y = plugin.adapt_batch(self, x, y)
