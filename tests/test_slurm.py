@@ -112,3 +112,34 @@ def test_sweep_through_slurm_with_a_cancelled_and_a_requeued_job(cluster, tmp_pa
                             f"hydra.run.dir={straight}"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert local.returncode == 0, local.stderr[-2000:]
     assert without_timing(json.loads((straight / "metrics.json").read_text())) == without_timing(resumed)
+
+
+def test_population_jobs_through_slurm_train_what_local_runs_train(cluster, tmp_path):
+    """A strategies x seeds sweep as one population job per strategy: 2 jobs, 2 x 2 networks.
+
+    Each job's replicas are the seeds (``replicas=2`` -> seeds 0, 1); the report counts every replica
+    as a run, and a submitted population trains exactly what the same command trains locally.
+    """
+    sweep = tmp_path / "sweep"
+    run_args = ["data.subset=3000", "data.test_subset=500", "trainer.epochs=1", "trainer.tensorboard=false", "replicas=2"]
+    proc = subprocess.run(_sweep_cmd(sweep, "strategy=bp,lfnn_local", *run_args), cwd=tmp_path, capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    jobs = {json.loads(p.read_text())["strategy"]: json.loads(p.read_text()) for p in sweep.glob("*/metrics.json")}
+    assert set(jobs) == {"bp", "lfnn_local"}
+    for metrics in jobs.values():
+        assert metrics["seeds"] == [0, 1] and [r["seed"] for r in metrics["replicas"]] == [0, 1]
+        assert metrics["test_acc"] > 0.2 and metrics["test_acc_std"] >= 0.0  # learned (chance: 0.1)
+    report = _report(sweep)
+    assert report.returncode == 0, report.stdout + report.stderr
+    from agentnet.sweep_report import collect_jobs, group_jobs, summary_rows
+
+    header, rows = summary_rows(group_jobs(collect_jobs(sweep)))
+    runs = {row[0]: (row[header.index("jobs")], row[header.index("runs")]) for row in rows}
+    assert runs == {"strategy=bp": ("1", "2"), "strategy=lfnn_local": ("1", "2")}, report.stdout  # replicas are runs
+    local = tmp_path / "local"
+    proc = subprocess.run([sys.executable, "-m", "agentnet", "strategy=lfnn_local", *run_args, "device=cpu", "threads=1",
+                           "trainer.progress=false", f"data.root={data_root()}", f"output_dir={local}",
+                           f"hydra.run.dir={local}"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert without_timing(json.loads((local / "metrics.json").read_text())) == without_timing(jobs["lfnn_local"])
