@@ -31,6 +31,8 @@ __all__ = [
 
 ACTIVATIONS = ("relu", "tanh", "sigmoid")
 OUTPUT_ACTIVATIONS = ("softmax", "sigmoid")
+WORKER_NORMS = ("none", "standardize")
+NORMS = ("none", "batch", "group", "layer")
 OPTIMIZERS = ("adam", "sgd", "adamw")
 LR_SCHEDULES = ("none", "cosine", "step")
 DEVICES = ("auto", "cpu", "cuda")
@@ -99,6 +101,16 @@ class ConvLayerConfig:
     """Block-wise only: conv layers per block."""
     width: Optional[int] = None
     """Block-wise only: inner channels per block (``None``: its output channels)."""
+    plain: bool = False
+    """A plain conv layer, not split into workers: it has no local loss of its own and belongs to
+    the block of the next worker layer (or of the output layer), trained by that block's losses
+    (docs/strategies/leader_follower.md, "Plain layers"). Filter-wise (``block: none``) only."""
+    norm: str = "none"
+    """Normalisation between the convolution and the activation: none, batch, group (one group per
+    worker: a worker's statistics read only its own filters) or layer (all the layer's channels:
+    plain layers only, since it would pass one worker's gradient into the others)."""
+    dropout: float = 0.0
+    """Dropout probability after the activation and pooling (0: none)."""
 
     def __post_init__(self) -> None:
         check(self.channels > 0, "model.conv.channels", self.channels, "must be positive")
@@ -109,6 +121,12 @@ class ConvLayerConfig:
         check(self.workers > 0, "model.conv.workers", self.workers, "must be positive")
         check(self.depth > 0, "model.conv.depth", self.depth, "must be positive")
         check(self.width is None or self.width > 0, "model.conv.width", self.width, "must be positive or null")
+        check(self.norm in NORMS, "model.conv.norm", self.norm, f"choose one of {NORMS}")
+        check(0 <= self.dropout < 1, "model.conv.dropout", self.dropout, "must lie in [0, 1)")
+        check(not (self.plain and self.block != "none"), "model.conv.plain", self.plain,
+              f"a block layer (block={self.block}) is a worker; plain layers are single convolutions (block: none)")
+        check(self.plain or self.norm != "layer", "model.conv.norm", self.norm,
+              "layer normalisation mixes the workers of a layer; use batch or group on worker layers (layer on plain ones)")
         if self.block != "none":
             check(
                 self.channels % self.workers == 0,
@@ -147,13 +165,29 @@ class ModelConfig:
     """Which worker output predicts (and is aligned): ``preactivation`` z or ``activation`` f(z)."""
     worker_projection: bool = False
     """For ``k != C``: predict through a fixed random k->C projection instead of failing."""
+    hidden_plain: list[int] = field(default_factory=list)
+    """Indices into ``hidden`` of fully connected layers that are plain (not split into workers;
+    they belong to the block of the next worker layer, or of the output layer)."""
+    hidden_norm: str = "none"
+    """Normalisation of every fully connected hidden layer, between the linear map and the
+    activation: none, batch, group (one group per worker) or layer (only if every FC layer is plain)."""
+    hidden_dropout: float = 0.0
+    """Dropout probability after every fully connected hidden layer's activation (0: none)."""
+    worker_norm: str = "none"
+    """How a worker's output is normalised before it predicts and is aligned: ``none``, or
+    ``standardize`` (zero mean and unit variance over its ``k`` units, times ``worker_logit_scale``),
+    which makes the local objectives blind to the output's scale, so they cannot be lowered by
+    growing activations (docs/strategies/leader_follower.md, "Stability")."""
+    worker_logit_scale: float = 1.0
+    """With ``worker_norm=standardize``: the fixed scale of a worker's standardised output, i.e. the
+    inverse softmax temperature of its prediction (bounds how confident a worker can be)."""
 
     def __post_init__(self) -> None:
         check(len(self.hidden) + len(self.conv) > 0, "model.hidden", self.hidden, "needs at least one hidden layer")
         check(self.worker_size > 0, "model.worker_size", self.worker_size, "must be positive")
         check(self.in_channels > 0, "model.in_channels", self.in_channels, "must be positive")
         for layer in self.conv:
-            if layer.block == "none":
+            if layer.block == "none" and (not layer.plain or layer.norm == "group"):
                 check(
                     layer.channels % self.worker_size == 0,
                     "model.worker_size",
@@ -174,6 +208,18 @@ class ModelConfig:
             self.predict_from,
             "choose preactivation or activation",
         )
+        for index in self.hidden_plain:
+            check(0 <= index < len(self.hidden), "model.hidden_plain", self.hidden_plain,
+                  f"indices into model.hidden (0..{len(self.hidden) - 1})")
+        check(len(set(self.hidden_plain)) == len(self.hidden_plain), "model.hidden_plain", self.hidden_plain, "repeats an index")
+        check(self.hidden_norm in NORMS, "model.hidden_norm", self.hidden_norm, f"choose one of {NORMS}")
+        check(self.hidden_norm != "layer" or len(self.hidden_plain) == len(self.hidden), "model.hidden_norm", self.hidden_norm,
+              "layer normalisation mixes the workers of a layer; use batch or group while FC worker layers exist")
+        check(0 <= self.hidden_dropout < 1, "model.hidden_dropout", self.hidden_dropout, "must lie in [0, 1)")
+        plain = [spec.plain for spec in self.conv] + [i in self.hidden_plain for i in range(len(self.hidden))]
+        check(not all(plain), "model", "every hidden layer plain", "a worker network needs at least one worker layer")
+        check(self.worker_norm in WORKER_NORMS, "model.worker_norm", self.worker_norm, f"choose one of {WORKER_NORMS}")
+        check(self.worker_logit_scale > 0, "model.worker_logit_scale", self.worker_logit_scale, "must be positive")
         check(
             self.output_activation in OUTPUT_ACTIVATIONS,
             "model.output_activation",

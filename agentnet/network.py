@@ -35,6 +35,7 @@ from agentnet.workers import (
     GradientPath,
     LeaderSelection,
     ReplicaLinear,
+    ReplicaNorm,
     WorkerBlock,
     WorkerConv2d,
     WorkerLinear,
@@ -42,9 +43,21 @@ from agentnet.workers import (
     WorkerReadout,
 )
 
-__all__ = ["LayerRecord", "ForwardRecord", "WorkerNetwork", "build_model", "image_shape"]
+__all__ = ["LayerRecord", "ForwardRecord", "WorkerNetwork", "build_model", "eval_mode", "image_shape"]
 
 _ACTIVATIONS = {"relu": torch.relu, "tanh": torch.tanh, "sigmoid": torch.sigmoid}
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Within the block the model is in evaluation mode (batch normalisation uses its running
+    statistics and leaves them alone, dropout is off); its previous mode is restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
 
 
 @dataclass
@@ -112,13 +125,15 @@ class WorkerNetwork(nn.Module):
         if cfg.output_activation == "sigmoid" and num_classes != 2:
             raise ValueError(f"model.output_activation='sigmoid' needs a binary task, got {num_classes} classes")
         self.image_shape = image_shape(input_dim, cfg.in_channels) if cfg.conv else None
-        hidden: list[nn.Module] = []
-        post: list[nn.Module] = []
+        # Every hidden layer in order as (plain?, layer, norm, what follows its activation).
+        layers: list[tuple[bool, nn.Module, nn.Module, nn.Module]] = []
         features = input_dim
         if self.image_shape is not None:
             channels, side = self.image_shape[0], self.image_shape[1]
             for spec in cfg.conv:
-                if spec.block == "none":
+                if spec.plain:  # one "worker" of every filter: a replica-grouped plain convolution
+                    layer = WorkerConv2d(channels, 1, spec.channels, spec.kernel_size, spec.stride, replicas=R)
+                elif spec.block == "none":
                     layer = WorkerConv2d(channels, spec.channels // cfg.worker_size, cfg.worker_size, spec.kernel_size, spec.stride,
                                          replicas=R)
                 else:
@@ -139,18 +154,40 @@ class WorkerNetwork(nn.Module):
                     if side < spec.pool:
                         raise ValueError(f"model.conv.pool={spec.pool}: the maps are only {side} pixels wide there")
                     side //= spec.pool
-                hidden.append(layer)
-                post.append(nn.MaxPool2d(spec.pool) if spec.pool > 1 else nn.Identity())
+                groups = spec.channels // cfg.worker_size if spec.plain else layer.num_workers
+                post = [nn.MaxPool2d(spec.pool)] if spec.pool > 1 else []
+                post += [nn.Dropout(spec.dropout)] if spec.dropout > 0 else []
+                layers.append((spec.plain, layer, _norm(spec.norm, spec.channels, groups, R), nn.Sequential(*post)))
                 channels = spec.channels
-            post[-1] = nn.Sequential(post[-1], _ReplicaFlatten(R))
+            last = layers[-1]
+            layers[-1] = (*last[:3], nn.Sequential(*last[3], _ReplicaFlatten(R)))
             features = channels * side * side
-        for width in cfg.hidden:
-            hidden.append(WorkerLinear(features, width // cfg.worker_size, cfg.worker_size, replicas=R))
-            post.append(nn.Identity())
+        for index, width in enumerate(cfg.hidden):
+            plain = index in cfg.hidden_plain
+            layer = ReplicaLinear(features, width, R) if plain else WorkerLinear(features, width // cfg.worker_size, cfg.worker_size, R)
+            post = nn.Dropout(cfg.hidden_dropout) if cfg.hidden_dropout > 0 else nn.Identity()
+            layers.append((plain, layer, _norm(cfg.hidden_norm, width, width // cfg.worker_size, R), post))
             features = width
+        # Plain layers join the block of the next worker layer (the last ones: the output's block).
+        hidden, norms, post, stems, stem = [], [], [], [], _PlainLayers(self.act)
+        for plain, layer, norm, after in layers:
+            if plain:
+                stem.append(layer, norm, after)
+                continue
+            stems.append(stem)
+            stem = _PlainLayers(self.act)
+            hidden.append(layer)
+            norms.append(norm)
+            post.append(after)
+        stems.append(stem)
         self.hidden = nn.ModuleList(hidden)
+        """The worker layers, in order."""
+        self.norms = nn.ModuleList(norms)
+        """Per worker layer, its normalisation between pre-activation and activation (or identity)."""
         self.post = nn.ModuleList(post)
-        """What follows each hidden layer's activation: max-pool, flatten, or nothing."""
+        """What follows each worker layer's activation: max-pool, dropout, flatten, or nothing."""
+        self.stems = nn.ModuleList(stems)
+        """Plain layers before each worker layer, and (last) before the output layer; empty for most models."""
         self.output = ReplicaLinear(features, out_units, R)
         self.logit_mask: Tensor | None = None
         """Boolean ``(C,)`` (or per example ``(R, B, C)``) of the classes the output may predict
@@ -164,14 +201,27 @@ class WorkerNetwork(nn.Module):
         # Replica r starts exactly where a one-replica network seeded with seeds[r] starts.
         for r, seed in enumerate(seeds):
             torch.manual_seed(seed)
-            for layer in [*self.hidden, self.output]:
+            for stem, layer, norm in zip(self.stems, [*self.hidden, self.output], [*self.norms, None]):
+                stem.reset_replica(r)
                 layer.reset_replica(r)
+                if isinstance(norm, ReplicaNorm):
+                    norm.reset_replica(r)
         self.predictor = WorkerPredictor(cfg.output_activation)
 
     @property
     def is_mlp(self) -> bool:
-        """True when every hidden layer is fully connected (what message-passing strategies need)."""
-        return all(isinstance(layer, WorkerLinear) for layer in self.hidden)
+        """True when every hidden layer is a fully connected worker layer, with no plain layers,
+        normalisation or dropout (what message-passing strategies need)."""
+        return (all(isinstance(layer, WorkerLinear) for layer in self.hidden) and not any(len(stem) for stem in self.stems)
+                and all(isinstance(n, nn.Identity) for n in self.norms) and all(isinstance(p, nn.Identity) for p in self.post))
+
+    def _normalized(self, workers: Tensor) -> Tensor:
+        """Worker outputs ``(R, B, W, k)`` as they predict and are aligned (``model.worker_norm``)."""
+        if self.cfg.worker_norm == "none":
+            return workers
+        # Standardised over the worker's own k units: no gradient reaches another worker, and the
+        # local losses cannot be lowered by scaling the output up.
+        return self.cfg.worker_logit_scale * F.layer_norm(workers, workers.shape[-1:], eps=1e-5)
 
     def worker_loss(self, layer: int, workers: Tensor, y: Tensor) -> Tensor:
         """Per-sample prediction loss ``(R, B, W)`` of hidden layer ``layer``'s workers ``(R, B, W, k)``."""
@@ -223,9 +273,9 @@ class WorkerNetwork(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """Inference: output logits ``(R, B, C)`` (``(R, B, 1)`` for a sigmoid output)."""
         x = self._input(x)
-        for layer, post in zip(self.hidden, self.post):
-            x = post(self.act(layer(x)))
-        return self.output(x)
+        for stem, layer, norm, post in zip(self.stems, self.hidden, self.norms, self.post):
+            x = post(self.act(norm(layer(stem(x)))))
+        return self.output(self.stems[-1](x))
 
     def activation_derivative(self, z: Tensor, a: Tensor) -> Tensor:
         """``f'(z)`` of the hidden activation, from the pre-activation ``z`` and ``a = f(z)``."""
@@ -273,14 +323,18 @@ class WorkerNetwork(nn.Module):
         x = self._input(x)
         if y is not None:
             y = self.per_replica_labels(y)
-        for index, (layer, post) in enumerate(zip(self.hidden, self.post)):
-            z, z_local = layer.forward_path(x, path)
+        for index, (stem, layer, norm, post) in enumerate(zip(self.stems, self.hidden, self.norms, self.post)):
+            x, layer_path = stem.enter_block(x, path)
+            z, z_local = layer.forward_path(x, layer_path)
+            if isinstance(norm, ReplicaNorm):
+                z, z_local = norm(z), (None if z_local is z else norm(z_local, update_stats=False))
+                z_local = z if z_local is None else z_local
             h = self.act(z)
             if self.cfg.predict_from == "activation":
                 local = h if z_local is z else self.act(z_local)  # one activation unless the paths split
             else:
                 local = z_local
-            record = LayerRecord(workers=layer.workers(local))
+            record = LayerRecord(workers=self._normalized(layer.workers(local)))
             if y is not None and selection is not None:
                 record.worker_loss = self.worker_loss(index, record.workers, y)
                 record.leaders, record.best = selection.select(index, record.worker_loss)
@@ -290,8 +344,58 @@ class WorkerNetwork(nn.Module):
             record.activation = h
             records.append(record)
             x = post(h)
-        logits = self.output(x.detach() if path == "local" else x)
+        x, out_path = self.stems[-1].enter_block(x, path)
+        logits = self.output(x.detach() if out_path == "local" else x)
         return ForwardRecord(logits=logits, layers=records)
+
+
+def _norm(kind: str, channels: int, groups: int, replicas: int) -> nn.Module:
+    """A layer's normalisation (``model.conv.norm`` / ``model.hidden_norm``), identity for ``none``."""
+    return nn.Identity() if kind == "none" else ReplicaNorm(kind, channels, groups, replicas)
+
+
+class _PlainLayers(nn.Module):
+    """The plain layers (not split into workers) in front of a worker layer or the output layer.
+
+    They belong to that layer's block: under the ``local`` gradient path the block's input — the
+    first plain layer's input — is detached, and the gradient flows freely inside the block, so the
+    block's losses train them and nothing crosses the block boundary.
+    """
+
+    def __init__(self, activation) -> None:
+        super().__init__()
+        self.act = activation
+        self.layers, self.norms, self.post = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
+
+    def append(self, layer: nn.Module, norm: nn.Module, post: nn.Module) -> None:
+        self.layers.append(layer)
+        self.norms.append(norm)
+        self.post.append(post)
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def reset_replica(self, r: int) -> None:
+        for layer, norm in zip(self.layers, self.norms):
+            layer.reset_replica(r)
+            if isinstance(norm, ReplicaNorm):
+                norm.reset_replica(r)
+
+    def forward(self, x: Tensor) -> Tensor:
+        for layer, norm, post in zip(self.layers, self.norms, self.post):
+            x = post(self.act(norm(layer(x))))
+        return x
+
+    def enter_block(self, x: Tensor, path: GradientPath) -> tuple[Tensor, GradientPath]:
+        """Run the plain layers on a block's input ``x``; returns their output and the gradient path
+        for the block's worker (or output) layer. ``local`` detaches the block's input here, so
+        inside the block the gradient flows (``global``); ``split`` keeps the worker layer's own
+        split (plain layers then learn from the global loss only, as BP would train them)."""
+        if not len(self):
+            return x, path
+        if path == "local":
+            return self(x.detach()), "global"
+        return self(x), path
 
 
 def _unit_gate(leaders: Tensor, layer: nn.Module, h: Tensor) -> Tensor:
@@ -316,6 +420,7 @@ def worker_graph(
     agent = 0
     with torch.no_grad():
         for li, layer in enumerate(model.hidden):
+            previous = _plain_node(graph, model.stems[li], li, previous, R)
             names = []
             for w in range(layer.num_workers):
                 name = f"worker_{agent}"
@@ -328,20 +433,37 @@ def worker_graph(
             # previous layer's workers (FC, conv channels and flattened maps are all worker-major).
             weight = layer.input_weight
             weight = weight[: weight.shape[0] // R]
-            if li == 0:
-                norms = weight.reshape(layer.num_workers, -1).norm(dim=1).view(-1, 1)
+            if previous[0].startswith(("input", "plain")):  # no worker structure in the columns
+                norms = weight.reshape(layer.num_workers, -1).norm(dim=1).view(-1, 1).expand(-1, len(previous))
             else:
                 norms = weight.reshape(layer.num_workers, weight.shape[0] // layer.num_workers, len(previous), -1).norm(dim=(1, 3))
             for j, dst in enumerate(names):
                 for i, src in enumerate(previous):
                     graph.add_edge(src, dst, weight=float(norms[j, i]))
             previous = names
+        previous = _plain_node(graph, model.stems[-1], len(model.hidden), previous, R)
         out = model.output
         graph.add_node(f"worker_{agent}", layer=len(model.hidden) + 1, index=0, role="output", leadership=0.0)
-        norms = out.weight[: out.out_features].view(out.out_features, len(previous), -1).norm(dim=(0, 2))
+        if previous[0].startswith("plain"):
+            norms = out.weight[: out.out_features].norm().view(1)
+        else:
+            norms = out.weight[: out.out_features].view(out.out_features, len(previous), -1).norm(dim=(0, 2))
         for i, src in enumerate(previous):
             graph.add_edge(src, f"worker_{agent}", weight=float(norms[i]))
     return graph
+
+
+def _plain_node(graph: nx.DiGraph, stem: _PlainLayers, block: int, previous: list[str], replicas: int) -> list[str]:
+    """A block's plain layers as one node ``plain_<block>`` (edges: the first plain weight's norm,
+    replica 0); returns the nodes that feed the block's worker layer."""
+    if not len(stem):
+        return previous
+    name = f"plain_{block}"
+    weight = stem.layers[0].input_weight
+    graph.add_node(name, layer=block + 0.5, index=0, role="plain", leadership=0.0)
+    for src in previous:
+        graph.add_edge(src, name, weight=float(weight[: weight.shape[0] // replicas].norm()) / len(previous))
+    return [name]
 
 
 def build_model(cfg: ModelConfig, input_dim: int, num_classes: int, seeds: int | list[int] = 0) -> WorkerNetwork:

@@ -41,6 +41,7 @@ __all__ = [
     "WorkerBlock",
     "WorkerReadout",
     "WorkerPredictor",
+    "ReplicaNorm",
     "LeaderSelection",
     "lerp_update",
     "replica_rows",
@@ -366,6 +367,60 @@ class WorkerBlock(nn.Module):
     def workers(self, h: Tensor) -> Tensor:
         """Globally average-pooled block outputs as ``(R, B, W, k)``."""
         return _pooled_workers(h, self.replicas, self.num_workers)
+
+
+class ReplicaNorm(nn.Module):
+    """A normalisation layer for ``R`` replicas of a layer of ``channels`` units (or conv channels).
+
+    ``kind``: ``batch`` (each unit over the batch, and the maps' pixels; running statistics for
+    evaluation), ``group`` (each sample over a group of ``channels // groups`` consecutive units,
+    and the pixels: with one group per worker, a worker's normalisation never reads another
+    worker's units), or ``layer`` (each sample over all the layer's units: one group). Each
+    replica normalises over its own units only, and every statistic is per unit or per group, so
+    replicas never mix and a worker's gradient stays within its group (``batch``, ``group``).
+    Affine (weight 1, bias 0 at start). Inputs ``(R, B, n)`` or channel-folded ``(B, R*C, H, W)``.
+    """
+
+    KINDS = ("batch", "group", "layer")
+
+    def __init__(self, kind: str, channels: int, groups: int = 1, replicas: int = 1, momentum: float = 0.1) -> None:
+        super().__init__()
+        if kind not in self.KINDS:
+            raise ValueError(f"normalisation {kind!r}: choose one of {self.KINDS}")
+        if kind == "group" and channels % groups:
+            raise ValueError(f"group normalisation: {groups} groups do not divide {channels} channels")
+        self.kind, self.channels, self.replicas, self.momentum = kind, channels, replicas, momentum
+        self.groups = 1 if kind == "layer" else groups
+        self.weight = nn.Parameter(torch.ones(replicas * channels))
+        self.bias = nn.Parameter(torch.zeros(replicas * channels))
+        if kind == "batch":
+            self.register_buffer("running_mean", torch.zeros(replicas * channels))
+            self.register_buffer("running_var", torch.ones(replicas * channels))
+
+    def reset_replica(self, r: int) -> None:
+        """Replica ``r`` back to the identity (and fresh running statistics); uses no random numbers."""
+        rows = slice(r * self.channels, (r + 1) * self.channels)
+        with torch.no_grad():
+            self.weight[rows] = 1.0
+            self.bias[rows] = 0.0
+            if self.kind == "batch":
+                self.running_mean[rows] = 0.0
+                self.running_var[rows] = 1.0
+
+    def forward(self, h: Tensor, update_stats: bool = True) -> Tensor:
+        """Normalise ``h``; ``update_stats=False`` leaves batch statistics' running averages untouched
+        (a second view of the same batch, e.g. the local path of a split layer)."""
+        flat = h.dim() == 3  # (R, B, n) -> (B, R*n): units as channels
+        x = h.transpose(0, 1).reshape(h.shape[1], -1) if flat else h
+        if self.kind == "batch":
+            momentum = self.momentum if update_stats else 0.0
+            y = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, self.training, momentum, 1e-5)
+        else:
+            y = F.group_norm(x, self.replicas * self.groups, self.weight, self.bias, 1e-5)
+        return y.view(h.shape[1], self.replicas, -1).transpose(0, 1) if flat else y
+
+    def extra_repr(self) -> str:
+        return f"{self.kind}, channels={self.channels}, groups={self.groups}, replicas={self.replicas}"
 
 
 class WorkerReadout(nn.Module):

@@ -20,6 +20,9 @@ from agentnet.training.checkpoint import load_checkpoint
 from tests.conftest import compose_config, data_root
 
 SMALL_CONV = "model.conv=[{channels:20,pool:2},{channels:20,block:vgg,workers:2,depth:2,pool:2}]"
+#: Plain layers, batch and group norms, standardised worker predictions.
+MIXED = ["model.conv=[{channels:10,plain:true,norm:batch},{channels:20,pool:2,norm:group}]", "model.hidden_plain=[0]",
+         "model.hidden_norm=batch", "model.worker_norm=standardize", "model.worker_logit_scale=3"]
 
 CASES = [
     ("bp", []),
@@ -34,6 +37,8 @@ CASES = [
     ("bp", [SMALL_CONV]),
     ("lfnn", [SMALL_CONV]),
     ("lfnn_local", [SMALL_CONV]),
+    ("lfnn", MIXED),
+    ("lfnn_local", MIXED),
 ]
 
 
@@ -79,7 +84,8 @@ def test_replica_r_equals_the_single_run_with_seed_plus_r_float64(mnist, strateg
     singles = [_trained(strategy, extra, data, seed=4 + r, replicas=1, dtype=torch.float64)[0] for r in range(3)]
     start = [build_model(population.cfg, 784, 10, 4 + r).double() for r in range(3)]
     assert _max_relative_error(population, start) > 1e-3  # the runs trained (the comparison is not vacuous)
-    assert _max_relative_error(population, singles) < 1e-10
+    # Norm kernels reduce over R*C channels in another order than over C: float64 rounding, not mixing.
+    assert _max_relative_error(population, singles) < (1e-7 if extra is MIXED else 1e-10)
 
 
 @pytest.mark.parametrize("strategy", ["bp", "lfnn", "lfnn_local", "attention"])

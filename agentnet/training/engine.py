@@ -25,7 +25,7 @@ from torch import Tensor
 
 from agentnet.config import ConfigError, RunConfig
 from agentnet.data import ImageData, Split
-from agentnet.network import WorkerNetwork
+from agentnet.network import WorkerNetwork, eval_mode
 from agentnet.strategy import StepResult, Strategy
 from agentnet.training.checkpoint import (
     CHECKPOINT,
@@ -423,14 +423,15 @@ class Trainer:
         correct = torch.zeros(self.replicas, device=self.device)
         loss = torch.zeros(self.replicas, device=self.device)
         bs = self.cfg.trainer.eval_batch_size
-        for start in range(0, len(split), bs):
-            x, y = split.x[start : start + bs], split.y[start : start + bs]
-            if transform is not None:
-                x = transform(x)
-            with self._autocast():
-                logits = self.model(x)
-            loss += self.model.global_loss(logits, y) * len(y)
-            correct += (self.model.predict(logits) == y).sum(1)
+        with eval_mode(self.model):  # running statistics of batch norms, no dropout
+            for start in range(0, len(split), bs):
+                x, y = split.x[start : start + bs], split.y[start : start + bs]
+                if transform is not None:
+                    x = transform(x)
+                with self._autocast():
+                    logits = self.model(x)
+                loss += self.model.global_loss(logits, y) * len(y)
+                correct += (self.model.predict(logits) == y).sum(1)
         n = max(len(split), 1)
         return {"acc": (correct / n).tolist(), "loss": (loss / n).tolist()}
 

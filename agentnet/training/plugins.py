@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from agentnet.network import eval_mode
 from agentnet.strategy import StepResult
 
 # Hooks receive the agentnet.training.engine.Trainer that calls them; annotated by name only, so
@@ -92,11 +93,13 @@ class WorkerActivity(TrainerPlugin):
 
     @torch.no_grad()
     def before_step(self, trainer: "Trainer", x: torch.Tensor, y: torch.Tensor) -> None:
-        self._before = trainer.model.forward_record(x)
+        with eval_mode(trainer.model):  # a measurement: no batch-norm statistics updated, no dropout
+            self._before = trainer.model.forward_record(x)
 
     @torch.no_grad()
     def after_step(self, trainer: "Trainer", x: torch.Tensor, y: torch.Tensor, result: StepResult) -> None:
-        after = trainer.model.forward_record(x)
+        with eval_mode(trainer.model):
+            after = trainer.model.forward_record(x)
         self.steps.append([(a.workers[0] - b.workers[0]).abs().mean((0, 2)).cpu() for a, b in zip(after.layers, self._before.layers)])
         layers = result.record.layers if result.record is not None else [None] * len(after.layers)
         self.leaders.append([None if r is None or r.leaders is None else r.leaders[0].cpu() for r in layers])

@@ -15,6 +15,7 @@ from torch.func import functional_call, grad, vmap
 
 from agentnet.config import CLConfig, check
 from agentnet.continual.methods import CL_METHODS, CLMethod
+from agentnet.network import eval_mode
 
 
 @dataclass
@@ -52,9 +53,10 @@ def diagonal_fisher(model: torch.nn.Module, x: torch.Tensor, chunk: int = 64) ->
     per_sample = vmap(grad(nll), in_dims=(None, 1))
     total = {k: torch.zeros_like(v) for k, v in params.items()}
     n = x.shape[1]
-    for start in range(0, n, chunk):
-        for k, g in per_sample(params, x[:, start : start + chunk]).items():
-            total[k] += g.pow(2).sum(0)
+    with eval_mode(model):  # one sample per call: batch norms use their running statistics
+        for start in range(0, n, chunk):
+            for k, g in per_sample(params, x[:, start : start + chunk]).items():
+                total[k] += g.pow(2).sum(0)
     return {k: v / n for k, v in total.items()}
 
 
