@@ -50,7 +50,7 @@ def _data(mnist: ImageData, dtype: torch.dtype) -> ImageData:
 
 def _trained(strategy: str, extra: list[str], data: ImageData, seed: int, replicas: int, dtype: torch.dtype, steps: int = 6):
     run = to_run_config(compose_config(
-        f"strategy={strategy}", "model.hidden=[40,40]", "trainer.batch_size=32", f"trainer.max_steps={steps}",
+        f"strategy={strategy}", "model=mlp_400x2", "model.hidden=[40,40]", "trainer.batch_size=32", f"trainer.max_steps={steps}",
         "trainer.fused=false", "trainer.progress=false", "trainer.checkpoint=false", "device=cpu",
         f"seed={seed}", f"replicas={replicas}", *extra,
     ))
@@ -150,7 +150,7 @@ def test_summarize_means_nested_lists_and_keeps_shared_counts():
 @pytest.mark.parametrize("cl", ["ewc", "replay", "si"])
 def test_continual_replica_equals_single_run_across_a_task_boundary(tmp_path, cl):
     common = [f"data.root={data_root()}", "benchmark=pmnist_quick", "benchmark.num_tasks=2", "benchmark.iterations_per_task=8",
-              f"cl={cl}", "strategy=lfnn", "model.hidden=[40,40]", "data.subset=600", "data.test_subset=200",
+              f"cl={cl}", "strategy=lfnn", "model=mlp_400x2", "model.hidden=[40,40]", "data.subset=600", "data.test_subset=200",
               "trainer.batch_size=32", "trainer.fused=false", "trainer.progress=false", "device=cpu"]
     if cl == "ewc":
         common.append("cl.fisher_samples=50")
