@@ -144,8 +144,10 @@ class ModelConfig:
     blocks); a final linear layer maps to the classes. With ``conv`` empty this is an MLP.
     """
 
-    name: str = "mlp_275k"
-    """Preset name (informational; the numbers below define the network)."""
+    name: str = "mlp"
+    """Preset name (informational; the numbers below define the network). The presets in
+    ``configs/model/`` set their own values; these defaults are a plain 784-260-260-10 MLP of
+    10-unit workers."""
     hidden: list[int] = field(default_factory=lambda: [260, 260])
     """Width of each fully connected hidden layer (after the conv layers, if any)."""
     conv: list[ConvLayerConfig] = field(default_factory=list)
