@@ -325,10 +325,7 @@ class WorkerNetwork(nn.Module):
             y = self.per_replica_labels(y)
         for index, (stem, layer, norm, post) in enumerate(zip(self.stems, self.hidden, self.norms, self.post)):
             x, layer_path = stem.enter_block(x, path)
-            z, z_local = layer.forward_path(x, layer_path)
-            if isinstance(norm, ReplicaNorm):
-                z, z_local = norm(z), (None if z_local is z else norm(z_local, update_stats=False))
-                z_local = z if z_local is None else z_local
+            z, z_local = _normalize(norm, *layer.forward_path(x, layer_path))
             h = self.act(z)
             if self.cfg.predict_from == "activation":
                 local = h if z_local is z else self.act(z_local)  # one activation unless the paths split
@@ -352,6 +349,17 @@ class WorkerNetwork(nn.Module):
 def _norm(kind: str, channels: int, groups: int, replicas: int) -> nn.Module:
     """A layer's normalisation (``model.conv.norm`` / ``model.hidden_norm``), identity for ``none``."""
     return nn.Identity() if kind == "none" else ReplicaNorm(kind, channels, groups, replicas)
+
+
+def _normalize(norm: nn.Module, z: Tensor, z_local: Tensor) -> tuple[Tensor, Tensor]:
+    """A layer's two pre-activation views through its normalisation; when the views are distinct
+    (the ``split`` path) both are normalised, but batch statistics are updated once."""
+    if not isinstance(norm, ReplicaNorm):
+        return z, z_local
+    if z_local is z:
+        z = norm(z)
+        return z, z
+    return norm(z), norm(z_local, update_stats=False)
 
 
 class _PlainLayers(nn.Module):

@@ -40,11 +40,13 @@ def batch(seed: int = 1):
     return torch.randn(16, 64, generator=gen, dtype=torch.float64), torch.randint(0, 10, (16,), generator=gen)
 
 
-def worker_grad_norms(layer) -> torch.Tensor:
-    """Per replica and worker, the norm of the gradient over all of the layer's parameters ``(R, W)``
-    (rows replica-major, then grouped by worker)."""
+def worker_grad_norms(layer, *attached: torch.nn.Module) -> torch.Tensor:
+    """Per replica and worker, the norm of the gradient over all of the layer's parameters and
+    those of modules ``attached`` to it (its normalisation) ``(R, W)`` (rows replica-major, then
+    grouped by worker)."""
     R, W = layer.replicas, layer.num_workers
-    parts = [torch.zeros(R * W, 1, dtype=torch.float64) if p.grad is None else p.grad.reshape(R * W, -1) for p in layer.parameters()]
+    params = [p for module in (layer, *attached) for p in module.parameters()]
+    parts = [torch.zeros(R * W, 1, dtype=torch.float64) if p.grad is None else p.grad.reshape(R * W, -1) for p in params]
     return torch.cat(parts, 1).norm(dim=1).view(R, W)
 
 

@@ -17,6 +17,7 @@ from agentnet.objectives import leader_follower_loss
 from agentnet.registry import build_strategy
 from agentnet.workers import LeaderSelection, ReplicaNorm
 from tests.conftest import compose_config
+from tests.test_conv_workers import worker_grad_norms
 
 
 def mixed_model(seed: int = 0, *, worker_norm: str = "none", replicas: int = 1) -> WorkerNetwork:
@@ -89,11 +90,9 @@ def test_lfnn_followers_get_no_global_gradient_and_plain_layers_learn_from_it():
     record = model.forward_record(x, y, path="split", selection=selection, leaders_carry_global=True)
     model.global_loss(record.logits, y).sum().backward()
     for layer, norm, rec in zip(model.hidden, model.norms, record.layers):
-        R, W = layer.replicas, layer.num_workers
-        for p in [*layer.parameters(), *norm.parameters()]:
-            per_worker = (torch.zeros_like(p) if p.grad is None else p.grad).reshape(R * W, -1).norm(dim=1).view(R, W)
-            assert (per_worker[~rec.leaders] == 0).all(), "a follower (or its norm) received the global error signal"
-            assert (per_worker[rec.leaders] > 0).all()
+        per_worker = worker_grad_norms(layer, norm)
+        assert (per_worker[~rec.leaders] == 0).all(), "a follower (or its norm) received the global error signal"
+        assert (per_worker[rec.leaders] > 0).all()
     # A plain layer in front of a worker layer learns from the global loss through the leaders.
     assert touched(model.stems[0]) and touched(model.stems[1]) and touched(model.stems[2])
 
