@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
 
 import networkx as nx
 import torch
@@ -207,6 +207,15 @@ class WorkerNetwork(nn.Module):
                 if isinstance(norm, ReplicaNorm):
                     norm.reset_replica(r)
         self.predictor = WorkerPredictor(cfg.output_activation)
+        self.aux = nn.ModuleDict()
+        """Modules a strategy adds to the network (e.g. local greedy heads): trained by the same
+        optimiser and saved in the same checkpoint, but not counted in :attr:`num_params`."""
+
+    @property
+    def num_params(self) -> int:
+        """Trainable parameters of one replica of the network itself (strategy-added ``aux`` modules excluded)."""
+        aux = {id(p) for p in self.aux.parameters()}
+        return sum(p.numel() for p in self.parameters() if p.requires_grad and id(p) not in aux) // self.replicas
 
     @property
     def is_mlp(self) -> bool:
@@ -286,16 +295,19 @@ class WorkerNetwork(nn.Module):
             return 1 - a * a
         return a * (1 - a)  # sigmoid
 
-    def global_loss(self, logits: Tensor, y: Tensor) -> Tensor:
-        """The task loss per replica ``(R,)``: mean cross-entropy (BCE for a sigmoid output) of
-        logits ``(R, B, C)`` against labels ``(R, B)``. Replicas' losses are independent, so the
-        gradient of their sum is each replica's own gradient."""
+    def sample_losses(self, logits: Tensor, y: Tensor) -> Tensor:
+        """The task loss of every example ``(R, B)``: cross-entropy (BCE for a sigmoid output) of
+        logits ``(R, B, C)`` against labels ``(R, B)`` (or ``(B,)``)."""
         R, B = logits.shape[:2]
         y = self.per_replica_labels(y)
         if self.output_activation == "softmax":
-            per_sample = F.cross_entropy(self._masked(logits).reshape(R * B, -1), y.reshape(-1), reduction="none")
-            return per_sample.view(R, B).mean(1)
-        return F.binary_cross_entropy_with_logits(logits[..., 0], y.to(logits.dtype), reduction="none").mean(1)
+            return F.cross_entropy(self._masked(logits).reshape(R * B, -1), y.reshape(-1), reduction="none").view(R, B)
+        return F.binary_cross_entropy_with_logits(logits[..., 0], y.to(logits.dtype), reduction="none")
+
+    def global_loss(self, logits: Tensor, y: Tensor) -> Tensor:
+        """The task loss per replica ``(R,)``: the mean of :meth:`sample_losses`. Replicas' losses
+        are independent, so the gradient of their sum is each replica's own gradient."""
+        return self.sample_losses(logits, y).mean(1)
 
     def predict(self, logits: Tensor) -> Tensor:
         """Class predictions ``(R, B)`` from output logits ``(R, B, C)``."""
@@ -311,6 +323,7 @@ class WorkerNetwork(nn.Module):
         path: GradientPath = "global",
         selection: LeaderSelection | None = None,
         leaders_carry_global: bool = False,
+        perturb: Callable[[int, Tensor], Tensor] | None = None,
     ) -> ForwardRecord:
         """Training forward pass.
 
@@ -318,6 +331,8 @@ class WorkerNetwork(nn.Module):
         each hidden layer's worker losses and leaders are computed as the pass goes. With
         ``leaders_carry_global`` the gradient arriving from above reaches only the leaders' units
         (followers' activations are stop-gradient on the path to the output), as LFNN's Eq. 1 asks.
+        ``perturb(index, h)`` replaces each hidden layer's activation ``h`` before it is recorded and
+        fed forward (activity-perturbed forward gradients add their tangent there).
         """
         records = []
         x = self._input(x)
@@ -327,6 +342,8 @@ class WorkerNetwork(nn.Module):
             x, layer_path = stem.enter_block(x, path)
             z, z_local = _normalize(norm, *layer.forward_path(x, layer_path))
             h = self.act(z)
+            if perturb is not None:
+                h = perturb(index, h)
             if self.cfg.predict_from == "activation":
                 local = h if z_local is z else self.act(z_local)  # one activation unless the paths split
             else:

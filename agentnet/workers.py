@@ -45,6 +45,7 @@ __all__ = [
     "LeaderSelection",
     "lerp_update",
     "replica_rows",
+    "replica_randn",
 ]
 
 #: How a layer's gradients may travel:
@@ -491,6 +492,15 @@ class WorkerPredictor(nn.Module):
 def replica_rows(values: Tensor, p: Tensor) -> Tensor:
     """Per-replica ``values`` ``(R,)`` spread over the replica-major rows of ``p``, broadcastable to it."""
     return values.to(p.dtype).repeat_interleave(p.shape[0] // values.numel()).view(-1, *([1] * (p.dim() - 1)))
+
+
+def replica_randn(like: Tensor, generators: list[torch.Generator], dim: int = 0) -> Tensor:
+    """Standard normal noise shaped like ``like``, whose replica-major ``dim`` splits into one chunk
+    per replica drawn from that replica's generator (so replica ``r`` of a population draws exactly
+    what a one-replica run with ``generators[r]``'s seed draws)."""
+    chunks = list(like.shape)
+    chunks[dim] //= len(generators)
+    return torch.cat([torch.randn(chunks, generator=g, device=like.device, dtype=like.dtype) for g in generators], dim)
 
 
 def lerp_update(layer: nn.Module, olds: list[Tensor], scale: Tensor) -> None:

@@ -123,7 +123,7 @@ def train(cfg: DictConfig | RunConfig | dict, data: ImageData | None = None) -> 
 
         test = trainer.evaluate(data.test)
         train_eval = trainer.evaluate(data.train)
-        num_params = sum(p.numel() for p in model.parameters() if p.requires_grad) // model.replicas
+        num_params = model.num_params
         wall_s = time.perf_counter() - wall_start
         selection = strategy.selection
         per_replica = []
