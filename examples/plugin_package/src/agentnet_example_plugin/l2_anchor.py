@@ -30,7 +30,9 @@ class L2AnchorConfig(CLConfig):
     """``l2_anchor`` settings (``cl.strength=10`` on the command line)."""
 
     strength: float = 1.0
-    """Penalty strength ``lambda`` of ``lambda / 2 * ||theta - theta*||^2`` (0: plain fine-tuning)."""
+    """Penalty strength ``lambda`` of ``lambda / 2 * ||theta - theta*||^2`` (0: plain fine-tuning).
+    1 is a starting point, not a tuned value: larger keeps earlier tasks better and learns later
+    ones worse (with 40 Adam steps per permuted-MNIST task, 5 already leaves task 2 barely learned)."""
 
     def __post_init__(self) -> None:
         check(self.strength >= 0, "cl.strength", self.strength, "must be >= 0")
