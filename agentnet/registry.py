@@ -263,7 +263,8 @@ def build_strategy(node: Any, model, variants: dict[str, list[float]] | None = N
 
 def register_all() -> None:
     """Prepare Hydra for the app (idempotent): the group schemas, every plugin's ``<name>_schema``
-    and ``<name>`` options in the ConfigStore, and the plugins' config search paths."""
+    (and ``<name>`` option, where no YAML of that name exists) in the ConfigStore, and the plugins'
+    config search paths."""
     register_configs()
     for registry in (STRATEGIES, CL_METHODS, EXPERIMENTS):
         registry.names()
