@@ -2,13 +2,19 @@
 
 A :class:`Registry` imports every module of its package on first lookup; each module registers its
 class with ``@<registry>.register("<name>")``. Each class carries a ``Config`` dataclass — the one
-source of that plugin's defaults — stored in Hydra's ConfigStore as ``<group>/<name>_schema`` so its
-YAML names it in its defaults list, and used to validate configs (unknown names list the registered
-ones; bad fields name themselves).
+source of that plugin's defaults — stored in Hydra's ConfigStore as ``<group>/<name>_schema`` (so a
+YAML preset names it in its defaults list) and, where no ``<group>/<name>.yaml`` exists, also as the
+option ``<group>/<name>`` itself (so ``<group>=<name>`` composes without any YAML). The ``Config``
+also validates configs (unknown names list the registered ones; bad fields name themselves).
 
-* :data:`STRATEGIES` — package ``strategies``, config group ``strategy``.
-* :data:`CL_METHODS` — package ``agentnet.continual.methods``, group ``cl``.
-* :data:`EXPERIMENTS` — package ``agentnet.experiments``, group ``experiment``.
+* :data:`STRATEGIES` — package ``strategies``, config group ``strategy``, entry points ``agentnet.strategies``.
+* :data:`CL_METHODS` — package ``agentnet.continual.methods``, group ``cl``, entry points ``agentnet.cl_methods``.
+* :data:`EXPERIMENTS` — package ``agentnet.experiments``, group ``experiment``, entry points ``agentnet.experiments``.
+
+Other installed packages add plugins through Python entry points in those groups (``docs/extending.md``):
+the value names a module (importing it registers its classes) or a class (registered under the entry
+point's name). A package may also add a directory of YAML presets to Hydra's config search path
+through the ``agentnet.config_paths`` group (:func:`config_search_paths`).
 
 Discovery imports those packages by name at run time (the plugin mechanism), so this module sits
 below them in the import graph.
@@ -16,18 +22,23 @@ below them in the import graph.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
+import importlib.metadata
+import importlib.resources
 import pkgutil
+from pathlib import Path
 from typing import Any, Callable, Sequence, TypeVar
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from agentnet.config import ConfigError, RunConfig, register_configs
+from agentnet.config import CLConfig, ConfigError, ExperimentConfig, RunConfig, StrategyConfig, register_configs
 from agentnet.paths import CONFIG_DIR
 
 __all__ = [
     "UnknownNameError",
+    "PluginError",
     "Registry",
     "STRATEGIES",
     "CL_METHODS",
@@ -38,6 +49,9 @@ __all__ = [
     "to_run_config",
     "check_combinations",
     "compose",
+    "CONFIG_PATH_GROUP",
+    "config_search_paths",
+    "register_search_path_plugin",
 ]
 
 C = TypeVar("C", bound=type)
@@ -50,39 +64,140 @@ class UnknownNameError(ConfigError, KeyError):
         return self.args[0]
 
 
-class Registry:
-    """Name -> class for one kind of plugin, discovered from one package."""
+class PluginError(RuntimeError):
+    """A plugin that cannot be loaded or registered: a broken entry point, a class without a usable
+    ``Config``, or a name that two plugins claim. The message names where each one came from."""
 
-    def __init__(self, group: str, package: str, kind: str) -> None:
+
+def _describe(ep: importlib.metadata.EntryPoint) -> str:
+    """``entry point 'name = value' (group ..., distribution name version)`` for error messages."""
+    dist = getattr(ep, "dist", None)
+    where = f"{dist.metadata['Name']} {dist.version}" if dist is not None else "unknown distribution"
+    return f"entry point '{ep.name} = {ep.value}' (group {ep.group}, distribution {where})"
+
+
+def _yaml_on_search_path(relative: str) -> bool:
+    """Whether ``configs/<relative>`` or the same file under a plugin's config path exists."""
+    if (Path(CONFIG_DIR) / relative).is_file():
+        return True
+    for _, path in config_search_paths():
+        if path.startswith("pkg://"):
+            module, _, sub = path[len("pkg://"):].partition("/")
+            try:
+                if importlib.resources.files(module).joinpath(sub, relative).is_file():
+                    return True
+            except ModuleNotFoundError:
+                continue
+        elif (Path(path.removeprefix("file://")) / relative).is_file():
+            return True
+    return False
+
+
+class Registry:
+    """Name -> class for one kind of plugin, discovered from one package and, optionally, from
+    the entry points other installed packages declare in ``entry_point_group``."""
+
+    def __init__(
+        self,
+        group: str,
+        package: str | None,
+        kind: str,
+        entry_point_group: str | None = None,
+        config_base: type | None = None,
+    ) -> None:
         self.group = group
         self.package = package
         self.kind = kind
+        self.entry_point_group = entry_point_group
+        #: Every registered class's ``Config`` must subclass this (catches a plugin in the wrong group).
+        self.config_base = config_base
         self._classes: dict[str, type] = {}
+        self._sources: dict[str, str] = {}
+        self._loading: str | None = None  # the entry point being loaded, for error messages
         self._discovered = False
+        self._failure: BaseException | None = None
 
     def register(self, name: str) -> Callable[[C], C]:
         """Class decorator registering ``cls`` (with its ``Config`` dataclass) under ``name``."""
 
         def decorator(cls: C) -> C:
+            source = f"{cls.__module__}.{cls.__qualname__}" + (f" from {self._loading}" if self._loading else "")
             if name in self._classes and self._classes[name] is not cls:
-                raise ValueError(f"{self.kind} {name!r} is already registered by {self._classes[name].__module__}")
+                raise PluginError(
+                    f"{self.kind} {name!r} is registered twice: by {self._sources[name]} and by {source}; "
+                    "rename one of them (plugin names must be unique, built-ins included)"
+                )
+            config = getattr(cls, "Config", None)
+            if not (isinstance(config, type) and dataclasses.is_dataclass(config)
+                    and "name" in {f.name for f in dataclasses.fields(config)}):
+                raise PluginError(f"{self.kind} {name!r} ({source}): needs a `Config` dataclass with a `name` field")
+            if self.config_base is not None and not issubclass(config, self.config_base):
+                raise PluginError(
+                    f"{self.kind} {name!r} ({source}): its Config {config.__name__} must subclass "
+                    f"{self.config_base.__module__}.{self.config_base.__name__}"
+                )
             cls.name = name
             self._classes[name] = cls
+            self._sources[name] = source
             from hydra.core.config_store import ConfigStore
 
-            ConfigStore.instance().store(group=self.group, name=f"{name}_schema", node=cls.Config(name=name))
+            store = ConfigStore.instance()
+            store.store(group=self.group, name=f"{name}_schema", node=cls.Config(name=name))
+            # The option itself, so `<group>=<name>` needs no YAML (a plugin from another package has
+            # none). Only without a YAML of that name: Hydra would validate the YAML against a
+            # same-named ConfigStore entry (deprecated "automatic schema matching", with a warning).
+            if not _yaml_on_search_path(f"{self.group}/{name}.yaml"):
+                store.store(group=self.group, name=name, node=cls.Config(name=name))
             return cls
 
         return decorator
 
     def _discover(self) -> None:
+        if self._failure is not None:
+            # Every later lookup fails the same way, rather than working on a half-filled registry.
+            raise self._failure
         if self._discovered:
             return
         self._discovered = True
-        package = importlib.import_module(self.package)
-        for module in pkgutil.iter_modules(package.__path__):
-            if not module.name.startswith("_"):
-                importlib.import_module(f"{self.package}.{module.name}")
+        try:
+            if self.package is not None:
+                package = importlib.import_module(self.package)
+                for module in pkgutil.iter_modules(package.__path__):
+                    if not module.name.startswith("_"):
+                        importlib.import_module(f"{self.package}.{module.name}")
+            if self.entry_point_group is not None:
+                for ep in importlib.metadata.entry_points(group=self.entry_point_group):
+                    self._load_entry_point(ep)
+        except Exception as exc:
+            self._failure = exc
+            raise
+
+    def _load_entry_point(self, ep: importlib.metadata.EntryPoint) -> None:
+        """Import what ``ep`` names; a class not registered by its own decorator is registered as ``ep.name``."""
+        where = _describe(ep)
+        self._loading = where
+        try:
+            try:
+                obj = ep.load()
+            except PluginError:  # raised by a decorator at import (a duplicate name): already says where
+                raise
+            except Exception as exc:
+                raise PluginError(f"{self.kind} plugin {where} failed to import: {type(exc).__name__}: {exc}") from exc
+            if isinstance(obj, type):
+                if obj not in self._classes.values():
+                    self.register(ep.name)(obj)
+            elif ep.attr is None:  # a module: its decorators registered what it defines
+                if not any(cls.__module__ == ep.module or cls.__module__.startswith(ep.module + ".")
+                           for cls in self._classes.values()):
+                    raise PluginError(
+                        f"{self.kind} plugin {where}: module {ep.module!r} registered no {self.kind}; decorate its "
+                        f"class with the registry's decorator (@register_strategy, @CL_METHODS.register, "
+                        f"@EXPERIMENTS.register) or point the entry point at the class ('module:Class')"
+                    )
+            else:
+                raise PluginError(f"{self.kind} plugin {where}: {ep.attr!r} is a {type(obj).__name__}, not a class")
+        finally:
+            self._loading = None
 
     def names(self) -> list[str]:
         """Every registered name, sorted."""
@@ -128,9 +243,9 @@ class Registry:
         return self.get(cfg.name)(cfg, *args)
 
 
-STRATEGIES = Registry("strategy", "strategies", "strategy")
-CL_METHODS = Registry("cl", "agentnet.continual.methods", "continual-learning method")
-EXPERIMENTS = Registry("experiment", "agentnet.experiments", "experiment")
+STRATEGIES = Registry("strategy", "strategies", "strategy", "agentnet.strategies", StrategyConfig)
+CL_METHODS = Registry("cl", "agentnet.continual.methods", "continual-learning method", "agentnet.cl_methods", CLConfig)
+EXPERIMENTS = Registry("experiment", "agentnet.experiments", "experiment", "agentnet.experiments", ExperimentConfig)
 
 
 def register_strategy(name: str) -> Callable[[C], C]:
@@ -147,10 +262,13 @@ def build_strategy(node: Any, model, variants: dict[str, list[float]] | None = N
 
 
 def register_all() -> None:
-    """Fill Hydra's ConfigStore: the group schemas and every plugin's ``<name>_schema`` (idempotent)."""
+    """Prepare Hydra for the app (idempotent): the group schemas, every plugin's ``<name>_schema``
+    (and ``<name>`` option, where no YAML of that name exists) in the ConfigStore, and the plugins'
+    config search paths."""
     register_configs()
     for registry in (STRATEGIES, CL_METHODS, EXPERIMENTS):
         registry.names()
+    register_search_path_plugin()
 
 
 def to_run_config(cfg: DictConfig | RunConfig | dict) -> RunConfig:
@@ -202,3 +320,64 @@ def compose(overrides: Sequence[str] = ()) -> DictConfig:
     register_all()
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         return hydra_compose("config", overrides=list(overrides))
+
+
+#: Entry-point group through which an installed package adds YAML presets to the config search path.
+CONFIG_PATH_GROUP = "agentnet.config_paths"
+
+
+def config_search_paths() -> list[tuple[str, str]]:
+    """``(provider, path)`` for every ``agentnet.config_paths`` entry point, in Hydra's search-path form.
+
+    An entry point's value is either a package (``my_pkg.conf``: its directory holds group folders
+    such as ``model/``, giving ``pkg://my_pkg.conf``) or an attribute holding — or a function
+    returning — a search-path string (``pkg://...``, ``file://...`` or a directory).
+    """
+    paths = []
+    for ep in sorted(importlib.metadata.entry_points(group=CONFIG_PATH_GROUP), key=lambda e: e.name):
+        if ep.attr is None:
+            # Import it anyway, so a misspelt package fails here with the entry point's name
+            # rather than as a silently empty search-path entry.
+            try:
+                importlib.import_module(ep.module)
+            except Exception as exc:
+                raise PluginError(f"config path {_describe(ep)} failed to import: {type(exc).__name__}: {exc}") from exc
+            path = f"pkg://{ep.module}"
+        else:
+            try:
+                value = ep.load()
+                path = value() if callable(value) else value
+            except Exception as exc:
+                raise PluginError(f"config path {_describe(ep)} failed to load: {type(exc).__name__}: {exc}") from exc
+            if not isinstance(path, str):
+                raise PluginError(f"config path {_describe(ep)}: gave {path!r}, not a search-path string")
+        paths.append((f"agentnet-plugin-{ep.name}", path))
+    return paths
+
+
+_search_path_plugin: type | None = None
+
+
+def register_search_path_plugin() -> None:
+    """Make every Hydra run and compose in this process append :func:`config_search_paths` (idempotent).
+
+    A Hydra ``SearchPathPlugin`` registered by hand instead of from a ``hydra_plugins`` package, so
+    that neither agentnet nor a plugin package ships a namespace package of its own. The paths come
+    after the repository's ``configs/`` (a built-in preset of the same name wins) and before the
+    ConfigStore.
+    """
+    global _search_path_plugin
+    from hydra.core.plugins import Plugins
+    from hydra.plugins.search_path_plugin import SearchPathPlugin
+
+    if _search_path_plugin is None:
+
+        class AgentnetSearchPathPlugin(SearchPathPlugin):
+            """Appends the ``agentnet.config_paths`` entry points to Hydra's config search path."""
+
+            def manipulate_search_path(self, search_path) -> None:
+                for provider, path in config_search_paths():
+                    search_path.append(provider=provider, path=path)
+
+        _search_path_plugin = AgentnetSearchPathPlugin
+    Plugins.instance().register(_search_path_plugin)
