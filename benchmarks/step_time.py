@@ -4,7 +4,7 @@ All variants run side by side in one process, interleaved round-robin (so drift 
 them alike), each repeat timing ``--steps`` optimiser steps on real MNIST batches; the table shows
 medians over ``--repeats`` and the ratios the targets are stated in::
 
-    python benchmarks/step_time.py [--models mlp_275k,mlp_400x2,cnn_mnist_438k] [--json out.json] [--device cpu]
+    python benchmarks/step_time.py [--models mlp_275k,mlp_400x2,cnn_mnist_438k] [--variants bp,fa,fg_w] [--json out.json] [--device cpu]
         [--amp bf16 --channels-last]   # the GPU path options (CUDA)
 
 Conv models get a hand-written ``nn.Sequential`` reference of the same layers (none for block-wise
@@ -40,6 +40,13 @@ VARIANTS = {
     "attention_exact": ["strategy=attention", "strategy.mode=exact"],
     "attention_normalized": ["strategy=attention", "strategy.mode=normalized"],
     "attention_topk": ["strategy=attention", "strategy.mode=topk"],
+    # The LFNN paper's other Table 1 rules.
+    "fa": ["strategy=fa"],
+    "lg_bp": ["strategy=lg_bp"],
+    "fg_w": ["strategy=fg_w"],
+    "lg_fg_w": ["strategy=lg_fg_w"],
+    "fg_a": ["strategy=fg_a"],
+    "lg_fg_a": ["strategy=lg_fg_a"],
 }
 
 
@@ -107,8 +114,13 @@ def main(argv=None) -> dict:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
     parser.add_argument("--amp", default="none", choices=["none", "bf16"], help="trainer.amp for every variant")
     parser.add_argument("--channels-last", action="store_true", help="trainer.channels_last for every variant")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"which of {', '.join(VARIANTS)} (bp is always timed)")
     parser.add_argument("--json", default=None, help='write {"<model>": {"raw_torch": ms, "bp": ms, ...}} here')
     args = parser.parse_args(argv)
+    chosen = ["bp", *[v for v in args.variants.split(",") if v != "bp"]]
+    unknown = [v for v in chosen if v not in VARIANTS]
+    if unknown:
+        parser.error(f"--variants: unknown {unknown}; choose from {', '.join(VARIANTS)}")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
@@ -121,7 +133,8 @@ def main(argv=None) -> dict:
     results: dict[str, dict[str, float]] = {}
     for model in args.models.split(","):
         variants = {}
-        for label, overrides in VARIANTS.items():
+        for label in chosen:
+            overrides = VARIANTS[label]
             if label.startswith("attention") and not model.startswith("mlp"):
                 continue  # message passing is defined for fully connected layers
             step, model_cfg = framework_step(overrides, model, device, data, gpu_overrides)
@@ -144,8 +157,8 @@ def main(argv=None) -> dict:
 
     print(f"\nmedian ms/step, batch {args.batch}, device {device}, torch threads {torch.get_num_threads()}, "
           f"amp {args.amp}, channels_last {args.channels_last}, {args.repeats} repeats x {args.steps} steps\n")
-    labels = ["raw_torch", *VARIANTS]
-    ratios = [("bp", "raw_torch"), ("lfnn", "bp"), ("lfnn_local", "bp"), ("attention_exact", "bp")]
+    labels = [k for k in ["raw_torch", *VARIANTS] if any(k in r for r in results.values())]
+    ratios = [("bp", "raw_torch"), *[(k, "bp") for k in labels if k not in ("raw_torch", "bp")]]
     print("| model | " + " | ".join(labels) + " | " + " | ".join(f"{a}/{b}" for a, b in ratios) + " |")
     print("|---" * (len(labels) + len(ratios) + 1) + "|")
     for model, r in results.items():

@@ -42,3 +42,17 @@ def test_experiment_fast_variant_runs(name, mnist, tmp_path):
     assert result["summary"] and all(isinstance(v, float) for v in result["summary"].values())
     assert json.loads((tmp_path / "experiment.json").read_text())["experiment"] == name
     assert list(tmp_path.glob("*.png")) and list(tmp_path.glob("*.md"))
+
+
+def test_table1_counts_every_replica_as_a_seed_and_lists_the_other_rules(mnist, tmp_path):
+    """``replicas=2`` with one seed gives two networks per cell: mean ± sample std over both, beside the paper."""
+    run = to_run_config(compose_config("experiment=lfnn_table1_mnist", "experiment.models=[mlp_275k]", "experiment.strategies=[bp,fa]",
+                                       "experiment.seeds=[0]", "replicas=2", "trainer.max_steps=5", "data.subset=640",
+                                       "data.test_subset=500", "trainer.progress=false", "trainer.checkpoint=false"))
+    result = run_experiment(run, tmp_path, data=mnist)
+    table = (tmp_path / "table1.md").read_text()
+    fa_row = next(line for line in table.splitlines() if "| fa |" in line)
+    cells = [c.strip() for c in fa_row.strip("|").split("|")]
+    assert cells[-1] == "2" and cells[-2] == "2.82 / 0.00", fa_row  # two networks; the paper's FA figure
+    mean, std = (float(v) for v in cells[3].split(" ± "))
+    assert std > 0 and mean == pytest.approx(result["summary"]["test_error_mlp_275k_fa"])
