@@ -86,29 +86,37 @@ class FeedbackAlignment(Strategy):
                 f"strategy=fa: feedback alignment is defined here for fully connected and conv layers, not {unsupported[0]} "
                 "(model.conv[*].block); use filter-wise conv layers"
             )
-        # Per weight layer above the first (the first sends nothing down: its input is the data).
+        self.layers = layers[1:]  # the first sends nothing down: its input is the data
         self.feedback = [_feedback_matrix(layer, model.replicas, model.seeds, i, cfg.feedback_scale) for i, layer in enumerate(layers)][1:]
-        # The hooks act only inside this strategy's own step: other gradients taken through the
-        # model (an EWC Fisher estimate, say) stay true gradients.
-        self._active = False
-        for layer, feedback in zip(layers[1:], self.feedback):
-            layer.register_full_backward_hook(self._hook(feedback))
+        self._handles: list = []
 
     def _hook(self, feedback: Tensor):
         def replace_input_grad(layer: nn.Module, grad_input: tuple, grad_output: tuple):
-            if not self._active or grad_input[0] is None or grad_output[0] is None:
+            if grad_input[0] is None or grad_output[0] is None:
                 return None
             return (feedback_input_grad(layer, feedback, grad_output[0], grad_input[0].shape).to(grad_input[0].dtype),)
 
         return replace_input_grad
 
+    def _remove_hooks(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
     def compute(self, x: Tensor, y: Tensor) -> StepResult:
-        logits = self.model(x)
+        # The hooks exist only for this step's forward and backward: other gradients taken through
+        # the model (an EWC Fisher estimate with torch.func, say) see an ordinary network.
+        self._remove_hooks()
+        self._handles = [layer.register_full_backward_hook(self._hook(b)) for layer, b in zip(self.layers, self.feedback)]
+        try:
+            logits = self.model(x)
+        except BaseException:
+            self._remove_hooks()
+            raise
         return StepResult(loss=self.model.global_loss(logits, y), logits=logits)
 
     def backward(self, result: StepResult) -> None:
-        self._active = True
         try:
             result.loss.sum().backward()
         finally:
-            self._active = False
+            self._remove_hooks()
