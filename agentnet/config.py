@@ -180,6 +180,10 @@ class ModelConfig:
     ``standardize`` (zero mean and unit variance over its ``k`` units, times ``worker_logit_scale``),
     which makes the local objectives blind to the output's scale, so they cannot be lowered by
     growing activations (docs/strategies/leader_follower.md, "Stability")."""
+    worker_pool: int = 1
+    """Conv workers: side of the grid their maps are average-pooled onto before they predict (1: the
+    global average, ``k`` values; ``p``: ``k * p**2`` values, which need ``worker_projection`` or
+    ``worker_head`` to become ``C`` logits). More spatial detail for a filter's local prediction."""
     worker_logit_scale: float = 1.0
     """With ``worker_norm=standardize``: the fixed scale of a worker's standardised output, i.e. the
     inverse softmax temperature of its prediction (bounds how confident a worker can be)."""
@@ -222,6 +226,9 @@ class ModelConfig:
         check(not all(plain), "model", "every hidden layer plain", "a worker network needs at least one worker layer")
         check(self.worker_norm in WORKER_NORMS, "model.worker_norm", self.worker_norm, f"choose one of {WORKER_NORMS}")
         check(self.worker_logit_scale > 0, "model.worker_logit_scale", self.worker_logit_scale, "must be positive")
+        check(self.worker_pool >= 1, "model.worker_pool", self.worker_pool, "must be >= 1")
+        check(self.worker_pool == 1 or bool(self.conv), "model.worker_pool", self.worker_pool,
+              "pools conv maps; an MLP has none (use 1)")
         check(
             self.output_activation in OUTPUT_ACTIVATIONS,
             "model.output_activation",

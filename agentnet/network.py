@@ -192,8 +192,11 @@ class WorkerNetwork(nn.Module):
         self.logit_mask: Tensor | None = None
         """Boolean ``(C,)`` (or per example ``(R, B, C)``) of the classes the output may predict
         (task-incremental heads); ``None``: all."""
+        for layer in hidden:
+            if layer.folded:  # conv workers predict from maps pooled onto a worker_pool x worker_pool grid
+                layer.pool = cfg.worker_pool
         self.readouts = nn.ModuleList(
-            WorkerReadout(layer.num_workers, layer.worker_size, out_units, projection=cfg.worker_projection, head=cfg.worker_head,
+            WorkerReadout(layer.num_workers, layer.prediction_units, out_units, projection=cfg.worker_projection, head=cfg.worker_head,
                           seeds=[s + i for s in seeds])
             for i, layer in enumerate(hidden)
         )

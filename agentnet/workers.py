@@ -179,6 +179,11 @@ class WorkerLinear(ReplicaLinear):
         self.num_workers = num_workers
         self.worker_size = worker_size
 
+    @property
+    def prediction_units(self) -> int:
+        """Values per worker in :meth:`workers`: its ``k`` units."""
+        return self.worker_size
+
     def workers(self, z: Tensor) -> Tensor:
         """View a ``(R, B, n)`` layer output as ``(R, B, W, k)``."""
         return z.view(*z.shape[:2], self.num_workers, self.worker_size)
@@ -228,9 +233,11 @@ def split_conv2d(
     return _SplitConv2d.apply(x, weight, bias, pair(stride), pair(padding), pair(dilation), groups)
 
 
-def _pooled_workers(h: Tensor, replicas: int, num_workers: int) -> Tensor:
-    """Global average pool of channel-folded ``(B, R*W*k, H, W')`` maps, as ``(R, B, W, k)``."""
-    return h.mean((2, 3)).view(h.shape[0], replicas, num_workers, -1).transpose(0, 1)
+def _pooled_workers(h: Tensor, replicas: int, num_workers: int, pool: int = 1) -> Tensor:
+    """Average pool of channel-folded ``(B, R*W*k, H, W')`` maps onto a ``pool x pool`` grid, as
+    ``(R, B, W, k * pool**2)`` (``pool=1``: the global average, ``(R, B, W, k)``)."""
+    pooled = h.mean((2, 3)) if pool == 1 else F.adaptive_avg_pool2d(h, pool)
+    return pooled.reshape(h.shape[0], replicas, num_workers, -1).transpose(0, 1)
 
 
 def _reset_conv_rows(conv: nn.Conv2d, replicas: int, r: int) -> None:
@@ -276,9 +283,17 @@ class WorkerConv2d(nn.Conv2d):
         """The weight that reads the layer's input (for worker graphs)."""
         return self.weight
 
+    #: Side of the grid a worker's maps are average-pooled onto before it predicts (``model.worker_pool``).
+    pool = 1
+
+    @property
+    def prediction_units(self) -> int:
+        """Values per worker in :meth:`workers`: ``k * pool**2``."""
+        return self.worker_size * self.pool**2
+
     def workers(self, h: Tensor) -> Tensor:
-        """Globally average-pooled ``(B, R*W*k, H, W')`` maps as ``(R, B, W, k)``."""
-        return _pooled_workers(h, self.replicas, self.num_workers)
+        """Average-pooled ``(B, R*W*k, H, W')`` maps as ``(R, B, W, k * pool**2)`` (global average: ``(R, B, W, k)``)."""
+        return _pooled_workers(h, self.replicas, self.num_workers, self.pool)
 
 
 class WorkerBlock(nn.Module):
@@ -365,9 +380,17 @@ class WorkerBlock(nn.Module):
             return z, z
         return self(x), self(x.detach())
 
+    #: Side of the grid a worker's maps are average-pooled onto before it predicts (``model.worker_pool``).
+    pool = 1
+
+    @property
+    def prediction_units(self) -> int:
+        """Values per worker in :meth:`workers`: ``k * pool**2``."""
+        return self.worker_size * self.pool**2
+
     def workers(self, h: Tensor) -> Tensor:
-        """Globally average-pooled block outputs as ``(R, B, W, k)``."""
-        return _pooled_workers(h, self.replicas, self.num_workers)
+        """Average-pooled block outputs as ``(R, B, W, k * pool**2)`` (global average: ``(R, B, W, k)``)."""
+        return _pooled_workers(h, self.replicas, self.num_workers, self.pool)
 
 
 class ReplicaNorm(nn.Module):

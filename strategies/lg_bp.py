@@ -36,7 +36,7 @@ class LocalHeads(nn.Module):
         super().__init__()
         out_units = model.output.out_features
         self.heads = nn.ModuleList(
-            ReplicaLinear(layer.num_workers * layer.worker_size, out_units, model.replicas) for layer in model.hidden
+            ReplicaLinear(layer.num_workers * layer.prediction_units, out_units, model.replicas) for layer in model.hidden
         )
         for i, head in enumerate(self.heads):
             bound = 1 / math.sqrt(head.in_features)

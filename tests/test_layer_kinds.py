@@ -20,7 +20,7 @@ from tests.conftest import compose_config
 from tests.test_conv_workers import worker_grad_norms
 
 
-def mixed_model(seed: int = 0, *, worker_norm: str = "none", replicas: int = 1) -> WorkerNetwork:
+def mixed_model(seed: int = 0, *, worker_norm: str = "none", replicas: int = 1, **extra) -> WorkerNetwork:
     """8x8 inputs: plain conv (batch norm) -> worker conv (group norm, 2 workers) -> plain FC (batch
     norm) -> worker FC (batch norm, 2 workers) -> plain FC -> output.
 
@@ -35,6 +35,7 @@ def mixed_model(seed: int = 0, *, worker_norm: str = "none", replicas: int = 1) 
         worker_size=10,
         worker_norm=worker_norm,
         worker_logit_scale=2.0,
+        **extra,
     )
     return WorkerNetwork(64, 10, cfg, list(range(seed, seed + replicas))).double()
 
@@ -64,9 +65,10 @@ def test_mixed_model_structure():
     assert graph.has_edge("input", "plain_0") and graph.has_edge("plain_0", "worker_0")
 
 
-@pytest.mark.parametrize("worker_norm", ["none", "standardize"])
-def test_lfnn_local_no_gradient_crosses_a_block_boundary(worker_norm):
-    model = mixed_model(worker_norm=worker_norm)
+@pytest.mark.parametrize("worker_norm,extra", [("none", {}), ("standardize", {}),
+                                               ("none", {"worker_pool": 2, "worker_projection": True})])
+def test_lfnn_local_no_gradient_crosses_a_block_boundary(worker_norm, extra):
+    model = mixed_model(worker_norm=worker_norm, **extra)
     x, y = batch()
     result = build_strategy({"name": "lfnn_local", "delta": 0.5}, model).compute(x, y)
     units = blocks(model)
@@ -146,6 +148,27 @@ def test_standardized_predictions_ignore_the_output_scale():
     out = model._normalized(workers)
     torch.testing.assert_close(out.mean(-1), torch.zeros(1, 4, 2, dtype=torch.float64))
     torch.testing.assert_close(out.pow(2).mean(-1), torch.full((1, 4, 2), 4.0, dtype=torch.float64), rtol=1e-3, atol=1e-3)
+
+
+def test_worker_pool_predicts_from_a_grid_of_each_workers_own_maps():
+    model = mixed_model(worker_pool=2, worker_head=True)
+    x, y = batch()
+    record = build_strategy({"name": "lfnn_local", "delta": 0.5}, model).compute(x, y).record
+    conv, fc = record.layers
+    assert conv.workers.shape == (1, 16, 2, 10 * 4) and fc.workers.shape == (1, 16, 2, 10)
+    # Worker 0's values are its own 10 maps, each averaged over the 4 quadrants.
+    maps = record.layers[0].activation[:, :10]  # worker 0's (B, 10, 8, 8) maps, before max-pooling
+    torch.testing.assert_close(conv.workers[0, :, 0], torch.nn.functional.adaptive_avg_pool2d(maps, 2).flatten(1))
+    assert model.readouts[0].weight.shape == (2, 40, 10)  # a head per worker over its 40 values
+
+
+@pytest.mark.parametrize("overrides,message", [(["model.worker_pool=0"], "model.worker_pool=0"),
+                                                (["model=mlp_275k", "model.worker_pool=2"], "model.worker_pool=2.*an MLP")])
+def test_worker_pool_errors_name_the_field(overrides, message):
+    from agentnet.registry import to_run_config
+
+    with pytest.raises(ConfigError, match=message):
+        to_run_config(compose_config(*(["model=cnn_mnist_438k"] if "model=mlp_275k" not in overrides else []), *overrides))
 
 
 def test_replicas_of_norm_layers_never_mix():
