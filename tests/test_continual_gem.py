@@ -210,6 +210,10 @@ def test_lwf_distillation_zero_before_first_task_end_positive_after(local, mnist
         opt.step()
     term = method.distillation(x)
     assert term.shape == (2,) and (term > 0).all()
+    # A population varying lwf_alpha: each replica's term carries its own weight.
+    varied = build_cl_method({"name": "lwf", "lwf_local": local}, model, {"lwf_alpha": [0.5, 3.0]})
+    varied.old, varied.heads = method.old, method.heads
+    assert torch.allclose(varied.distillation(x), term / 2.0 * torch.tensor([0.5, 3.0]), rtol=1e-5)
     # after_backward adds exactly the term's gradient to what the strategy wrote.
     result = _training_step(model, rule, stream, 1)
     g = _grads(model)
