@@ -267,9 +267,13 @@ _COMPOSE = [
     ("fa", "agem", []), ("fa", "gem", []), ("fa", "lwf", []),
     ("fg_a", "agem", ["cl.projection=layer"]), ("fg_a", "gem", ["cl.projection=layer"]), ("fg_a", "lwf", ["cl.lwf_local=true"]),
 ]
+#: Every rule and every method at least once in the default suite; the rest with -m slow.
+_QUICK = {("bp", "agem"), ("bp", "lwf"), ("lfnn_local", "gem"), ("lfnn_local", "lwf"), ("fa", "agem"), ("fg_a", "gem")}
 
 
-@pytest.mark.parametrize("strategy,method,extra", _COMPOSE)
+@pytest.mark.parametrize("strategy,method,extra", [
+    pytest.param(s, m, e, marks=() if (s, m) in _QUICK else pytest.mark.slow) for s, m, e in _COMPOSE
+])
 def test_new_methods_compose_with_learning_rules(strategy, method, extra, mnist, tmp_path):
     overrides = [
         "benchmark=pmnist_quick", "benchmark.num_tasks=2", "benchmark.iterations_per_task=25", "data.subset=1500",
