@@ -158,7 +158,7 @@ def test_summarize_means_nested_lists_and_keeps_shared_counts():
     assert out["steps"] == 5 and "steps_std" not in out and out["name"] == "x" and len(out["replicas"]) == 2
 
 
-@pytest.mark.parametrize("cl", ["ewc", "replay", "si"])
+@pytest.mark.parametrize("cl", ["ewc", "replay", "si", "agem", "gem", "lwf"])
 def test_continual_replica_equals_single_run_across_a_task_boundary(tmp_path, cl):
     common = [f"data.root={data_root()}", "benchmark=pmnist_quick", "benchmark.num_tasks=2", "benchmark.iterations_per_task=8",
               f"cl={cl}", "strategy=lfnn", "model=mlp_400x2", "model.hidden=[40,40]", "data.subset=600", "data.test_subset=200",
@@ -167,6 +167,8 @@ def test_continual_replica_equals_single_run_across_a_task_boundary(tmp_path, cl
         common.append("cl.fisher_samples=50")
     if cl == "replay":
         common += ["cl.buffer_size=64", "cl.replay_batch=16"]
+    if cl in ("agem", "gem"):  # a memory batch smaller than the memory: the same draw in every replica
+        common += ["cl.memory_per_task=32", "cl.projection=layer"] + (["cl.memory_batch=16"] if cl == "agem" else [])
     pop = run_continual(compose_config(*common, "replicas=2", "seed=3", f"output_dir={tmp_path / 'pop'}"))
     state = load_checkpoint(tmp_path / "pop" / "checkpoint.pt", "cpu")["model"]
     for r in range(2):
