@@ -18,7 +18,10 @@ decides what is applied.
 ## Agents
 For the default network (two hidden layers of 40 units, workers of 10) there are 4 + 4 workers plus
 the output agent. ``infos[agent]`` holds ``layer`` (1-based; the output layer is ``L+1``), ``index``
-within the layer, and the global metrics of the last step (``batch_loss``, ``batch_acc``).
+within the layer, ``cycle`` (steps taken in the episode) and the global metrics of the last step
+(``batch_loss``, ``batch_acc``). ``reset`` returns the same keys (vectorising libraries such as
+TorchRL preallocate infos from the reset); as no batch has been consumed then, ``cycle`` is 0 and
+both metrics are 0.0.
 
 ## Observation (local signals only)
 | index | signal |
@@ -49,6 +52,16 @@ naming the agent; nothing is applied.
 Each agent's own local objective on the batch: ``lfnn`` / ``lfnn_local`` workers get minus their
 weighted local loss (leader prediction loss or follower alignment), ``attention`` workers the
 attention they received, ``bp`` workers and the output agent minus the global loss.
+
+## Seeding and random generators
+The env owns its random generators and never reads, reseeds or advances Python's, NumPy's or
+torch's global ones: model construction and anything a strategy draws run on the env's own torch
+stream (swapped in and out around each call), so an RL library's exploration noise in the same
+process is unaffected. ``reset(seed=s)`` starts the episode seeded with ``s`` (network, batch order)
+and reseeds the env's own seed stream; ``reset()`` without a seed uses the constructor's ``seed``
+the first time and afterwards draws a fresh episode seed from that stream, so every auto-reset
+episode differs while the whole sequence stays reproducible. ``env.episode_seed`` is the current
+episode's seed. ``reset``'s ``options`` are accepted (the API requires them) but none are read.
 
 ## Episode
 Ends (``terminations``) when the data stream is exhausted (``epochs`` passes over the training
@@ -82,8 +95,10 @@ adapter over it.
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from typing import Any
+import random
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -177,6 +192,13 @@ class NeuralCollectiveEnv(ParallelEnv):
         self.render_mode = render_mode
         self.device = resolve_device(self.run.device)
         self._base_data = _mnist(self.run.data.root, str(self.device))
+        # The env's own generators: torch's stream (model init, strategies' draws) lives in
+        # _torch_stream between steps; episode seeds for reset() without a seed come from _seeder.
+        self._torch_stream: torch.Tensor | None = None
+        self._cuda_stream: torch.Tensor | None = None
+        self._seeder = np.random.default_rng(self.run.seed)
+        self._pending_seed: int | None = self.run.seed  # the first unseeded reset() uses the constructor's seed
+        self.cycles = 0
         self._build(self.run.seed)
         layers = self._layers
         self.layer_of = np.concatenate([np.full(n, i + 1) for i, n in enumerate(self._agents_per_layer)])
@@ -198,13 +220,44 @@ class NeuralCollectiveEnv(ParallelEnv):
             }
 
     # -- construction --------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _own_rng(self) -> Iterator[None]:
+        """Run a block on the env's own random stream, leaving every global generator as it was.
+
+        Model construction (``seed_everything``, ``WorkerNetwork``'s init) and strategies draw from
+        torch's global generator; an RL library sharing the process must not see its own noise
+        reseeded or consumed by the env. So the block runs with torch's global CPU (and CUDA) state
+        set to the env's saved stream, which is saved back afterwards, and Python's, NumPy's and
+        torch's global states are restored whatever the block did (also when it raises).
+        """
+        python_state, numpy_state = random.getstate(), np.random.get_state()
+        cuda = [self.device.index or 0] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda):
+            try:
+                if self._torch_stream is not None:
+                    torch.set_rng_state(self._torch_stream)
+                    if cuda:
+                        torch.cuda.set_rng_state(self._cuda_stream, self.device)
+                yield
+            finally:
+                self._torch_stream = torch.get_rng_state()
+                self._cuda_stream = torch.cuda.get_rng_state(self.device) if cuda else None
+                random.setstate(python_state)
+                np.random.set_state(numpy_state)
+
     def _build(self, seed: int) -> None:
-        """(Re)build model, strategy and trainer exactly as :func:`agentnet.training.train` would."""
+        """(Re)build model, strategy and trainer exactly as :func:`agentnet.training.train` would,
+        on the env's own random stream (seeded with ``seed``; global generators untouched)."""
+        with self._own_rng():
+            self._build_seeded(seed)
+
+    def _build_seeded(self, seed: int) -> None:
         run = self.run
         run.seed = seed
+        self.episode_seed = seed
         gen = torch.Generator().manual_seed(0)  # the subset train() uses: the same for every seed
         self.data = ImageData(train=self._base_data.train.subset(run.data.subset, gen), test=self._base_data.test.subset(2000))
-        seed_everything(seed)
+        seed_everything(seed)  # what train() does; the env's stream continues from here
         self.model = build_model(run.model, self.data.input_dim, self.data.num_classes, seed).to(self.device)
         if not self.model.is_mlp:
             raise ValueError(
@@ -312,15 +365,17 @@ class NeuralCollectiveEnv(ParallelEnv):
         if self.trainer.step >= self.stream_steps:
             raise RuntimeError("the data stream is exhausted; call reset()")
         plugin = self._step_inputs
-        if self.action_mode == "scale":
-            result = self.trainer.run(self.trainer.stream, 1, update_scale=self._scales(torch.as_tensor(actions)))
-        else:
-            result = self.trainer.run(self.trainer.stream, 1, update=self._delta_update(actions))
-        x, y = plugin.x, plugin.y
-        obs, rewards = self._finish_step(x, y, result)
+        with self._own_rng():
+            if self.action_mode == "scale":
+                result = self.trainer.run(self.trainer.stream, 1, update_scale=self._scales(torch.as_tensor(actions)))
+            else:
+                result = self.trainer.run(self.trainer.stream, 1, update=self._delta_update(actions))
+            x, y = plugin.x, plugin.y
+            obs, rewards = self._finish_step(x, y, result)
         self._last_obs = obs
         self.cycles += 1
         info = {
+            "cycle": self.cycles,
             "batch_loss": float(result.loss.detach()),
             "batch_acc": float((self.model.predict(result.logits.detach()[:, : len(y)])[0] == y).float().mean()),
         }
@@ -375,7 +430,23 @@ class NeuralCollectiveEnv(ParallelEnv):
 
     # -- the PettingZoo dict API (a thin adapter) ----------------------------------------------
     def reset(self, seed: int | None = None, options: dict | None = None):
-        self._build(self.run.seed if seed is None else seed)
+        """Start an episode: a fresh network and batch order from the episode's seed.
+
+        ``seed=s`` starts the episode seeded with ``s`` and reseeds the env's own seed stream;
+        without a seed, the first reset uses the constructor's ``seed`` and every later one draws a
+        new episode seed from that stream (auto-resetting vector envs get distinct episodes).
+        ``options`` has no keys this env reads; it is accepted because the PettingZoo API (and its
+        ``api_test``, which passes arbitrary options) requires the parameter.
+        """
+        if seed is not None:
+            seed = int(seed)
+            self._seeder = np.random.default_rng(seed)
+        elif self._pending_seed is not None:
+            seed = self._pending_seed
+        else:
+            seed = int(self._seeder.integers(0, 2**31 - 1))
+        self._pending_seed = None
+        self._build(seed)
         self.agents = self.possible_agents[:]
         self.cycles = 0
         obs = torch.zeros(self.num_workers, OBS_DIM, device=self.device)
@@ -385,7 +456,11 @@ class NeuralCollectiveEnv(ParallelEnv):
         obs[-1, ROLE_OUTPUT] = 1.0
         self._last_obs = obs
         obs_np = obs.cpu().numpy()
-        return {a: obs_np[i] for i, a in enumerate(self.agents)}, {a: self._agent_info(i) for i, a in enumerate(self.agents)}
+        # Same keys as step's infos (vectorising libraries preallocate them from reset); no batch
+        # has been consumed yet, which "cycle": 0 tells (0.0 rather than NaN: NaN != NaN breaks
+        # PettingZoo's seed_test and any equality check on infos).
+        no_batch = {"batch_loss": 0.0, "batch_acc": 0.0, "cycle": 0}
+        return {a: obs_np[i] for i, a in enumerate(self.agents)}, {a: self._agent_info(i, no_batch) for i, a in enumerate(self.agents)}
 
     def _agent_info(self, i: int, extra: dict | None = None) -> dict:
         info = {"layer": int(self.layer_of[i]), "index": int(self.index_in_layer[i])}

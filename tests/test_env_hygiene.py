@@ -1,0 +1,122 @@
+"""neural_collective_v0 as MARL libraries use it: own random generators, seeding, pickling, errors,
+spaces and scales (issue #14). The libraries themselves are exercised in tests/test_env_marl.py."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from envs import neural_collective_v0
+from tests.conftest import data_root
+
+TINY = dict(hidden=(20, 20), data_subset=640, batch_size=64, data_root=str(data_root()))
+
+
+def ones(env) -> dict[str, np.ndarray]:
+    return {a: np.ones(1, np.float32) for a in env.agents}
+
+
+def global_draws() -> tuple[float, float, float]:
+    """One draw from each global generator an RL library uses (Python, NumPy, torch)."""
+    return random.random(), float(np.random.rand()), float(torch.rand(1))
+
+
+def seed_globals(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def params(env) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in env.model.parameters()]
+
+
+def test_env_never_touches_the_global_generators():
+    seed_globals(123)
+    expected = [global_draws() for _ in range(4)]
+
+    seed_globals(123)
+    got = [global_draws()]
+    env = neural_collective_v0.parallel_env(seed=7, **TINY)  # construction seeds and initialises a model
+    got.append(global_draws())
+    env.reset()
+    env.reset(seed=5)
+    got.append(global_draws())
+    # A strategy drawing from torch's global generator during its step (as dropout or a noisy rule would).
+    inner = env.strategy.compute
+    noise = []
+
+    def noisy_compute(x, y):
+        noise.append(float(torch.rand(1)))
+        return inner(x, y)
+
+    env.strategy.compute = noisy_compute
+    for _ in range(3):
+        env.step(ones(env))
+    got.append(global_draws())
+    assert got == expected
+    # The strategy's draws come from the env's own stream, which continues from step to step.
+    assert len(set(noise)) == 3
+
+
+def test_env_stream_is_reproducible_and_continues():
+    def strategy_noise(env, steps):
+        inner, noise = env.strategy.compute, []
+
+        def noisy_compute(x, y):
+            noise.append(float(torch.rand(1)))
+            return inner(x, y)
+
+        env.strategy.compute = noisy_compute
+        for _ in range(steps):
+            env.step(ones(env))
+        return noise
+
+    a = neural_collective_v0.parallel_env(**TINY)
+    b = neural_collective_v0.parallel_env(**TINY)
+    a.reset(seed=11)
+    torch.manual_seed(999)  # the caller's global seeding must not leak into the env's stream
+    b.reset(seed=11)
+    assert strategy_noise(a, 2) == strategy_noise(b, 2)
+
+
+def test_reset_without_seed_starts_a_new_episode_from_the_env_stream():
+    env = neural_collective_v0.parallel_env(seed=4, **TINY)
+    env.reset()
+    first = params(env)
+    same = neural_collective_v0.parallel_env(**TINY)
+    same.reset(seed=4)
+    assert all(torch.equal(p, q) for p, q in zip(first, params(same)))  # first unseeded reset: the constructor's seed
+
+    seeds, episodes = [env.episode_seed], [first]
+    for _ in range(2):
+        env.reset()
+        seeds.append(env.episode_seed)
+        episodes.append(params(env))
+    assert len(set(seeds)) == 3
+    for earlier, later in zip(episodes, episodes[1:]):
+        assert not torch.equal(earlier[0], later[0])  # a different network each episode
+    # reset(seed=s) reseeds the stream: the unseeded episodes that follow repeat.
+    same.reset()
+    same.reset()
+    assert same.episode_seed == seeds[2]
+    assert all(torch.equal(p, q) for p, q in zip(episodes[2], params(same)))
+    # ... and so does the batch order (the same observations after a step of the same actions).
+    obs_a, *_ = env.step(ones(env))
+    obs_b, *_ = same.step(ones(same))
+    assert all(np.array_equal(obs_a[k], obs_b[k]) for k in obs_a)
+
+
+def test_infos_have_the_same_keys_at_reset_and_step():
+    env = neural_collective_v0.parallel_env(**TINY)
+    _, reset_infos = env.reset(seed=0)
+    _, _, _, _, step_infos = env.step(ones(env))
+    assert set(reset_infos) == set(step_infos) == set(env.possible_agents)
+    for agent in env.possible_agents:
+        assert set(reset_infos[agent]) == set(step_infos[agent])
+        assert {"batch_loss", "batch_acc", "layer", "index", "cycle"} <= set(step_infos[agent])
+    assert reset_infos["worker_0"]["cycle"] == 0 and reset_infos["worker_0"]["batch_loss"] == 0.0
+    assert step_infos["worker_0"]["cycle"] == 1 and step_infos["worker_0"]["batch_loss"] > 0
