@@ -63,6 +63,15 @@ the first time and afterwards draws a fresh episode seed from that stream, so ev
 episode differs while the whole sequence stays reproducible. ``env.episode_seed`` is the current
 episode's seed. ``reset``'s ``options`` are accepted (the API requires them) but none are read.
 
+## Pickling and copying
+The env pickles (and ``copy.deepcopy``-s) at any point — before ``reset``, mid-episode, after the
+end — and the copy continues exactly where the original was: same observations, rewards and
+weights for the same actions, and the same unseeded episodes after it. The pickle holds the
+constructor's arguments and the training state as tensors (model, optimiser, strategy and leader
+selection, batch-stream position, generator states): a few hundred kB for the default network, never
+the dataset, which the copy reloads through the loader's per-process cache (vector-env workers in
+other processes read it from ``data_root``).
+
 ## Episode
 Ends (``terminations``) when the data stream is exhausted (``epochs`` passes over the training
 subset) or is truncated at ``max_cycles`` steps. Every step goes through the trainer's one loop
@@ -178,6 +187,11 @@ class NeuralCollectiveEnv(ParallelEnv):
         **run_args: Any,
     ) -> None:
         """``run_args`` are :func:`run_config`'s (strategy, network, data, device, optimiser, seed)."""
+        # Kept to rebuild the env on unpickling (the pickle holds state, not the dataset).
+        self._init_args = dict(
+            max_cycles=max_cycles, action_mode=action_mode, max_scale=max_scale, max_delta=max_delta,
+            render_mode=render_mode, **run_args,
+        )
         if action_mode not in ("scale", "delta"):
             raise ValueError(f"action_mode={action_mode!r}: choose 'scale' or 'delta'")
         if render_mode not in (None, "ansi", "rgb_array", "human"):
@@ -278,6 +292,49 @@ class NeuralCollectiveEnv(ParallelEnv):
         self._observer = LeaderSelection(1.0, "batch", self.model.workers_per_layer, self.device)
         self._last_params = [p.clone() for p in self._params()]
         self._last_update = torch.zeros(sum(self._agents_per_layer), device=self.device)
+
+    # -- pickling --------------------------------------------------------------------------------
+    def __getstate__(self) -> dict:
+        """What a copy needs to continue exactly: the constructor's arguments and the training
+        state as tensors (model, optimiser, strategy, batch stream, generator states) — never the
+        dataset (reloaded through the loader's per-process cache) nor generator objects."""
+        with self._own_rng():
+            # Inside, torch's global state is the env's stream: the trainer's "rng" entry records it
+            # (and loading it back inside the same guard touches nothing global).
+            trainer = self.trainer.state_dict()
+        return {
+            "format": 1,
+            "init": dict(self._init_args),
+            "episode_seed": self.episode_seed,
+            "trainer": trainer,
+            "observer": self._observer.state_dict(),
+            "torch_stream": self._torch_stream,
+            "cuda_stream": self._cuda_stream,
+            "seeder": self._seeder.bit_generator.state,
+            "pending_seed": self._pending_seed,
+            "agents": list(self.agents),
+            "cycles": self.cycles,
+            "last_params": self._last_params,
+            "last_update": self._last_update,
+            "last_obs": getattr(self, "_last_obs", None),
+        }
+
+    def __setstate__(self, state: dict) -> None:
+        if state.get("format") != 1:
+            raise ValueError(f"neural_collective_v0: cannot unpickle state format {state.get('format')!r} (expected 1)")
+        self.__init__(**state["init"])
+        self._build(state["episode_seed"])
+        with self._own_rng():
+            self.trainer.load_state_dict(state["trainer"])
+            self._observer.load_state_dict(state["observer"])
+        self._torch_stream, self._cuda_stream = state["torch_stream"], state["cuda_stream"]
+        self._seeder.bit_generator.state = state["seeder"]
+        self._pending_seed = state["pending_seed"]
+        self.agents, self.cycles = list(state["agents"]), state["cycles"]
+        self._last_params = [p.to(self.device) for p in state["last_params"]]
+        self._last_update = state["last_update"].to(self.device)
+        if state["last_obs"] is not None:
+            self._last_obs = state["last_obs"].to(self.device)
 
     def observation_space(self, agent: str) -> spaces.Space:
         return self.observation_spaces[agent]

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from envs import neural_collective_v0
-from tests.conftest import data_root
+from tests.conftest import data_root, without_timing
 
 TINY = dict(hidden=(20, 20), data_subset=640, batch_size=64, data_root=str(data_root()))
 
@@ -120,3 +120,57 @@ def test_infos_have_the_same_keys_at_reset_and_step():
         assert {"batch_loss", "batch_acc", "layer", "index", "cycle"} <= set(step_infos[agent])
     assert reset_infos["worker_0"]["cycle"] == 0 and reset_infos["worker_0"]["batch_loss"] == 0.0
     assert step_infos["worker_0"]["cycle"] == 1 and step_infos["worker_0"]["batch_loss"] > 0
+
+
+def random_actions(env, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    return {a: rng.uniform(0, 2, 1).astype(np.float32) for a in env.agents}
+
+
+@pytest.mark.parametrize("strategy", ["lfnn", "fg_w", "attention"])
+def test_pickled_env_continues_exactly_where_the_original_was(strategy):
+    import pickle
+
+    env = neural_collective_v0.parallel_env(strategy=strategy, max_cycles=50, epochs=2, **TINY)
+    blob = pickle.dumps(env)  # before any reset
+    assert len(blob) < 2_000_000, f"{len(blob)} bytes"
+    env.reset(seed=3)
+    rng = np.random.default_rng(0)
+    for _ in range(8):
+        env.step(random_actions(env, rng))
+    blob = pickle.dumps(env)
+    # The dataset stays out: the pickle is the tiny model, Adam's moments and generator states.
+    print(f"{strategy}: pickle after 8 steps {len(blob) / 1e3:.1f} kB")
+    assert len(blob) < 2_000_000, f"{len(blob)} bytes"
+    copy = pickle.loads(blob)
+    assert copy.agents == env.agents and copy.cycles == env.cycles == 8
+    for _ in range(4):  # across the end of the epoch (10 steps): evaluation and leader bookkeeping too
+        actions = random_actions(env, rng)
+        a = env.step(actions)
+        b = copy.step(actions)
+        for d1, d2 in zip(a, b):
+            assert d1.keys() == d2.keys()
+            for k in d1:
+                assert np.array_equal(d1[k], d2[k]) if not isinstance(d1[k], dict) else d1[k] == d2[k], k
+    assert all(torch.equal(p, q) for p, q in zip(env.model.parameters(), copy.model.parameters()))
+    assert without_timing(env.trainer.history) == without_timing(copy.trainer.history) and len(env.trainer.history) == 1
+    # Unseeded episodes continue from the same seed stream.
+    env.reset()
+    copy.reset()
+    assert env.episode_seed == copy.episode_seed
+
+
+def test_deepcopy_is_independent_and_globals_untouched():
+    import copy as copy_module
+
+    env = neural_collective_v0.parallel_env(**TINY)
+    env.reset(seed=0)
+    env.step(ones(env))
+    seed_globals(5)
+    expected = global_draws()
+    seed_globals(5)
+    twin = copy_module.deepcopy(env)  # unpickling rebuilds a model: still on the env's own stream
+    assert global_draws() == expected
+    before = params(env)
+    twin.step(ones(twin))
+    assert all(torch.equal(p, q) for p, q in zip(before, params(env)))  # stepping the copy leaves the original
+    assert not torch.equal(params(twin)[0], before[0])
