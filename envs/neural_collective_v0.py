@@ -45,8 +45,10 @@ Signals describe the batch just consumed, before the update (the strategy's own 
   biases (``k * (fan_in + 1)`` values), each in ``[-max_delta, max_delta]``, added directly; the
   optimiser does not step. The strategy's proposed gradient is available as ``env.proposed_gradient()``.
 
-Actions outside the space (NaN, out of bounds, wrong shape, unknown agent) raise ``ValueError``
-naming the agent; nothing is applied.
+Every action is checked against its own agent's space before anything is applied: a wrong shape
+(a scalar or ``(1, 1)`` where the space is ``(1,)`` included — nothing is broadcast or squeezed), a
+non-numeric value, NaN, a value out of bounds, an unknown or a missing agent raise ``ValueError``
+naming the agent. Any real dtype (float64 from SB3, torch tensors) of the right shape is accepted.
 
 ## Rewards
 Each agent's own local objective on the batch: ``lfnn`` / ``lfnn_local`` workers get minus their
@@ -74,13 +76,18 @@ other processes read it from ``data_root``).
 
 ## Episode
 Ends (``terminations``) when the data stream is exhausted (``epochs`` passes over the training
-subset) or is truncated at ``max_cycles`` steps. Every step goes through the trainer's one loop
+subset) or is truncated at ``max_cycles`` steps (a positive integer). Stepping after the end (or
+before the first ``reset``) raises ``RuntimeError("... episode over; call reset()")``; so does
+``step_batched``, which shares the episode with the dict API. Every step goes through the trainer's one loop
 (``Trainer.run``), so epochs close as in a training run: leader-selection bookkeeping, a history
 entry and an evaluation on the env's 2000 test examples (``env.trainer.history``). With every
 action equal to 1 (scale mode), the env reproduces :class:`agentnet.training.Trainer` exactly for
 the same seed and settings.
 
 ## Arguments
+Invalid arguments raise :class:`agentnet.config.ConfigError` (a ``ValueError``) whose message
+starts with the field, e.g. ``max_cycles=0: must be a positive whole number of steps``.
+
 ``neural_collective_v0.parallel_env(strategy="lfnn", hidden=(40, 40), worker_size=10, activation="relu",
 batch_size=64, data_subset=2000, epochs=1, data_root=None, device="cpu", max_cycles=100,
 action_mode="scale", max_scale=2.0, max_delta=0.1, lr=1e-3, optimizer="adam", seed=0, render_mode=None,
@@ -106,6 +113,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import random
 from typing import Any, Iterator
 
@@ -115,7 +123,7 @@ from gymnasium import spaces
 from pettingzoo import ParallelEnv
 from pettingzoo.utils import parallel_to_aec, wrappers
 
-from agentnet.config import DataConfig, ModelConfig, RunConfig, TrainerConfig
+from agentnet.config import ConfigError, DataConfig, ModelConfig, RunConfig, TrainerConfig, check
 from agentnet.data import ImageData, load_mnist
 from agentnet.network import WorkerNetwork, build_model
 from agentnet.registry import STRATEGIES, build_strategy
@@ -192,12 +200,13 @@ class NeuralCollectiveEnv(ParallelEnv):
             max_cycles=max_cycles, action_mode=action_mode, max_scale=max_scale, max_delta=max_delta,
             render_mode=render_mode, **run_args,
         )
-        if action_mode not in ("scale", "delta"):
-            raise ValueError(f"action_mode={action_mode!r}: choose 'scale' or 'delta'")
-        if render_mode not in (None, "ansi", "rgb_array", "human"):
-            raise ValueError(f"render_mode={render_mode!r}: choose ansi, rgb_array or human")
-        if max_scale <= 0 or max_delta <= 0:
-            raise ValueError("max_scale and max_delta must be positive")
+        check(action_mode in ("scale", "delta"), "action_mode", action_mode, "choose 'scale' or 'delta'")
+        check(render_mode in (None, "ansi", "rgb_array", "human"), "render_mode", render_mode, "choose ansi, rgb_array, human or None")
+        check(isinstance(max_cycles, (int, np.integer)) and not isinstance(max_cycles, bool) and max_cycles > 0,
+              "max_cycles", max_cycles, "must be a positive whole number of steps")
+        for key, value in (("max_scale", max_scale), ("max_delta", max_delta)):
+            check(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0,
+                  key, value, "must be a positive finite number")
         self.run = run_config(**run_args)
         self.max_cycles = max_cycles
         self.action_mode = action_mode
@@ -213,6 +222,7 @@ class NeuralCollectiveEnv(ParallelEnv):
         self._seeder = np.random.default_rng(self.run.seed)
         self._pending_seed: int | None = self.run.seed  # the first unseeded reset() uses the constructor's seed
         self.cycles = 0
+        self._started = False  # whether reset() was called: stepping before it is an error
         self._build(self.run.seed)
         layers = self._layers
         self.layer_of = np.concatenate([np.full(n, i + 1) for i, n in enumerate(self._agents_per_layer)])
@@ -313,6 +323,7 @@ class NeuralCollectiveEnv(ParallelEnv):
             "seeder": self._seeder.bit_generator.state,
             "pending_seed": self._pending_seed,
             "agents": list(self.agents),
+            "started": self._started,
             "cycles": self.cycles,
             "last_params": self._last_params,
             "last_update": self._last_update,
@@ -330,7 +341,7 @@ class NeuralCollectiveEnv(ParallelEnv):
         self._torch_stream, self._cuda_stream = state["torch_stream"], state["cuda_stream"]
         self._seeder.bit_generator.state = state["seeder"]
         self._pending_seed = state["pending_seed"]
-        self.agents, self.cycles = list(state["agents"]), state["cycles"]
+        self.agents, self.cycles, self._started = list(state["agents"]), state["cycles"], state["started"]
         self._last_params = [p.to(self.device) for p in state["last_params"]]
         self._last_update = state["last_update"].to(self.device)
         if state["last_obs"] is not None:
@@ -416,11 +427,21 @@ class NeuralCollectiveEnv(ParallelEnv):
     def step_batched(self, actions: torch.Tensor | list[torch.Tensor]):
         """One step on tensors. Scale mode: ``actions`` ``(N,)``; delta mode: a list of N flat tensors.
 
-        Returns ``(observations (N, 11), rewards (N,), terminated, truncated, info)``.
+        Returns ``(observations (N, 11), rewards (N,), terminated, truncated, info)``. The episode
+        is the same as the dict API's: it ends at ``max_cycles`` steps or when the data stream is
+        exhausted, after which stepping raises until ``reset()``.
         """
+        self._check_running()
         self._validate(actions)
-        if self.trainer.step >= self.stream_steps:
-            raise RuntimeError("the data stream is exhausted; call reset()")
+        return self._step_validated(actions)
+
+    def _check_running(self) -> None:
+        if not self.agents:
+            if self._started:
+                raise RuntimeError("neural_collective_v0: episode over; call reset()")
+            raise RuntimeError("neural_collective_v0: no episode started; call reset()")
+
+    def _step_validated(self, actions):
         plugin = self._step_inputs
         with self._own_rng():
             if self.action_mode == "scale":
@@ -436,7 +457,10 @@ class NeuralCollectiveEnv(ParallelEnv):
             "batch_loss": float(result.loss.detach()),
             "batch_acc": float((self.model.predict(result.logits.detach()[:, : len(y)])[0] == y).float().mean()),
         }
-        return obs, rewards, self.trainer.step >= self.stream_steps, self.cycles >= self.max_cycles, info
+        terminated, truncated = self.trainer.step >= self.stream_steps, self.cycles >= self.max_cycles
+        if terminated or truncated:
+            self.agents = []
+        return obs, rewards, terminated, truncated, info
 
     def _finish_step(self, x, y, result):
         with torch.no_grad():
@@ -504,6 +528,7 @@ class NeuralCollectiveEnv(ParallelEnv):
             seed = int(self._seeder.integers(0, 2**31 - 1))
         self._pending_seed = None
         self._build(seed)
+        self._started = True
         self.agents = self.possible_agents[:]
         self.cycles = 0
         obs = torch.zeros(self.num_workers, OBS_DIM, device=self.device)
@@ -524,29 +549,48 @@ class NeuralCollectiveEnv(ParallelEnv):
         return info if extra is None else {**info, **extra}
 
     def step(self, actions: dict[str, Any]):
+        """One mini-batch: every live agent's action (an array of its action space's shape) is applied.
+
+        Each action is checked against its agent's space before anything is applied; a wrong
+        shape (also a scalar or ``(1, 1)`` where ``(1,)`` is expected), a NaN or a value out of
+        bounds raises ``ValueError`` naming the agent. After the episode ended, ``RuntimeError``.
+        """
+        self._check_running()
         unknown = set(actions) - set(self.agents)
         if unknown:
-            raise ValueError(f"actions for unknown or finished agents: {sorted(unknown)}")
+            raise ValueError(f"actions for unknown agents: {sorted(unknown)[:5]} (agents are worker_0 ... worker_{self.num_workers - 1})")
         missing = set(self.agents) - set(actions)
         if missing:
             raise ValueError(f"no action for {sorted(missing)[:5]}{'...' if len(missing) > 5 else ''}")
+        per_agent = [self._agent_action(a, actions[a]) for a in self.possible_agents]
         if self.action_mode == "scale":
-            batched = torch.as_tensor(np.array([np.asarray(actions[a], dtype=np.float32).reshape(-1) for a in self.possible_agents]))
-            if batched.shape[1:] != (1,):
-                raise ValueError(f"scale actions must each have shape (1,), got {tuple(batched.shape[1:])}")
-            batched = batched[:, 0]
+            batched = torch.as_tensor(np.concatenate(per_agent))
+            self._validate(batched)  # bounds and NaN, naming the agent
         else:
-            batched = [np.asarray(actions[a], dtype=np.float32) for a in self.possible_agents]
-        obs, rewards, terminated, truncated, info = self.step_batched(batched)
+            batched = per_agent
+            self._validate(batched)
+        agents = self.agents
+        obs, rewards, terminated, truncated, info = self._step_validated(batched)
         obs_np, rew_np = obs.cpu().numpy(), rewards.cpu().numpy()
-        observations = {a: obs_np[i] for i, a in enumerate(self.agents)}
-        reward_d = {a: float(rew_np[i]) for i, a in enumerate(self.agents)}
-        terms = {a: terminated for a in self.agents}
-        truncs = {a: truncated for a in self.agents}
-        infos = {a: self._agent_info(i, info) for i, a in enumerate(self.agents)}
-        if terminated or truncated:
-            self.agents = []
+        observations = {a: obs_np[i] for i, a in enumerate(agents)}
+        reward_d = {a: float(rew_np[i]) for i, a in enumerate(agents)}
+        terms = {a: terminated for a in agents}
+        truncs = {a: truncated for a in agents}
+        infos = {a: self._agent_info(i, info) for i, a in enumerate(agents)}
         return observations, reward_d, terms, truncs, infos
+
+    def _agent_action(self, agent: str, action: Any) -> np.ndarray:
+        """``agent``'s action as float32 of exactly its space's shape (no broadcasting, no squeezing)."""
+        if isinstance(action, torch.Tensor):
+            action = action.detach().cpu().numpy()
+        try:
+            a = np.asarray(action, dtype=np.float32)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{agent}: action {action!r} is not numeric ({exc})") from exc
+        expected = self.action_spaces[agent].shape
+        if a.shape != expected:
+            raise ValueError(f"{agent}: action shape {a.shape}, expected {expected} (its action_space)")
+        return a
 
     # -- rendering -------------------------------------------------------------------------------
     def _roles(self) -> list[list[str]]:

@@ -174,3 +174,59 @@ def test_deepcopy_is_independent_and_globals_untouched():
     twin.step(ones(twin))
     assert all(torch.equal(p, q) for p, q in zip(before, params(env)))  # stepping the copy leaves the original
     assert not torch.equal(params(twin)[0], before[0])
+
+
+def test_stepping_outside_an_episode_says_so():
+    env = neural_collective_v0.parallel_env(max_cycles=2, **TINY)
+    with pytest.raises(RuntimeError, match=r"no episode started; call reset\(\)"):
+        env.step({})
+    env.reset(seed=0)
+    env.step(ones(env))
+    _, _, _, truncs, _ = env.step(ones(env))
+    assert all(truncs.values()) and env.agents == []
+    for call in (lambda: env.step({}), lambda: env.step({"worker_0": np.ones(1, np.float32)}),
+                 lambda: env.step_batched(torch.ones(env.num_workers))):
+        with pytest.raises(RuntimeError, match=r"episode over; call reset\(\)"):
+            call()
+    env.reset()
+    assert env.agents and env.step(ones(env))[0]
+
+
+def test_step_batched_honours_max_cycles():
+    env = neural_collective_v0.parallel_env(max_cycles=3, **TINY)
+    env.reset(seed=0)
+    flags = [env.step_batched(torch.ones(env.num_workers))[3] for _ in range(3)]
+    assert flags == [False, False, True] and env.trainer.step == 3
+    with pytest.raises(RuntimeError, match="episode over"):
+        env.step_batched(torch.ones(env.num_workers))
+    assert env.trainer.step == 3  # nothing was trained past max_cycles
+
+
+@pytest.mark.parametrize("action_mode", ["scale", "delta"])
+def test_every_action_is_checked_against_its_own_space(action_mode):
+    env = neural_collective_v0.parallel_env(action_mode=action_mode, **TINY)
+    env.reset(seed=0)
+    good = {a: np.zeros(env.action_space(a).shape, np.float32) for a in env.agents}
+    before = params(env)
+    shape = env.action_space("worker_3").shape
+    for bad in (np.float32(0.0), np.zeros((1, *shape), np.float32), np.zeros(shape[0] + 1, np.float32), "fast"):
+        with pytest.raises(ValueError, match="worker_3"):
+            env.step({**good, "worker_3": bad})
+    # The output agent's delta space differs from a hidden worker's: its own shape is checked.
+    out = env.possible_agents[-1]
+    with pytest.raises(ValueError, match=out):
+        env.step({**good, out: np.zeros(env.action_space("worker_0").shape, np.float32)} if action_mode == "delta"
+                 else {**good, out: np.zeros((1, 1), np.float32)})
+    assert all(torch.equal(p, q) for p, q in zip(before, params(env)))  # nothing was applied
+    # Any real dtype and torch tensors of the right shape are accepted (SB3 hands float64).
+    env.step({a: torch.as_tensor(v, dtype=torch.float64) for a, v in good.items()})
+
+
+@pytest.mark.parametrize(("field", "value"), [("max_cycles", 0), ("max_cycles", -3), ("max_cycles", 2.5), ("max_cycles", True),
+                                              ("max_scale", 0.0), ("max_delta", float("nan")), ("action_mode", "bold"),
+                                              ("render_mode", "svg")])
+def test_invalid_arguments_name_their_field(field, value):
+    from agentnet.config import ConfigError
+
+    with pytest.raises(ConfigError, match=rf"^{field}="):
+        neural_collective_v0.parallel_env(**{**TINY, field: value})
