@@ -12,8 +12,9 @@ decides what is applied.
 | Actions | continuous |
 | Parallel API | yes (native); AEC through ``parallel_to_aec`` |
 | Agents | ``worker_0`` … ``worker_{N-1}``: hidden workers layer by layer, then the output layer |
-| Observation shape | ``(11,)`` float32, the same for every agent |
-| Action shape | scale mode ``(1,)`` in ``[0, max_scale]``; delta mode the agent's own parameter count |
+| Observation shape | ``(11,)`` float32, the same for every agent; finite bounds (squashed, the default) |
+| Action shape | ``(1,)`` in ``[0, max_scale]`` (scale) or ``[-1, 1]`` (scale_centered); delta mode the agent's own parameter count |
+| State shape | ``(N * 11,)`` float32: every agent's observation (``state()``, ``state_space``) |
 
 ## Agents
 For the default network (two hidden layers of 40 units, workers of 10) there are 4 + 4 workers plus
@@ -36,11 +37,29 @@ both metrics are 0.0.
 | 10 | depth: layer / (L + 1) |
 
 Signals describe the batch just consumed, before the update (the strategy's own forward pass).
+"The global loss" is the task loss of the output on the batch (cross-entropy), not the strategy's
+whole objective.
+
+``observation_mode="squashed"`` (default): entries 3-9 are passed through ``squash(x) = x / (1 + |x|)``,
+monotone and sign-preserving, so the space has finite bounds (``[0, 1]``; ``[-1, 1]`` for entry 6)
+as RL libraries' normalisers and PettingZoo's ``api_test`` expect; ``unsquash(y) = y / (1 - |y|)``
+recovers the signal. ``observation_mode="raw"``: the signals themselves, with infinite upper bounds
+(``api_test`` warns about them; for analysis rather than for RL libraries).
+
+## State
+``state()`` returns every agent's current observation concatenated in ``possible_agents`` order, a
+global state for centralised critics (MAPPO, QMIX; TorchRL's ``return_state=True``); its space is
+``state_space``. Before the first ``reset`` it raises.
 
 ## Actions
 * ``action_mode="scale"`` (default): a multiplier in ``[0, max_scale]`` on the update the agent's
   strategy proposes for its weights this step (``w <- w_old + a * (w_new - w_old)``; ``a = 0``
   leaves them bit-identical, ``a = 1`` is exactly the strategy's own step).
+* ``action_mode="scale_centered"``: the same multiplier, reached from an action ``u`` in ``[-1, 1]``
+  centred on the strategy's own step: ``[-1, 0]`` maps linearly onto ``[0, 1]`` and ``[0, 1]`` onto
+  ``[1, max_scale]`` (``max_scale >= 1``), so ``u = 0`` is exactly the strategy's step (bit for bit)
+  and ``u = -1`` freezes the worker. An untrained zero-mean Gaussian policy thus starts by following
+  the strategy instead of freezing the network, as it would at ``a = 0`` in scale mode.
 * ``action_mode="delta"``: the agent's own parameter update, a flat vector over its weight rows and
   biases (``k * (fan_in + 1)`` values), each in ``[-max_delta, max_delta]``, added directly; the
   optimiser does not step. The strategy's proposed gradient is available as ``env.proposed_gradient()``.
@@ -51,9 +70,19 @@ non-numeric value, NaN, a value out of bounds, an unknown or a missing agent rai
 naming the agent. Any real dtype (float64 from SB3, torch tensors) of the right shape is accepted.
 
 ## Rewards
-Each agent's own local objective on the batch: ``lfnn`` / ``lfnn_local`` workers get minus their
-weighted local loss (leader prediction loss or follower alignment), ``attention`` workers the
-attention they received, ``bp`` workers and the output agent minus the global loss.
+Each agent's own local objective on the batch: ``lfnn`` / ``lfnn_local`` workers (and any strategy
+that reports per-worker objectives) get minus their weighted local loss (leader prediction loss or
+follower alignment), ``attention`` workers the attention they received, ``bp`` workers and the
+output agent minus the global loss — the task loss on the batch (cross-entropy, about 2.3 for an
+untrained 10-way network), never the strategy's whole objective (LFNN's sums every worker's terms).
+``infos[agent]["batch_loss"]`` is that global loss too. ``reward_scale`` (positive, default 1)
+multiplies every reward.
+
+## Groups
+``env.group_map`` groups the agents by layer (``layer_1``, …, ``output``); agents of a group share
+their action shape in every mode. In delta mode pass it to TorchRL
+(``PettingZooWrapper(env, group_map=env.group_map)``): TorchRL's default groups every ``worker_<i>``
+together and cannot stack the layers' different action shapes. In the scale modes the default works.
 
 ## Seeding and random generators
 The env owns its random generators and never reads, reseeds or advances Python's, NumPy's or
@@ -90,7 +119,8 @@ starts with the field, e.g. ``max_cycles=0: must be a positive whole number of s
 
 ``neural_collective_v0.parallel_env(strategy="lfnn", hidden=(40, 40), worker_size=10, activation="relu",
 batch_size=64, data_subset=2000, epochs=1, data_root=None, device="cpu", max_cycles=100,
-action_mode="scale", max_scale=2.0, max_delta=0.1, lr=1e-3, optimizer="adam", seed=0, render_mode=None,
+action_mode="scale", max_scale=2.0, max_delta=0.1, observation_mode="squashed", reward_scale=1.0,
+lr=1e-3, optimizer="adam", seed=0, render_mode=None,
 worker_projection=False)``
 
 ``strategy`` is a registered name or a dict config (``{"name": "lfnn", "delta": 0.3}``).
@@ -102,11 +132,18 @@ worker_projection=False)``
 
 ## Fast path
 ``step_batched(actions: Tensor) -> (obs (N, 11), rewards (N,), terminated, truncated, info)``
-runs the same step on tensors (scale mode: ``actions`` of shape ``(N,)``); the dict API is a thin
-adapter over it.
+runs the same step on tensors (scale modes: ``actions`` of shape ``(N,)``; delta mode: a list of N
+flat tensors); the dict API is a thin adapter over it. Observations are presented as the dict API's
+(``observation_mode``).
 
 ## Version history
 * v0: initial release.
+* v0, issue #14 (changes what v0 returned): observations squashed into finite bounds by default
+  (``observation_mode="raw"`` gives the old values); the output agent's reward, the ``bp`` workers'
+  and ``batch_loss`` are the task loss, no longer the strategy's whole objective; ``reset()``
+  without a seed starts a new episode; stepping after the end raises; ``step_batched`` honours
+  ``max_cycles``; new ``scale_centered`` action mode, ``reward_scale``, ``state()``, ``group_map``;
+  picklable.
 """
 
 from __future__ import annotations
@@ -131,10 +168,27 @@ from agentnet.strategy import StepResult
 from agentnet.training import Trainer, TrainerPlugin, resolve_device, seed_everything
 from agentnet.workers import LeaderSelection
 
-__all__ = ["NeuralCollectiveEnv", "parallel_env", "raw_env", "env", "OBS_DIM", "run_config"]
+__all__ = ["NeuralCollectiveEnv", "parallel_env", "raw_env", "env", "OBS_DIM", "run_config", "squash", "unsquash"]
 
 OBS_DIM = 11
 ROLE_LEADER, ROLE_FOLLOWER, ROLE_OUTPUT = 0, 1, 2
+ACTION_MODES = ("scale", "scale_centered", "delta")
+OBSERVATION_MODES = ("squashed", "raw")
+#: Observation entries that are unbounded signals (losses, distances, statistics, norms): squashed
+#: by default; the role one-hot (0-2) and the depth (10) already lie in [0, 1].
+SQUASHED = slice(3, 10)
+_RAW_LOW = np.array([0, 0, 0, 0, 0, 0, -np.inf, 0, 0, 0, 0], dtype=np.float32)
+_RAW_HIGH = np.array([1, 1, 1, np.inf, np.inf, np.inf, np.inf, np.inf, np.inf, np.inf, 1], dtype=np.float32)
+
+
+def squash(x: torch.Tensor) -> torch.Tensor:
+    """``x / (1 + |x|)``: monotone, sign-preserving, onto ``(-1, 1)``; its inverse is :func:`unsquash`."""
+    return x / (1 + x.abs())
+
+
+def unsquash(y: torch.Tensor) -> torch.Tensor:
+    """The raw signal back from a squashed one: ``y / (1 - |y|)``."""
+    return y / (1 - y.abs())
 
 
 @functools.lru_cache(maxsize=4)
@@ -192,27 +246,34 @@ class NeuralCollectiveEnv(ParallelEnv):
         max_scale: float = 2.0,
         max_delta: float = 0.1,
         render_mode: str | None = None,
+        observation_mode: str = "squashed",
+        reward_scale: float = 1.0,
         **run_args: Any,
     ) -> None:
         """``run_args`` are :func:`run_config`'s (strategy, network, data, device, optimiser, seed)."""
         # Kept to rebuild the env on unpickling (the pickle holds state, not the dataset).
         self._init_args = dict(
             max_cycles=max_cycles, action_mode=action_mode, max_scale=max_scale, max_delta=max_delta,
-            render_mode=render_mode, **run_args,
+            render_mode=render_mode, observation_mode=observation_mode, reward_scale=reward_scale, **run_args,
         )
-        check(action_mode in ("scale", "delta"), "action_mode", action_mode, "choose 'scale' or 'delta'")
+        check(action_mode in ACTION_MODES, "action_mode", action_mode, f"choose one of {ACTION_MODES}")
+        check(observation_mode in OBSERVATION_MODES, "observation_mode", observation_mode, f"choose one of {OBSERVATION_MODES}")
         check(render_mode in (None, "ansi", "rgb_array", "human"), "render_mode", render_mode, "choose ansi, rgb_array, human or None")
         check(isinstance(max_cycles, (int, np.integer)) and not isinstance(max_cycles, bool) and max_cycles > 0,
               "max_cycles", max_cycles, "must be a positive whole number of steps")
-        for key, value in (("max_scale", max_scale), ("max_delta", max_delta)):
+        for key, value in (("max_scale", max_scale), ("max_delta", max_delta), ("reward_scale", reward_scale)):
             check(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0,
                   key, value, "must be a positive finite number")
+        check(action_mode != "scale_centered" or max_scale >= 1, "max_scale", max_scale,
+              "action_mode='scale_centered' maps 0 to scale 1 and 1 to max_scale, so it must be at least 1")
         self.run = run_config(**run_args)
         self.max_cycles = max_cycles
         self.action_mode = action_mode
         self.max_scale = max_scale
         self.max_delta = max_delta
         self.render_mode = render_mode
+        self.observation_mode = observation_mode
+        self.reward_scale = float(reward_scale)
         self.device = resolve_device(self.run.device)
         self._base_data = _mnist(self.run.data.root, str(self.device))
         # The env's own generators: torch's stream (model init, strategies' draws) lives in
@@ -230,11 +291,16 @@ class NeuralCollectiveEnv(ParallelEnv):
         self.possible_agents = [f"worker_{i}" for i in range(sum(self._agents_per_layer))]
         self.agents: list[str] = []
         self._index = {a: i for i, a in enumerate(self.possible_agents)}
-        low = np.array([0, 0, 0, 0, 0, 0, -np.inf, 0, 0, 0, 0], dtype=np.float32)
-        high = np.array([1, 1, 1, np.inf, np.inf, np.inf, np.inf, np.inf, np.inf, np.inf, 1], dtype=np.float32)
+        low, high = _RAW_LOW.copy(), _RAW_HIGH.copy()
+        if observation_mode == "squashed":  # squash maps [0, inf) onto [0, 1] and R onto [-1, 1]
+            low[SQUASHED], high[SQUASHED] = np.sign(low[SQUASHED]), np.sign(high[SQUASHED])
         self.observation_spaces = {a: spaces.Box(low, high, dtype=np.float32) for a in self.possible_agents}
+        # The global state for centralised critics: every agent's observation, in agent order.
+        self.state_space = spaces.Box(np.tile(low, self.num_workers), np.tile(high, self.num_workers), dtype=np.float32)
         if action_mode == "scale":
             self.action_spaces = {a: spaces.Box(0.0, max_scale, shape=(1,), dtype=np.float32) for a in self.possible_agents}
+        elif action_mode == "scale_centered":
+            self.action_spaces = {a: spaces.Box(-1.0, 1.0, shape=(1,), dtype=np.float32) for a in self.possible_agents}
         else:
             sizes = np.concatenate([[l.weight.shape[1] + 1] * n for l, n in zip(layers, self._agents_per_layer)])
             units = np.concatenate([[self._units[i]] * n for i, n in enumerate(self._agents_per_layer)])
@@ -372,7 +438,9 @@ class NeuralCollectiveEnv(ParallelEnv):
                 record = self.model.forward_record(x, y, selection=self._observer)
         has_roles = result.record is not None and result.record.layers[0].leaders is not None
         attention = result.signals.get("attention_received")
-        global_loss = result.loss.detach()[0]
+        # The task loss on the batch (not result.loss, which is the strategy's whole objective,
+        # e.g. LFNN's L_g + lambda1 * leader losses + lambda2 * alignment).
+        global_loss = self._global_loss(result, y)
         rows, rewards = [], []
         n_layers = len(self._layers)
         for li, layer_record in enumerate(record.layers):
@@ -413,12 +481,47 @@ class NeuralCollectiveEnv(ParallelEnv):
         with torch.no_grad():
             obs[:, 8] = torch.cat([p.view(n, -1).norm(dim=1) for p, n in zip(self._params(), self._agents_per_layer)])
         obs[:, 9] = self._last_update
-        return obs, torch.cat(rewards).float()
+        return obs, torch.cat(rewards).float() * self.reward_scale
+
+    def _global_loss(self, result: StepResult, y: torch.Tensor) -> torch.Tensor:
+        """The task (prediction) loss of the step's forward pass on the batch it consumed, a scalar."""
+        with torch.no_grad():
+            return self.model.global_loss(result.logits.detach()[:, : len(y)], y.unsqueeze(0))[0]
+
+    def _present(self, obs: torch.Tensor) -> torch.Tensor:
+        """Observations as the agents receive them (``observation_mode``); the env keeps them raw."""
+        if self.observation_mode == "raw":
+            return obs
+        out = obs.clone()
+        out[:, SQUASHED] = squash(obs[:, SQUASHED])
+        return out
+
+    def state(self) -> np.ndarray:
+        """The global state for centralised critics: every agent's current observation, concatenated
+        in ``possible_agents`` order (``state_space``: ``(N * 11,)`` float32)."""
+        if not self._started:
+            raise RuntimeError("neural_collective_v0: no episode started; call reset()")
+        return self._present(self._last_obs).reshape(-1).cpu().numpy()
+
+    @property
+    def group_map(self) -> dict[str, list[str]]:
+        """Agents grouped by layer (``layer_1``, ..., ``output``): agents of a group share their
+        action shape in every mode. Pass it to TorchRL's ``PettingZooWrapper(group_map=...)`` in
+        delta mode, where the default grouping (by name prefix: all ``worker_*`` together) cannot
+        stack the layers' different action shapes."""
+        bounds = np.cumsum([0, *self._agents_per_layer])
+        names = [f"layer_{i + 1}" for i in range(len(self._agents_per_layer) - 1)] + ["output"]
+        return {name: self.possible_agents[bounds[i] : bounds[i + 1]] for i, name in enumerate(names)}
 
     def _params(self) -> list[torch.Tensor]:
         return [torch.cat([l.weight.detach(), l.bias.detach().unsqueeze(1)], 1) for l in self._layers]
 
     def _scales(self, actions: torch.Tensor) -> list[torch.Tensor] | None:
+        actions = actions.to(self.device, torch.float32)
+        if self.action_mode == "scale_centered":
+            # [-1, 0] onto [0, 1] and [0, 1] onto [1, max_scale]: 0 is exactly the strategy's step,
+            # so an untrained zero-mean Gaussian policy starts by following the strategy.
+            actions = torch.where(actions <= 0, 1 + actions, 1 + actions * (self.max_scale - 1))
         if bool((actions == 1).all()):
             return None  # the trainer's own step, bit for bit
         chunks = torch.split(actions.to(self.device, torch.float32), self._agents_per_layer)
@@ -444,17 +547,18 @@ class NeuralCollectiveEnv(ParallelEnv):
     def _step_validated(self, actions):
         plugin = self._step_inputs
         with self._own_rng():
-            if self.action_mode == "scale":
+            if self.action_mode != "delta":
                 result = self.trainer.run(self.trainer.stream, 1, update_scale=self._scales(torch.as_tensor(actions)))
             else:
                 result = self.trainer.run(self.trainer.stream, 1, update=self._delta_update(actions))
             x, y = plugin.x, plugin.y
             obs, rewards = self._finish_step(x, y, result)
         self._last_obs = obs
+        obs = self._present(obs)
         self.cycles += 1
         info = {
             "cycle": self.cycles,
-            "batch_loss": float(result.loss.detach()),
+            "batch_loss": float(self._global_loss(result, y)),
             "batch_acc": float((self.model.predict(result.logits.detach()[:, : len(y)])[0] == y).float().mean()),
         }
         terminated, truncated = self.trainer.step >= self.stream_steps, self.cycles >= self.max_cycles
@@ -490,14 +594,15 @@ class NeuralCollectiveEnv(ParallelEnv):
         return [None if l.weight.grad is None else torch.cat([l.weight.grad, l.bias.grad.unsqueeze(1)], 1) for l in self._layers]
 
     def _validate(self, actions) -> None:
-        if self.action_mode == "scale":
+        if self.action_mode != "delta":
             a = torch.as_tensor(actions)
             if a.shape != (self.num_workers,):
-                raise ValueError(f"scale actions must have shape ({self.num_workers},), got {tuple(a.shape)}")
-            bad = ~torch.isfinite(a) | (a < 0) | (a > self.max_scale)
+                raise ValueError(f"{self.action_mode} actions must have shape ({self.num_workers},), got {tuple(a.shape)}")
+            lo, hi = (0, self.max_scale) if self.action_mode == "scale" else (-1.0, 1.0)
+            bad = ~torch.isfinite(a) | (a < lo) | (a > hi)
             if bool(bad.any()):
                 i = int(torch.nonzero(bad)[0])
-                raise ValueError(f"{self.possible_agents[i]}: action {float(a[i])} outside [0, {self.max_scale}]")
+                raise ValueError(f"{self.possible_agents[i]}: action {float(a[i])} outside [{lo}, {hi}]")
             return
         if len(actions) != self.num_workers:
             raise ValueError(f"delta actions: expected {self.num_workers} vectors, got {len(actions)}")
@@ -537,7 +642,7 @@ class NeuralCollectiveEnv(ParallelEnv):
         obs[:, 10] = torch.as_tensor(self.layer_of / len(self._layers), dtype=torch.float32)
         obs[-1, ROLE_OUTPUT] = 1.0
         self._last_obs = obs
-        obs_np = obs.cpu().numpy()
+        obs_np = self._present(obs).cpu().numpy()
         # Same keys as step's infos (vectorising libraries preallocate them from reset); no batch
         # has been consumed yet, which "cycle": 0 tells (0.0 rather than NaN: NaN != NaN breaks
         # PettingZoo's seed_test and any equality check on infos).
@@ -563,7 +668,7 @@ class NeuralCollectiveEnv(ParallelEnv):
         if missing:
             raise ValueError(f"no action for {sorted(missing)[:5]}{'...' if len(missing) > 5 else ''}")
         per_agent = [self._agent_action(a, actions[a]) for a in self.possible_agents]
-        if self.action_mode == "scale":
+        if self.action_mode != "delta":
             batched = torch.as_tensor(np.concatenate(per_agent))
             self._validate(batched)  # bounds and NaN, naming the agent
         else:

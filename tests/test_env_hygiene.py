@@ -230,3 +230,102 @@ def test_invalid_arguments_name_their_field(field, value):
 
     with pytest.raises(ConfigError, match=rf"^{field}="):
         neural_collective_v0.parallel_env(**{**TINY, field: value})
+
+
+@pytest.mark.parametrize("strategy", ["lfnn", "attention", "bp"])
+def test_default_observations_are_squashed_into_finite_bounds(strategy):
+    squashed = neural_collective_v0.parallel_env(strategy=strategy, **TINY)
+    raw = neural_collective_v0.parallel_env(strategy=strategy, observation_mode="raw", **TINY)
+    space = squashed.observation_space("worker_0")
+    assert np.all(np.isfinite(space.low)) and np.all(np.isfinite(space.high)) and space.is_bounded()
+    obs_s, _ = squashed.reset(seed=1)
+    obs_r, _ = raw.reset(seed=1)
+    for _ in range(3):
+        for agent in squashed.possible_agents:
+            assert squashed.observation_space(agent).contains(obs_s[agent]), agent
+            got = torch.as_tensor(obs_s[agent]).clone()
+            got[3:10] = neural_collective_v0.unsquash(got[3:10])  # roles and depth are passed through
+            torch.testing.assert_close(got, torch.as_tensor(obs_r[agent]), rtol=1e-4, atol=1e-6)
+        obs_s, *_ = squashed.step(ones(squashed))
+        obs_r, *_ = raw.step(ones(raw))
+    # Large raw signals (weight norms) really are compressed, not copied.
+    assert raw.state().max() > 1 and squashed.state().max() <= 1
+
+
+def test_output_reward_is_minus_the_global_loss_not_the_strategy_objective():
+    import copy
+
+    env = neural_collective_v0.parallel_env(strategy="lfnn", **TINY)
+    env.reset(seed=0)
+    before = copy.deepcopy(env.model)
+    _, rewards, _, _, infos = env.step(ones(env))
+    x, y = env._step_inputs.x, env._step_inputs.y
+    with torch.no_grad():
+        ce = float(torch.nn.functional.cross_entropy(before(x)[0], y))
+    out = env.possible_agents[-1]
+    assert rewards[out] == pytest.approx(-ce, rel=1e-5) and infos[out]["batch_loss"] == pytest.approx(ce, rel=1e-5)
+    assert 1.5 < ce < 3.5  # an untrained 10-way classifier; LFNN's whole objective is several times larger
+
+
+def test_reward_scale_multiplies_every_reward():
+    plain = neural_collective_v0.parallel_env(strategy="lfnn", **TINY)
+    scaled = neural_collective_v0.parallel_env(strategy="lfnn", reward_scale=0.1, **TINY)
+    plain.reset(seed=2)
+    scaled.reset(seed=2)
+    _, r1, *_ = plain.step_batched(torch.ones(plain.num_workers))
+    _, r2, *_ = scaled.step_batched(torch.ones(scaled.num_workers))
+    torch.testing.assert_close(r2, r1 * 0.1)
+    assert not torch.equal(r1, r2)
+
+
+def test_scale_centered_zero_is_the_strategy_step_and_its_ends_are_zero_and_max_scale():
+    plain = neural_collective_v0.parallel_env(action_mode="scale", **TINY)
+    centred = neural_collective_v0.parallel_env(action_mode="scale_centered", **TINY)
+    space = centred.action_space("worker_0")
+    assert space.low[0] == -1 and space.high[0] == 1
+    plain.reset(seed=0)
+    centred.reset(seed=0)
+    n = plain.num_workers
+    zero = torch.zeros(n)  # what an untrained zero-mean Gaussian policy plays on average
+    for _ in range(2):
+        plain.step_batched(torch.ones(n))
+        centred.step_batched(zero)
+    assert all(torch.equal(p, q) for p, q in zip(plain.model.parameters(), centred.model.parameters()))
+    ends_scale = torch.ones(n)
+    ends_scale[0], ends_scale[1] = 0.0, plain.max_scale
+    ends_centred = torch.zeros(n)
+    ends_centred[0], ends_centred[1] = -1.0, 1.0
+    frozen = centred.model.hidden[0].weight[:10].clone()
+    plain.step_batched(ends_scale)
+    centred.step_batched(ends_centred)
+    assert torch.equal(centred.model.hidden[0].weight[:10], frozen)
+    assert all(torch.equal(p, q) for p, q in zip(plain.model.parameters(), centred.model.parameters()))
+    with pytest.raises(ValueError, match=r"worker_2.*outside \[-1.0, 1.0\]"):
+        centred.step({**{a: np.zeros(1, np.float32) for a in centred.agents}, "worker_2": np.full(1, 1.5, np.float32)})
+    from agentnet.config import ConfigError
+
+    with pytest.raises(ConfigError, match="^max_scale=0.5"):
+        neural_collective_v0.parallel_env(action_mode="scale_centered", max_scale=0.5, **TINY)
+
+
+def test_state_is_every_observation_for_centralised_critics():
+    env = neural_collective_v0.parallel_env(**TINY)
+    with pytest.raises(RuntimeError, match="call reset"):
+        env.state()
+    obs, _ = env.reset(seed=0)
+    for _ in range(2):
+        state = env.state()
+        assert state.dtype == np.float32 and state.shape == env.state_space.shape == (env.num_workers * neural_collective_v0.OBS_DIM,)
+        assert env.state_space.contains(state)
+        np.testing.assert_array_equal(state, np.concatenate([obs[a] for a in env.possible_agents]))
+        obs, *_ = env.step(ones(env))
+
+
+def test_group_map_puts_agents_of_one_action_shape_together():
+    env = neural_collective_v0.parallel_env(action_mode="delta", **TINY)
+    groups = env.group_map
+    assert list(groups) == ["layer_1", "layer_2", "output"]
+    assert [a for g in groups.values() for a in g] == env.possible_agents
+    for agents in groups.values():
+        assert len({env.action_space(a).shape for a in agents}) == 1
+    assert env.action_space(groups["layer_1"][0]).shape != env.action_space(groups["layer_2"][0]).shape
