@@ -84,6 +84,23 @@ their action shape in every mode. In delta mode pass it to TorchRL
 (``PettingZooWrapper(env, group_map=env.group_map)``): TorchRL's default groups every ``worker_<i>``
 together and cannot stack the layers' different action shapes. In the scale modes the default works.
 
+## With MARL libraries
+Tested in ``tests/test_env_marl.py`` (the ``marl`` extra installs the libraries)::
+
+    import supersuit as ss, stable_baselines3 as sb3
+    par = neural_collective_v0.parallel_env(action_mode="scale_centered", max_cycles=100)
+    vec = ss.concat_vec_envs_v1(ss.pettingzoo_env_to_vec_env_v1(par), 4, base_class="stable_baselines3")
+    vec.venv.reset(seed=0)  # the 4 copies are exact clones: seed them apart once (copy i: seed 0 + i)
+    sb3.PPO("MlpPolicy", vec).learn(10_000)
+
+    from torchrl.envs.libs.pettingzoo import PettingZooWrapper
+    env = PettingZooWrapper(env=neural_collective_v0.parallel_env(action_mode="delta"),
+                            return_state=True, group_map=...)  # delta mode: the env's group_map
+
+SuperSuit copies the env by pickling, so its copies share the seed stream until seeded apart;
+Stable-Baselines3's ``PPO(seed=...)`` cannot do it through SuperSuit's SB3 wrapper (it forwards
+``VecEnv.seed`` to a ``ConcatVecEnv`` that has no ``seed``), hence the explicit seeded reset.
+
 ## Seeding and random generators
 The env owns its random generators and never reads, reseeds or advances Python's, NumPy's or
 torch's global ones: model construction and anything a strategy draws run on the env's own torch
