@@ -1,7 +1,8 @@
 """# Neural Collective
 
 A neural network trained on real MNIST, seen as a multi-agent system: every **worker** of every
-hidden layer (a group of ``k`` neurons) and the output layer are the agents. One ``step`` consumes
+hidden layer (a group of ``k`` neurons, or of ``k`` filters in a conv layer) and the output layer
+are the agents. One ``step`` consumes
 one mini-batch: each worker's strategy (``bp``, ``lfnn``, ``lfnn_local``, ``attention``, or any
 registered one) proposes an update to the worker's own incoming weights, and the agent's action
 decides what is applied.
@@ -18,7 +19,13 @@ decides what is applied.
 
 ## Agents
 For the default network (two hidden layers of 40 units, workers of 10) there are 4 + 4 workers plus
-the output agent. ``infos[agent]`` holds ``layer`` (1-based; the output layer is ``L+1``), ``index``
+the output agent. With ``conv=[{"channels": 20, "pool": 2}]`` the network starts with a conv layer
+of filter-wise workers (``channels / worker_size`` workers of ``k`` filters each, their maps
+globally average-pooled to predict); they are agents like the others, layer 1. Only filter-wise
+conv layers without normalisation or plain layers are accepted (``ConfigError`` naming
+``conv[i].block`` / ``.plain`` / ``.norm`` otherwise): every parameter belongs to exactly one agent.
+In delta mode a conv worker's action holds its ``k`` filters flattened (``in_channels * kernel**2``
+values each) plus their biases. ``infos[agent]`` holds ``layer`` (1-based; the output layer is ``L+1``), ``index``
 within the layer, ``cycle`` (steps taken in the episode) and the global metrics of the last step
 (``batch_loss``, ``batch_acc``). ``reset`` returns the same keys (vectorising libraries such as
 TorchRL preallocate infos from the reset); as no batch has been consumed then, ``cycle`` is 0 and
@@ -94,8 +101,8 @@ Tested in ``tests/test_env_marl.py`` (the ``marl`` extra installs the libraries)
     sb3.PPO("MlpPolicy", vec).learn(10_000)
 
     from torchrl.envs.libs.pettingzoo import PettingZooWrapper
-    env = PettingZooWrapper(env=neural_collective_v0.parallel_env(action_mode="delta"),
-                            return_state=True, group_map=...)  # delta mode: the env's group_map
+    par = neural_collective_v0.parallel_env(action_mode="delta")
+    env = PettingZooWrapper(env=par, return_state=True, group_map=par.group_map)  # one group per layer
 
 SuperSuit copies the env by pickling, so its copies share the seed stream until seeded apart;
 Stable-Baselines3's ``PPO(seed=...)`` cannot do it through SuperSuit's SB3 wrapper (it forwards
@@ -137,10 +144,12 @@ starts with the field, e.g. ``max_cycles=0: must be a positive whole number of s
 ``neural_collective_v0.parallel_env(strategy="lfnn", hidden=(40, 40), worker_size=10, activation="relu",
 batch_size=64, data_subset=2000, epochs=1, data_root=None, device="cpu", max_cycles=100,
 action_mode="scale", max_scale=2.0, max_delta=0.1, observation_mode="squashed", reward_scale=1.0,
-lr=1e-3, optimizer="adam", seed=0, render_mode=None,
+lr=1e-3, optimizer="adam", seed=0, render_mode=None, conv=(),
 worker_projection=False)``
 
 ``strategy`` is a registered name or a dict config (``{"name": "lfnn", "delta": 0.3}``).
+``conv`` lists filter-wise conv worker layers (dicts of :class:`agentnet.config.ConvLayerConfig`
+fields) placed before ``hidden``.
 
 ## Rendering
 ``render_mode="ansi"``: a per-layer map (``L`` leader, ``f`` follower, ``.`` worker, ``O`` output);
@@ -155,7 +164,7 @@ flat tensors); the dict API is a thin adapter over it. Observations are presente
 
 ## Version history
 * v0: initial release.
-* v0, issue #14 (changes what v0 returned): observations squashed into finite bounds by default
+* v0, issue #14 (changes what v0 returned; conv models accepted): observations squashed into finite bounds by default
   (``observation_mode="raw"`` gives the old values); the output agent's reward, the ``bp`` workers'
   and ``batch_loss`` are the task loss, no longer the strategy's whole objective; ``reset()``
   without a seed starts a new episode; stepping after the end raises; ``step_batched`` honours
@@ -177,13 +186,13 @@ from gymnasium import spaces
 from pettingzoo import ParallelEnv
 from pettingzoo.utils import parallel_to_aec, wrappers
 
-from agentnet.config import ConfigError, DataConfig, ModelConfig, RunConfig, TrainerConfig, check
+from agentnet.config import ConfigError, ConvLayerConfig, DataConfig, ModelConfig, RunConfig, TrainerConfig, check
 from agentnet.data import ImageData, load_mnist
 from agentnet.network import WorkerNetwork, build_model
 from agentnet.registry import STRATEGIES, build_strategy
 from agentnet.strategy import StepResult
 from agentnet.training import Trainer, TrainerPlugin, resolve_device, seed_everything
-from agentnet.workers import LeaderSelection
+from agentnet.workers import LeaderSelection, WorkerConv2d, WorkerLinear
 
 __all__ = ["NeuralCollectiveEnv", "parallel_env", "raw_env", "env", "OBS_DIM", "run_config", "squash", "unsquash"]
 
@@ -228,12 +237,25 @@ def run_config(
     optimizer: str = "adam",
     seed: int = 0,
     worker_projection: bool = False,
+    conv: list[dict | ConvLayerConfig] | tuple = (),
 ) -> RunConfig:
-    """The :class:`RunConfig` an env with these arguments trains under (also for an equivalent Trainer)."""
+    """The :class:`RunConfig` an env with these arguments trains under (also for an equivalent Trainer).
+
+    ``conv``: filter-wise conv worker layers in front of ``hidden`` (each a :class:`ConvLayerConfig`
+    or its fields as a dict, e.g. ``{"channels": 20, "pool": 2}``); their workers are agents too.
+    """
+    specs = [c if isinstance(c, ConvLayerConfig) else ConvLayerConfig(**c) for c in conv]
+    for i, spec in enumerate(specs):
+        # Every parameter of the network must belong to exactly one agent: block workers, plain
+        # layers and normalisation layers would leave parameters no action controls.
+        check(spec.block == "none", f"conv[{i}].block", spec.block, "the env exposes filter-wise conv workers only ('none')")
+        check(not spec.plain, f"conv[{i}].plain", spec.plain, "plain layers belong to no agent; the env needs worker layers")
+        check(spec.norm == "none", f"conv[{i}].norm", spec.norm, "normalisation parameters belong to no agent; use 'none'")
     return RunConfig(
         strategy=STRATEGIES.config(strategy),  # a bare name gets exactly what `agentnet strategy=<name>` trains
         model=ModelConfig(
-            name="env", hidden=list(hidden), worker_size=worker_size, activation=activation, worker_projection=worker_projection
+            name="env", hidden=list(hidden), worker_size=worker_size, activation=activation, worker_projection=worker_projection,
+            conv=specs,
         ),
         data=DataConfig(root=data_root, subset=data_subset),
         trainer=TrainerConfig(
@@ -319,7 +341,7 @@ class NeuralCollectiveEnv(ParallelEnv):
         elif action_mode == "scale_centered":
             self.action_spaces = {a: spaces.Box(-1.0, 1.0, shape=(1,), dtype=np.float32) for a in self.possible_agents}
         else:
-            sizes = np.concatenate([[l.weight.shape[1] + 1] * n for l, n in zip(layers, self._agents_per_layer)])
+            sizes = np.concatenate([[l.weight[0].numel() + 1] * n for l, n in zip(layers, self._agents_per_layer)])
             units = np.concatenate([[self._units[i]] * n for i, n in enumerate(self._agents_per_layer)])
             self.action_spaces = {
                 a: spaces.Box(-max_delta, max_delta, shape=(int(units[i] * sizes[i]),), dtype=np.float32)
@@ -366,11 +388,10 @@ class NeuralCollectiveEnv(ParallelEnv):
         self.data = ImageData(train=self._base_data.train.subset(run.data.subset, gen), test=self._base_data.test.subset(2000))
         seed_everything(seed)  # what train() does; the env's stream continues from here
         self.model = build_model(run.model, self.data.input_dim, self.data.num_classes, seed).to(self.device)
-        if not self.model.is_mlp:
-            raise ValueError(
-                "neural_collective_v0 exposes fully connected worker networks (model.conv must be empty); "
-                "train conv and block workers with agentnet's trainer"
-            )
+        if not (all(isinstance(l, (WorkerLinear, WorkerConv2d)) for l in self.model.hidden)
+                and not any(len(stem) for stem in self.model.stems) and all(isinstance(n, torch.nn.Identity) for n in self.model.norms)):
+            raise ValueError("neural_collective_v0 exposes fully connected and filter-wise conv worker layers only "
+                             "(no blocks, plain layers or normalisation); train those with agentnet's trainer")
         self.strategy = build_strategy(run.strategy, self.model)
         # The env steps through the one training loop (Trainer.run), one batch per env step; a
         # plugin hands it the batch each step consumed, for the observations.
@@ -475,7 +496,8 @@ class NeuralCollectiveEnv(ParallelEnv):
             obs[:, 4] = (workers - best.unsqueeze(1)).pow(2).mean((0, 2))
             if attention is not None:
                 obs[:, 5] = attention[li][0].view(W, -1).sum(1)
-            act = layer_record.activation.detach()[0].view(len(x), W, -1)
+            act = layer_record.activation.detach()
+            act = (act[0] if act.dim() == 3 else act).reshape(len(x), W, -1)  # FC (R, B, n); conv (B, R*n, H, W) with R = 1
             obs[:, 6] = act.mean((0, 2))
             obs[:, 7] = act.std((0, 2)) if act.numel() > W else 0.0
             obs[:, 10] = (li + 1) / n_layers
@@ -531,7 +553,8 @@ class NeuralCollectiveEnv(ParallelEnv):
         return {name: self.possible_agents[bounds[i] : bounds[i + 1]] for i, name in enumerate(names)}
 
     def _params(self) -> list[torch.Tensor]:
-        return [torch.cat([l.weight.detach(), l.bias.detach().unsqueeze(1)], 1) for l in self._layers]
+        # One row per unit (a neuron, or a conv filter flattened over its input channels and kernel).
+        return [torch.cat([l.weight.detach().flatten(1), l.bias.detach().unsqueeze(1)], 1) for l in self._layers]
 
     def _scales(self, actions: torch.Tensor) -> list[torch.Tensor] | None:
         actions = actions.to(self.device, torch.float32)
@@ -601,14 +624,14 @@ class NeuralCollectiveEnv(ParallelEnv):
             for li, layer in enumerate(layers):
                 delta = torch.stack([torch.as_tensor(a, dtype=torch.float32) for a in actions[offsets[li] : offsets[li + 1]]])
                 delta = delta.to(self.device).view(layer.weight.shape[0], -1)
-                layer.weight.add_(delta[:, :-1].to(layer.weight.dtype))
+                layer.weight.add_(delta[:, :-1].reshape(layer.weight.shape).to(layer.weight.dtype))
                 layer.bias.add_(delta[:, -1].to(layer.bias.dtype))
 
         return apply
 
     def proposed_gradient(self) -> list[torch.Tensor | None]:
         """The strategy's gradient from the last step, per layer (weights with the bias as last column)."""
-        return [None if l.weight.grad is None else torch.cat([l.weight.grad, l.bias.grad.unsqueeze(1)], 1) for l in self._layers]
+        return [None if l.weight.grad is None else torch.cat([l.weight.grad.flatten(1), l.bias.grad.unsqueeze(1)], 1) for l in self._layers]
 
     def _validate(self, actions) -> None:
         if self.action_mode != "delta":

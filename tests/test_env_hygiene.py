@@ -4,6 +4,7 @@ spaces and scales (issue #14). The libraries themselves are exercised in tests/t
 from __future__ import annotations
 
 import random
+import re
 
 import numpy as np
 import pytest
@@ -329,3 +330,62 @@ def test_group_map_puts_agents_of_one_action_shape_together():
     for agents in groups.values():
         assert len({env.action_space(a).shape for a in agents}) == 1
     assert env.action_space(groups["layer_1"][0]).shape != env.action_space(groups["layer_2"][0]).shape
+
+
+CONV = dict(TINY, conv=[{"channels": 20, "pool": 2}], hidden=(20,))  # 2 filter-wise conv workers, 2 FC workers, output
+
+
+@pytest.mark.parametrize("action_mode", ["scale", "delta"])
+def test_conv_filter_wise_workers_are_agents(action_mode):
+    from pettingzoo.test import api_test, parallel_api_test
+    from pettingzoo.utils import parallel_to_aec
+
+    kwargs = dict(CONV, strategy="lfnn", action_mode=action_mode, max_cycles=4)
+    parallel_api_test(neural_collective_v0.parallel_env(**kwargs), num_cycles=6)
+    api_test(parallel_to_aec(neural_collective_v0.parallel_env(**kwargs)), num_cycles=6)
+    env = neural_collective_v0.parallel_env(**kwargs)
+    assert env.num_workers == 5 and env.group_map["layer_1"] == ["worker_0", "worker_1"]
+    if action_mode == "delta":  # a filter-wise worker's update: its 10 filters (1 x 3 x 3) and biases
+        assert env.action_space("worker_0").shape == (10 * (9 + 1),)
+    env.reset(seed=0)
+    conv = env.model.hidden[0]  # reset builds the episode's network
+    before = conv.weight.detach().clone(), conv.bias.detach().clone()
+    if action_mode == "scale":
+        actions = torch.ones(env.num_workers)
+        actions[0] = 0.0  # freeze worker_0's filters
+        env.step_batched(actions)
+        assert torch.equal(conv.weight[:10], before[0][:10]) and torch.equal(conv.bias[:10], before[1][:10])
+        assert not torch.equal(conv.weight[10:], before[0][10:])
+    else:
+        moves = [np.full(env.action_space(a).shape, 0.01, np.float32) for a in env.possible_agents]
+        env.step_batched(moves)
+        torch.testing.assert_close(conv.weight - before[0], torch.full_like(conv.weight, 0.01))
+        assert env.proposed_gradient()[0].shape == (20, 10)
+
+
+def test_conv_all_ones_reproduces_the_trainer_bit_for_bit():
+    from agentnet.network import build_model
+    from agentnet.registry import build_strategy
+    from agentnet.training import Trainer, seed_everything
+
+    env = neural_collective_v0.parallel_env(strategy="lfnn", max_cycles=10_000, **CONV)
+    env.reset(seed=3)
+    while env.agents:
+        env.step(ones(env))
+    run = neural_collective_v0.run_config(strategy="lfnn", hidden=CONV["hidden"], conv=CONV["conv"], data_subset=640,
+                                          batch_size=64, data_root=CONV["data_root"], seed=3)
+    seed_everything(3)
+    model = build_model(run.model, env.data.input_dim, env.data.num_classes, 3)
+    Trainer(run, model, build_strategy(run.strategy, model), env.data, output_dir=None).fit()
+    for (name, p), q in zip(model.named_parameters(), env.model.parameters()):
+        assert torch.equal(p, q), name
+
+
+@pytest.mark.parametrize(("spec", "field"), [({"channels": 20, "block": "vgg", "workers": 2}, "conv[0].block"),
+                                             ({"channels": 20, "plain": True}, "conv[0].plain"),
+                                             ({"channels": 20, "norm": "batch"}, "conv[0].norm")])
+def test_conv_layers_without_agents_for_every_parameter_are_refused(spec, field):
+    from agentnet.config import ConfigError
+
+    with pytest.raises(ConfigError, match=rf"^{re.escape(field)}="):
+        neural_collective_v0.parallel_env(**{**CONV, "conv": [spec]})
