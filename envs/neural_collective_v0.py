@@ -109,10 +109,11 @@ Stable-Baselines3's ``PPO(seed=...)`` cannot do it through SuperSuit's SB3 wrapp
 ``VecEnv.seed`` to a ``ConcatVecEnv`` that has no ``seed``), hence the explicit seeded reset.
 
 ## Seeding and random generators
-The env owns its random generators and never reads, reseeds or advances Python's, NumPy's or
-torch's global ones: model construction and anything a strategy draws run on the env's own torch
-stream (swapped in and out around each call), so an RL library's exploration noise in the same
-process is unaffected. ``reset(seed=s)`` starts the episode seeded with ``s`` (network, batch order)
+The env owns its random generators and never reseeds or advances Python's, NumPy's or torch's
+global ones: model construction and anything a strategy draws run on the env's own torch stream
+(swapped in and out around each call), so an RL library's exploration noise in the same process is
+unaffected. Python's and NumPy's global states are saved and restored around construction, reset
+and unpickling (which seed them); steps restore torch's only, as strategies draw from torch alone. ``reset(seed=s)`` starts the episode seeded with ``s`` (network, batch order)
 and reseeds the env's own seed stream; ``reset()`` without a seed uses the constructor's ``seed``
 the first time and afterwards draws a fresh episode seed from that stream, so every auto-reset
 episode differs while the whole sequence stays reproducible. ``env.episode_seed`` is the current
@@ -350,16 +351,20 @@ class NeuralCollectiveEnv(ParallelEnv):
 
     # -- construction --------------------------------------------------------------------------
     @contextlib.contextmanager
-    def _own_rng(self) -> Iterator[None]:
+    def _own_rng(self, python_and_numpy: bool = True) -> Iterator[None]:
         """Run a block on the env's own random stream, leaving every global generator as it was.
 
         Model construction (``seed_everything``, ``WorkerNetwork``'s init) and strategies draw from
         torch's global generator; an RL library sharing the process must not see its own noise
         reseeded or consumed by the env. So the block runs with torch's global CPU (and CUDA) state
-        set to the env's saved stream, which is saved back afterwards, and Python's, NumPy's and
-        torch's global states are restored whatever the block did (also when it raises).
+        set to the env's saved stream, which is saved back afterwards, and torch's global state is
+        restored whatever the block did (also when it raises). With ``python_and_numpy`` Python's
+        and NumPy's global states are restored too: construction seeds them (``seed_everything``)
+        and unpickling loads them; steps skip it, since strategies draw only from torch (and saving
+        NumPy's state costs about 0.2 ms, more than a small network's whole step).
         """
-        python_state, numpy_state = random.getstate(), np.random.get_state()
+        python_state = random.getstate() if python_and_numpy else None
+        numpy_state = np.random.get_state() if python_and_numpy else None
         cuda = [self.device.index or 0] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=cuda):
             try:
@@ -371,8 +376,9 @@ class NeuralCollectiveEnv(ParallelEnv):
             finally:
                 self._torch_stream = torch.get_rng_state()
                 self._cuda_stream = torch.cuda.get_rng_state(self.device) if cuda else None
-                random.setstate(python_state)
-                np.random.set_state(numpy_state)
+                if python_and_numpy:
+                    random.setstate(python_state)
+                    np.random.set_state(numpy_state)
 
     def _build(self, seed: int) -> None:
         """(Re)build model, strategy and trainer exactly as :func:`agentnet.training.train` would,
@@ -586,7 +592,7 @@ class NeuralCollectiveEnv(ParallelEnv):
 
     def _step_validated(self, actions):
         plugin = self._step_inputs
-        with self._own_rng():
+        with self._own_rng(python_and_numpy=False):
             if self.action_mode != "delta":
                 result = self.trainer.run(self.trainer.stream, 1, update_scale=self._scales(torch.as_tensor(actions)))
             else:
