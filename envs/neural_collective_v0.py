@@ -331,6 +331,7 @@ class NeuralCollectiveEnv(ParallelEnv):
         self.possible_agents = [f"worker_{i}" for i in range(sum(self._agents_per_layer))]
         self.agents: list[str] = []
         self._index = {a: i for i, a in enumerate(self.possible_agents)}
+        self._base_infos = [{"layer": int(l), "index": int(i)} for l, i in zip(self.layer_of, self.index_in_layer)]
         low, high = _RAW_LOW.copy(), _RAW_HIGH.copy()
         if observation_mode == "squashed":  # squash maps [0, inf) onto [0, 1] and R onto [-1, 1]
             low[SQUASHED], high[SQUASHED] = np.sign(low[SQUASHED]), np.sign(high[SQUASHED])
@@ -348,6 +349,7 @@ class NeuralCollectiveEnv(ParallelEnv):
                 a: spaces.Box(-max_delta, max_delta, shape=(int(units[i] * sizes[i]),), dtype=np.float32)
                 for i, a in enumerate(self.possible_agents)
             }
+        self._action_shapes = [self.action_spaces[a].shape for a in self.possible_agents]
 
     # -- construction --------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -696,8 +698,8 @@ class NeuralCollectiveEnv(ParallelEnv):
         return {a: obs_np[i] for i, a in enumerate(self.agents)}, {a: self._agent_info(i, no_batch) for i, a in enumerate(self.agents)}
 
     def _agent_info(self, i: int, extra: dict | None = None) -> dict:
-        info = {"layer": int(self.layer_of[i]), "index": int(self.index_in_layer[i])}
-        return info if extra is None else {**info, **extra}
+        info = self._base_infos[i]
+        return dict(info) if extra is None else {**info, **extra}
 
     def step(self, actions: dict[str, Any]):
         """One mini-batch: every live agent's action (an array of its action space's shape) is applied.
@@ -713,7 +715,7 @@ class NeuralCollectiveEnv(ParallelEnv):
         missing = set(self.agents) - set(actions)
         if missing:
             raise ValueError(f"no action for {sorted(missing)[:5]}{'...' if len(missing) > 5 else ''}")
-        per_agent = [self._agent_action(a, actions[a]) for a in self.possible_agents]
+        per_agent = [self._agent_action(a, actions[a], shape) for a, shape in zip(self.possible_agents, self._action_shapes)]
         if self.action_mode != "delta":
             batched = torch.as_tensor(np.concatenate(per_agent))
             self._validate(batched)  # bounds and NaN, naming the agent
@@ -730,15 +732,16 @@ class NeuralCollectiveEnv(ParallelEnv):
         infos = {a: self._agent_info(i, info) for i, a in enumerate(agents)}
         return observations, reward_d, terms, truncs, infos
 
-    def _agent_action(self, agent: str, action: Any) -> np.ndarray:
-        """``agent``'s action as float32 of exactly its space's shape (no broadcasting, no squeezing)."""
+    def _agent_action(self, agent: str, action: Any, expected: tuple[int, ...]) -> np.ndarray:
+        """``agent``'s action as float32 of exactly its space's shape ``expected`` (no broadcasting, no squeezing)."""
+        if type(action) is np.ndarray and action.shape == expected and action.dtype.kind == "f":
+            return action.astype(np.float32, copy=False)  # the common case, kept cheap (dict overhead per agent)
         if isinstance(action, torch.Tensor):
             action = action.detach().cpu().numpy()
         try:
             a = np.asarray(action, dtype=np.float32)
         except (TypeError, ValueError) as exc:
             raise ValueError(f"{agent}: action {action!r} is not numeric ({exc})") from exc
-        expected = self.action_spaces[agent].shape
         if a.shape != expected:
             raise ValueError(f"{agent}: action shape {a.shape}, expected {expected} (its action_space)")
         return a
