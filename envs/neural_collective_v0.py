@@ -187,7 +187,7 @@ from gymnasium import spaces
 from pettingzoo import ParallelEnv
 from pettingzoo.utils import parallel_to_aec, wrappers
 
-from agentnet.config import ConfigError, ConvLayerConfig, DataConfig, ModelConfig, RunConfig, TrainerConfig, check
+from agentnet.config import ConvLayerConfig, DataConfig, ModelConfig, RunConfig, TrainerConfig, check
 from agentnet.data import ImageData, load_mnist
 from agentnet.network import WorkerNetwork, build_model
 from agentnet.registry import STRATEGIES, build_strategy
