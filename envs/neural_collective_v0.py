@@ -1,7 +1,8 @@
 """# Neural Collective
 
 A neural network trained on real MNIST, seen as a multi-agent system: every **worker** of every
-hidden layer (a group of ``k`` neurons) and the output layer are the agents. One ``step`` consumes
+hidden layer (a group of ``k`` neurons, or of ``k`` filters in a conv layer) and the output layer
+are the agents. One ``step`` consumes
 one mini-batch: each worker's strategy (``bp``, ``lfnn``, ``lfnn_local``, ``attention``, or any
 registered one) proposes an update to the worker's own incoming weights, and the agent's action
 decides what is applied.
@@ -12,13 +13,23 @@ decides what is applied.
 | Actions | continuous |
 | Parallel API | yes (native); AEC through ``parallel_to_aec`` |
 | Agents | ``worker_0`` … ``worker_{N-1}``: hidden workers layer by layer, then the output layer |
-| Observation shape | ``(11,)`` float32, the same for every agent |
-| Action shape | scale mode ``(1,)`` in ``[0, max_scale]``; delta mode the agent's own parameter count |
+| Observation shape | ``(11,)`` float32, the same for every agent; finite bounds (squashed, the default) |
+| Action shape | ``(1,)`` in ``[0, max_scale]`` (scale) or ``[-1, 1]`` (scale_centered); delta mode the agent's own parameter count |
+| State shape | ``(N * 11,)`` float32: every agent's observation (``state()``, ``state_space``) |
 
 ## Agents
 For the default network (two hidden layers of 40 units, workers of 10) there are 4 + 4 workers plus
-the output agent. ``infos[agent]`` holds ``layer`` (1-based; the output layer is ``L+1``), ``index``
-within the layer, and the global metrics of the last step (``batch_loss``, ``batch_acc``).
+the output agent. With ``conv=[{"channels": 20, "pool": 2}]`` the network starts with a conv layer
+of filter-wise workers (``channels / worker_size`` workers of ``k`` filters each, their maps
+globally average-pooled to predict); they are agents like the others, layer 1. Only filter-wise
+conv layers without normalisation or plain layers are accepted (``ConfigError`` naming
+``conv[i].block`` / ``.plain`` / ``.norm`` otherwise): every parameter belongs to exactly one agent.
+In delta mode a conv worker's action holds its ``k`` filters flattened (``in_channels * kernel**2``
+values each) plus their biases. ``infos[agent]`` holds ``layer`` (1-based; the output layer is ``L+1``), ``index``
+within the layer, ``cycle`` (steps taken in the episode) and the global metrics of the last step
+(``batch_loss``, ``batch_acc``). ``reset`` returns the same keys (vectorising libraries such as
+TorchRL preallocate infos from the reset); as no batch has been consumed then, ``cycle`` is 0 and
+both metrics are 0.0.
 
 ## Observation (local signals only)
 | index | signal |
@@ -33,38 +44,113 @@ within the layer, and the global metrics of the last step (``batch_loss``, ``bat
 | 10 | depth: layer / (L + 1) |
 
 Signals describe the batch just consumed, before the update (the strategy's own forward pass).
+"The global loss" is the task loss of the output on the batch (cross-entropy), not the strategy's
+whole objective.
+
+``observation_mode="squashed"`` (default): entries 3-9 are passed through ``squash(x) = x / (1 + |x|)``,
+monotone and sign-preserving, so the space has finite bounds (``[0, 1]``; ``[-1, 1]`` for entry 6)
+as RL libraries' normalisers and PettingZoo's ``api_test`` expect; ``unsquash(y) = y / (1 - |y|)``
+recovers the signal. ``observation_mode="raw"``: the signals themselves, with infinite upper bounds
+(``api_test`` warns about them; for analysis rather than for RL libraries).
+
+## State
+``state()`` returns every agent's current observation concatenated in ``possible_agents`` order, a
+global state for centralised critics (MAPPO, QMIX; TorchRL's ``return_state=True``); its space is
+``state_space``. Before the first ``reset`` it raises.
 
 ## Actions
 * ``action_mode="scale"`` (default): a multiplier in ``[0, max_scale]`` on the update the agent's
   strategy proposes for its weights this step (``w <- w_old + a * (w_new - w_old)``; ``a = 0``
   leaves them bit-identical, ``a = 1`` is exactly the strategy's own step).
+* ``action_mode="scale_centered"``: the same multiplier, reached from an action ``u`` in ``[-1, 1]``
+  centred on the strategy's own step: ``[-1, 0]`` maps linearly onto ``[0, 1]`` and ``[0, 1]`` onto
+  ``[1, max_scale]`` (``max_scale >= 1``), so ``u = 0`` is exactly the strategy's step (bit for bit)
+  and ``u = -1`` freezes the worker. An untrained zero-mean Gaussian policy thus starts by following
+  the strategy instead of freezing the network, as it would at ``a = 0`` in scale mode.
 * ``action_mode="delta"``: the agent's own parameter update, a flat vector over its weight rows and
   biases (``k * (fan_in + 1)`` values), each in ``[-max_delta, max_delta]``, added directly; the
   optimiser does not step. The strategy's proposed gradient is available as ``env.proposed_gradient()``.
 
-Actions outside the space (NaN, out of bounds, wrong shape, unknown agent) raise ``ValueError``
-naming the agent; nothing is applied.
+Every action is checked against its own agent's space before anything is applied: a wrong shape
+(a scalar or ``(1, 1)`` where the space is ``(1,)`` included — nothing is broadcast or squeezed), a
+non-numeric value, NaN, a value out of bounds, an unknown or a missing agent raise ``ValueError``
+naming the agent. Any real dtype (float64 from SB3, torch tensors) of the right shape is accepted.
 
 ## Rewards
-Each agent's own local objective on the batch: ``lfnn`` / ``lfnn_local`` workers get minus their
-weighted local loss (leader prediction loss or follower alignment), ``attention`` workers the
-attention they received, ``bp`` workers and the output agent minus the global loss.
+Each agent's own local objective on the batch: ``lfnn`` / ``lfnn_local`` workers (and any strategy
+that reports per-worker objectives) get minus their weighted local loss (leader prediction loss or
+follower alignment), ``attention`` workers the attention they received, ``bp`` workers and the
+output agent minus the global loss — the task loss on the batch (cross-entropy, about 2.3 for an
+untrained 10-way network), never the strategy's whole objective (LFNN's sums every worker's terms).
+``infos[agent]["batch_loss"]`` is that global loss too. ``reward_scale`` (positive, default 1)
+multiplies every reward.
+
+## Groups
+``env.group_map`` groups the agents by layer (``layer_1``, …, ``output``); agents of a group share
+their action shape in every mode. In delta mode pass it to TorchRL
+(``PettingZooWrapper(env, group_map=env.group_map)``): TorchRL's default groups every ``worker_<i>``
+together and cannot stack the layers' different action shapes. In the scale modes the default works.
+
+## With MARL libraries
+Tested in ``tests/test_env_marl.py`` (the ``marl`` extra installs the libraries)::
+
+    import supersuit as ss, stable_baselines3 as sb3
+    par = neural_collective_v0.parallel_env(action_mode="scale_centered", max_cycles=100)
+    vec = ss.concat_vec_envs_v1(ss.pettingzoo_env_to_vec_env_v1(par), 4, base_class="stable_baselines3")
+    vec.venv.reset(seed=0)  # the 4 copies are exact clones: seed them apart once (copy i: seed 0 + i)
+    sb3.PPO("MlpPolicy", vec).learn(10_000)
+
+    from torchrl.envs.libs.pettingzoo import PettingZooWrapper
+    par = neural_collective_v0.parallel_env(action_mode="delta")
+    env = PettingZooWrapper(env=par, return_state=True, group_map=par.group_map)  # one group per layer
+
+SuperSuit copies the env by pickling, so its copies share the seed stream until seeded apart;
+Stable-Baselines3's ``PPO(seed=...)`` cannot do it through SuperSuit's SB3 wrapper (it forwards
+``VecEnv.seed`` to a ``ConcatVecEnv`` that has no ``seed``), hence the explicit seeded reset.
+
+## Seeding and random generators
+The env owns its random generators and never reseeds or advances Python's, NumPy's or torch's
+global ones: model construction and anything a strategy draws run on the env's own torch stream
+(swapped in and out around each call), so an RL library's exploration noise in the same process is
+unaffected. Python's and NumPy's global states are saved and restored around construction, reset
+and unpickling (which seed them); steps restore torch's only, as strategies draw from torch alone. ``reset(seed=s)`` starts the episode seeded with ``s`` (network, batch order)
+and reseeds the env's own seed stream; ``reset()`` without a seed uses the constructor's ``seed``
+the first time and afterwards draws a fresh episode seed from that stream, so every auto-reset
+episode differs while the whole sequence stays reproducible. ``env.episode_seed`` is the current
+episode's seed. ``reset``'s ``options`` are accepted (the API requires them) but none are read.
+
+## Pickling and copying
+The env pickles (and ``copy.deepcopy``-s) at any point — before ``reset``, mid-episode, after the
+end — and the copy continues exactly where the original was: same observations, rewards and
+weights for the same actions, and the same unseeded episodes after it. The pickle holds the
+constructor's arguments and the training state as tensors (model, optimiser, strategy and leader
+selection, batch-stream position, generator states): a few hundred kB for the default network, never
+the dataset, which the copy reloads through the loader's per-process cache (vector-env workers in
+other processes read it from ``data_root``).
 
 ## Episode
 Ends (``terminations``) when the data stream is exhausted (``epochs`` passes over the training
-subset) or is truncated at ``max_cycles`` steps. Every step goes through the trainer's one loop
+subset) or is truncated at ``max_cycles`` steps (a positive integer). Stepping after the end (or
+before the first ``reset``) raises ``RuntimeError("... episode over; call reset()")``; so does
+``step_batched``, which shares the episode with the dict API. Every step goes through the trainer's one loop
 (``Trainer.run``), so epochs close as in a training run: leader-selection bookkeeping, a history
 entry and an evaluation on the env's 2000 test examples (``env.trainer.history``). With every
 action equal to 1 (scale mode), the env reproduces :class:`agentnet.training.Trainer` exactly for
 the same seed and settings.
 
 ## Arguments
+Invalid arguments raise :class:`agentnet.config.ConfigError` (a ``ValueError``) whose message
+starts with the field, e.g. ``max_cycles=0: must be a positive whole number of steps``.
+
 ``neural_collective_v0.parallel_env(strategy="lfnn", hidden=(40, 40), worker_size=10, activation="relu",
 batch_size=64, data_subset=2000, epochs=1, data_root=None, device="cpu", max_cycles=100,
-action_mode="scale", max_scale=2.0, max_delta=0.1, lr=1e-3, optimizer="adam", seed=0, render_mode=None,
+action_mode="scale", max_scale=2.0, max_delta=0.1, observation_mode="squashed", reward_scale=1.0,
+lr=1e-3, optimizer="adam", seed=0, render_mode=None, conv=(),
 worker_projection=False)``
 
 ``strategy`` is a registered name or a dict config (``{"name": "lfnn", "delta": 0.3}``).
+``conv`` lists filter-wise conv worker layers (dicts of :class:`agentnet.config.ConvLayerConfig`
+fields) placed before ``hidden``.
 
 ## Rendering
 ``render_mode="ansi"``: a per-layer map (``L`` leader, ``f`` follower, ``.`` worker, ``O`` output);
@@ -73,17 +159,27 @@ worker_projection=False)``
 
 ## Fast path
 ``step_batched(actions: Tensor) -> (obs (N, 11), rewards (N,), terminated, truncated, info)``
-runs the same step on tensors (scale mode: ``actions`` of shape ``(N,)``); the dict API is a thin
-adapter over it.
+runs the same step on tensors (scale modes: ``actions`` of shape ``(N,)``; delta mode: a list of N
+flat tensors); the dict API is a thin adapter over it. Observations are presented as the dict API's
+(``observation_mode``).
 
 ## Version history
 * v0: initial release.
+* v0, issue #14 (changes what v0 returned; conv models accepted): observations squashed into finite bounds by default
+  (``observation_mode="raw"`` gives the old values); the output agent's reward, the ``bp`` workers'
+  and ``batch_loss`` are the task loss, no longer the strategy's whole objective; ``reset()``
+  without a seed starts a new episode; stepping after the end raises; ``step_batched`` honours
+  ``max_cycles``; new ``scale_centered`` action mode, ``reward_scale``, ``state()``, ``group_map``;
+  picklable.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from typing import Any
+import math
+import random
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -91,18 +187,35 @@ from gymnasium import spaces
 from pettingzoo import ParallelEnv
 from pettingzoo.utils import parallel_to_aec, wrappers
 
-from agentnet.config import DataConfig, ModelConfig, RunConfig, TrainerConfig
+from agentnet.config import ConvLayerConfig, DataConfig, ModelConfig, RunConfig, TrainerConfig, check
 from agentnet.data import ImageData, load_mnist
 from agentnet.network import WorkerNetwork, build_model
 from agentnet.registry import STRATEGIES, build_strategy
 from agentnet.strategy import StepResult
 from agentnet.training import Trainer, TrainerPlugin, resolve_device, seed_everything
-from agentnet.workers import LeaderSelection
+from agentnet.workers import LeaderSelection, WorkerConv2d, WorkerLinear
 
-__all__ = ["NeuralCollectiveEnv", "parallel_env", "raw_env", "env", "OBS_DIM", "run_config"]
+__all__ = ["NeuralCollectiveEnv", "parallel_env", "raw_env", "env", "OBS_DIM", "run_config", "squash", "unsquash"]
 
 OBS_DIM = 11
 ROLE_LEADER, ROLE_FOLLOWER, ROLE_OUTPUT = 0, 1, 2
+ACTION_MODES = ("scale", "scale_centered", "delta")
+OBSERVATION_MODES = ("squashed", "raw")
+#: Observation entries that are unbounded signals (losses, distances, statistics, norms): squashed
+#: by default; the role one-hot (0-2) and the depth (10) already lie in [0, 1].
+SQUASHED = slice(3, 10)
+_RAW_LOW = np.array([0, 0, 0, 0, 0, 0, -np.inf, 0, 0, 0, 0], dtype=np.float32)
+_RAW_HIGH = np.array([1, 1, 1, np.inf, np.inf, np.inf, np.inf, np.inf, np.inf, np.inf, 1], dtype=np.float32)
+
+
+def squash(x: torch.Tensor) -> torch.Tensor:
+    """``x / (1 + |x|)``: monotone, sign-preserving, onto ``(-1, 1)``; its inverse is :func:`unsquash`."""
+    return x / (1 + x.abs())
+
+
+def unsquash(y: torch.Tensor) -> torch.Tensor:
+    """The raw signal back from a squashed one: ``y / (1 - |y|)``."""
+    return y / (1 - y.abs())
 
 
 @functools.lru_cache(maxsize=4)
@@ -125,12 +238,25 @@ def run_config(
     optimizer: str = "adam",
     seed: int = 0,
     worker_projection: bool = False,
+    conv: list[dict | ConvLayerConfig] | tuple = (),
 ) -> RunConfig:
-    """The :class:`RunConfig` an env with these arguments trains under (also for an equivalent Trainer)."""
+    """The :class:`RunConfig` an env with these arguments trains under (also for an equivalent Trainer).
+
+    ``conv``: filter-wise conv worker layers in front of ``hidden`` (each a :class:`ConvLayerConfig`
+    or its fields as a dict, e.g. ``{"channels": 20, "pool": 2}``); their workers are agents too.
+    """
+    specs = [c if isinstance(c, ConvLayerConfig) else ConvLayerConfig(**c) for c in conv]
+    for i, spec in enumerate(specs):
+        # Every parameter of the network must belong to exactly one agent: block workers, plain
+        # layers and normalisation layers would leave parameters no action controls.
+        check(spec.block == "none", f"conv[{i}].block", spec.block, "the env exposes filter-wise conv workers only ('none')")
+        check(not spec.plain, f"conv[{i}].plain", spec.plain, "plain layers belong to no agent; the env needs worker layers")
+        check(spec.norm == "none", f"conv[{i}].norm", spec.norm, "normalisation parameters belong to no agent; use 'none'")
     return RunConfig(
         strategy=STRATEGIES.config(strategy),  # a bare name gets exactly what `agentnet strategy=<name>` trains
         model=ModelConfig(
-            name="env", hidden=list(hidden), worker_size=worker_size, activation=activation, worker_projection=worker_projection
+            name="env", hidden=list(hidden), worker_size=worker_size, activation=activation, worker_projection=worker_projection,
+            conv=specs,
         ),
         data=DataConfig(root=data_root, subset=data_subset),
         trainer=TrainerConfig(
@@ -160,23 +286,44 @@ class NeuralCollectiveEnv(ParallelEnv):
         max_scale: float = 2.0,
         max_delta: float = 0.1,
         render_mode: str | None = None,
+        observation_mode: str = "squashed",
+        reward_scale: float = 1.0,
         **run_args: Any,
     ) -> None:
         """``run_args`` are :func:`run_config`'s (strategy, network, data, device, optimiser, seed)."""
-        if action_mode not in ("scale", "delta"):
-            raise ValueError(f"action_mode={action_mode!r}: choose 'scale' or 'delta'")
-        if render_mode not in (None, "ansi", "rgb_array", "human"):
-            raise ValueError(f"render_mode={render_mode!r}: choose ansi, rgb_array or human")
-        if max_scale <= 0 or max_delta <= 0:
-            raise ValueError("max_scale and max_delta must be positive")
+        # Kept to rebuild the env on unpickling (the pickle holds state, not the dataset).
+        self._init_args = dict(
+            max_cycles=max_cycles, action_mode=action_mode, max_scale=max_scale, max_delta=max_delta,
+            render_mode=render_mode, observation_mode=observation_mode, reward_scale=reward_scale, **run_args,
+        )
+        check(action_mode in ACTION_MODES, "action_mode", action_mode, f"choose one of {ACTION_MODES}")
+        check(observation_mode in OBSERVATION_MODES, "observation_mode", observation_mode, f"choose one of {OBSERVATION_MODES}")
+        check(render_mode in (None, "ansi", "rgb_array", "human"), "render_mode", render_mode, "choose ansi, rgb_array, human or None")
+        check(isinstance(max_cycles, (int, np.integer)) and not isinstance(max_cycles, bool) and max_cycles > 0,
+              "max_cycles", max_cycles, "must be a positive whole number of steps")
+        for key, value in (("max_scale", max_scale), ("max_delta", max_delta), ("reward_scale", reward_scale)):
+            check(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0,
+                  key, value, "must be a positive finite number")
+        check(action_mode != "scale_centered" or max_scale >= 1, "max_scale", max_scale,
+              "action_mode='scale_centered' maps 0 to scale 1 and 1 to max_scale, so it must be at least 1")
         self.run = run_config(**run_args)
         self.max_cycles = max_cycles
         self.action_mode = action_mode
         self.max_scale = max_scale
         self.max_delta = max_delta
         self.render_mode = render_mode
+        self.observation_mode = observation_mode
+        self.reward_scale = float(reward_scale)
         self.device = resolve_device(self.run.device)
         self._base_data = _mnist(self.run.data.root, str(self.device))
+        # The env's own generators: torch's stream (model init, strategies' draws) lives in
+        # _torch_stream between steps; episode seeds for reset() without a seed come from _seeder.
+        self._torch_stream: torch.Tensor | None = None
+        self._cuda_stream: torch.Tensor | None = None
+        self._seeder = np.random.default_rng(self.run.seed)
+        self._pending_seed: int | None = self.run.seed  # the first unseeded reset() uses the constructor's seed
+        self.cycles = 0
+        self._started = False  # whether reset() was called: stepping before it is an error
         self._build(self.run.seed)
         layers = self._layers
         self.layer_of = np.concatenate([np.full(n, i + 1) for i, n in enumerate(self._agents_per_layer)])
@@ -184,33 +331,75 @@ class NeuralCollectiveEnv(ParallelEnv):
         self.possible_agents = [f"worker_{i}" for i in range(sum(self._agents_per_layer))]
         self.agents: list[str] = []
         self._index = {a: i for i, a in enumerate(self.possible_agents)}
-        low = np.array([0, 0, 0, 0, 0, 0, -np.inf, 0, 0, 0, 0], dtype=np.float32)
-        high = np.array([1, 1, 1, np.inf, np.inf, np.inf, np.inf, np.inf, np.inf, np.inf, 1], dtype=np.float32)
+        self._base_infos = [{"layer": int(l), "index": int(i)} for l, i in zip(self.layer_of, self.index_in_layer)]
+        low, high = _RAW_LOW.copy(), _RAW_HIGH.copy()
+        if observation_mode == "squashed":  # squash maps [0, inf) onto [0, 1] and R onto [-1, 1]
+            low[SQUASHED], high[SQUASHED] = np.sign(low[SQUASHED]), np.sign(high[SQUASHED])
         self.observation_spaces = {a: spaces.Box(low, high, dtype=np.float32) for a in self.possible_agents}
+        # The global state for centralised critics: every agent's observation, in agent order.
+        self.state_space = spaces.Box(np.tile(low, self.num_workers), np.tile(high, self.num_workers), dtype=np.float32)
         if action_mode == "scale":
             self.action_spaces = {a: spaces.Box(0.0, max_scale, shape=(1,), dtype=np.float32) for a in self.possible_agents}
+        elif action_mode == "scale_centered":
+            self.action_spaces = {a: spaces.Box(-1.0, 1.0, shape=(1,), dtype=np.float32) for a in self.possible_agents}
         else:
-            sizes = np.concatenate([[l.weight.shape[1] + 1] * n for l, n in zip(layers, self._agents_per_layer)])
+            sizes = np.concatenate([[l.weight[0].numel() + 1] * n for l, n in zip(layers, self._agents_per_layer)])
             units = np.concatenate([[self._units[i]] * n for i, n in enumerate(self._agents_per_layer)])
             self.action_spaces = {
                 a: spaces.Box(-max_delta, max_delta, shape=(int(units[i] * sizes[i]),), dtype=np.float32)
                 for i, a in enumerate(self.possible_agents)
             }
+        self._action_shapes = [self.action_spaces[a].shape for a in self.possible_agents]
 
     # -- construction --------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _own_rng(self, python_and_numpy: bool = True) -> Iterator[None]:
+        """Run a block on the env's own random stream, leaving every global generator as it was.
+
+        Model construction (``seed_everything``, ``WorkerNetwork``'s init) and strategies draw from
+        torch's global generator; an RL library sharing the process must not see its own noise
+        reseeded or consumed by the env. So the block runs with torch's global CPU (and CUDA) state
+        set to the env's saved stream, which is saved back afterwards, and torch's global state is
+        restored whatever the block did (also when it raises). With ``python_and_numpy`` Python's
+        and NumPy's global states are restored too: construction seeds them (``seed_everything``)
+        and unpickling loads them; steps skip it, since strategies draw only from torch (and saving
+        NumPy's state costs about 0.2 ms, more than a small network's whole step).
+        """
+        python_state = random.getstate() if python_and_numpy else None
+        numpy_state = np.random.get_state() if python_and_numpy else None
+        cuda = [self.device.index or 0] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda):
+            try:
+                if self._torch_stream is not None:
+                    torch.set_rng_state(self._torch_stream)
+                    if cuda:
+                        torch.cuda.set_rng_state(self._cuda_stream, self.device)
+                yield
+            finally:
+                self._torch_stream = torch.get_rng_state()
+                self._cuda_stream = torch.cuda.get_rng_state(self.device) if cuda else None
+                if python_and_numpy:
+                    random.setstate(python_state)
+                    np.random.set_state(numpy_state)
+
     def _build(self, seed: int) -> None:
-        """(Re)build model, strategy and trainer exactly as :func:`agentnet.training.train` would."""
+        """(Re)build model, strategy and trainer exactly as :func:`agentnet.training.train` would,
+        on the env's own random stream (seeded with ``seed``; global generators untouched)."""
+        with self._own_rng():
+            self._build_seeded(seed)
+
+    def _build_seeded(self, seed: int) -> None:
         run = self.run
         run.seed = seed
+        self.episode_seed = seed
         gen = torch.Generator().manual_seed(0)  # the subset train() uses: the same for every seed
         self.data = ImageData(train=self._base_data.train.subset(run.data.subset, gen), test=self._base_data.test.subset(2000))
-        seed_everything(seed)
+        seed_everything(seed)  # what train() does; the env's stream continues from here
         self.model = build_model(run.model, self.data.input_dim, self.data.num_classes, seed).to(self.device)
-        if not self.model.is_mlp:
-            raise ValueError(
-                "neural_collective_v0 exposes fully connected worker networks (model.conv must be empty); "
-                "train conv and block workers with agentnet's trainer"
-            )
+        if not (all(isinstance(l, (WorkerLinear, WorkerConv2d)) for l in self.model.hidden)
+                and not any(len(stem) for stem in self.model.stems) and all(isinstance(n, torch.nn.Identity) for n in self.model.norms)):
+            raise ValueError("neural_collective_v0 exposes fully connected and filter-wise conv worker layers only "
+                             "(no blocks, plain layers or normalisation); train those with agentnet's trainer")
         self.strategy = build_strategy(run.strategy, self.model)
         # The env steps through the one training loop (Trainer.run), one batch per env step; a
         # plugin hands it the batch each step consumed, for the observations.
@@ -225,6 +414,50 @@ class NeuralCollectiveEnv(ParallelEnv):
         self._observer = LeaderSelection(1.0, "batch", self.model.workers_per_layer, self.device)
         self._last_params = [p.clone() for p in self._params()]
         self._last_update = torch.zeros(sum(self._agents_per_layer), device=self.device)
+
+    # -- pickling --------------------------------------------------------------------------------
+    def __getstate__(self) -> dict:
+        """What a copy needs to continue exactly: the constructor's arguments and the training
+        state as tensors (model, optimiser, strategy, batch stream, generator states) — never the
+        dataset (reloaded through the loader's per-process cache) nor generator objects."""
+        with self._own_rng():
+            # Inside, torch's global state is the env's stream: the trainer's "rng" entry records it
+            # (and loading it back inside the same guard touches nothing global).
+            trainer = self.trainer.state_dict()
+        return {
+            "format": 1,
+            "init": dict(self._init_args),
+            "episode_seed": self.episode_seed,
+            "trainer": trainer,
+            "observer": self._observer.state_dict(),
+            "torch_stream": self._torch_stream,
+            "cuda_stream": self._cuda_stream,
+            "seeder": self._seeder.bit_generator.state,
+            "pending_seed": self._pending_seed,
+            "agents": list(self.agents),
+            "started": self._started,
+            "cycles": self.cycles,
+            "last_params": self._last_params,
+            "last_update": self._last_update,
+            "last_obs": getattr(self, "_last_obs", None),
+        }
+
+    def __setstate__(self, state: dict) -> None:
+        if state.get("format") != 1:
+            raise ValueError(f"neural_collective_v0: cannot unpickle state format {state.get('format')!r} (expected 1)")
+        self.__init__(**state["init"])
+        self._build(state["episode_seed"])
+        with self._own_rng():
+            self.trainer.load_state_dict(state["trainer"])
+            self._observer.load_state_dict(state["observer"])
+        self._torch_stream, self._cuda_stream = state["torch_stream"], state["cuda_stream"]
+        self._seeder.bit_generator.state = state["seeder"]
+        self._pending_seed = state["pending_seed"]
+        self.agents, self.cycles, self._started = list(state["agents"]), state["cycles"], state["started"]
+        self._last_params = [p.to(self.device) for p in state["last_params"]]
+        self._last_update = state["last_update"].to(self.device)
+        if state["last_obs"] is not None:
+            self._last_obs = state["last_obs"].to(self.device)
 
     def observation_space(self, agent: str) -> spaces.Space:
         return self.observation_spaces[agent]
@@ -251,7 +484,9 @@ class NeuralCollectiveEnv(ParallelEnv):
                 record = self.model.forward_record(x, y, selection=self._observer)
         has_roles = result.record is not None and result.record.layers[0].leaders is not None
         attention = result.signals.get("attention_received")
-        global_loss = result.loss.detach()[0]
+        # The task loss on the batch (not result.loss, which is the strategy's whole objective,
+        # e.g. LFNN's L_g + lambda1 * leader losses + lambda2 * alignment).
+        global_loss = self._global_loss(result, y)
         rows, rewards = [], []
         n_layers = len(self._layers)
         for li, layer_record in enumerate(record.layers):
@@ -269,7 +504,8 @@ class NeuralCollectiveEnv(ParallelEnv):
             obs[:, 4] = (workers - best.unsqueeze(1)).pow(2).mean((0, 2))
             if attention is not None:
                 obs[:, 5] = attention[li][0].view(W, -1).sum(1)
-            act = layer_record.activation.detach()[0].view(len(x), W, -1)
+            act = layer_record.activation.detach()
+            act = (act[0] if act.dim() == 3 else act).reshape(len(x), W, -1)  # FC (R, B, n); conv (B, R*n, H, W) with R = 1
             obs[:, 6] = act.mean((0, 2))
             obs[:, 7] = act.std((0, 2)) if act.numel() > W else 0.0
             obs[:, 10] = (li + 1) / n_layers
@@ -292,12 +528,48 @@ class NeuralCollectiveEnv(ParallelEnv):
         with torch.no_grad():
             obs[:, 8] = torch.cat([p.view(n, -1).norm(dim=1) for p, n in zip(self._params(), self._agents_per_layer)])
         obs[:, 9] = self._last_update
-        return obs, torch.cat(rewards).float()
+        return obs, torch.cat(rewards).float() * self.reward_scale
+
+    def _global_loss(self, result: StepResult, y: torch.Tensor) -> torch.Tensor:
+        """The task (prediction) loss of the step's forward pass on the batch it consumed, a scalar."""
+        with torch.no_grad():
+            return self.model.global_loss(result.logits.detach()[:, : len(y)], y.unsqueeze(0))[0]
+
+    def _present(self, obs: torch.Tensor) -> torch.Tensor:
+        """Observations as the agents receive them (``observation_mode``); the env keeps them raw."""
+        if self.observation_mode == "raw":
+            return obs
+        out = obs.clone()
+        out[:, SQUASHED] = squash(obs[:, SQUASHED])
+        return out
+
+    def state(self) -> np.ndarray:
+        """The global state for centralised critics: every agent's current observation, concatenated
+        in ``possible_agents`` order (``state_space``: ``(N * 11,)`` float32)."""
+        if not self._started:
+            raise RuntimeError("neural_collective_v0: no episode started; call reset()")
+        return self._present(self._last_obs).reshape(-1).cpu().numpy()
+
+    @property
+    def group_map(self) -> dict[str, list[str]]:
+        """Agents grouped by layer (``layer_1``, ..., ``output``): agents of a group share their
+        action shape in every mode. Pass it to TorchRL's ``PettingZooWrapper(group_map=...)`` in
+        delta mode, where the default grouping (by name prefix: all ``worker_*`` together) cannot
+        stack the layers' different action shapes."""
+        bounds = np.cumsum([0, *self._agents_per_layer])
+        names = [f"layer_{i + 1}" for i in range(len(self._agents_per_layer) - 1)] + ["output"]
+        return {name: self.possible_agents[bounds[i] : bounds[i + 1]] for i, name in enumerate(names)}
 
     def _params(self) -> list[torch.Tensor]:
-        return [torch.cat([l.weight.detach(), l.bias.detach().unsqueeze(1)], 1) for l in self._layers]
+        # One row per unit (a neuron, or a conv filter flattened over its input channels and kernel).
+        return [torch.cat([l.weight.detach().flatten(1), l.bias.detach().unsqueeze(1)], 1) for l in self._layers]
 
     def _scales(self, actions: torch.Tensor) -> list[torch.Tensor] | None:
+        actions = actions.to(self.device, torch.float32)
+        if self.action_mode == "scale_centered":
+            # [-1, 0] onto [0, 1] and [0, 1] onto [1, max_scale]: 0 is exactly the strategy's step,
+            # so an untrained zero-mean Gaussian policy starts by following the strategy.
+            actions = torch.where(actions <= 0, 1 + actions, 1 + actions * (self.max_scale - 1))
         if bool((actions == 1).all()):
             return None  # the trainer's own step, bit for bit
         chunks = torch.split(actions.to(self.device, torch.float32), self._agents_per_layer)
@@ -306,25 +578,41 @@ class NeuralCollectiveEnv(ParallelEnv):
     def step_batched(self, actions: torch.Tensor | list[torch.Tensor]):
         """One step on tensors. Scale mode: ``actions`` ``(N,)``; delta mode: a list of N flat tensors.
 
-        Returns ``(observations (N, 11), rewards (N,), terminated, truncated, info)``.
+        Returns ``(observations (N, 11), rewards (N,), terminated, truncated, info)``. The episode
+        is the same as the dict API's: it ends at ``max_cycles`` steps or when the data stream is
+        exhausted, after which stepping raises until ``reset()``.
         """
+        self._check_running()
         self._validate(actions)
-        if self.trainer.step >= self.stream_steps:
-            raise RuntimeError("the data stream is exhausted; call reset()")
+        return self._step_validated(actions)
+
+    def _check_running(self) -> None:
+        if not self.agents:
+            if self._started:
+                raise RuntimeError("neural_collective_v0: episode over; call reset()")
+            raise RuntimeError("neural_collective_v0: no episode started; call reset()")
+
+    def _step_validated(self, actions):
         plugin = self._step_inputs
-        if self.action_mode == "scale":
-            result = self.trainer.run(self.trainer.stream, 1, update_scale=self._scales(torch.as_tensor(actions)))
-        else:
-            result = self.trainer.run(self.trainer.stream, 1, update=self._delta_update(actions))
-        x, y = plugin.x, plugin.y
-        obs, rewards = self._finish_step(x, y, result)
+        with self._own_rng(python_and_numpy=False):
+            if self.action_mode != "delta":
+                result = self.trainer.run(self.trainer.stream, 1, update_scale=self._scales(torch.as_tensor(actions)))
+            else:
+                result = self.trainer.run(self.trainer.stream, 1, update=self._delta_update(actions))
+            x, y = plugin.x, plugin.y
+            obs, rewards = self._finish_step(x, y, result)
         self._last_obs = obs
+        obs = self._present(obs)
         self.cycles += 1
         info = {
-            "batch_loss": float(result.loss.detach()),
+            "cycle": self.cycles,
+            "batch_loss": float(self._global_loss(result, y)),
             "batch_acc": float((self.model.predict(result.logits.detach()[:, : len(y)])[0] == y).float().mean()),
         }
-        return obs, rewards, self.trainer.step >= self.stream_steps, self.cycles >= self.max_cycles, info
+        terminated, truncated = self.trainer.step >= self.stream_steps, self.cycles >= self.max_cycles
+        if terminated or truncated:
+            self.agents = []
+        return obs, rewards, terminated, truncated, info
 
     def _finish_step(self, x, y, result):
         with torch.no_grad():
@@ -344,24 +632,25 @@ class NeuralCollectiveEnv(ParallelEnv):
             for li, layer in enumerate(layers):
                 delta = torch.stack([torch.as_tensor(a, dtype=torch.float32) for a in actions[offsets[li] : offsets[li + 1]]])
                 delta = delta.to(self.device).view(layer.weight.shape[0], -1)
-                layer.weight.add_(delta[:, :-1].to(layer.weight.dtype))
+                layer.weight.add_(delta[:, :-1].reshape(layer.weight.shape).to(layer.weight.dtype))
                 layer.bias.add_(delta[:, -1].to(layer.bias.dtype))
 
         return apply
 
     def proposed_gradient(self) -> list[torch.Tensor | None]:
         """The strategy's gradient from the last step, per layer (weights with the bias as last column)."""
-        return [None if l.weight.grad is None else torch.cat([l.weight.grad, l.bias.grad.unsqueeze(1)], 1) for l in self._layers]
+        return [None if l.weight.grad is None else torch.cat([l.weight.grad.flatten(1), l.bias.grad.unsqueeze(1)], 1) for l in self._layers]
 
     def _validate(self, actions) -> None:
-        if self.action_mode == "scale":
+        if self.action_mode != "delta":
             a = torch.as_tensor(actions)
             if a.shape != (self.num_workers,):
-                raise ValueError(f"scale actions must have shape ({self.num_workers},), got {tuple(a.shape)}")
-            bad = ~torch.isfinite(a) | (a < 0) | (a > self.max_scale)
+                raise ValueError(f"{self.action_mode} actions must have shape ({self.num_workers},), got {tuple(a.shape)}")
+            lo, hi = (0, self.max_scale) if self.action_mode == "scale" else (-1.0, 1.0)
+            bad = ~torch.isfinite(a) | (a < lo) | (a > hi)
             if bool(bad.any()):
                 i = int(torch.nonzero(bad)[0])
-                raise ValueError(f"{self.possible_agents[i]}: action {float(a[i])} outside [0, {self.max_scale}]")
+                raise ValueError(f"{self.possible_agents[i]}: action {float(a[i])} outside [{lo}, {hi}]")
             return
         if len(actions) != self.num_workers:
             raise ValueError(f"delta actions: expected {self.num_workers} vectors, got {len(actions)}")
@@ -375,7 +664,24 @@ class NeuralCollectiveEnv(ParallelEnv):
 
     # -- the PettingZoo dict API (a thin adapter) ----------------------------------------------
     def reset(self, seed: int | None = None, options: dict | None = None):
-        self._build(self.run.seed if seed is None else seed)
+        """Start an episode: a fresh network and batch order from the episode's seed.
+
+        ``seed=s`` starts the episode seeded with ``s`` and reseeds the env's own seed stream;
+        without a seed, the first reset uses the constructor's ``seed`` and every later one draws a
+        new episode seed from that stream (auto-resetting vector envs get distinct episodes).
+        ``options`` has no keys this env reads; it is accepted because the PettingZoo API (and its
+        ``api_test``, which passes arbitrary options) requires the parameter.
+        """
+        if seed is not None:
+            seed = int(seed)
+            self._seeder = np.random.default_rng(seed)
+        elif self._pending_seed is not None:
+            seed = self._pending_seed
+        else:
+            seed = int(self._seeder.integers(0, 2**31 - 1))
+        self._pending_seed = None
+        self._build(seed)
+        self._started = True
         self.agents = self.possible_agents[:]
         self.cycles = 0
         obs = torch.zeros(self.num_workers, OBS_DIM, device=self.device)
@@ -384,37 +690,61 @@ class NeuralCollectiveEnv(ParallelEnv):
         obs[:, 10] = torch.as_tensor(self.layer_of / len(self._layers), dtype=torch.float32)
         obs[-1, ROLE_OUTPUT] = 1.0
         self._last_obs = obs
-        obs_np = obs.cpu().numpy()
-        return {a: obs_np[i] for i, a in enumerate(self.agents)}, {a: self._agent_info(i) for i, a in enumerate(self.agents)}
+        obs_np = self._present(obs).cpu().numpy()
+        # Same keys as step's infos (vectorising libraries preallocate them from reset); no batch
+        # has been consumed yet, which "cycle": 0 tells (0.0 rather than NaN: NaN != NaN breaks
+        # PettingZoo's seed_test and any equality check on infos).
+        no_batch = {"batch_loss": 0.0, "batch_acc": 0.0, "cycle": 0}
+        return {a: obs_np[i] for i, a in enumerate(self.agents)}, {a: self._agent_info(i, no_batch) for i, a in enumerate(self.agents)}
 
     def _agent_info(self, i: int, extra: dict | None = None) -> dict:
-        info = {"layer": int(self.layer_of[i]), "index": int(self.index_in_layer[i])}
-        return info if extra is None else {**info, **extra}
+        info = self._base_infos[i]
+        return dict(info) if extra is None else {**info, **extra}
 
     def step(self, actions: dict[str, Any]):
+        """One mini-batch: every live agent's action (an array of its action space's shape) is applied.
+
+        Each action is checked against its agent's space before anything is applied; a wrong
+        shape (also a scalar or ``(1, 1)`` where ``(1,)`` is expected), a NaN or a value out of
+        bounds raises ``ValueError`` naming the agent. After the episode ended, ``RuntimeError``.
+        """
+        self._check_running()
         unknown = set(actions) - set(self.agents)
         if unknown:
-            raise ValueError(f"actions for unknown or finished agents: {sorted(unknown)}")
+            raise ValueError(f"actions for unknown agents: {sorted(unknown)[:5]} (agents are worker_0 ... worker_{self.num_workers - 1})")
         missing = set(self.agents) - set(actions)
         if missing:
             raise ValueError(f"no action for {sorted(missing)[:5]}{'...' if len(missing) > 5 else ''}")
-        if self.action_mode == "scale":
-            batched = torch.as_tensor(np.array([np.asarray(actions[a], dtype=np.float32).reshape(-1) for a in self.possible_agents]))
-            if batched.shape[1:] != (1,):
-                raise ValueError(f"scale actions must each have shape (1,), got {tuple(batched.shape[1:])}")
-            batched = batched[:, 0]
+        per_agent = [self._agent_action(a, actions[a], shape) for a, shape in zip(self.possible_agents, self._action_shapes)]
+        if self.action_mode != "delta":
+            batched = torch.as_tensor(np.concatenate(per_agent))
+            self._validate(batched)  # bounds and NaN, naming the agent
         else:
-            batched = [np.asarray(actions[a], dtype=np.float32) for a in self.possible_agents]
-        obs, rewards, terminated, truncated, info = self.step_batched(batched)
+            batched = per_agent
+            self._validate(batched)
+        agents = self.agents
+        obs, rewards, terminated, truncated, info = self._step_validated(batched)
         obs_np, rew_np = obs.cpu().numpy(), rewards.cpu().numpy()
-        observations = {a: obs_np[i] for i, a in enumerate(self.agents)}
-        reward_d = {a: float(rew_np[i]) for i, a in enumerate(self.agents)}
-        terms = {a: terminated for a in self.agents}
-        truncs = {a: truncated for a in self.agents}
-        infos = {a: self._agent_info(i, info) for i, a in enumerate(self.agents)}
-        if terminated or truncated:
-            self.agents = []
+        observations = {a: obs_np[i] for i, a in enumerate(agents)}
+        reward_d = {a: float(rew_np[i]) for i, a in enumerate(agents)}
+        terms = {a: terminated for a in agents}
+        truncs = {a: truncated for a in agents}
+        infos = {a: self._agent_info(i, info) for i, a in enumerate(agents)}
         return observations, reward_d, terms, truncs, infos
+
+    def _agent_action(self, agent: str, action: Any, expected: tuple[int, ...]) -> np.ndarray:
+        """``agent``'s action as float32 of exactly its space's shape ``expected`` (no broadcasting, no squeezing)."""
+        if type(action) is np.ndarray and action.shape == expected and action.dtype.kind == "f":
+            return action.astype(np.float32, copy=False)  # the common case, kept cheap (dict overhead per agent)
+        if isinstance(action, torch.Tensor):
+            action = action.detach().cpu().numpy()
+        try:
+            a = np.asarray(action, dtype=np.float32)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{agent}: action {action!r} is not numeric ({exc})") from exc
+        if a.shape != expected:
+            raise ValueError(f"{agent}: action shape {a.shape}, expected {expected} (its action_space)")
+        return a
 
     # -- rendering -------------------------------------------------------------------------------
     def _roles(self) -> list[list[str]]:

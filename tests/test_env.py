@@ -114,7 +114,8 @@ def test_scale_zero_freezes_and_delta_writes_exactly():
 
 
 def test_observations_and_rewards_are_local_signals():
-    par = neural_collective_v0.parallel_env(strategy="lfnn", **SMALL)
+    # Raw observations: the signals themselves (the default squashes them into finite bounds).
+    par = neural_collective_v0.parallel_env(strategy="lfnn", observation_mode="raw", **SMALL)
     par.reset(seed=0)
     obs, rewards, *_ = par.step_batched(torch.ones(par.num_workers))
     hidden = obs[:-1]
@@ -122,7 +123,7 @@ def test_observations_and_rewards_are_local_signals():
     assert obs[-1, 2] == 1 and rewards[-1] == -obs[-1, 3]  # output agent: minus the global loss
     leaders = hidden[:, 0] == 1
     assert torch.all(hidden[:, 3] >= 0) and torch.all(rewards[:-1] <= 0)
-    att = neural_collective_v0.parallel_env(strategy="attention", **SMALL)
+    att = neural_collective_v0.parallel_env(strategy="attention", observation_mode="raw", **SMALL)
     att.reset(seed=0)
     obs, rewards, *_ = att.step_batched(torch.ones(att.num_workers))
     assert torch.all(obs[:-1, 5] > 0) and torch.equal(rewards[:-1], obs[:-1, 5])
