@@ -57,6 +57,10 @@ class Strategy:
     Config: ClassVar[type[StrategyConfig]] = StrategyConfig
     #: Numeric config fields that may differ per replica (``vary.strategy.<field>``).
     replica_fields: ClassVar[tuple[str, ...]] = ()
+    #: The key in :attr:`StepResult.signals` of this strategy's own per-unit measure of how well a
+    #: worker does (higher is better), if it has one beyond ``worker_objectives``. Consumers (the
+    #: PettingZoo env) observe it summed over a worker's units and reward workers with it.
+    worker_signal: ClassVar[str | None] = None
 
     def __init__(self, cfg: StrategyConfig, model: WorkerNetwork, variants: dict[str, list[float]] | None = None) -> None:
         self.cfg = cfg

@@ -37,7 +37,7 @@ both metrics are 0.0.
 | 0-2 | role one-hot: leader, follower, output (hidden workers of strategies without leaders: all 0) |
 | 3 | own prediction loss ``e_w`` on the batch (output agent: the global loss) |
 | 4 | distance to the best worker of its layer: MSE between the outputs (0 for the best and the output agent) |
-| 5 | attention received (``attention`` strategy: sum over its units of ``mean_b \\|sum_j alpha_ji g_j\\|``; else 0) |
+| 5 | the strategy's declared per-worker signal (``Strategy.worker_signal``) summed over the worker's units; ``attention``: the attention received, ``mean_b \\|sum_j alpha_ji g_j\\|``; 0 for strategies that declare none |
 | 6, 7 | mean and standard deviation of its activation on the batch |
 | 8 | norm of its incoming weights (and biases) |
 | 9 | norm of its last update |
@@ -483,7 +483,9 @@ class NeuralCollectiveEnv(ParallelEnv):
             with torch.no_grad():
                 record = self.model.forward_record(x, y, selection=self._observer)
         has_roles = result.record is not None and result.record.layers[0].leaders is not None
-        attention = result.signals.get("attention_received")
+        # The strategy's own per-worker signal, if it declares one (nothing strategy-specific here).
+        signal_name = type(self.strategy).worker_signal
+        signal = result.signals.get(signal_name) if signal_name else None
         # The task loss on the batch (not result.loss, which is the strategy's whole objective,
         # e.g. LFNN's L_g + lambda1 * leader losses + lambda2 * alignment).
         global_loss = self._global_loss(result, y)
@@ -502,18 +504,18 @@ class NeuralCollectiveEnv(ParallelEnv):
             obs[:, 3] = e
             best = workers[:, e.argmin()]
             obs[:, 4] = (workers - best.unsqueeze(1)).pow(2).mean((0, 2))
-            if attention is not None:
-                obs[:, 5] = attention[li][0].view(W, -1).sum(1)
+            if signal is not None:
+                obs[:, 5] = signal[li][0].view(W, -1).sum(1)
             act = layer_record.activation.detach()
             act = (act[0] if act.dim() == 3 else act).reshape(len(x), W, -1)  # FC (R, B, n); conv (B, R*n, H, W) with R = 1
             obs[:, 6] = act.mean((0, 2))
             obs[:, 7] = act.std((0, 2)) if act.numel() > W else 0.0
             obs[:, 10] = (li + 1) / n_layers
             rows.append(obs)
-            if result.worker_objectives and attention is None:
-                rewards.append(-result.worker_objectives[li][0])
-            elif attention is not None:
+            if signal is not None:  # a declared signal is what the worker seeks (higher is better)
                 rewards.append(obs[:, 5])
+            elif result.worker_objectives:
+                rewards.append(-result.worker_objectives[li][0])
             else:
                 rewards.append(-global_loss.expand(W))
         out = torch.zeros(1, OBS_DIM, device=self.device)

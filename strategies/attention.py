@@ -60,6 +60,7 @@ def attention_weights(weight: Tensor, mode: str) -> Tensor:
 class AttentionSeeking(Strategy):
     """Self-interested neurons maximising the attention-weighted help they give the next layer."""
 
+    worker_signal = "attention_received"
     Config = AttentionConfig
 
     def __init__(self, cfg: AttentionConfig, model: WorkerNetwork, variants: dict[str, list[float]] | None = None) -> None:

@@ -152,3 +152,32 @@ def test_example_policy_runs(monkeypatch):
 
     monkeypatch.setattr("sys.argv", ["bandit", "--steps", "20", "--subset", "640"])
     runpy.run_path(str(REPO / "examples" / "bandit_step_sizes.py"), run_name="__main__")
+
+
+def test_a_strategy_declares_the_signal_the_env_observes():
+    """Nothing strategy-specific in the env: a user strategy naming its own per-unit signal gets it
+    as observation entry 5 (summed over a worker's units) and as its workers' reward."""
+    from agentnet.registry import STRATEGIES, register_strategy
+    from strategies.bp import Backprop
+
+    if "test_unit_activity_bp" not in STRATEGIES.names():
+
+        @register_strategy("test_unit_activity_bp")
+        class UnitActivityBP(Backprop):
+            worker_signal = "unit_activity"
+
+            def compute(self, x, y):
+                record = self.model.forward_record(x, y)
+                result = super().compute(x, y)
+                result.signals["unit_activity"] = [r.activation.detach().abs().mean(1) for r in record.layers]
+                return result
+
+    par = neural_collective_v0.parallel_env(strategy="test_unit_activity_bp", observation_mode="raw", **SMALL)
+    par.reset(seed=0)
+    obs, rewards, *_ = par.step_batched(torch.ones(par.num_workers))
+    assert torch.all(obs[:-1, 5] >= 0) and obs[:-1, 5].sum() > 0
+    torch.testing.assert_close(rewards[:-1], obs[:-1, 5])
+    plain = neural_collective_v0.parallel_env(strategy="bp", observation_mode="raw", **SMALL)
+    plain.reset(seed=0)
+    obs, rewards, *_ = plain.step_batched(torch.ones(plain.num_workers))
+    assert torch.all(obs[:, 5] == 0) and torch.all(rewards[:-1] == rewards[-1])  # bp: everyone gets minus the task loss
