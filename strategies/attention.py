@@ -46,7 +46,7 @@ class AttentionConfig(StrategyConfig):
     (alpha = W, and the attention a neuron received on earlier tasks holds its incoming weights)."""
     rho: float = 0.5
     """topk: fraction of each layer's neurons, by attention received, that update this step."""
-    protect_lambda: float = 100.0
+    protect_lambda: float = 30.0
     """protect: strength ``lambda`` of the attention-weighted pull toward each earlier task end's
     weights, ``lambda * Omega_i * nu_k * (w_ik - w*_ik)`` added to neuron ``i``'s gradient
     (``Omega_i`` its mean squared need, ``nu_k`` its input's mean square). 0 turns the pull off."""
