@@ -240,3 +240,29 @@ def test_continual_run_tells_the_strategy_where_tasks_end(mnist, tmp_path):
     assert prot["acc_matrix"][2] != exact["acc_matrix"][2]
     state = load_checkpoint(tmp_path / "p" / "checkpoint.pt", "cpu")["strategy"]["protect"]
     assert state["tasks"] == 2 and state["steps"] == 0 and all(o.gt(0).any() for o in state["omega"])
+
+
+def test_protect_state_round_trips_through_a_checkpoint(mnist, tmp_path):
+    """In-process twin of the kill test in tests/test_resume.py: save mid-task 2 (importances, anchors,
+    running sums), load into a fresh trainer with weights_only, and both continue bit-identically."""
+    data = small_data(mnist, torch.float32)
+    fields = {"protect_lambda": 100.0, "protect_c": 1.0}
+    ours = _protect_trainer(data, **fields)
+    for x, y in _batches(data.train.x[:256], data.train.y[:256], epochs=1):
+        ours.train_step(x, y)
+    ours.strategy.on_task_end()
+    for x, y in _batches(data.train.x[256:384], data.train.y[256:384], epochs=1):
+        ours.train_step(x, y)
+    torch.save(ours.state_dict(), tmp_path / "c.pt")
+    resumed = _protect_trainer(data, **fields)
+    resumed.load_state_dict(load_checkpoint(tmp_path / "c.pt", "cpu"))
+    assert resumed.strategy.protect.tasks == 1 and resumed.strategy.protect.steps == 2
+    for x, y in _batches(data.train.x[384:512], data.train.y[384:512], epochs=1):
+        ours.train_step(x, y)
+        resumed.train_step(x, y)
+    ours.strategy.on_task_end()
+    resumed.strategy.on_task_end()
+    for p, q in zip(ours.model.parameters(), resumed.model.parameters()):
+        assert torch.equal(p, q)
+    for a, b in zip(ours.strategy.protect.fisher, resumed.strategy.protect.fisher):
+        assert torch.equal(a, b)
