@@ -1,7 +1,9 @@
 """The strategy plugin interface: what every worker of a network optimises.
 
 A strategy turns a mini-batch into gradients on the model's parameters. The trainer only calls
-``compute`` then ``backward`` then the optimiser, and ``on_epoch_end``; everything else — which
+``compute`` then ``backward`` then the optimiser, ``on_epoch_end``, and in continual runs
+``on_task_start`` / ``on_task_end`` (forwarded by the
+:class:`agentnet.training.plugins.StrategyTaskHooks` plugin); everything else — which
 gradient path each layer uses, leader selection, local losses — is the strategy's business.
 Register a new one with :func:`agentnet.registry.register_strategy`.
 """
@@ -95,6 +97,13 @@ class Strategy:
         """Called by the trainer after every epoch."""
         if self.selection is not None:
             self.selection.end_epoch()
+
+    def on_task_start(self) -> None:
+        """Called before training on each task of a continual run (not re-fired on a mid-task resume)."""
+
+    def on_task_end(self) -> None:
+        """Called after training on each task of a continual run, before that task's evaluation
+        (consolidate what the task taught, as CL methods do in ``after_task``)."""
 
     def state_dict(self) -> dict:
         """Strategy state to checkpoint (leader selection and counts)."""

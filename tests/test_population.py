@@ -191,3 +191,28 @@ def test_population_resumes_exactly(tmp_path, quick_overrides):
     resumed = train(compose_config(*base, f"output_dir={tmp_path / 'cut'}", "resume=true"))
     assert [r["test_acc"] for r in resumed["replicas"]] == [r["test_acc"] for r in whole["replicas"]]
     assert resumed["replicas"][1]["history"][-1]["train_loss"] == whole["replicas"][1]["history"][-1]["train_loss"]
+
+
+def test_attention_protect_replica_equals_single_run_across_task_boundaries(tmp_path):
+    """``mode=protect`` after task ends (importances, anchors, per-replica means of Omega, a varied
+    ``protect_lambda``): replica r is the single run with seed 3 + r and its own value."""
+    common = [f"data.root={data_root()}", "benchmark=pmnist_quick", "benchmark.num_tasks=3", "benchmark.iterations_per_task=8",
+              "strategy=attention", "strategy.mode=protect", "strategy.protect_c=2", "model=mlp_400x2", "model.hidden=[40,40]",
+              "data.subset=600", "data.test_subset=200", "trainer.batch_size=32", "trainer.fused=false", "trainer.progress=false",
+              "device=cpu"]
+    lambdas = [50.0, 500.0]
+    pop = run_continual(compose_config(*common, "replicas=2", "seed=3", f"+vary.strategy.protect_lambda=[{lambdas[0]},{lambdas[1]}]",
+                                       f"output_dir={tmp_path / 'pop'}"))
+    state = load_checkpoint(tmp_path / "pop" / "checkpoint.pt", "cpu")
+    assert state["strategy"]["protect"]["tasks"] == 3
+    for r in range(2):
+        single = run_continual(compose_config(*common, f"seed={3 + r}", f"strategy.protect_lambda={lambdas[r]}",
+                                              f"output_dir={tmp_path / f's{r}'}"))
+        single_state = load_checkpoint(tmp_path / f"s{r}" / "checkpoint.pt", "cpu")["model"]
+        for name, q in single_state.items():
+            p = state["model"][name]
+            rows = p.shape[0] // 2
+            assert (p[r * rows : (r + 1) * rows] - q).abs().max() <= 1e-5 * q.abs().max(), name
+        np.testing.assert_allclose(pop["replicas"][r]["acc_matrix"], single["acc_matrix"], atol=2e-3)
+    # The two strengths really differ (the comparison is not of two identical runs).
+    assert pop["replicas"][0]["acc_matrix"] != pop["replicas"][1]["acc_matrix"]

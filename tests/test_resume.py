@@ -198,3 +198,24 @@ def test_continual_resume_refuses_a_changed_protocol(mnist, tmp_path):
     with pytest.raises(ConfigError, match="benchmark.num_tasks"):
         run_continual(compose_config(*overrides, "resume=true", f"output_dir={tmp_path / 'b'}"), data=mnist)
     assert straight["steps"] == 45
+
+
+def test_attention_protect_killed_mid_task_resumes_to_identical_cl_metrics(tmp_path):
+    """``mode=protect`` keeps state across tasks (importances, anchors, this task's running sums) in the
+    strategy's checkpoint entry: killed inside task 2, the resumed run ends bit-identical."""
+    overrides = ["strategy=attention", "strategy.mode=protect", "strategy.protect_lambda=100", "strategy.protect_c=1",
+                 "benchmark=pmnist_quick", "benchmark.num_tasks=3", "benchmark.iterations_per_task=40",
+                 "data.subset=6000", "data.test_subset=500", "trainer.checkpoint_every=7"]
+    _run(_cli(tmp_path / "straight", *overrides))
+    killed = tmp_path / "killed"
+
+    def ready(s):  # inside task 2, with task 1 consolidated and some of task 2's attention accumulated
+        return s["plugins"]["ContinualProgress"]["stage"] == 1 and s["step"] >= 47 and s["strategy"]["protect"]["steps"] > 0
+
+    _kill_when(_cli(killed, *overrides), killed / CHECKPOINT, ready)
+    assert not (killed / "cl_metrics.json").exists()
+    _run(_cli(killed, *overrides, "resume=true"))
+    a = json.loads((tmp_path / "straight" / "cl_metrics.json").read_text())
+    b = json.loads((killed / "cl_metrics.json").read_text())
+    assert b["resumed"]["from"] and 40 < b["resumed"]["step"] < 80
+    assert without_timing(a) == without_timing(b)

@@ -11,7 +11,7 @@ from agentnet.training.checkpoint import (
     load_checkpoint,
 )
 from agentnet.training.engine import BatchStream, NonFiniteLossError, Trainer, build_optimizer, build_scheduler
-from agentnet.training.plugins import TensorBoardLogger, TrainerPlugin, WorkerActivity, progress_bar
+from agentnet.training.plugins import StrategyTaskHooks, TensorBoardLogger, TrainerPlugin, WorkerActivity, progress_bar
 from agentnet.training.task import prepare_run, resolve_device, seed_everything, standard_plugins, train
 
 __all__ = [
@@ -24,6 +24,7 @@ __all__ = [
     "TensorBoardLogger",
     "Trainer",
     "TrainerPlugin",
+    "StrategyTaskHooks",
     "WorkerActivity",
     "atomic_save",
     "atomic_write_json",

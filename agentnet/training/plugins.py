@@ -6,7 +6,8 @@ order for every plugin in its list (Avalanche's template/plugin split):
 ``before_run`` · ``before_task`` · ``before_epoch`` · ``adapt_batch`` · ``before_step`` ·
 ``after_backward`` · ``after_step`` · ``after_epoch`` · ``after_task`` · ``after_run``
 
-Task hooks fire only in continual-learning runs. A plugin that keeps state across steps returns it
+Task hooks fire only in continual-learning runs; :class:`StrategyTaskHooks` (one of every run's
+standard plugins) passes them on to the strategy (``Strategy.on_task_start`` / ``on_task_end``). A plugin that keeps state across steps returns it
 from ``state_dict`` (tensors and plain containers only: checkpoints are loaded with
 ``weights_only=True``) and takes it back in ``load_state_dict``; the checkpoint stores it under the
 plugin's ``state_key``.
@@ -27,7 +28,7 @@ from agentnet.strategy import StepResult
 
 # Hooks receive the agentnet.training.engine.Trainer that calls them; annotated by name only, so
 # this module does not import the engine that imports it.
-__all__ = ["TrainerPlugin", "WorkerActivity", "TensorBoardLogger", "progress_bar"]
+__all__ = ["TrainerPlugin", "StrategyTaskHooks", "WorkerActivity", "TensorBoardLogger", "progress_bar"]
 
 
 class TrainerPlugin:
@@ -76,6 +77,21 @@ class TrainerPlugin:
 
     def load_state_dict(self, state: dict) -> None:
         """Take back what :meth:`state_dict` returned."""
+
+
+class StrategyTaskHooks(TrainerPlugin):
+    """Tells the trainer's strategy where tasks begin and end (its ``on_task_start`` / ``on_task_end``).
+
+    Strategies are not plugins; one that keeps memory across tasks (``attention`` in ``protect``
+    mode) learns of task boundaries through this plugin. Its own state is the strategy's, which
+    the checkpoint already holds.
+    """
+
+    def before_task(self, trainer: "Trainer", stream: Any, task: Any) -> None:
+        trainer.strategy.on_task_start()
+
+    def after_task(self, trainer: "Trainer", stream: Any, task: Any) -> None:
+        trainer.strategy.on_task_end()
 
 
 class WorkerActivity(TrainerPlugin):
