@@ -322,9 +322,19 @@ class BenchmarkConfig:
     num_tasks: int = 10
     """Number of tasks in the sequence."""
     epochs_per_task: int = 1
-    """Passes over each task's training set (ignored when ``iterations_per_task`` is set)."""
+    """Passes over each task's training set (its ``samples_per_task`` examples when that is set).
+    Leave it at 1 when ``iterations_per_task`` is set, which fixes the length instead."""
     iterations_per_task: Optional[int] = None
-    """Optimiser steps per task (the reference protocol's 5000)."""
+    """Optimiser steps per task (the reference protocol's 5000); the task's training set (or its
+    ``samples_per_task`` examples) is cycled through as often as that takes, reshuffled every pass."""
+    samples_per_task: Optional[int] = None
+    """Train each task on only this many of its training examples (GEM's online protocol: 1000).
+    Per seed, a uniform random choice without replacement, drawn anew for every task from the seed's
+    task generator (after the permutations, which therefore do not depend on it); replica ``r`` of a
+    population trains on exactly the examples the run ``seed=<seed + r>`` would. Episodic memories,
+    replay buffers and the EWC Fisher draw only from these examples; evaluation uses every task's
+    whole test set. Must not exceed a task's training examples (after ``data.subset``; split tasks
+    hold only their classes' examples). ``None``: every training example."""
     pad32: bool = False
     """Zero-pad images to 32x32 (the reference protocol)."""
     first_unpermuted: bool = False
@@ -346,6 +356,19 @@ class BenchmarkConfig:
             "benchmark.iterations_per_task",
             self.iterations_per_task,
             "must be positive or null",
+        )
+        check(
+            self.iterations_per_task is None or self.epochs_per_task == 1,
+            "benchmark.epochs_per_task",
+            self.epochs_per_task,
+            f"benchmark.iterations_per_task={self.iterations_per_task} fixes each task's length; "
+            "leave epochs_per_task at 1 or set iterations_per_task=null",
+        )
+        check(
+            self.samples_per_task is None or self.samples_per_task > 0,
+            "benchmark.samples_per_task",
+            self.samples_per_task,
+            "must be a positive count or null",
         )
         check(self.eval_every is None or self.eval_every > 0, "benchmark.eval_every", self.eval_every, "must be positive or null")
 

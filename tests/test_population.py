@@ -184,6 +184,29 @@ def test_continual_replica_equals_single_run_across_a_task_boundary(tmp_path, cl
     assert "ACC_std" in pop and (tmp_path / "pop" / "task_accuracy.png").is_file()
 
 
+def test_online_population_replica_is_the_seed_run(tmp_path):
+    """``benchmark.samples_per_task``: replica r trains on, and remembers, the examples seed + r picks."""
+    common = [f"data.root={data_root()}", "benchmark=pmnist_online", "benchmark.num_tasks=2", "benchmark.samples_per_task=60",
+              "benchmark.epochs_per_task=2", "cl=agem", "cl.memory_per_task=24", "cl.memory_batch=16", "strategy=lfnn",
+              "model.hidden=[40,40]", "data.test_subset=200", "trainer.fused=false", "trainer.progress=false",
+              "trainer.tensorboard=false", "device=cpu"]
+    pop = run_continual(compose_config(*common, "replicas=2", "seed=3", f"output_dir={tmp_path / 'pop'}"))
+    assert pop["steps"] == 2 * 2 * 6
+    saved = load_checkpoint(tmp_path / "pop" / "checkpoint.pt", "cpu")
+    state, memory = saved["model"], saved["plugins"]["cl.agem"]["memory"]["x"]
+    for r in range(2):
+        single = run_continual(compose_config(*common, f"seed={3 + r}", f"output_dir={tmp_path / f's{r}'}"))
+        single_saved = load_checkpoint(tmp_path / f"s{r}" / "checkpoint.pt", "cpu")
+        for name, q in single_saved["model"].items():
+            p = state[name]
+            rows = p.shape[0] // 2
+            assert (p[r * rows : (r + 1) * rows] - q).abs().max() <= 1e-5 * q.abs().max(), name
+        for mine, theirs in zip(memory, single_saved["plugins"]["cl.agem"]["memory"]["x"]):
+            assert torch.equal(mine[r], theirs[0])  # the same remembered examples
+        np.testing.assert_allclose(pop["replicas"][r]["acc_matrix"], single["acc_matrix"], atol=2e-3)
+    assert not torch.equal(memory[0][0], memory[0][1])
+
+
 def test_population_resumes_exactly(tmp_path, quick_overrides):
     base = [*quick_overrides, "strategy=lfnn", "replicas=2", "trainer.epochs=2", "data.subset=640", "trainer.batch_size=64"]
     whole = train(compose_config(*base, f"output_dir={tmp_path / 'whole'}"))

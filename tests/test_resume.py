@@ -75,12 +75,14 @@ def test_single_run_killed_mid_epoch_resumes_to_identical_metrics(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "cl, kill_at",
-    [("ewc", "mid_task"), ("replay", "after_task_2"), ("si", "mid_task")],
+    "cl, kill_at, extra",
+    [("ewc", "mid_task", []), ("replay", "after_task_2", []), ("si", "mid_task", []),
+     # the online protocol's per-seed selection, cycled mid-task (40 steps of 32 over 300 examples)
+     ("agem", "mid_task", ["benchmark.samples_per_task=300", "trainer.batch_size=32", "cl.memory_per_task=64"])],
 )
-def test_continual_run_killed_resumes_to_identical_cl_metrics(cl, kill_at, tmp_path):
+def test_continual_run_killed_resumes_to_identical_cl_metrics(cl, kill_at, extra, tmp_path):
     overrides = ["strategy=lfnn", "benchmark=pmnist_quick", "benchmark.num_tasks=3", "benchmark.iterations_per_task=40",
-                 f"cl={cl}", "data.subset=6000", "data.test_subset=500"]
+                 f"cl={cl}", "data.subset=6000", "data.test_subset=500", *extra]
     if kill_at == "mid_task":
         overrides.append("trainer.checkpoint_every=7")
     if cl == "ewc":

@@ -135,7 +135,7 @@ def run_continual(cfg: DictConfig | RunConfig | dict, data: ImageData | None = N
         method: CLMethod = build_cl_method(run.cl, model, population.of("cl"))
         bs = run.trainer.batch_size
         # Steps per stage: from one task's size, so a cumulative stage trains as long as the others.
-        stage_steps = [_stage_steps(run.benchmark, len(task.train_idx), bs) for task in stream.tasks]
+        stage_steps = [_stage_steps(run.benchmark, task.train_size, bs) for task in stream.tasks]
         progress = ContinualProgress(stream, run.benchmark.eval_every)
         extra, activity = standard_plugins(run, out)
         plugins = [method, TaskHeadMask(stream), progress, *extra]
@@ -154,7 +154,7 @@ def run_continual(cfg: DictConfig | RunConfig | dict, data: ImageData | None = N
                 for plugin in plugins:
                     plugin.before_task(trainer, stream, task)
             tasks = method.stage_tasks(stream, i)
-            batches = trainer.make_stream(sum(len(t.train_idx) for t in tasks), stream.stage_gather(tasks))
+            batches = trainer.make_stream(sum(t.train_size for t in tasks), stream.stage_gather(tasks))
             start = time.perf_counter()
             remaining = stage_steps[i] - (trainer.step - progress.stage_start_step)
             trainer.run(batches, remaining, f"{strategy.name}+{method.name} task {i + 1}/{len(stream)}")

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from agentnet.config import ConfigError
 from agentnet.data import ImageData, Split
 
 __all__ = ["Task", "TaskStream", "build_stream", "pad_to_32"]
@@ -35,11 +36,18 @@ class Task:
 
     index: int
     train_idx: Tensor
+    """Indices into the training split: ``(N,)`` shared by every replica, or ``(R, N)`` one row per
+    replica (``benchmark.samples_per_task``: each seed draws its own examples)."""
     test_idx: Tensor
     classes: Tensor
     permutation: Tensor | None = None
     """Per replica, the pixel permutation ``(R, D)``; ``None`` for no permutation."""
     angle: float | None = None
+
+    @property
+    def train_size(self) -> int:
+        """Training examples of this task (per replica)."""
+        return self.train_idx.shape[-1]
 
 
 class TaskStream:
@@ -62,6 +70,7 @@ class TaskStream:
         first_unpermuted: bool = False,
         pad32: bool = False,
         max_angle: float = 180.0,
+        samples_per_task: int | None = None,
     ) -> None:
         if scenario not in self.SCENARIOS:
             raise ValueError(f"benchmark.scenario={scenario!r}: choose one of {self.SCENARIOS}")
@@ -99,6 +108,23 @@ class TaskStream:
                 train_idx = torch.nonzero(torch.isin(data.train.y, classes)).squeeze(1)
                 test_idx = torch.nonzero(torch.isin(data.test.y, classes)).squeeze(1)
                 self.tasks.append(Task(t, train_idx, test_idx, classes))
+        if samples_per_task is not None:
+            self._select_samples(samples_per_task, gens)
+
+    def _select_samples(self, n: int, gens: list[torch.Generator]) -> None:
+        """Keep ``n`` training examples per task: per seed, a uniform random choice without
+        replacement among the task's examples (drawn task by task from the seed's generator after
+        every permutation, so the permutations do not depend on ``n``). Replica ``r`` keeps exactly
+        what a one-replica stream with ``seeds[r]`` keeps. Test sets stay whole."""
+        for task in self.tasks:
+            size = task.train_size
+            if n > size:
+                raise ConfigError(
+                    f"benchmark.samples_per_task={n}: task {task.index + 1} has only {size} training examples"
+                    " (check data.subset and the scenario)"
+                )
+            rows = [torch.randperm(size, generator=g)[:n].sort().values for g in gens]
+            task.train_idx = task.train_idx[torch.stack(rows).to(task.train_idx.device)]
 
     @property
     def input_dim(self) -> int:
@@ -137,7 +163,12 @@ class TaskStream:
     def batch(self, task: Task, idx: Tensor) -> tuple[Tensor, Tensor]:
         """Training batch ``(R, B, D)``, ``(R, B)`` of ``task`` for positions ``idx`` into its training
         indices: per replica ``(R, B)``, or ``(B,)`` shared by every replica."""
-        rows = task.train_idx[idx]
+        if task.train_idx.dim() == 1:
+            rows = task.train_idx[idx]
+        elif idx.dim() == 1:
+            rows = task.train_idx[:, idx]  # the same positions in every replica's own examples
+        else:
+            rows = task.train_idx.gather(1, idx)
         y = self.data.train.y[rows]
         return self.transform(task, self.data.train.x[rows]), y.expand(self.replicas, -1) if y.dim() == 1 else y
 
@@ -151,14 +182,14 @@ class TaskStream:
             task = tasks[0]
             return lambda idx: self.batch(task, idx)
         device = tasks[0].train_idx.device
-        sizes = torch.tensor([len(t.train_idx) for t in tasks], device=device)
+        sizes = torch.tensor([t.train_size for t in tasks], device=device)
         offsets = torch.cumsum(sizes, 0) - sizes
 
         def gather(flat: Tensor) -> tuple[Tensor, Tensor]:
             owner = torch.searchsorted(offsets, flat.contiguous(), right=True) - 1  # (R, B)
             x = y = None
             for i, task in enumerate(tasks):
-                xi, yi = self.batch(task, (flat - offsets[i]).clamp(0, len(task.train_idx) - 1))
+                xi, yi = self.batch(task, (flat - offsets[i]).clamp(0, task.train_size - 1))
                 mine = owner == i
                 x = xi if x is None else torch.where(mine.unsqueeze(-1), xi, x)
                 y = yi if y is None else torch.where(mine, yi, y)
@@ -181,4 +212,5 @@ def build_stream(data: ImageData, cfg, seeds: int | list[int]) -> TaskStream:
         first_unpermuted=cfg.first_unpermuted,
         pad32=cfg.pad32,
         max_angle=cfg.max_angle,
+        samples_per_task=cfg.samples_per_task,
     )

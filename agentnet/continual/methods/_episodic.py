@@ -62,8 +62,8 @@ class EpisodicMemory:
 
     def add_task(self, stream, task) -> None:
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + task.index)
-        n = min(self.per_task, len(task.train_idx))
-        pick = torch.randperm(len(task.train_idx), generator=gen)[:n].to(task.train_idx.device)
+        n = min(self.per_task, task.train_size)
+        pick = torch.randperm(task.train_size, generator=gen)[:n].to(task.train_idx.device)
         x, y = stream.batch(task, pick)
         self.x.append(x.clone())
         self.y.append(y.clone())

@@ -73,8 +73,8 @@ class EWC(CLMethod):
 
     def after_task(self, trainer, stream, task) -> None:
         gen = torch.Generator().manual_seed(1000 + task.index)
-        n = min(self.cfg.fisher_samples, len(task.train_idx))
-        pick = torch.randperm(len(task.train_idx), generator=gen)[:n].to(task.train_idx.device)
+        n = min(self.cfg.fisher_samples, task.train_size)
+        pick = torch.randperm(task.train_size, generator=gen)[:n].to(task.train_idx.device)
         x, _ = stream.batch(task, pick)
         with self.model.logit_mask_as(stream.logit_mask(task)):
             fisher = diagonal_fisher(self.model, x)
