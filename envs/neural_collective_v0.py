@@ -187,20 +187,27 @@ from gymnasium import spaces
 from pettingzoo import ParallelEnv
 from pettingzoo.utils import parallel_to_aec, wrappers
 
-from agentnet.config import ConvLayerConfig, DataConfig, ModelConfig, RunConfig, TrainerConfig, check
+from agentnet.config import BenchmarkConfig, ConfigError, ConvLayerConfig, DataConfig, ModelConfig, RunConfig, TrainerConfig, check
+from agentnet.continual.runner import TaskSequence
 from agentnet.data import ImageData, load_mnist
 from agentnet.network import WorkerNetwork, build_model
-from agentnet.registry import STRATEGIES, build_strategy
+from agentnet.registry import CL_METHODS, STRATEGIES, benchmark_config, build_strategy, check_combinations
 from agentnet.strategy import StepResult
 from agentnet.training import Trainer, TrainerPlugin, resolve_device, seed_everything
 from agentnet.workers import LeaderSelection, WorkerConv2d, WorkerLinear
 
-__all__ = ["NeuralCollectiveEnv", "parallel_env", "raw_env", "env", "OBS_DIM", "run_config", "squash", "unsquash"]
+__all__ = ["NeuralCollectiveEnv", "parallel_env", "raw_env", "env", "OBS_DIM", "REWARDS", "UNREACHED", "run_config", "squash", "unsquash"]
 
 OBS_DIM = 11
 ROLE_LEADER, ROLE_FOLLOWER, ROLE_OUTPUT = 0, 1, 2
 ACTION_MODES = ("scale", "scale_centered", "delta")
 OBSERVATION_MODES = ("squashed", "raw")
+REWARDS = ("self", "cooperative")
+#: ``infos["acc_matrix"]`` entries of rows not reached yet (accuracies lie in [0, 1]; not NaN, which
+#: breaks equality checks such as PettingZoo's ``seed_test``).
+UNREACHED = -1.0
+#: Test examples the env evaluates on (every task's test set, with a benchmark).
+TEST_SUBSET = 2000
 #: Observation entries that are unbounded signals (losses, distances, statistics, norms): squashed
 #: by default; the role one-hot (0-2) and the depth (10) already lie in [0, 1].
 SQUASHED = slice(3, 10)
@@ -239,11 +246,16 @@ def run_config(
     seed: int = 0,
     worker_projection: bool = False,
     conv: list[dict | ConvLayerConfig] | tuple = (),
+    benchmark: str | dict | BenchmarkConfig | None = None,
+    cl: str | dict | None = None,
 ) -> RunConfig:
     """The :class:`RunConfig` an env with these arguments trains under (also for an equivalent Trainer).
 
     ``conv``: filter-wise conv worker layers in front of ``hidden`` (each a :class:`ConvLayerConfig`
     or its fields as a dict, e.g. ``{"channels": 20, "pool": 2}``); their workers are agents too.
+    ``benchmark``: a continual-learning protocol (:func:`agentnet.registry.benchmark_config`); then
+    :func:`agentnet.continual.runner.run_continual` on this config (with an ``output_dir``) is the
+    run an episode with every action 1 reproduces. ``cl``: a CL method (needs a benchmark).
     """
     specs = [c if isinstance(c, ConvLayerConfig) else ConvLayerConfig(**c) for c in conv]
     for i, spec in enumerate(specs):
@@ -252,19 +264,25 @@ def run_config(
         check(spec.block == "none", f"conv[{i}].block", spec.block, "the env exposes filter-wise conv workers only ('none')")
         check(not spec.plain, f"conv[{i}].plain", spec.plain, "plain layers belong to no agent; the env needs worker layers")
         check(spec.norm == "none", f"conv[{i}].norm", spec.norm, "normalisation parameters belong to no agent; use 'none'")
-    return RunConfig(
+    run = RunConfig(
         strategy=STRATEGIES.config(strategy),  # a bare name gets exactly what `agentnet strategy=<name>` trains
         model=ModelConfig(
             name="env", hidden=list(hidden), worker_size=worker_size, activation=activation, worker_projection=worker_projection,
             conv=specs,
         ),
-        data=DataConfig(root=data_root, subset=data_subset),
+        data=DataConfig(root=data_root, subset=data_subset, test_subset=TEST_SUBSET),
         trainer=TrainerConfig(
             epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, lr_schedule="none", progress=False, checkpoint=False
         ),
         seed=seed,
         device=device,
     )
+    if benchmark is not None:
+        run.benchmark = benchmark_config(benchmark)
+    if cl is not None:
+        run.cl = CL_METHODS.config(cl)
+    check_combinations(run)  # a CL method without a task sequence is refused
+    return run
 
 
 class _StepInputs(TrainerPlugin):
@@ -281,33 +299,38 @@ class NeuralCollectiveEnv(ParallelEnv):
 
     def __init__(
         self,
-        max_cycles: int = 100,
+        max_cycles: int | None = None,
         action_mode: str = "scale",
         max_scale: float = 2.0,
         max_delta: float = 0.1,
         render_mode: str | None = None,
         observation_mode: str = "squashed",
         reward_scale: float = 1.0,
+        reward: str = "self",
         **run_args: Any,
     ) -> None:
         """``run_args`` are :func:`run_config`'s (strategy, network, data, device, optimiser, seed)."""
         # Kept to rebuild the env on unpickling (the pickle holds state, not the dataset).
         self._init_args = dict(
             max_cycles=max_cycles, action_mode=action_mode, max_scale=max_scale, max_delta=max_delta,
-            render_mode=render_mode, observation_mode=observation_mode, reward_scale=reward_scale, **run_args,
+            render_mode=render_mode, observation_mode=observation_mode, reward_scale=reward_scale, reward=reward, **run_args,
         )
         check(action_mode in ACTION_MODES, "action_mode", action_mode, f"choose one of {ACTION_MODES}")
         check(observation_mode in OBSERVATION_MODES, "observation_mode", observation_mode, f"choose one of {OBSERVATION_MODES}")
         check(render_mode in (None, "ansi", "rgb_array", "human"), "render_mode", render_mode, "choose ansi, rgb_array, human or None")
-        check(isinstance(max_cycles, (int, np.integer)) and not isinstance(max_cycles, bool) and max_cycles > 0,
-              "max_cycles", max_cycles, "must be a positive whole number of steps")
+        check(max_cycles is None or (isinstance(max_cycles, (int, np.integer)) and not isinstance(max_cycles, bool) and max_cycles > 0),
+              "max_cycles", max_cycles, "must be a positive whole number of steps (or None: the default)")
+        check(reward in REWARDS, "reward", reward, f"choose one of {REWARDS}")
         for key, value in (("max_scale", max_scale), ("max_delta", max_delta), ("reward_scale", reward_scale)):
             check(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0,
                   key, value, "must be a positive finite number")
         check(action_mode != "scale_centered" or max_scale >= 1, "max_scale", max_scale,
               "action_mode='scale_centered' maps 0 to scale 1 and 1 to max_scale, so it must be at least 1")
         self.run = run_config(**run_args)
-        self.max_cycles = max_cycles
+        self.benchmark = self.run.benchmark
+        check(reward != "cooperative" or self.benchmark is not None, "reward", reward,
+              "the cooperative reward is paid at task ends; it needs a benchmark (e.g. benchmark='pmnist_quick')")
+        self.reward = reward
         self.action_mode = action_mode
         self.max_scale = max_scale
         self.max_delta = max_delta
@@ -325,6 +348,15 @@ class NeuralCollectiveEnv(ParallelEnv):
         self.cycles = 0
         self._started = False  # whether reset() was called: stepping before it is an error
         self._build(self.run.seed)
+        if max_cycles is None:  # the default: 100 steps, or a benchmark's whole task sequence
+            max_cycles = 100 if self.benchmark is None else self.stream_steps
+        elif self.benchmark is not None and max_cycles > self.stream_steps:
+            raise ConfigError(
+                f"max_cycles={max_cycles}: the benchmark's task sequence ends after {self.stream_steps} steps "
+                f"({self.sequence.num_tasks} tasks of {self.sequence.stage_steps[0]}); leave max_cycles unset "
+                f"(the whole sequence) or choose at most {self.stream_steps} to truncate it"
+            )
+        self.max_cycles = int(max_cycles)
         layers = self._layers
         self.layer_of = np.concatenate([np.full(n, i + 1) for i, n in enumerate(self._agents_per_layer)])
         self.index_in_layer = np.concatenate([np.arange(n) for n in self._agents_per_layer])
@@ -393,19 +425,30 @@ class NeuralCollectiveEnv(ParallelEnv):
         run.seed = seed
         self.episode_seed = seed
         gen = torch.Generator().manual_seed(0)  # the subset train() uses: the same for every seed
-        self.data = ImageData(train=self._base_data.train.subset(run.data.subset, gen), test=self._base_data.test.subset(2000))
-        seed_everything(seed)  # what train() does; the env's stream continues from here
-        self.model = build_model(run.model, self.data.input_dim, self.data.num_classes, seed).to(self.device)
+        self.data = ImageData(train=self._base_data.train.subset(run.data.subset, gen), test=self._base_data.test.subset(run.data.test_subset))
+        # The env steps through the one training loop (Trainer.run), one batch per env step; a
+        # plugin hands it the batch each step consumed, for the observations.
+        self._step_inputs = _StepInputs()
+        if run.benchmark is not None:
+            # The continual runner's own task sequence (stream, model, strategy, CL method, plugins,
+            # evaluation), built exactly as `agentnet benchmark=...` builds it and advanced one
+            # batch per env step; it evaluates every task at reset (row 0 of R) and at task ends.
+            self.sequence = TaskSequence(run, self.data, None, extra_plugins=[self._step_inputs])
+            self.model, self.strategy, self.trainer = self.sequence.model, self.sequence.strategy, self.sequence.trainer
+        else:
+            self.sequence = None
+            seed_everything(seed)  # what train() does; the env's stream continues from here
+            self.model = build_model(run.model, self.data.input_dim, self.data.num_classes, seed).to(self.device)
         if not (all(isinstance(l, (WorkerLinear, WorkerConv2d)) for l in self.model.hidden)
                 and not any(len(stem) for stem in self.model.stems) and all(isinstance(n, torch.nn.Identity) for n in self.model.norms)):
             raise ValueError("neural_collective_v0 exposes fully connected and filter-wise conv worker layers only "
                              "(no blocks, plain layers or normalisation); train those with agentnet's trainer")
-        self.strategy = build_strategy(run.strategy, self.model)
-        # The env steps through the one training loop (Trainer.run), one batch per env step; a
-        # plugin hands it the batch each step consumed, for the observations.
-        self._step_inputs = _StepInputs()
-        self.trainer = Trainer(run, self.model, self.strategy, self.data, output_dir=None, plugins=[self._step_inputs])
-        self.trainer.begin_run()
+        if self.sequence is None:
+            self.strategy = build_strategy(run.strategy, self.model)
+            self.trainer = Trainer(run, self.model, self.strategy, self.data, output_dir=None, plugins=[self._step_inputs])
+            self.trainer.begin_run()
+        else:
+            self.sequence.begin()
         self._layers = [*self.model.hidden, self.model.output]
         self._units = [l.worker_size for l in self.model.hidden] + [self.model.output.out_features]
         self._agents_per_layer = [l.num_workers for l in self.model.hidden] + [1]
@@ -472,8 +515,24 @@ class NeuralCollectiveEnv(ParallelEnv):
     # -- the batched core ----------------------------------------------------------------------
     @property
     def stream_steps(self) -> int:
-        """Steps until the data stream ends: ``epochs`` passes over the training subset."""
+        """Steps until the data stream ends: ``epochs`` passes over the training subset, or a
+        benchmark's whole task sequence."""
+        if self.sequence is not None:
+            return self.sequence.total_steps
         return self.run.trainer.epochs * self.trainer.steps_per_epoch
+
+    def acc_matrix(self) -> np.ndarray:
+        """The benchmark's accuracy matrix so far, ``(T+1, T)`` float32: row 0 before training,
+        row ``i`` after task ``i``; rows not reached hold :data:`UNREACHED` (-1)."""
+        T = self.sequence.num_tasks
+        out = np.full((T + 1, T), UNREACHED, dtype=np.float32)
+        rows = self.sequence.progress.acc_matrices[0]  # the env trains one replica
+        if rows:
+            out[: len(rows)] = np.asarray(rows, dtype=np.float32)
+        return out
+
+    def _benchmark_info(self, task: int) -> dict:
+        return {"task": task, "tasks_done": self.sequence.task, "acc_matrix": self.acc_matrix()}
 
     def _observe(self, x: torch.Tensor, y: torch.Tensor, result: StepResult) -> tuple[torch.Tensor, torch.Tensor]:
         """Observations ``(N, 11)`` and rewards ``(N,)`` from the step's (pre-update) signals."""
@@ -596,13 +655,24 @@ class NeuralCollectiveEnv(ParallelEnv):
 
     def _step_validated(self, actions):
         plugin = self._step_inputs
+        sequence = self.sequence
         with self._own_rng(python_and_numpy=False):
             if self.action_mode != "delta":
-                result = self.trainer.run(self.trainer.stream, 1, update_scale=self._scales(torch.as_tensor(actions)))
+                update = dict(update_scale=self._scales(torch.as_tensor(actions)))
             else:
-                result = self.trainer.run(self.trainer.stream, 1, update=self._delta_update(actions))
+                update = dict(update=self._delta_update(actions))
+            if sequence is None:
+                result = self.trainer.run(self.trainer.stream, 1, **update)
+            else:  # one batch of the current task; its last batch ends the task (evaluation: a row of R)
+                task, done_before = sequence.task, sequence.task
+                result = sequence.advance(1, **update)
             x, y = plugin.x, plugin.y
             obs, rewards = self._finish_step(x, y, result)
+            if self.reward == "cooperative":
+                rewards = torch.zeros_like(rewards)
+                if sequence.task > done_before:  # the step ended a task: the mean accuracy over the tasks seen
+                    row = sequence.progress.acc_matrices[0][-1][: sequence.task]
+                    rewards += float(np.mean(row)) * self.reward_scale
         self._last_obs = obs
         obs = self._present(obs)
         self.cycles += 1
@@ -611,7 +681,14 @@ class NeuralCollectiveEnv(ParallelEnv):
             "batch_loss": float(self._global_loss(result, y)),
             "batch_acc": float((self.model.predict(result.logits.detach()[:, : len(y)])[0] == y).float().mean()),
         }
-        terminated, truncated = self.trainer.step >= self.stream_steps, self.cycles >= self.max_cycles
+        if sequence is not None:
+            info.update(self._benchmark_info(task))
+            # The sequence's end terminates; max_cycles below its length truncates it (never both).
+            terminated = sequence.done
+            truncated = self.cycles >= self.max_cycles and not terminated
+        else:
+            terminated = self.trainer.step >= self.stream_steps
+            truncated = self.cycles >= self.max_cycles
         if terminated or truncated:
             self.agents = []
         return obs, rewards, terminated, truncated, info
@@ -697,6 +774,8 @@ class NeuralCollectiveEnv(ParallelEnv):
         # has been consumed yet, which "cycle": 0 tells (0.0 rather than NaN: NaN != NaN breaks
         # PettingZoo's seed_test and any equality check on infos).
         no_batch = {"batch_loss": 0.0, "batch_acc": 0.0, "cycle": 0}
+        if self.sequence is not None:  # the first task is next; row 0 of R (before training) is known
+            no_batch.update(self._benchmark_info(0))
         return {a: obs_np[i] for i, a in enumerate(self.agents)}, {a: self._agent_info(i, no_batch) for i, a in enumerate(self.agents)}
 
     def _agent_info(self, i: int, extra: dict | None = None) -> dict:
