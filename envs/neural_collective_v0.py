@@ -16,6 +16,7 @@ decides what is applied.
 | Observation shape | ``(11,)`` float32, the same for every agent; finite bounds (squashed, the default) |
 | Action shape | ``(1,)`` in ``[0, max_scale]`` (scale) or ``[-1, 1]`` (scale_centered); delta mode the agent's own parameter count |
 | State shape | ``(N * 11,)`` float32: every agent's observation (``state()``, ``state_space``) |
+| Continual benchmark | ``benchmark="pmnist_quick"``: one episode is the whole task sequence (see below) |
 
 ## Agents
 For the default network (two hidden layers of 40 units, workers of 10) there are 4 + 4 workers plus
@@ -29,7 +30,8 @@ values each) plus their biases. ``infos[agent]`` holds ``layer`` (1-based; the o
 within the layer, ``cycle`` (steps taken in the episode) and the global metrics of the last step
 (``batch_loss``, ``batch_acc``). ``reset`` returns the same keys (vectorising libraries such as
 TorchRL preallocate infos from the reset); as no batch has been consumed then, ``cycle`` is 0 and
-both metrics are 0.0.
+both metrics are 0.0. With a benchmark, ``infos`` also carry ``task``, ``tasks_done`` and
+``acc_matrix`` (below), at reset and at every step.
 
 ## Observation (local signals only)
 | index | signal |
@@ -85,6 +87,18 @@ untrained 10-way network), never the strategy's whole objective (LFNN's sums eve
 ``infos[agent]["batch_loss"]`` is that global loss too. ``reward_scale`` (positive, default 1)
 multiplies every reward.
 
+``reward="self"`` (the default) is that self-interest. ``reward="cooperative"`` (needs a benchmark)
+gives every agent the same reward: at the step that ends task ``i`` (1-based), the mean test
+accuracy over the tasks seen so far, ``mean_{j<=i} R[i][j]``; 0 at every other step. An episode's
+return is thus ``sum_i ACC_i``, the accuracy on the tasks seen averaged over the sequence's stages
+(times ``T``): it pays for learning each new task *and* for keeping the earlier ones, the
+trade-off continual learning is about. Why sparse and not, say, minus the global loss every step
+plus the task-end accuracy: the per-step loss is the current task's only (it rewards overwriting
+what earlier tasks need, the very thing to learn to avoid), and summed over a task's hundreds of
+steps it would drown the task-end term whatever the weighting; the unshaped reward keeps the return
+equal to a standard metric. Dense self-interest stays available in ``reward="self"``; the two do
+not change training (same actions, same weights).
+
 ## Groups
 ``env.group_map`` groups the agents by layer (``layer_1``, …, ``output``); agents of a group share
 their action shape in every mode. In delta mode pass it to TorchRL
@@ -130,7 +144,8 @@ other processes read it from ``data_root``).
 
 ## Episode
 Ends (``terminations``) when the data stream is exhausted (``epochs`` passes over the training
-subset) or is truncated at ``max_cycles`` steps (a positive integer). Stepping after the end (or
+subset) or is truncated at ``max_cycles`` steps (a positive integer; default 100, or with a
+benchmark the whole sequence). Stepping after the end (or
 before the first ``reset``) raises ``RuntimeError("... episode over; call reset()")``; so does
 ``step_batched``, which shares the episode with the dict API. Every step goes through the trainer's one loop
 (``Trainer.run``), so epochs close as in a training run: leader-selection bookkeeping, a history
@@ -138,15 +153,43 @@ entry and an evaluation on the env's 2000 test examples (``env.trainer.history``
 action equal to 1 (scale mode), the env reproduces :class:`agentnet.training.Trainer` exactly for
 the same seed and settings.
 
+## Continual benchmark
+``benchmark=`` makes one episode a continual-learning task sequence: a protocol name
+(``"pmnist_quick"``: the ``benchmark`` node ``agentnet benchmark=pmnist_quick`` composes, through
+Hydra's compose), a dict naming one with fields overridden (``{"name": "pmnist_quick", "num_tasks": 3}``)
+or a :class:`agentnet.config.BenchmarkConfig`. Only the task stream and the per-task length come
+from the protocol; the network, batch size and optimiser stay this env's arguments (a preset's
+``model`` / ``trainer`` overrides, e.g. pmnist_quick's ``mlp_400x2``, are the CLI's: pass
+``hidden=(400, 400), lr=1e-3`` to match). ``cl=`` adds a CL method (``"ewc"``, ``{"name": "si", "c": 1}``;
+refused without a benchmark). The episode is the continual runner's own
+:class:`agentnet.continual.runner.TaskSequence` advanced one batch per step: task streams (each
+task's permutation drawn from the episode seed), stage lengths (``epochs_per_task`` passes over
+the training subset, or ``iterations_per_task``), CL hooks and the evaluation of every task's test
+set (the env's 2000 test examples, transformed per task) at reset (row 0 of ``R``) and at the step
+that ends each task. So with every action 1 (scale mode), an episode's accuracy matrix is exactly
+``agentnet benchmark=<same> strategy=<same> cl=<same>``'s with this env's network, data and seed
+(``run_continual(env.run)`` with an ``output_dir`` is that run).
+
+Extra ``infos`` keys for every agent, at reset and every step, fixed in type and shape (TorchRL
+and SuperSuit stack them): ``task`` (0-based index of the task the step's batch belonged to; 0 at
+reset), ``tasks_done`` (tasks trained and evaluated so far) and ``acc_matrix``, a ``(T+1, T)``
+float32 array: row 0 before training, row ``i`` after task ``i``; rows not reached yet hold
+``UNREACHED = -1.0`` (not NaN: ``NaN != NaN`` fails PettingZoo's ``seed_test`` and any equality
+check on infos; accuracies lie in ``[0, 1]``). All agents share the step's one array.
+
+Length: ``max_cycles`` defaults to the sequence's total steps (terminated at its end, never
+truncated there); a smaller value truncates the sequence mid-way (``truncations``, and rows of
+tasks not finished stay -1); a larger one is refused (``ConfigError``: it can never be reached).
+
 ## Arguments
 Invalid arguments raise :class:`agentnet.config.ConfigError` (a ``ValueError``) whose message
 starts with the field, e.g. ``max_cycles=0: must be a positive whole number of steps``.
 
 ``neural_collective_v0.parallel_env(strategy="lfnn", hidden=(40, 40), worker_size=10, activation="relu",
-batch_size=64, data_subset=2000, epochs=1, data_root=None, device="cpu", max_cycles=100,
-action_mode="scale", max_scale=2.0, max_delta=0.1, observation_mode="squashed", reward_scale=1.0,
-lr=1e-3, optimizer="adam", seed=0, render_mode=None, conv=(),
-worker_projection=False)``
+batch_size=64, data_subset=2000, epochs=1, data_root=None, device="cpu",
+max_cycles=None, action_mode="scale", max_scale=2.0, max_delta=0.1, observation_mode="squashed",
+reward_scale=1.0, reward="self", lr=1e-3, optimizer="adam", seed=0, render_mode=None, conv=(),
+worker_projection=False, benchmark=None, cl=None)``
 
 ``strategy`` is a registered name or a dict config (``{"name": "lfnn", "delta": 0.3}``).
 ``conv`` lists filter-wise conv worker layers (dicts of :class:`agentnet.config.ConvLayerConfig`
@@ -171,6 +214,10 @@ flat tensors); the dict API is a thin adapter over it. Observations are presente
   without a seed starts a new episode; stepping after the end raises; ``step_batched`` honours
   ``max_cycles``; new ``scale_centered`` action mode, ``reward_scale``, ``state()``, ``group_map``;
   picklable.
+* v0, issue #14 item 6 (additive: without the new arguments every output is as before, so no new
+  version): ``benchmark=`` hosts the continual benchmark (one episode = a task sequence; ``infos``
+  gain ``task``, ``tasks_done``, ``acc_matrix``), ``cl=``, ``reward="cooperative"``;
+  ``max_cycles`` defaults to ``None`` (100 without a benchmark, as before).
 """
 
 from __future__ import annotations
