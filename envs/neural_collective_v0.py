@@ -176,6 +176,10 @@ reset), ``tasks_done`` (tasks trained and evaluated so far) and ``acc_matrix``, 
 float32 array: row 0 before training, row ``i`` after task ``i``; rows not reached yet hold
 ``UNREACHED = -1.0`` (not NaN: ``NaN != NaN`` fails PettingZoo's ``seed_test`` and any equality
 check on infos; accuracies lie in ``[0, 1]``). All agents share the step's one array.
+``env.last_acc_matrix`` keeps the matrix the last finished (terminated or truncated) episode ended
+with: SuperSuit's vector envs auto-reset at the end and hand on the *reset's* infos (row 0 of the
+next episode), so the final matrix is read there (``vec.venv.vec_envs[i].par_env.unwrapped``);
+the task-end cooperative rewards themselves do come through.
 
 Length: ``max_cycles`` defaults to the sequence's total steps (terminated at its end, never
 truncated there); a smaller value truncates the sequence mid-way (``truncations``, and rows of
@@ -394,6 +398,8 @@ class NeuralCollectiveEnv(ParallelEnv):
         self._pending_seed: int | None = self.run.seed  # the first unseeded reset() uses the constructor's seed
         self.cycles = 0
         self._started = False  # whether reset() was called: stepping before it is an error
+        #: With a benchmark: the accuracy matrix the last finished episode ended with (None before).
+        self.last_acc_matrix: np.ndarray | None = None
         self._build(self.run.seed)
         if max_cycles is None:  # the default: 100 steps, or a benchmark's whole task sequence
             max_cycles = 100 if self.benchmark is None else self.stream_steps
@@ -530,6 +536,7 @@ class NeuralCollectiveEnv(ParallelEnv):
             "last_params": self._last_params,
             "last_update": self._last_update,
             "last_obs": getattr(self, "_last_obs", None),
+            "last_acc_matrix": self.last_acc_matrix,
         }
 
     def __setstate__(self, state: dict) -> None:
@@ -546,6 +553,7 @@ class NeuralCollectiveEnv(ParallelEnv):
         self.agents, self.cycles, self._started = list(state["agents"]), state["cycles"], state["started"]
         self._last_params = [p.to(self.device) for p in state["last_params"]]
         self._last_update = state["last_update"].to(self.device)
+        self.last_acc_matrix = state.get("last_acc_matrix")
         if state["last_obs"] is not None:
             self._last_obs = state["last_obs"].to(self.device)
 
@@ -730,6 +738,8 @@ class NeuralCollectiveEnv(ParallelEnv):
         }
         if sequence is not None:
             info.update(self._benchmark_info(task))
+            if terminated or truncated:  # kept past the auto-reset that replaces these infos (SuperSuit)
+                self.last_acc_matrix = info["acc_matrix"]
             # The sequence's end terminates; max_cycles below its length truncates it (never both).
             terminated = sequence.done
             truncated = self.cycles >= self.max_cycles and not terminated

@@ -52,7 +52,7 @@ def test_all_ones_episode_reproduces_the_cli_accuracy_matrix(strategy, cl, tmp_p
         "trainer.batch_size=64", "trainer.progress=false", "device=cpu", "seed=3",
         f"data.root={data_root()}", f"output_dir={tmp_path}",
     )
-    metrics = run_continual(cfg)
+    metrics = run_continual(cfg, data=env._base_data)  # the env's MNIST, loaded as the CLI loads it (not twice)
     R = env.sequence.progress.acc_matrices[0]
     assert R == metrics["acc_matrix"]  # exactly, every row
     final = history[-1][1]["worker_0"]["acc_matrix"]
@@ -60,7 +60,7 @@ def test_all_ones_episode_reproduces_the_cli_accuracy_matrix(strategy, cl, tmp_p
     assert without_timing(env.trainer.history) == without_timing(metrics["history"])
     # ... and run_continual on the env's own RunConfig is the same run.
     env.run.output_dir = str(tmp_path / "same")
-    assert run_continual(env.run)["acc_matrix"] == R
+    assert run_continual(env.run, data=env._base_data)["acc_matrix"] == R
 
 
 def test_infos_carry_task_index_and_accuracy_matrix_with_fixed_shapes():
@@ -141,10 +141,11 @@ def test_benchmark_accepts_a_name_or_a_config():
 
 
 def test_pettingzoo_api_suite_with_a_benchmark():
-    kwargs = dict(TINY, max_cycles=12)  # truncated inside task 3: task ends and a truncation both happen
-    parallel_api_test(neural_collective_v0.parallel_env(**kwargs), num_cycles=15)
-    api_test(parallel_to_aec(neural_collective_v0.parallel_env(**kwargs)), num_cycles=15)
-    seed_test(lambda: parallel_to_aec(neural_collective_v0.parallel_env(**kwargs)), num_cycles=8)
+    # 2 tasks of 3 steps truncated at 5: a task end, then a truncation inside task 2, then auto-resets.
+    kwargs = dict(TINY, benchmark={"name": "pmnist_quick", "num_tasks": 2, "iterations_per_task": 3}, max_cycles=5)
+    parallel_api_test(neural_collective_v0.parallel_env(**kwargs), num_cycles=8)
+    api_test(parallel_to_aec(neural_collective_v0.parallel_env(**kwargs)), num_cycles=8)
+    seed_test(lambda: parallel_to_aec(neural_collective_v0.parallel_env(**kwargs)), num_cycles=6)
 
 
 def test_pickled_benchmark_env_continues_exactly_and_leaves_globals_alone():
