@@ -1,8 +1,9 @@
 """The continual-learning task: tasks in sequence, every task evaluated before training and after each task.
 
-``run_continual(cfg) -> metrics`` is the task behind ``agentnet benchmark=<protocol>``. It builds the
-stream, model, strategy and CL method, and trains each stage through the one loop
-(:meth:`agentnet.training.Trainer.run`). Its own bookkeeping — the accuracy matrix ``R`` (``(T+1, T)``,
+``run_continual(cfg) -> metrics`` is the task behind ``agentnet benchmark=<protocol>``. A
+:class:`TaskSequence` builds the stream, model, strategy and CL method, and trains each stage
+through the one loop (:meth:`agentnet.training.Trainer.run`); the PettingZoo env's benchmark
+episodes advance the same sequence one batch per step. Its own bookkeeping — the accuracy matrix ``R`` (``(T+1, T)``,
 row 0 before training), learning curves, which stage is running — is a plugin
 (:class:`ContinualProgress`), so it is in every checkpoint and ``resume=true`` continues a killed run
 mid-task or between tasks. Writes ``cl_metrics.json``, ``acc_matrix.csv`` and the plots.
