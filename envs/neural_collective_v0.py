@@ -738,11 +738,11 @@ class NeuralCollectiveEnv(ParallelEnv):
         }
         if sequence is not None:
             info.update(self._benchmark_info(task))
-            if terminated or truncated:  # kept past the auto-reset that replaces these infos (SuperSuit)
-                self.last_acc_matrix = info["acc_matrix"]
             # The sequence's end terminates; max_cycles below its length truncates it (never both).
             terminated = sequence.done
             truncated = self.cycles >= self.max_cycles and not terminated
+            if terminated or truncated:  # kept past the auto-reset that replaces these infos (SuperSuit)
+                self.last_acc_matrix = info["acc_matrix"]
         else:
             terminated = self.trainer.step >= self.stream_steps
             truncated = self.cycles >= self.max_cycles

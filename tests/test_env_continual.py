@@ -146,6 +146,7 @@ def test_pettingzoo_api_suite_with_a_benchmark():
     parallel_api_test(neural_collective_v0.parallel_env(**kwargs), num_cycles=8)
     api_test(parallel_to_aec(neural_collective_v0.parallel_env(**kwargs)), num_cycles=8)
     seed_test(lambda: parallel_to_aec(neural_collective_v0.parallel_env(**kwargs)), num_cycles=6)
+    parallel_api_test(neural_collective_v0.parallel_env(action_mode="delta", **kwargs), num_cycles=8)
 
 
 def test_pickled_benchmark_env_continues_exactly_and_leaves_globals_alone():
