@@ -23,6 +23,7 @@ below them in the import graph.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import importlib.metadata
 import importlib.resources
@@ -33,7 +34,7 @@ from typing import Any, Callable, Sequence, TypeVar
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from agentnet.config import CLConfig, ConfigError, ExperimentConfig, RunConfig, StrategyConfig, register_configs
+from agentnet.config import BenchmarkConfig, CLConfig, ConfigError, ExperimentConfig, RunConfig, StrategyConfig, register_configs
 from agentnet.paths import CONFIG_DIR
 
 __all__ = [
@@ -49,6 +50,7 @@ __all__ = [
     "to_run_config",
     "check_combinations",
     "compose",
+    "benchmark_config",
     "CONFIG_PATH_GROUP",
     "config_search_paths",
     "register_search_path_plugin",
@@ -320,6 +322,49 @@ def compose(overrides: Sequence[str] = ()) -> DictConfig:
     register_all()
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         return hydra_compose("config", overrides=list(overrides))
+
+
+def protocol_names() -> list[str]:
+    """The continual-learning protocols ``benchmark=<name>`` composes (``configs/benchmark/*.yaml``)."""
+    return sorted(p.stem for p in (Path(CONFIG_DIR) / "benchmark").glob("*.yaml"))
+
+
+@functools.lru_cache(maxsize=None)
+def _protocol(name: str) -> dict:
+    """The ``benchmark`` node ``agentnet benchmark=<name>`` composes (cached: composing takes ~0.1 s)."""
+    from hydra.errors import MissingConfigException
+
+    try:
+        cfg = compose([f"benchmark={name}"])
+    except MissingConfigException:
+        raise ConfigError(f"benchmark={name!r}: no such protocol; choose one of {protocol_names()}") from None
+    return OmegaConf.to_container(cfg.benchmark, resolve=True)
+
+
+def benchmark_config(node: Any) -> BenchmarkConfig:
+    """A validated :class:`BenchmarkConfig` from a protocol name (``"pmnist_quick"``: exactly the
+    ``benchmark`` node ``agentnet benchmark=pmnist_quick`` composes), a dict (its ``name`` names the
+    protocol composed first, its other keys override fields, e.g. ``{"name": "pmnist_quick",
+    "num_tasks": 3}``) or a :class:`BenchmarkConfig` (used as is).
+
+    Only the ``benchmark`` node is taken: a protocol preset's other overrides (its model, learning
+    rate) are the CLI's business; callers such as the env choose their network themselves.
+    """
+    if isinstance(node, BenchmarkConfig):
+        return dataclasses.replace(node)
+    if isinstance(node, str):
+        node = {"name": node}
+    if isinstance(node, DictConfig):
+        node = OmegaConf.to_container(node, resolve=True)
+    if not isinstance(node, dict) or not isinstance(node.get("name"), str):
+        raise ConfigError(f"benchmark={node!r}: give a protocol name ({', '.join(protocol_names())}), "
+                          "a dict with a 'name', or a BenchmarkConfig")
+    base = _protocol(node["name"])
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(BenchmarkConfig), base, node))
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None)
+        raise ConfigError(f"benchmark.{key or node['name']}: {getattr(exc, 'msg', exc)}") from None
 
 
 #: Entry-point group through which an installed package adds YAML presets to the config search path.

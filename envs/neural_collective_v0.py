@@ -16,6 +16,7 @@ decides what is applied.
 | Observation shape | ``(11,)`` float32, the same for every agent; finite bounds (squashed, the default) |
 | Action shape | ``(1,)`` in ``[0, max_scale]`` (scale) or ``[-1, 1]`` (scale_centered); delta mode the agent's own parameter count |
 | State shape | ``(N * 11,)`` float32: every agent's observation (``state()``, ``state_space``) |
+| Continual benchmark | ``benchmark="pmnist_quick"``: one episode is the whole task sequence (see below) |
 
 ## Agents
 For the default network (two hidden layers of 40 units, workers of 10) there are 4 + 4 workers plus
@@ -29,7 +30,8 @@ values each) plus their biases. ``infos[agent]`` holds ``layer`` (1-based; the o
 within the layer, ``cycle`` (steps taken in the episode) and the global metrics of the last step
 (``batch_loss``, ``batch_acc``). ``reset`` returns the same keys (vectorising libraries such as
 TorchRL preallocate infos from the reset); as no batch has been consumed then, ``cycle`` is 0 and
-both metrics are 0.0.
+both metrics are 0.0. With a benchmark, ``infos`` also carry ``task``, ``tasks_done`` and
+``acc_matrix`` (below), at reset and at every step.
 
 ## Observation (local signals only)
 | index | signal |
@@ -85,6 +87,18 @@ untrained 10-way network), never the strategy's whole objective (LFNN's sums eve
 ``infos[agent]["batch_loss"]`` is that global loss too. ``reward_scale`` (positive, default 1)
 multiplies every reward.
 
+``reward="self"`` (the default) is that self-interest. ``reward="cooperative"`` (needs a benchmark)
+gives every agent the same reward: at the step that ends task ``i`` (1-based), the mean test
+accuracy over the tasks seen so far, ``mean_{j<=i} R[i][j]``; 0 at every other step. An episode's
+return is thus ``sum_i ACC_i``, the accuracy on the tasks seen averaged over the sequence's stages
+(times ``T``): it pays for learning each new task *and* for keeping the earlier ones, the
+trade-off continual learning is about. Why sparse and not, say, minus the global loss every step
+plus the task-end accuracy: the per-step loss is the current task's only (it rewards overwriting
+what earlier tasks need, the very thing to learn to avoid), and summed over a task's hundreds of
+steps it would drown the task-end term whatever the weighting; the unshaped reward keeps the return
+equal to a standard metric. Dense self-interest stays available in ``reward="self"``; the two do
+not change training (same actions, same weights).
+
 ## Groups
 ``env.group_map`` groups the agents by layer (``layer_1``, …, ``output``); agents of a group share
 their action shape in every mode. In delta mode pass it to TorchRL
@@ -130,7 +144,8 @@ other processes read it from ``data_root``).
 
 ## Episode
 Ends (``terminations``) when the data stream is exhausted (``epochs`` passes over the training
-subset) or is truncated at ``max_cycles`` steps (a positive integer). Stepping after the end (or
+subset) or is truncated at ``max_cycles`` steps (a positive integer; default 100, or with a
+benchmark the whole sequence). Stepping after the end (or
 before the first ``reset``) raises ``RuntimeError("... episode over; call reset()")``; so does
 ``step_batched``, which shares the episode with the dict API. Every step goes through the trainer's one loop
 (``Trainer.run``), so epochs close as in a training run: leader-selection bookkeeping, a history
@@ -138,15 +153,47 @@ entry and an evaluation on the env's 2000 test examples (``env.trainer.history``
 action equal to 1 (scale mode), the env reproduces :class:`agentnet.training.Trainer` exactly for
 the same seed and settings.
 
+## Continual benchmark
+``benchmark=`` makes one episode a continual-learning task sequence: a protocol name
+(``"pmnist_quick"``: the ``benchmark`` node ``agentnet benchmark=pmnist_quick`` composes, through
+Hydra's compose), a dict naming one with fields overridden (``{"name": "pmnist_quick", "num_tasks": 3}``)
+or a :class:`agentnet.config.BenchmarkConfig`. Only the task stream and the per-task length come
+from the protocol; the network, batch size and optimiser stay this env's arguments (a preset's
+``model`` / ``trainer`` overrides, e.g. pmnist_quick's ``mlp_400x2``, are the CLI's: pass
+``hidden=(400, 400), lr=1e-3`` to match). ``cl=`` adds a CL method (``"ewc"``, ``{"name": "si", "c": 1}``;
+refused without a benchmark). The episode is the continual runner's own
+:class:`agentnet.continual.runner.TaskSequence` advanced one batch per step: task streams (each
+task's permutation drawn from the episode seed), stage lengths (``epochs_per_task`` passes over
+the training subset, or ``iterations_per_task``), CL hooks and the evaluation of every task's test
+set (the env's 2000 test examples, transformed per task) at reset (row 0 of ``R``) and at the step
+that ends each task. So with every action 1 (scale mode), an episode's accuracy matrix is exactly
+``agentnet benchmark=<same> strategy=<same> cl=<same>``'s with this env's network, data and seed
+(``run_continual(env.run)`` with an ``output_dir`` is that run).
+
+Extra ``infos`` keys for every agent, at reset and every step, fixed in type and shape (TorchRL
+and SuperSuit stack them): ``task`` (0-based index of the task the step's batch belonged to; 0 at
+reset), ``tasks_done`` (tasks trained and evaluated so far) and ``acc_matrix``, a ``(T+1, T)``
+float32 array: row 0 before training, row ``i`` after task ``i``; rows not reached yet hold
+``UNREACHED = -1.0`` (not NaN: ``NaN != NaN`` fails PettingZoo's ``seed_test`` and any equality
+check on infos; accuracies lie in ``[0, 1]``). All agents share the step's one array.
+``env.last_acc_matrix`` keeps the matrix the last finished (terminated or truncated) episode ended
+with: SuperSuit's vector envs auto-reset at the end and hand on the *reset's* infos (row 0 of the
+next episode), so the final matrix is read there (``vec.venv.vec_envs[i].par_env.unwrapped``);
+the task-end cooperative rewards themselves do come through.
+
+Length: ``max_cycles`` defaults to the sequence's total steps (terminated at its end, never
+truncated there); a smaller value truncates the sequence mid-way (``truncations``, and rows of
+tasks not finished stay -1); a larger one is refused (``ConfigError``: it can never be reached).
+
 ## Arguments
 Invalid arguments raise :class:`agentnet.config.ConfigError` (a ``ValueError``) whose message
 starts with the field, e.g. ``max_cycles=0: must be a positive whole number of steps``.
 
 ``neural_collective_v0.parallel_env(strategy="lfnn", hidden=(40, 40), worker_size=10, activation="relu",
-batch_size=64, data_subset=2000, epochs=1, data_root=None, device="cpu", max_cycles=100,
-action_mode="scale", max_scale=2.0, max_delta=0.1, observation_mode="squashed", reward_scale=1.0,
-lr=1e-3, optimizer="adam", seed=0, render_mode=None, conv=(),
-worker_projection=False)``
+batch_size=64, data_subset=2000, epochs=1, data_root=None, device="cpu",
+max_cycles=None, action_mode="scale", max_scale=2.0, max_delta=0.1, observation_mode="squashed",
+reward_scale=1.0, reward="self", lr=1e-3, optimizer="adam", seed=0, render_mode=None, conv=(),
+worker_projection=False, benchmark=None, cl=None)``
 
 ``strategy`` is a registered name or a dict config (``{"name": "lfnn", "delta": 0.3}``).
 ``conv`` lists filter-wise conv worker layers (dicts of :class:`agentnet.config.ConvLayerConfig`
@@ -171,6 +218,10 @@ flat tensors); the dict API is a thin adapter over it. Observations are presente
   without a seed starts a new episode; stepping after the end raises; ``step_batched`` honours
   ``max_cycles``; new ``scale_centered`` action mode, ``reward_scale``, ``state()``, ``group_map``;
   picklable.
+* v0, issue #14 item 6 (additive: without the new arguments every output is as before, so no new
+  version): ``benchmark=`` hosts the continual benchmark (one episode = a task sequence; ``infos``
+  gain ``task``, ``tasks_done``, ``acc_matrix``), ``cl=``, ``reward="cooperative"``;
+  ``max_cycles`` defaults to ``None`` (100 without a benchmark, as before).
 """
 
 from __future__ import annotations
@@ -187,20 +238,27 @@ from gymnasium import spaces
 from pettingzoo import ParallelEnv
 from pettingzoo.utils import parallel_to_aec, wrappers
 
-from agentnet.config import ConvLayerConfig, DataConfig, ModelConfig, RunConfig, TrainerConfig, check
+from agentnet.config import BenchmarkConfig, ConfigError, ConvLayerConfig, DataConfig, ModelConfig, RunConfig, TrainerConfig, check
+from agentnet.continual.runner import TaskSequence
 from agentnet.data import ImageData, load_mnist
 from agentnet.network import WorkerNetwork, build_model
-from agentnet.registry import STRATEGIES, build_strategy
+from agentnet.registry import CL_METHODS, STRATEGIES, benchmark_config, build_strategy, check_combinations
 from agentnet.strategy import StepResult
 from agentnet.training import Trainer, TrainerPlugin, resolve_device, seed_everything
 from agentnet.workers import LeaderSelection, WorkerConv2d, WorkerLinear
 
-__all__ = ["NeuralCollectiveEnv", "parallel_env", "raw_env", "env", "OBS_DIM", "run_config", "squash", "unsquash"]
+__all__ = ["NeuralCollectiveEnv", "parallel_env", "raw_env", "env", "OBS_DIM", "REWARDS", "UNREACHED", "run_config", "squash", "unsquash"]
 
 OBS_DIM = 11
 ROLE_LEADER, ROLE_FOLLOWER, ROLE_OUTPUT = 0, 1, 2
 ACTION_MODES = ("scale", "scale_centered", "delta")
 OBSERVATION_MODES = ("squashed", "raw")
+REWARDS = ("self", "cooperative")
+#: ``infos["acc_matrix"]`` entries of rows not reached yet (accuracies lie in [0, 1]; not NaN, which
+#: breaks equality checks such as PettingZoo's ``seed_test``).
+UNREACHED = -1.0
+#: Test examples the env evaluates on (every task's test set, with a benchmark).
+TEST_SUBSET = 2000
 #: Observation entries that are unbounded signals (losses, distances, statistics, norms): squashed
 #: by default; the role one-hot (0-2) and the depth (10) already lie in [0, 1].
 SQUASHED = slice(3, 10)
@@ -239,11 +297,16 @@ def run_config(
     seed: int = 0,
     worker_projection: bool = False,
     conv: list[dict | ConvLayerConfig] | tuple = (),
+    benchmark: str | dict | BenchmarkConfig | None = None,
+    cl: str | dict | None = None,
 ) -> RunConfig:
     """The :class:`RunConfig` an env with these arguments trains under (also for an equivalent Trainer).
 
     ``conv``: filter-wise conv worker layers in front of ``hidden`` (each a :class:`ConvLayerConfig`
     or its fields as a dict, e.g. ``{"channels": 20, "pool": 2}``); their workers are agents too.
+    ``benchmark``: a continual-learning protocol (:func:`agentnet.registry.benchmark_config`); then
+    :func:`agentnet.continual.runner.run_continual` on this config (with an ``output_dir``) is the
+    run an episode with every action 1 reproduces. ``cl``: a CL method (needs a benchmark).
     """
     specs = [c if isinstance(c, ConvLayerConfig) else ConvLayerConfig(**c) for c in conv]
     for i, spec in enumerate(specs):
@@ -252,19 +315,25 @@ def run_config(
         check(spec.block == "none", f"conv[{i}].block", spec.block, "the env exposes filter-wise conv workers only ('none')")
         check(not spec.plain, f"conv[{i}].plain", spec.plain, "plain layers belong to no agent; the env needs worker layers")
         check(spec.norm == "none", f"conv[{i}].norm", spec.norm, "normalisation parameters belong to no agent; use 'none'")
-    return RunConfig(
+    run = RunConfig(
         strategy=STRATEGIES.config(strategy),  # a bare name gets exactly what `agentnet strategy=<name>` trains
         model=ModelConfig(
             name="env", hidden=list(hidden), worker_size=worker_size, activation=activation, worker_projection=worker_projection,
             conv=specs,
         ),
-        data=DataConfig(root=data_root, subset=data_subset),
+        data=DataConfig(root=data_root, subset=data_subset, test_subset=TEST_SUBSET),
         trainer=TrainerConfig(
             epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, lr_schedule="none", progress=False, checkpoint=False
         ),
         seed=seed,
         device=device,
     )
+    if benchmark is not None:
+        run.benchmark = benchmark_config(benchmark)
+    if cl is not None:
+        run.cl = CL_METHODS.config(cl)
+    check_combinations(run)  # a CL method without a task sequence is refused
+    return run
 
 
 class _StepInputs(TrainerPlugin):
@@ -281,33 +350,38 @@ class NeuralCollectiveEnv(ParallelEnv):
 
     def __init__(
         self,
-        max_cycles: int = 100,
+        max_cycles: int | None = None,
         action_mode: str = "scale",
         max_scale: float = 2.0,
         max_delta: float = 0.1,
         render_mode: str | None = None,
         observation_mode: str = "squashed",
         reward_scale: float = 1.0,
+        reward: str = "self",
         **run_args: Any,
     ) -> None:
         """``run_args`` are :func:`run_config`'s (strategy, network, data, device, optimiser, seed)."""
         # Kept to rebuild the env on unpickling (the pickle holds state, not the dataset).
         self._init_args = dict(
             max_cycles=max_cycles, action_mode=action_mode, max_scale=max_scale, max_delta=max_delta,
-            render_mode=render_mode, observation_mode=observation_mode, reward_scale=reward_scale, **run_args,
+            render_mode=render_mode, observation_mode=observation_mode, reward_scale=reward_scale, reward=reward, **run_args,
         )
         check(action_mode in ACTION_MODES, "action_mode", action_mode, f"choose one of {ACTION_MODES}")
         check(observation_mode in OBSERVATION_MODES, "observation_mode", observation_mode, f"choose one of {OBSERVATION_MODES}")
         check(render_mode in (None, "ansi", "rgb_array", "human"), "render_mode", render_mode, "choose ansi, rgb_array, human or None")
-        check(isinstance(max_cycles, (int, np.integer)) and not isinstance(max_cycles, bool) and max_cycles > 0,
-              "max_cycles", max_cycles, "must be a positive whole number of steps")
+        check(max_cycles is None or (isinstance(max_cycles, (int, np.integer)) and not isinstance(max_cycles, bool) and max_cycles > 0),
+              "max_cycles", max_cycles, "must be a positive whole number of steps (or None: the default)")
+        check(reward in REWARDS, "reward", reward, f"choose one of {REWARDS}")
         for key, value in (("max_scale", max_scale), ("max_delta", max_delta), ("reward_scale", reward_scale)):
             check(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0,
                   key, value, "must be a positive finite number")
         check(action_mode != "scale_centered" or max_scale >= 1, "max_scale", max_scale,
               "action_mode='scale_centered' maps 0 to scale 1 and 1 to max_scale, so it must be at least 1")
         self.run = run_config(**run_args)
-        self.max_cycles = max_cycles
+        self.benchmark = self.run.benchmark
+        check(reward != "cooperative" or self.benchmark is not None, "reward", reward,
+              "the cooperative reward is paid at task ends; it needs a benchmark (e.g. benchmark='pmnist_quick')")
+        self.reward = reward
         self.action_mode = action_mode
         self.max_scale = max_scale
         self.max_delta = max_delta
@@ -324,7 +398,18 @@ class NeuralCollectiveEnv(ParallelEnv):
         self._pending_seed: int | None = self.run.seed  # the first unseeded reset() uses the constructor's seed
         self.cycles = 0
         self._started = False  # whether reset() was called: stepping before it is an error
+        #: With a benchmark: the accuracy matrix the last finished episode ended with (None before).
+        self.last_acc_matrix: np.ndarray | None = None
         self._build(self.run.seed)
+        if max_cycles is None:  # the default: 100 steps, or a benchmark's whole task sequence
+            max_cycles = 100 if self.benchmark is None else self.stream_steps
+        elif self.benchmark is not None and max_cycles > self.stream_steps:
+            raise ConfigError(
+                f"max_cycles={max_cycles}: the benchmark's task sequence ends after {self.stream_steps} steps "
+                f"({self.sequence.num_tasks} tasks of {self.sequence.stage_steps[0]}); leave max_cycles unset "
+                f"(the whole sequence) or choose at most {self.stream_steps} to truncate it"
+            )
+        self.max_cycles = int(max_cycles)
         layers = self._layers
         self.layer_of = np.concatenate([np.full(n, i + 1) for i, n in enumerate(self._agents_per_layer)])
         self.index_in_layer = np.concatenate([np.arange(n) for n in self._agents_per_layer])
@@ -393,19 +478,30 @@ class NeuralCollectiveEnv(ParallelEnv):
         run.seed = seed
         self.episode_seed = seed
         gen = torch.Generator().manual_seed(0)  # the subset train() uses: the same for every seed
-        self.data = ImageData(train=self._base_data.train.subset(run.data.subset, gen), test=self._base_data.test.subset(2000))
-        seed_everything(seed)  # what train() does; the env's stream continues from here
-        self.model = build_model(run.model, self.data.input_dim, self.data.num_classes, seed).to(self.device)
+        self.data = ImageData(train=self._base_data.train.subset(run.data.subset, gen), test=self._base_data.test.subset(run.data.test_subset))
+        # The env steps through the one training loop (Trainer.run), one batch per env step; a
+        # plugin hands it the batch each step consumed, for the observations.
+        self._step_inputs = _StepInputs()
+        if run.benchmark is not None:
+            # The continual runner's own task sequence (stream, model, strategy, CL method, plugins,
+            # evaluation), built exactly as `agentnet benchmark=...` builds it and advanced one
+            # batch per env step; it evaluates every task at reset (row 0 of R) and at task ends.
+            self.sequence = TaskSequence(run, self.data, None, extra_plugins=[self._step_inputs])
+            self.model, self.strategy, self.trainer = self.sequence.model, self.sequence.strategy, self.sequence.trainer
+        else:
+            self.sequence = None
+            seed_everything(seed)  # what train() does; the env's stream continues from here
+            self.model = build_model(run.model, self.data.input_dim, self.data.num_classes, seed).to(self.device)
         if not (all(isinstance(l, (WorkerLinear, WorkerConv2d)) for l in self.model.hidden)
                 and not any(len(stem) for stem in self.model.stems) and all(isinstance(n, torch.nn.Identity) for n in self.model.norms)):
             raise ValueError("neural_collective_v0 exposes fully connected and filter-wise conv worker layers only "
                              "(no blocks, plain layers or normalisation); train those with agentnet's trainer")
-        self.strategy = build_strategy(run.strategy, self.model)
-        # The env steps through the one training loop (Trainer.run), one batch per env step; a
-        # plugin hands it the batch each step consumed, for the observations.
-        self._step_inputs = _StepInputs()
-        self.trainer = Trainer(run, self.model, self.strategy, self.data, output_dir=None, plugins=[self._step_inputs])
-        self.trainer.begin_run()
+        if self.sequence is None:
+            self.strategy = build_strategy(run.strategy, self.model)
+            self.trainer = Trainer(run, self.model, self.strategy, self.data, output_dir=None, plugins=[self._step_inputs])
+            self.trainer.begin_run()
+        else:
+            self.sequence.begin()
         self._layers = [*self.model.hidden, self.model.output]
         self._units = [l.worker_size for l in self.model.hidden] + [self.model.output.out_features]
         self._agents_per_layer = [l.num_workers for l in self.model.hidden] + [1]
@@ -440,6 +536,7 @@ class NeuralCollectiveEnv(ParallelEnv):
             "last_params": self._last_params,
             "last_update": self._last_update,
             "last_obs": getattr(self, "_last_obs", None),
+            "last_acc_matrix": self.last_acc_matrix,
         }
 
     def __setstate__(self, state: dict) -> None:
@@ -456,6 +553,7 @@ class NeuralCollectiveEnv(ParallelEnv):
         self.agents, self.cycles, self._started = list(state["agents"]), state["cycles"], state["started"]
         self._last_params = [p.to(self.device) for p in state["last_params"]]
         self._last_update = state["last_update"].to(self.device)
+        self.last_acc_matrix = state.get("last_acc_matrix")
         if state["last_obs"] is not None:
             self._last_obs = state["last_obs"].to(self.device)
 
@@ -472,8 +570,24 @@ class NeuralCollectiveEnv(ParallelEnv):
     # -- the batched core ----------------------------------------------------------------------
     @property
     def stream_steps(self) -> int:
-        """Steps until the data stream ends: ``epochs`` passes over the training subset."""
+        """Steps until the data stream ends: ``epochs`` passes over the training subset, or a
+        benchmark's whole task sequence."""
+        if self.sequence is not None:
+            return self.sequence.total_steps
         return self.run.trainer.epochs * self.trainer.steps_per_epoch
+
+    def acc_matrix(self) -> np.ndarray:
+        """The benchmark's accuracy matrix so far, ``(T+1, T)`` float32: row 0 before training,
+        row ``i`` after task ``i``; rows not reached hold :data:`UNREACHED` (-1)."""
+        T = self.sequence.num_tasks
+        out = np.full((T + 1, T), UNREACHED, dtype=np.float32)
+        rows = self.sequence.progress.acc_matrices[0]  # the env trains one replica
+        if rows:
+            out[: len(rows)] = np.asarray(rows, dtype=np.float32)
+        return out
+
+    def _benchmark_info(self, task: int) -> dict:
+        return {"task": task, "tasks_done": self.sequence.task, "acc_matrix": self.acc_matrix()}
 
     def _observe(self, x: torch.Tensor, y: torch.Tensor, result: StepResult) -> tuple[torch.Tensor, torch.Tensor]:
         """Observations ``(N, 11)`` and rewards ``(N,)`` from the step's (pre-update) signals."""
@@ -596,13 +710,24 @@ class NeuralCollectiveEnv(ParallelEnv):
 
     def _step_validated(self, actions):
         plugin = self._step_inputs
+        sequence = self.sequence
         with self._own_rng(python_and_numpy=False):
             if self.action_mode != "delta":
-                result = self.trainer.run(self.trainer.stream, 1, update_scale=self._scales(torch.as_tensor(actions)))
+                update = dict(update_scale=self._scales(torch.as_tensor(actions)))
             else:
-                result = self.trainer.run(self.trainer.stream, 1, update=self._delta_update(actions))
+                update = dict(update=self._delta_update(actions))
+            if sequence is None:
+                result = self.trainer.run(self.trainer.stream, 1, **update)
+            else:  # one batch of the current task; its last batch ends the task (evaluation: a row of R)
+                task, done_before = sequence.task, sequence.task
+                result = sequence.advance(1, **update)
             x, y = plugin.x, plugin.y
             obs, rewards = self._finish_step(x, y, result)
+            if self.reward == "cooperative":
+                rewards = torch.zeros_like(rewards)
+                if sequence.task > done_before:  # the step ended a task: the mean accuracy over the tasks seen
+                    row = sequence.progress.acc_matrices[0][-1][: sequence.task]
+                    rewards += float(np.mean(row)) * self.reward_scale
         self._last_obs = obs
         obs = self._present(obs)
         self.cycles += 1
@@ -611,7 +736,16 @@ class NeuralCollectiveEnv(ParallelEnv):
             "batch_loss": float(self._global_loss(result, y)),
             "batch_acc": float((self.model.predict(result.logits.detach()[:, : len(y)])[0] == y).float().mean()),
         }
-        terminated, truncated = self.trainer.step >= self.stream_steps, self.cycles >= self.max_cycles
+        if sequence is not None:
+            info.update(self._benchmark_info(task))
+            # The sequence's end terminates; max_cycles below its length truncates it (never both).
+            terminated = sequence.done
+            truncated = self.cycles >= self.max_cycles and not terminated
+            if terminated or truncated:  # kept past the auto-reset that replaces these infos (SuperSuit)
+                self.last_acc_matrix = info["acc_matrix"]
+        else:
+            terminated = self.trainer.step >= self.stream_steps
+            truncated = self.cycles >= self.max_cycles
         if terminated or truncated:
             self.agents = []
         return obs, rewards, terminated, truncated, info
@@ -697,6 +831,8 @@ class NeuralCollectiveEnv(ParallelEnv):
         # has been consumed yet, which "cycle": 0 tells (0.0 rather than NaN: NaN != NaN breaks
         # PettingZoo's seed_test and any equality check on infos).
         no_batch = {"batch_loss": 0.0, "batch_acc": 0.0, "cycle": 0}
+        if self.sequence is not None:  # the first task is next; row 0 of R (before training) is known
+            no_batch.update(self._benchmark_info(0))
         return {a: obs_np[i] for i, a in enumerate(self.agents)}, {a: self._agent_info(i, no_batch) for i, a in enumerate(self.agents)}
 
     def _agent_info(self, i: int, extra: dict | None = None) -> dict:

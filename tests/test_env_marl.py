@@ -63,3 +63,41 @@ def test_torchrl_wrapper_specs_and_rollout(action_mode):
         assert torch.isfinite(rollout["next", group, "reward"]).all()
         assert set(rollout["next", group, "info"].keys()) >= {"batch_loss", "batch_acc", "cycle", "layer", "index"}
     assert rollout["next", "done"].any()  # max_cycles=4 within 10 steps
+
+
+#: A benchmark episode of 2 permuted tasks of 3 steps (issue #14 item 6): task ends inside a rollout.
+BENCH = dict(TINY, benchmark={"name": "pmnist_quick", "num_tasks": 2, "iterations_per_task": 3})
+
+
+def test_torchrl_specs_and_rollout_with_a_benchmark():
+    pytest.importorskip("torchrl")
+    from torchrl.envs.libs.pettingzoo import PettingZooWrapper
+    from torchrl.envs.utils import check_env_specs
+
+    par = neural_collective_v0.parallel_env(reward="cooperative", **BENCH)
+    env = PettingZooWrapper(env=par, return_state=True, seed=0)
+    check_env_specs(env, seed=0)  # the (T+1, T) accuracy matrix with -1 fill stacks into a fixed spec
+    rollout = env.rollout(8, break_when_any_done=False)  # the 6-step sequence ends and auto-resets
+    info = rollout["next", "worker", "info"]
+    assert info["acc_matrix"].shape == (8, par.num_workers, 3, 2)
+    assert info["task"][:6, 0].flatten().tolist() == [0, 0, 0, 1, 1, 1]
+    assert info["tasks_done"][:6, 0].flatten().tolist() == [0, 0, 1, 1, 1, 2]
+    reward = rollout["next", "worker", "reward"][:, :, 0]
+    assert torch.all(reward[2] > 0) and torch.all(reward[2] == reward[2, 0]) and torch.all(reward[:2] == 0)
+    assert rollout["next", "done"][5].all()
+
+
+def test_supersuit_vector_env_with_a_benchmark():
+    ss = pytest.importorskip("supersuit")
+    par = neural_collective_v0.parallel_env(**BENCH)
+    vec = ss.concat_vec_envs_v1(ss.pettingzoo_env_to_vec_env_v1(par), 2, num_cpus=0, base_class="stable_baselines3")
+    vec.venv.reset(seed=0)
+    actions = np.ones((vec.num_envs, 1), np.float32)
+    for step in range(6):
+        _, rewards, dones, infos = vec.step(actions)
+    assert dones.all() and len(infos) == vec.num_envs  # the sequence's end, then SB3-style auto-reset
+    # SuperSuit hands on the auto-reset's infos (the next episode's row 0); the finished episode's
+    # matrix stays on each copy.
+    assert all(i["tasks_done"] == 0 and i["acc_matrix"].shape == (3, 2) and "terminal_observation" in i for i in infos)
+    a, b = (c.par_env.unwrapped.last_acc_matrix for c in vec.venv.vec_envs)
+    assert a.shape == (3, 2) and np.all(a >= 0) and not np.array_equal(a, b)  # copies seeded apart

@@ -1,8 +1,9 @@
 """The continual-learning task: tasks in sequence, every task evaluated before training and after each task.
 
-``run_continual(cfg) -> metrics`` is the task behind ``agentnet benchmark=<protocol>``. It builds the
-stream, model, strategy and CL method, and trains each stage through the one loop
-(:meth:`agentnet.training.Trainer.run`). Its own bookkeeping — the accuracy matrix ``R`` (``(T+1, T)``,
+``run_continual(cfg) -> metrics`` is the task behind ``agentnet benchmark=<protocol>``. A
+:class:`TaskSequence` builds the stream, model, strategy and CL method, and trains each stage
+through the one loop (:meth:`agentnet.training.Trainer.run`); the PettingZoo env's benchmark
+episodes advance the same sequence one batch per step. Its own bookkeeping — the accuracy matrix ``R`` (``(T+1, T)``,
 row 0 before training), learning curves, which stage is running — is a plugin
 (:class:`ContinualProgress`), so it is in every checkpoint and ``resume=true`` continues a killed run
 mid-task or between tasks. Writes ``cl_metrics.json``, ``acc_matrix.csv`` and the plots.
@@ -15,6 +16,7 @@ import logging
 import math
 import time
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -30,10 +32,10 @@ from agentnet.network import build_model
 from agentnet.population import population_of
 from agentnet.population import summarize as summarize_population
 from agentnet.registry import build_strategy
-from agentnet.training import RunLock, Trainer, TrainerPlugin, atomic_write_json, prepare_run, seed_everything, standard_plugins
+from agentnet.training import RunLock, StrategyTaskHooks, Trainer, TrainerPlugin, atomic_write_json, prepare_run, seed_everything, standard_plugins
 from agentnet.training.task import resume_info
 
-__all__ = ["run_continual", "evaluate_all", "TaskHeadMask", "ContinualProgress"]
+__all__ = ["run_continual", "evaluate_all", "TaskHeadMask", "ContinualProgress", "TaskSequence"]
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +122,116 @@ def _stage_steps(bench, stage_size: int, batch_size: int) -> int:
     return bench.epochs_per_task * math.ceil(stage_size / batch_size)
 
 
+class TaskSequence:
+    """A continual run's task sequence on the one engine, steppable in pieces of any length.
+
+    Builds what a continual run trains — the task stream, model, strategy, CL method, the plugins
+    (method, task-head mask, :class:`ContinualProgress`, the strategy's task hooks, then ``extra_plugins``) and the
+    :class:`~agentnet.training.Trainer` — exactly as ``agentnet benchmark=...`` does, and runs the
+    stages through :meth:`Trainer.run`. :func:`run_continual` advances it a whole task at a time; the
+    PettingZoo env (``envs.neural_collective_v0`` with ``benchmark=``) one mini-batch at a time. Both
+    are the same calls, so with the same steps the two give the same accuracy matrix bit for bit.
+
+    A task ends inside :meth:`advance` as soon as its step budget is spent: the stage's last
+    epoch is closed, ``after_task`` hooks fire, every task's test set is evaluated (a row of ``R``)
+    and a checkpoint is written (when the run has an output directory).
+    """
+
+    def __init__(self, run: RunConfig, data: ImageData, out: Path | None, extra_plugins: list[TrainerPlugin] = ()) -> None:
+        if run.benchmark is None:
+            raise ConfigError("benchmark=null: choose a protocol, e.g. benchmark=pmnist_quick")
+        self.run = run
+        seed_everything(run.seed)
+        self.population = population_of(run)
+        self.stream = build_stream(data, run.benchmark, self.population.seeds)
+        device = data.train.x.device
+        self.model = build_model(run.model, self.stream.input_dim, self.stream.num_classes, self.population.seeds).to(device)
+        self.strategy = build_strategy(run.strategy, self.model, self.population.of("strategy"))
+        self.method: CLMethod = build_cl_method(run.cl, self.model, self.population.of("cl"))
+        bs = run.trainer.batch_size
+        # Steps per stage: from one task's size, so a cumulative stage trains as long as the others.
+        self.stage_steps = [_stage_steps(run.benchmark, task.train_size, bs) for task in self.stream.tasks]
+        self.progress = ContinualProgress(self.stream, run.benchmark.eval_every)
+        # StrategyTaskHooks: the strategy learns of task ends too (attention's protect mode), in the env as in the CLI.
+        self.plugins = [self.method, TaskHeadMask(self.stream), self.progress, StrategyTaskHooks(), *extra_plugins]
+        self.trainer = Trainer(run, self.model, self.strategy, None, out, plugins=self.plugins, total_steps=sum(self.stage_steps))
+        self._batches = None  # the current stage's batch stream, made when the stage first steps
+
+    @property
+    def num_tasks(self) -> int:
+        return len(self.stream)
+
+    @property
+    def total_steps(self) -> int:
+        """Optimiser steps of the whole sequence."""
+        return sum(self.stage_steps)
+
+    @property
+    def done(self) -> bool:
+        """Every task has been trained (and evaluated)."""
+        return self.progress.stage >= len(self.stream)
+
+    @property
+    def task(self) -> int:
+        """Index (0-based) of the task training now (``num_tasks`` once done)."""
+        return self.progress.stage
+
+    def stage_remaining(self) -> int:
+        """Steps left in the current task's budget."""
+        start = self.progress.stage_start_step if self.progress.stage_started else self.trainer.step
+        return self.stage_steps[self.progress.stage] - (self.trainer.step - start)
+
+    def begin(self) -> None:
+        """Evaluate every task before training (row 0 of ``R``, unless a resumed state holds it) and
+        fire ``before_run``."""
+        if not self.progress.acc_matrices[0]:
+            self.progress.record(evaluate_all(self.trainer, self.stream))
+        self.trainer.begin_run()
+
+    def advance(self, steps: int | None = None, label: str | None = None, **update: Any):
+        """Train up to ``steps`` steps of the current task (``None``: the rest of it); ``update`` is
+        :meth:`Trainer.run`'s ``update_scale`` / ``update``. Ends the task when its budget is spent.
+        Returns the last step's result (``None`` if no step was taken)."""
+        if self.done:
+            raise RuntimeError("the task sequence is over")
+        progress, i = self.progress, self.progress.stage
+        task = self.stream.tasks[i]
+        if not progress.stage_started:
+            progress.stage_started, progress.stage_start_step = True, self.trainer.step
+            progress.task_seconds.append(0.0)
+            for plugin in self.plugins:
+                plugin.before_task(self.trainer, self.stream, task)
+        if self._batches is None:
+            tasks = self.method.stage_tasks(self.stream, i)
+            self._batches = self.trainer.make_stream(sum(t.train_size for t in tasks), self.stream.stage_gather(tasks))
+        start = time.perf_counter()
+        remaining = self.stage_remaining()
+        n = remaining if steps is None else min(steps, remaining)
+        if label is None:
+            label = f"{self.strategy.name}+{self.method.name} task {i + 1}/{len(self.stream)}"
+        result = self.trainer.run(self._batches, n, label, **update)
+        if n == remaining:
+            self._end_task(task)
+        progress.task_seconds[i] += time.perf_counter() - start
+        return result
+
+    def _end_task(self, task) -> None:
+        trainer, progress, i = self.trainer, self.progress, self.progress.stage
+        trainer.close_epoch()
+        for plugin in self.plugins:
+            plugin.after_task(trainer, self.stream, task)
+        progress.record(evaluate_all(trainer, self.stream))
+        progress.stage, progress.stage_started = i + 1, False
+        trainer.stream = self._batches = None  # the next stage makes its own
+        trainer.save_checkpoint()  # the last good state, should a later task diverge
+        seen = [sum(m[-1][: i + 1]) / (i + 1) for m in progress.acc_matrices]
+        log.info("after task %d: mean acc over tasks so far %.4f", i + 1, sum(seen) / len(seen))
+
+    def end(self) -> None:
+        """Fire ``after_run``."""
+        self.trainer.end_run()
+
+
 def run_continual(cfg: DictConfig | RunConfig | dict, data: ImageData | None = None) -> dict[str, Any]:
     """Run a continual-learning protocol; write and return ``cl_metrics``."""
     wall_start = time.perf_counter()
@@ -127,48 +239,15 @@ def run_continual(cfg: DictConfig | RunConfig | dict, data: ImageData | None = N
     if run.benchmark is None:
         raise ConfigError("benchmark=null: choose a protocol, e.g. benchmark=pmnist_quick")
     with RunLock(out):
-        seed_everything(run.seed)
-        population = population_of(run)
-        stream = build_stream(data, run.benchmark, population.seeds)
-        model = build_model(run.model, stream.input_dim, stream.num_classes, population.seeds).to(device)
-        strategy = build_strategy(run.strategy, model, population.of("strategy"))
-        method: CLMethod = build_cl_method(run.cl, model, population.of("cl"))
-        bs = run.trainer.batch_size
-        # Steps per stage: from one task's size, so a cumulative stage trains as long as the others.
-        stage_steps = [_stage_steps(run.benchmark, task.train_size, bs) for task in stream.tasks]
-        progress = ContinualProgress(stream, run.benchmark.eval_every)
         extra, activity = standard_plugins(run, out)
-        plugins = [method, TaskHeadMask(stream), progress, *extra]
-        trainer = Trainer(run, model, strategy, None, out, plugins=plugins, total_steps=sum(stage_steps))
+        sequence = TaskSequence(run, data, out, extra)
+        stream, model, strategy, method = sequence.stream, sequence.model, sequence.strategy, sequence.method
+        trainer, progress, population = sequence.trainer, sequence.progress, sequence.population
         resumed = resume_info(run, trainer, out)
-        if not progress.acc_matrices[0]:
-            progress.record(evaluate_all(trainer, stream))
-
-        trainer.begin_run()
-        while progress.stage < len(stream):
-            i = progress.stage
-            task = stream.tasks[i]
-            if not progress.stage_started:
-                progress.stage_started, progress.stage_start_step = True, trainer.step
-                progress.task_seconds.append(0.0)
-                for plugin in plugins:
-                    plugin.before_task(trainer, stream, task)
-            tasks = method.stage_tasks(stream, i)
-            batches = trainer.make_stream(sum(t.train_size for t in tasks), stream.stage_gather(tasks))
-            start = time.perf_counter()
-            remaining = stage_steps[i] - (trainer.step - progress.stage_start_step)
-            trainer.run(batches, remaining, f"{strategy.name}+{method.name} task {i + 1}/{len(stream)}")
-            trainer.close_epoch()
-            for plugin in plugins:
-                plugin.after_task(trainer, stream, task)
-            progress.task_seconds[i] += time.perf_counter() - start
-            progress.record(evaluate_all(trainer, stream))
-            progress.stage, progress.stage_started = i + 1, False
-            trainer.stream = None  # the next stage makes its own
-            trainer.save_checkpoint()  # the last good state, should a later task diverge
-            seen = [sum(m[-1][: i + 1]) / (i + 1) for m in progress.acc_matrices]
-            log.info("after task %d: mean acc over tasks so far %.4f", i + 1, sum(seen) / len(seen))
-        trainer.end_run()
+        sequence.begin()
+        while not sequence.done:
+            sequence.advance()
+        sequence.end()
 
         per_replica = []
         selection = strategy.selection

@@ -6,8 +6,8 @@ order for every plugin in its list (Avalanche's template/plugin split):
 ``before_run`` · ``before_task`` · ``before_epoch`` · ``adapt_batch`` · ``before_step`` ·
 ``after_backward`` · ``after_step`` · ``after_epoch`` · ``after_task`` · ``after_run``
 
-Task hooks fire only in continual-learning runs; :class:`StrategyTaskHooks` (one of every run's
-standard plugins) passes them on to the strategy (``Strategy.on_task_start`` / ``on_task_end``). A plugin that keeps state across steps returns it
+Task hooks fire only in continual-learning runs; :class:`StrategyTaskHooks` (one of every continual
+run's plugins, added by the task sequence) passes them on to the strategy (``Strategy.on_task_start`` / ``on_task_end``). A plugin that keeps state across steps returns it
 from ``state_dict`` (tensors and plain containers only: checkpoints are loaded with
 ``weights_only=True``) and takes it back in ``load_state_dict``; the checkpoint stores it under the
 plugin's ``state_key``.

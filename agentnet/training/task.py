@@ -23,7 +23,7 @@ from agentnet.population import population_of, summarize
 from agentnet.registry import build_strategy, to_run_config
 from agentnet.training.checkpoint import RunLock, atomic_write_json
 from agentnet.training.engine import Trainer
-from agentnet.training.plugins import StrategyTaskHooks, TensorBoardLogger, TrainerPlugin, WorkerActivity
+from agentnet.training.plugins import TensorBoardLogger, TrainerPlugin, WorkerActivity
 
 __all__ = ["resolve_device", "seed_everything", "prepare_run", "standard_plugins", "resume_info", "train"]
 
@@ -78,9 +78,8 @@ def prepare_run(cfg: DictConfig | RunConfig | dict, data: ImageData | None = Non
 
 
 def standard_plugins(run: RunConfig, out: Path) -> tuple[list[TrainerPlugin], WorkerActivity | None]:
-    """The plugins every kind of run gets: the strategy's task hooks, and from ``trainer.*`` worker
-    activity and TensorBoard."""
-    plugins: list[TrainerPlugin] = [StrategyTaskHooks()]
+    """The plugins every kind of run gets from ``trainer.*``: worker activity and TensorBoard."""
+    plugins: list[TrainerPlugin] = []
     activity = WorkerActivity() if run.trainer.record_activity else None
     if activity is not None:
         plugins.append(activity)
