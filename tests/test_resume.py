@@ -221,3 +221,13 @@ def test_attention_protect_killed_mid_task_resumes_to_identical_cl_metrics(tmp_p
     b = json.loads((killed / "cl_metrics.json").read_text())
     assert b["resumed"]["from"] and 40 < b["resumed"]["step"] < 80
     assert without_timing(a) == without_timing(b)
+
+
+def test_a_field_added_after_the_checkpoint_left_off_is_no_difference():
+    """Checkpoints outlive new optional fields: absent + ``None`` now matches; absent + a value does not."""
+    from agentnet.training.checkpoint import config_differences
+
+    saved = {"benchmark": {"num_tasks": 10}, "trainer": {"lr": 1e-3}}
+    assert config_differences(saved, {"benchmark": {"num_tasks": 10, "samples_per_task": None}, "trainer": {"lr": 1e-3}}) == []
+    diffs = config_differences(saved, {"benchmark": {"num_tasks": 10, "samples_per_task": 1000}, "trainer": {"lr": 1e-3}})
+    assert diffs == ["benchmark.samples_per_task: checkpoint='<absent>', this run=1000"]

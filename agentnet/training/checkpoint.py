@@ -115,12 +115,19 @@ def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def config_differences(saved: dict, current: dict) -> list[str]:
-    """``key: checkpoint=<a>, this run=<b>`` for every training-relevant key that differs."""
+    """``key: checkpoint=<a>, this run=<b>`` for every training-relevant key that differs.
+
+    A key the checkpoint lacks whose value here is ``None`` is no difference: it is an optional field
+    added after the checkpoint was written, left off (``null`` is every optional feature's off value,
+    e.g. ``benchmark.samples_per_task``), so the run trains as the one that wrote the checkpoint.
+    """
     diffs = []
     a = {k: v for g in COMPARED for k, v in _flatten(saved.get(g), f"{g}.").items()}
     b = {k: v for g in COMPARED for k, v in _flatten(current.get(g), f"{g}.").items()}
     for key in sorted(set(a) | set(b)):
         if key in RESUMABLE_KEYS:
+            continue
+        if key not in a and b[key] is None:
             continue
         if a.get(key, "<absent>") != b.get(key, "<absent>"):
             diffs.append(f"{key}: checkpoint={a.get(key, '<absent>')!r}, this run={b.get(key, '<absent>')!r}")
