@@ -79,6 +79,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--timesteps", type=int, default=None, help="PPO agent-steps per policy (default: the example's)")
     parser.add_argument("--eval-sequences", type=int, default=10)
     parser.add_argument("--strategy", default=None)
+    parser.add_argument("--constants", default="0.5,1.5,2.0",
+                        help="also run these constant multipliers on the same sequences (is the policy more than a tuned step size?)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", default=None)
     parser.add_argument("--plot", default=None)
@@ -90,10 +92,13 @@ def main(argv=None) -> dict:
     changes = {k: v for k, v in (("timesteps", args.timesteps), ("strategy", args.strategy)) if v is not None}
     cfg = dataclasses.replace(ex.PlasticityConfig(), **changes)
     seeds = ex.held_out_seeds(args.eval_sequences)
-    policy_seeds = [int(s) for s in args.policy_seeds.split(",")]
+    policy_seeds = [int(s) for s in args.policy_seeds.split(",") if s.strip()]  # "": the fixed and constant rows only
     fixed = ex.evaluate(cfg, ex.fixed_rule, seeds)
+    constants = {c: ex.evaluate(cfg, ex.constant_multiplier(c, cfg), seeds) for c in
+                 ([float(c) for c in args.constants.split(",")] if args.constants else [])}
     report = {"config": dataclasses.asdict(cfg), "strategy": cfg.strategy, "held_out_seeds": seeds,
-              "policy_seeds": policy_seeds, "fixed": fixed, "learned": {}, "train_s": {}}
+              "policy_seeds": policy_seeds, "fixed": fixed, "constants": {str(c): r for c, r in constants.items()},
+              "learned": {}, "train_s": {}}
     for s in policy_seeds:
         start = time.perf_counter()
         model, trained_on = ex.train_policy(cfg, s)
@@ -104,10 +109,19 @@ def main(argv=None) -> dict:
               f"held-out ACC {100 * np.mean([x['ACC'] for x in r]):.2f} (fixed {100 * np.mean([x['ACC'] for x in fixed]):.2f})", flush=True)
         if args.json:  # after every seed, so a long run leaves what it has
             Path(args.json).write_text(json.dumps(report, indent=2))
+    if not policy_seeds:
+        print(markdown_table(["policy", "spread over", "ACC %", "BWT %", "forgetting %", "learning acc %"], [
+            [name, f"{len(seeds)} sequences"] + [_pm([r[m] for r in runs]) for m in METRICS]
+            for name, runs in [("fixed rule (every multiplier 1)", fixed)] + [(f"constant multiplier {c:g}", r) for c, r in constants.items()]]))
+        if args.json:
+            Path(args.json).write_text(json.dumps(report, indent=2, default=float))
+        return report
     per_seed = {m: [float(np.mean([x[m] for x in report["learned"][str(s)]])) for s in policy_seeds] for m in METRICS}
     paired = {m: [x[m] - f[m] for s in policy_seeds for x, f in zip(report["learned"][str(s)], fixed)] for m in METRICS}
     rows = [
         ["fixed rule (every multiplier 1)", f"{len(seeds)} sequences"] + [_pm([r[m] for r in fixed]) for m in METRICS],
+        *[[f"constant multiplier {c:g}", f"{len(seeds)} sequences"] + [_pm([r[m] for r in runs]) for m in METRICS]
+          for c, runs in constants.items()],
         ["learned (PPO)", f"{len(policy_seeds)} policy seeds"] + [_pm(per_seed[m]) for m in METRICS],
         ["learned − fixed, paired", f"{len(paired['ACC'])} (seed, sequence) pairs"] + [_pm(paired[m]) for m in METRICS],
     ]

@@ -64,6 +64,8 @@ class PlasticityConfig:
     """Units per worker (agent)."""
     lr: float = 1e-3
     """The network's Adam learning rate (the strategy's own step, which the action scales)."""
+    max_scale: float = 2.0
+    """The largest multiplier (action ``u = 1``)."""
     copies: int = 4
     """Env copies in the vector env (each contributes one slot per agent)."""
     timesteps: int = 100_000
@@ -92,7 +94,7 @@ class PlasticityConfig:
         return dict(
             strategy=self.strategy, hidden=tuple(self.hidden), worker_size=self.worker_size,
             data_subset=self.data_subset, batch_size=self.batch_size, lr=self.lr, data_root=self.data_root,
-            action_mode="scale_centered", reward="cooperative",
+            action_mode="scale_centered", max_scale=self.max_scale, reward="cooperative",
             benchmark={"name": "pmnist_quick", "num_tasks": self.num_tasks},
         )
 
@@ -184,6 +186,14 @@ def fixed_rule(obs: np.ndarray) -> np.ndarray:
     return np.zeros((len(obs), 1), np.float32)
 
 
+def constant_multiplier(multiplier: float, cfg: PlasticityConfig) -> Policy:
+    """Every worker's update scaled by ``multiplier`` (in ``[0, max_scale]``) at every step: a tuned step size, not a policy."""
+    if not 0.0 <= multiplier <= cfg.max_scale:
+        raise ValueError(f"multiplier={multiplier}: must lie in [0, max_scale={cfg.max_scale}] (scale_centered's range)")
+    u = multiplier - 1.0 if multiplier <= 1.0 else (multiplier - 1.0) / (cfg.max_scale - 1.0)
+    return lambda obs: np.full((len(obs), 1), u, np.float32)
+
+
 def ppo_policy(model) -> Policy:
     """The trained policy's deterministic (mean) action, clipped to the action space."""
     return lambda obs: model.predict(obs, deterministic=True)[0]
@@ -198,7 +208,7 @@ def run_episode(cfg: PlasticityConfig, policy: Policy, seed: int) -> dict[str, A
     while env.agents:
         u = np.asarray(policy(np.stack([obs[a] for a in agents])), dtype=np.float32).reshape(len(agents), 1)
         # scale_centered's map from u to the multiplier applied (for the report only)
-        multipliers.append(np.where(u < 0, 1 + u, 1 + u * (env.unwrapped.max_scale - 1)).ravel())
+        multipliers.append(np.where(u < 0, 1 + u, 1 + u * (cfg.max_scale - 1)).ravel())
         obs, _, _, _, _ = env.step({a: u[i] for i, a in enumerate(agents)})
     matrix = env.unwrapped.last_acc_matrix
     metrics = summarize(matrix)

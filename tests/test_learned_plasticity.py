@@ -67,6 +67,11 @@ def test_evaluation_applies_the_policy_and_the_fixed_rule_learns(ex, tiny):
     assert np.allclose(R_frozen, R_frozen[0])  # nothing ever changed: every row is the untrained row
     assert frozen["BWT"] == 0.0 and all(m == 0.0 for m in frozen["multiplier_by_layer"].values())
     assert all(m == 1.0 for m in fixed["multiplier_by_layer"].values())
+    assert ex.run_episode(tiny, ex.constant_multiplier(0.0, tiny), seed)["acc_matrix"] == frozen["acc_matrix"]
+    doubled = ex.run_episode(tiny, ex.constant_multiplier(2.0, tiny), seed)
+    assert all(m == 2.0 for m in doubled["multiplier_by_layer"].values()) and doubled["acc_matrix"] != fixed["acc_matrix"]
+    with pytest.raises(ValueError, match="multiplier=2.5"):
+        ex.constant_multiplier(2.5, tiny)
     assert fixed["learning_acc"] > frozen["learning_acc"] + 0.1  # 10 Adam steps per task: about 0.28 vs 0.12
     # The fixed rule's episode is the env's own (scale_centered u = 0 is the strategy's step bit for bit).
     env = ex.make_env(tiny)
