@@ -57,7 +57,16 @@ def plot(report: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(METRICS), figsize=(3.2 * len(METRICS), 3.2), dpi=100)
+    curves = report.get("return_curves", {})
+    fig, axes = plt.subplots(1, len(METRICS) + 1, figsize=(3.2 * (len(METRICS) + 1), 3.2), dpi=100)
+    fixed_return = np.mean([np.sum([np.mean(np.array(r["acc_matrix"])[i, :i]) for i in range(1, len(r["acc_matrix"]))]) for r in report["fixed"]])
+    for s, points in curves.items():
+        if points:
+            axes[-1].plot(*zip(*points), label=f"PPO s{s}")
+    axes[-1].axhline(fixed_return, color="tab:gray", ls="--", label="fixed rule (held-out)")
+    axes[-1].set_title("training episode return")
+    axes[-1].set_xlabel("agent-steps")
+    axes[-1].legend(fontsize=7)
     names = ["fixed"] + [f"PPO s{s}" for s in report["policy_seeds"]]
     runs = [report["fixed"]] + [report["learned"][str(s)] for s in report["policy_seeds"]]
     for ax, metric in zip(axes, METRICS):
@@ -104,6 +113,7 @@ def main(argv=None) -> dict:
         model, trained_on = ex.train_policy(cfg, s)
         report["train_s"][str(s)] = time.perf_counter() - start
         report["learned"][str(s)] = ex.evaluate(cfg, ex.ppo_policy(model), seeds, trained_on)
+        report.setdefault("return_curves", {})[str(s)] = model.return_curve
         r = report["learned"][str(s)]
         print(f"policy seed {s}: trained in {report['train_s'][str(s)]:.0f} s on {len(trained_on)} episodes; "
               f"held-out ACC {100 * np.mean([x['ACC'] for x in r]):.2f} (fixed {100 * np.mean([x['ACC'] for x in fixed]):.2f})", flush=True)

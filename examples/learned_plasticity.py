@@ -151,16 +151,51 @@ def make_vec_env(cfg: PlasticityConfig, seed: int):
     # The copies are pickled clones; seed them apart once (SB3's PPO(seed=) cannot reach them through
     # SuperSuit's wrapper). Later auto-resets draw from each copy's own seed stream.
     vec.venv.reset(seed=seed)
-    return vec
+    from stable_baselines3.common.vec_env import VecMonitor
+
+    vec.render_mode = None  # SuperSuit's SB3 wrapper lacks the attribute SB3's wrappers read (a warning otherwise)
+    return VecMonitor(vec)  # episode returns in the infos (SB3's ep_rew_mean, ReturnCurve)
 
 
 def training_episode_seeds(vec) -> set[int]:
     """Every episode seed the vector env's copies started (the recorded ones)."""
-    return {s for copy in vec.venv.vec_envs for s in copy.par_env.episode_seeds}
+    return {s for copy in vec.venv.venv.vec_envs for s in copy.par_env.episode_seeds}
+
+
+def return_curve_callback():
+    """An SB3 callback recording ``(timesteps, mean episode return)`` at every rollout's end.
+
+    The return is the sum of the task-end stage accuracies (every agent of a copy gets the same,
+    so each finished episode is counted once per copy, not once per agent slot).
+    """
+    from stable_baselines3.common.callbacks import BaseCallback
+
+    class ReturnCurve(BaseCallback):
+        def __init__(self) -> None:
+            super().__init__()
+            self.points: list[tuple[int, float]] = []
+            self._returns: list[float] = []
+
+        def _on_step(self) -> bool:
+            for info in self.locals["infos"]:
+                if "episode" in info:
+                    self._returns.append(float(info["episode"]["r"]))
+            return True
+
+        def _on_rollout_end(self) -> None:
+            if self._returns:
+                self.points.append((self.num_timesteps, float(np.mean(self._returns))))
+                self._returns = []
+
+    return ReturnCurve()
 
 
 def train_policy(cfg: PlasticityConfig, seed: int, verbose: int = 0):
-    """PPO with one policy shared by every agent; returns ``(model, training episode seeds)``."""
+    """PPO with one policy shared by every agent.
+
+    Returns ``(model, training episode seeds)``; ``model.return_curve`` holds ``(timesteps, mean
+    training episode return)`` per rollout.
+    """
     import stable_baselines3 as sb3
     from stable_baselines3.common.utils import set_random_seed
 
@@ -171,7 +206,9 @@ def train_policy(cfg: PlasticityConfig, seed: int, verbose: int = 0):
         gamma=cfg.gamma, gae_lambda=cfg.gae_lambda, learning_rate=cfg.learning_rate, device="cpu",
         policy_kwargs=dict(net_arch=list(cfg.net_arch), log_std_init=cfg.log_std_init), verbose=verbose,
     )
-    model.learn(total_timesteps=cfg.timesteps)
+    curve = return_curve_callback()
+    model.learn(total_timesteps=cfg.timesteps, callback=curve)
+    model.return_curve = curve.points
     seeds = training_episode_seeds(vec)
     vec.close()
     return model, seeds

@@ -85,6 +85,8 @@ def test_ppo_trains_a_shared_policy_and_held_out_sequences_are_checked(ex, tiny)
     model, trained_on = ex.train_policy(tiny, seed=0)
     assert model.num_timesteps >= tiny.timesteps
     assert len(trained_on) >= 2 * tiny.copies  # the seeded starts and the auto-reset episodes
+    # Training returns (VecMonitor): a sum of 2 task-end mean accuracies per finished episode.
+    assert model.return_curve and all(0.0 < r <= 2.0 for _, r in model.return_curve)
     held_out = ex.held_out_seeds(2)
     results = ex.evaluate(tiny, ex.ppo_policy(model), held_out, trained_on)
     assert [r["seed"] for r in results] == held_out
