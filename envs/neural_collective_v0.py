@@ -118,6 +118,11 @@ Tested in ``tests/test_env_marl.py`` (the ``marl`` extra installs the libraries)
     par = neural_collective_v0.parallel_env(action_mode="delta")
     env = PettingZooWrapper(env=par, return_state=True, group_map=par.group_map)  # one group per layer
 
+``examples/learned_plasticity.py`` is the whole recipe on a continual stream (``benchmark=``,
+``reward="cooperative"``): SB3 PPO sets every worker's plasticity, evaluated on held-out task
+sequences against the fixed rule (``benchmarks/learned_plasticity.py``; the result, in
+``docs/benchmarks.md``: at 200k agent-steps it does not beat the fixed rule).
+
 SuperSuit copies the env by pickling, so its copies share the seed stream until seeded apart;
 Stable-Baselines3's ``PPO(seed=...)`` cannot do it through SuperSuit's SB3 wrapper (it forwards
 ``VecEnv.seed`` to a ``ConcatVecEnv`` that has no ``seed``), hence the explicit seeded reset.
