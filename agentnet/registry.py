@@ -325,8 +325,15 @@ def compose(overrides: Sequence[str] = ()) -> DictConfig:
 
 
 def protocol_names() -> list[str]:
-    """The continual-learning protocols ``benchmark=<name>`` composes (``configs/benchmark/*.yaml``)."""
-    return sorted(p.stem for p in (Path(CONFIG_DIR) / "benchmark").glob("*.yaml"))
+    """The continual-learning protocols ``benchmark=<name>`` composes: ``configs/benchmark/*.yaml`` and
+    those a plugin package adds to Hydra's search path (the structured ``*_schema`` nodes excluded)."""
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    register_all()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        options = GlobalHydra.instance().config_loader().get_group_options("benchmark")
+    return sorted(name for name in options if not name.endswith("_schema"))
 
 
 @functools.lru_cache(maxsize=None)

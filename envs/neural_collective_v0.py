@@ -724,13 +724,13 @@ class NeuralCollectiveEnv(ParallelEnv):
             if sequence is None:
                 result = self.trainer.run(self.trainer.stream, 1, **update)
             else:  # one batch of the current task; its last batch ends the task (evaluation: a row of R)
-                task, done_before = sequence.task, sequence.task
+                task = sequence.task  # the batch's task; sequence.task moves on when this step ends it
                 result = sequence.advance(1, **update)
             x, y = plugin.x, plugin.y
             obs, rewards = self._finish_step(x, y, result)
             if self.reward == "cooperative":
                 rewards = torch.zeros_like(rewards)
-                if sequence.task > done_before:  # the step ended a task: the mean accuracy over the tasks seen
+                if sequence.task > task:  # the step ended a task: the mean accuracy over the tasks seen
                     row = sequence.progress.acc_matrices[0][-1][: sequence.task]
                     rewards += float(np.mean(row)) * self.reward_scale
         self._last_obs = obs

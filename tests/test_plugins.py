@@ -306,6 +306,10 @@ def test_config_path_entry_points(tmp_path, monkeypatch):
     (conf / "model").mkdir(parents=True)
     (conf / "__init__.py").write_text("")
     (conf / "model" / "fake_tiny.yaml").write_text("defaults:\n  - model_schema\n  - _self_\nname: fake_tiny\nhidden: [30]\n")
+    (conf / "benchmark").mkdir()
+    (conf / "benchmark" / "fake_pmnist3.yaml").write_text(
+        "# @package _global_\ndefaults:\n  - /benchmark/benchmark_schema@benchmark\n  - _self_\n"
+        "benchmark:\n  name: fake_pmnist3\n  scenario: permuted\n  num_tasks: 3\n")
     other = tmp_path / "elsewhere"
     (other / "model").mkdir(parents=True)
     (other / "model" / "fake_other.yaml").write_text("defaults:\n  - model_schema\n  - _self_\nname: fake_other\nhidden: [40]\n")
@@ -319,6 +323,11 @@ def test_config_path_entry_points(tmp_path, monkeypatch):
     assert agentnet_compose(["model=fake_tiny"]).model.hidden == [30]
     assert agentnet_compose(["model=fake_other"]).model.hidden == [40]
     assert agentnet_compose(["model=mlp_275k"]).model.name == "mlp_275k"  # the built-ins are still there
+    from agentnet.registry import benchmark_config, protocol_names
+
+    assert {"fake_pmnist3", "pmnist_quick"} <= set(protocol_names())  # error messages list plugin protocols too
+    assert not any(n.endswith("_schema") for n in protocol_names())
+    assert benchmark_config("fake_pmnist3").num_tasks == 3
 
 
 def test_broken_config_path_names_its_entry_point(tmp_path, monkeypatch):
