@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
@@ -145,16 +146,16 @@ def make_env(cfg: PlasticityConfig) -> TaskClock:
 def make_vec_env(cfg: PlasticityConfig, seed: int):
     """SuperSuit's vector env for SB3: ``cfg.copies`` copies, copy ``i``'s first episode seeded ``seed + i``."""
     import supersuit as ss
-
-    vec = ss.pettingzoo_env_to_vec_env_v1(make_env(cfg))
-    vec = ss.concat_vec_envs_v1(vec, cfg.copies, num_cpus=0, base_class="stable_baselines3")
-    # The copies are pickled clones; seed them apart once (SB3's PPO(seed=) cannot reach them through
-    # SuperSuit's wrapper). Later auto-resets draw from each copy's own seed stream.
-    vec.venv.reset(seed=seed)
     from stable_baselines3.common.vec_env import VecMonitor
 
-    vec.render_mode = None  # SuperSuit's SB3 wrapper lacks the attribute SB3's wrappers read (a warning otherwise)
-    return VecMonitor(vec)  # episode returns in the infos (SB3's ep_rew_mean, ReturnCurve)
+    vec = ss.pettingzoo_env_to_vec_env_v1(make_env(cfg))
+    with warnings.catch_warnings():  # SuperSuit's SB3 wrapper answers get_attr("render_mode") with an error; SB3 warns
+        warnings.filterwarnings("ignore", message="The `render_mode` attribute is not defined")
+        vec = ss.concat_vec_envs_v1(vec, cfg.copies, num_cpus=0, base_class="stable_baselines3")
+        # The copies are pickled clones; seed them apart once (SB3's PPO(seed=) cannot reach them through
+        # SuperSuit's wrapper). Later auto-resets draw from each copy's own seed stream.
+        vec.venv.reset(seed=seed)
+        return VecMonitor(vec)  # episode returns in the infos (SB3's ep_rew_mean, ReturnCurve)
 
 
 def training_episode_seeds(vec) -> set[int]:
