@@ -6,7 +6,10 @@ Three figures, each a median over repeats, variants interleaved in one process:
    cached result (the adapter alone: actions in, numpy dicts out) / agents, µs (target ≤ 5 µs per
    agent, PettingZoo's own dict floor);
 2. env-driven training time / trainer time on ``mlp_275k`` (52 workers + the output agent),
-   every action 1 (target ≤ 1.5);
+   every action 1 (target ≤ 1.5). "The trainer" is one step of the trainer's own loop
+   (``Trainer.run``: the batch drawn from the stream, running loss and accuracy, epoch bookkeeping),
+   which is what ``agentnet`` trains with and what the env calls once per step; the bare optimiser
+   step on cached batches (``train_step``, the baseline of earlier rounds) is shown beside it;
 3. the same through ``step_batched`` for a network of ≥ 1000 agents (two hidden layers of 1000
    units, workers of 2 with a fixed projection to the 10 classes);
 4. vectorised throughput through SuperSuit (``pettingzoo_env_to_vec_env_v1`` then
@@ -65,7 +68,11 @@ def measure(strategy: str, hidden, worker_size: int, projection: bool, steps: in
         x, y = batches[trainer.step % 4]
         trainer.train_step(x, y)
 
-    variants = {"trainer": trainer_step, "step_batched": lambda: env.step_batched(ones)}
+    # "trainer": the bare optimiser step on cached batches; "trainer_loop": one step of the trainer's
+    # own loop (Trainer.run, what `agentnet` trains with: the batch drawn from the stream, the running
+    # loss/accuracy, epoch bookkeeping), which is exactly what the env calls once per env step.
+    variants = {"trainer": trainer_step, "trainer_loop": lambda: trainer.run(trainer.stream, 1),
+                "step_batched": lambda: env.step_batched(ones)}
     if dict_api:
         variants["step_dict"] = lambda: env.step(ones_dict)
     for fn in variants.values():
@@ -143,15 +150,17 @@ def main(argv=None) -> None:
     large = measure(args.strategy, (1000, 1000), 2, True, max(5, args.steps // 3), args.repeats, dict_api=False)
     per_agent_us = small["adapter"] * 1000 / small["agents"]
     print(f"\nstrategy {args.strategy}, batch 128, torch threads {torch.get_num_threads()}, medians of {args.repeats} repeats (ms/step)\n")
-    print("| network | agents | trainer | env step_batched | env dict step | env/trainer | dict overhead per agent |")
-    print("|---|---|---|---|---|---|---|")
-    print(f"| mlp_275k | {small['agents']} | {small['trainer']:.3f} | {small['step_batched']:.3f} | {small['step_dict']:.3f} | "
-          f"{small['step_dict'] / small['trainer']:.3f} | {per_agent_us:.2f} µs |")
-    print(f"| 2x1000, k=2 | {large['agents']} | {large['trainer']:.3f} | {large['step_batched']:.3f} | - | "
-          f"{large['step_batched'] / large['trainer']:.3f} | - |")
-    ratio = small["step_dict"] / small["trainer"]
+    print("| network | agents | trainer step | trainer loop | env step_batched | env dict step | env / trainer loop | env / trainer step | dict overhead per agent |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    print(f"| mlp_275k | {small['agents']} | {small['trainer']:.3f} | {small['trainer_loop']:.3f} | {small['step_batched']:.3f} | "
+          f"{small['step_dict']:.3f} | {small['step_dict'] / small['trainer_loop']:.3f} | {small['step_dict'] / small['trainer']:.3f} | "
+          f"{per_agent_us:.2f} µs |")
+    print(f"| 2x1000, k=2 | {large['agents']} | {large['trainer']:.3f} | {large['trainer_loop']:.3f} | {large['step_batched']:.3f} | - | "
+          f"{large['step_batched'] / large['trainer_loop']:.3f} | {large['step_batched'] / large['trainer']:.3f} | - |")
+    ratio = small["step_dict"] / small["trainer_loop"]
     print(f"\ntargets: dict adapter <= 5 µs per agent: {per_agent_us:.2f} µs, {'met' if per_agent_us <= 5 else 'NOT met'}; "
-          f"env-driven training <= 1.5x the trainer: {ratio:.3f}, {'met' if ratio <= 1.5 else 'NOT met'}")
+          f"env-driven training <= 1.5x the trainer's loop: {ratio:.3f}, {'met' if ratio <= 1.5 else 'NOT met'} "
+          f"(against the bare optimiser step: {small['step_dict'] / small['trainer']:.3f})")
     if args.no_vector:
         return
     rows = []
