@@ -9,7 +9,7 @@ forgetting and learning accuracy, mean ± std over policy seeds (each seed's mea
 sequences; the fixed rule's spread is over sequences), and the paired difference learned − fixed on
 each sequence::
 
-    python benchmarks/learned_plasticity.py [--policy-seeds 0,1,2] [--timesteps 100000] [--eval-sequences 10]
+    python benchmarks/learned_plasticity.py [--policy-seeds 0,1,2] [--timesteps 200000] [--eval-sequences 10]
         [--strategy bp] [--json out.json] [--plot docs/img/learned_plasticity.png]
 """
 

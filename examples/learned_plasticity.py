@@ -21,7 +21,7 @@ order and every task's permutation) no training episode had; the training episod
 recorded and checked disjoint. The fixed rule — every action ``u = 0``, exactly the strategy's own
 updates — runs on the same sequences, so each sequence gives a paired difference::
 
-    python examples/learned_plasticity.py --timesteps 100000 --seed 0
+    python examples/learned_plasticity.py --seed 0        # 200k agent-steps: 4-8 min on a 2-core CPU
 
 ``benchmarks/learned_plasticity.py`` repeats this over policy seeds and prints the comparison table.
 """
@@ -69,7 +69,7 @@ class PlasticityConfig:
     """The largest multiplier (action ``u = 1``)."""
     copies: int = 4
     """Env copies in the vector env (each contributes one slot per agent)."""
-    timesteps: int = 100_000
+    timesteps: int = 200_000
     """PPO's budget in agent-steps (SB3 timesteps: one per slot per vector step)."""
     n_steps: int = 160
     """PPO rollout length per slot (the default episode is 160 steps: one episode per copy per rollout)."""
