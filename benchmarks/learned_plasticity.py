@@ -41,13 +41,17 @@ def load_example():
     return module
 
 
-METRICS = ("ACC", "BWT", "forgetting", "learning_acc")
+METRICS = ("ACC", "BWT", "forgetting", "learning_acc", "return")
+#: Percent for the accuracies; the return (a sum of T stage accuracies, what PPO maximises) as it is.
+SCALE = {"ACC": 100, "BWT": 100, "forgetting": 100, "learning_acc": 100, "return": 1}
+HEADER = ["policy", "spread over", "ACC %", "BWT %", "forgetting %", "learning acc %", "return (sum of stage accuracies)"]
 
 
-def _pm(values) -> str:
-    values = [100 * v for v in values]
+def _pm(values, scale: float = 100) -> str:
+    values = [scale * v for v in values]
     std = statistics.pstdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.2f} ± {std:.2f}"
+    digits = 2 if scale == 100 else 3
+    return f"{statistics.mean(values):.{digits}f} ± {std:.{digits}f}"
 
 
 def plot(report: dict, path: Path) -> None:
@@ -59,7 +63,7 @@ def plot(report: dict, path: Path) -> None:
 
     curves = report.get("return_curves", {})
     fig, axes = plt.subplots(1, len(METRICS) + 1, figsize=(3.2 * (len(METRICS) + 1), 3.2), dpi=100)
-    fixed_return = np.mean([np.sum([np.mean(np.array(r["acc_matrix"])[i, :i]) for i in range(1, len(r["acc_matrix"]))]) for r in report["fixed"]])
+    fixed_return = np.mean([r["return"] for r in report["fixed"]])
     for s, points in curves.items():
         if points:
             axes[-1].plot(*zip(*points), label=f"PPO s{s}")
@@ -70,11 +74,11 @@ def plot(report: dict, path: Path) -> None:
     names = ["fixed"] + [f"PPO s{s}" for s in report["policy_seeds"]]
     runs = [report["fixed"]] + [report["learned"][str(s)] for s in report["policy_seeds"]]
     for ax, metric in zip(axes, METRICS):
-        means = [100 * np.mean([r[metric] for r in rs]) for rs in runs]
-        stds = [100 * np.std([r[metric] for r in rs]) for rs in runs]
+        means = [SCALE[metric] * np.mean([r[metric] for r in rs]) for rs in runs]
+        stds = [SCALE[metric] * np.std([r[metric] for r in rs]) for rs in runs]
         ax.bar(range(len(names)), means, yerr=stds, color=["tab:gray"] + ["tab:blue"] * (len(names) - 1), capsize=3)
         ax.set_xticks(range(len(names)), names, rotation=30, fontsize=8)
-        ax.set_title(f"{metric} (%)")
+        ax.set_title(f"{metric} (%)" if SCALE[metric] == 100 else metric)
     fig.suptitle(f"learned plasticity vs fixed rule: {report['strategy']}, {len(report['held_out_seeds'])} held-out sequences")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -120,8 +124,8 @@ def main(argv=None) -> dict:
         if args.json:  # after every seed, so a long run leaves what it has
             Path(args.json).write_text(json.dumps(report, indent=2))
     if not policy_seeds:
-        print(markdown_table(["policy", "spread over", "ACC %", "BWT %", "forgetting %", "learning acc %"], [
-            [name, f"{len(seeds)} sequences"] + [_pm([r[m] for r in runs]) for m in METRICS]
+        print(markdown_table(HEADER, [
+            [name, f"{len(seeds)} sequences"] + [_pm([r[m] for r in runs], SCALE[m]) for m in METRICS]
             for name, runs in [("fixed rule (every multiplier 1)", fixed)] + [(f"constant multiplier {c:g}", r) for c, r in constants.items()]]))
         if args.json:
             Path(args.json).write_text(json.dumps(report, indent=2, default=float))
@@ -129,15 +133,18 @@ def main(argv=None) -> dict:
     per_seed = {m: [float(np.mean([x[m] for x in report["learned"][str(s)]])) for s in policy_seeds] for m in METRICS}
     paired = {m: [x[m] - f[m] for s in policy_seeds for x, f in zip(report["learned"][str(s)], fixed)] for m in METRICS}
     rows = [
-        ["fixed rule (every multiplier 1)", f"{len(seeds)} sequences"] + [_pm([r[m] for r in fixed]) for m in METRICS],
-        *[[f"constant multiplier {c:g}", f"{len(seeds)} sequences"] + [_pm([r[m] for r in runs]) for m in METRICS]
+        ["fixed rule (every multiplier 1)", f"{len(seeds)} sequences"] + [_pm([r[m] for r in fixed], SCALE[m]) for m in METRICS],
+        *[[f"constant multiplier {c:g}", f"{len(seeds)} sequences"] + [_pm([r[m] for r in runs], SCALE[m]) for m in METRICS]
           for c, runs in constants.items()],
-        ["learned (PPO)", f"{len(policy_seeds)} policy seeds"] + [_pm(per_seed[m]) for m in METRICS],
-        ["learned − fixed, paired", f"{len(paired['ACC'])} (seed, sequence) pairs"] + [_pm(paired[m]) for m in METRICS],
+        ["learned (PPO)", f"{len(policy_seeds)} policy seeds"] + [_pm(per_seed[m], SCALE[m]) for m in METRICS],
+        ["learned − fixed, paired", f"{len(paired['ACC'])} (seed, sequence) pairs"] + [_pm(paired[m], SCALE[m]) for m in METRICS],
     ]
     print(f"\n{cfg.strategy}, {cfg.num_tasks} permuted-MNIST tasks of {cfg.data_subset} examples, "
           f"PPO {cfg.timesteps} agent-steps per policy, held-out seeds {seeds[0]}..{seeds[-1]}\n")
-    print(markdown_table(["policy", "spread over", "ACC %", "BWT %", "forgetting %", "learning acc %"], rows))
+    print(markdown_table(HEADER, rows))
+    for m in ("ACC", "return"):
+        wins = sum(d > 0 for d in paired[m])
+        print(f"learned > fixed on {m}: {wins} of {len(paired[m])} (seed, sequence) pairs")
     layers = sorted(report["learned"][str(policy_seeds[0])][0]["multiplier_by_layer"])
     multipliers = {l: [np.mean([x["multiplier_by_layer"][l] for x in report["learned"][str(s)]]) for s in policy_seeds] for l in layers}
     print("\nlearned mean multiplier per layer (mean ± std over policy seeds): "

@@ -121,7 +121,8 @@ Tested in ``tests/test_env_marl.py`` (the ``marl`` extra installs the libraries)
 ``examples/learned_plasticity.py`` is the whole recipe on a continual stream (``benchmark=``,
 ``reward="cooperative"``): SB3 PPO sets every worker's plasticity, evaluated on held-out task
 sequences against the fixed rule (``benchmarks/learned_plasticity.py``; the result, in
-``docs/benchmarks.md``: at 200k agent-steps it does not beat the fixed rule).
+``docs/benchmarks.md``: PPO raises the return it is paid, not ACC — it learns larger steps that
+help each task's learning and cost forgetting).
 
 SuperSuit copies the env by pickling, so its copies share the seed stream until seeded apart;
 Stable-Baselines3's ``PPO(seed=...)`` cannot do it through SuperSuit's SB3 wrapper (it forwards

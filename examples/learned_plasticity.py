@@ -237,6 +237,14 @@ def ppo_policy(model) -> Policy:
     return lambda obs: model.predict(obs, deterministic=True)[0]
 
 
+def episode_return(matrix) -> float:
+    """The cooperative return an episode paid: ``sum_i mean_{j<=i} R[i][j]`` (each stage's accuracy on
+    the tasks seen). Not ACC (``mean_j R[T][j]``, the last stage only): the earlier stages weigh
+    learning each task quickly, so the two can disagree."""
+    R = np.asarray(matrix, dtype=float)
+    return float(sum(R[i, :i].mean() for i in range(1, len(R))))
+
+
 def run_episode(cfg: PlasticityConfig, policy: Policy, seed: int) -> dict[str, Any]:
     """One held-out task sequence under ``policy``: its accuracy matrix, metrics and mean multiplier."""
     env = make_env(cfg)
@@ -255,6 +263,7 @@ def run_episode(cfg: PlasticityConfig, policy: Policy, seed: int) -> dict[str, A
     return {
         "seed": seed, "acc_matrix": matrix.tolist(), "ACC": metrics["ACC"], "BWT": metrics["BWT"],
         "forgetting": metrics["forgetting"], "learning_acc": float(np.mean(metrics["learning_acc"])),
+        "return": episode_return(matrix),
         "multiplier_by_layer": {int(l): float(mean_multiplier[layer == l].mean()) for l in np.unique(layer)},
     }
 

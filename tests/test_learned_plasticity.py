@@ -65,6 +65,7 @@ def test_evaluation_applies_the_policy_and_the_fixed_rule_learns(ex, tiny):
     frozen = ex.run_episode(tiny, lambda obs: -np.ones((len(obs), 1), np.float32), seed)  # multiplier 0
     R_frozen = np.array(frozen["acc_matrix"])
     assert np.allclose(R_frozen, R_frozen[0])  # nothing ever changed: every row is the untrained row
+    assert frozen["return"] == pytest.approx(R_frozen[0, 0] + R_frozen[0].mean())  # 2 stages: task 1, then both
     assert frozen["BWT"] == 0.0 and all(m == 0.0 for m in frozen["multiplier_by_layer"].values())
     assert all(m == 1.0 for m in fixed["multiplier_by_layer"].values())
     assert ex.run_episode(tiny, ex.constant_multiplier(0.0, tiny), seed)["acc_matrix"] == frozen["acc_matrix"]
