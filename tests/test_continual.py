@@ -230,3 +230,42 @@ def test_cl_run_checkpoints_after_every_task(mnist, tmp_path):
     assert state["format"] == 3 and len(state["shuffle"]) == 1  # one replica, one shuffle generator
     assert progress["stage"] == 2 and len(progress["acc_matrices"]) == 1 and state["step"] == 20
     assert len(progress["acc_matrices"][0]) == 3 and all(len(row) == 2 for row in progress["acc_matrices"][0])
+
+
+@pytest.mark.parametrize("labels", ["all", "pred", "true"])
+@pytest.mark.parametrize("masked", [False, True])
+def test_diagonal_fisher_matches_a_per_sample_loop(labels, masked):
+    """EWC's Fisher against autograd one sample, one replica and one class at a time (``all``: every
+    class weighted by its predicted probability; a task's logit mask removes the other classes)."""
+    import torch.nn.functional as F
+
+    from agentnet.continual.methods.ewc import diagonal_fisher
+    from agentnet.network import build_model
+
+    torch.manual_seed(0)
+    model = build_model(to_run_config(compose_config("model=mlp_100x2", "replicas=2")).model, 20, 10, [0, 1])
+    x, y = torch.randn(2, 7, 20), torch.randint(0, 10, (2, 7))
+    mask = torch.zeros(10, dtype=torch.bool)
+    mask[[2, 5]] = True
+    if masked:  # a masked task's data belongs to its own classes
+        y = torch.tensor([2, 5])[torch.randint(0, 2, (2, 7))]
+    expected = {k: torch.zeros_like(v) for k, v in model.named_parameters()}
+    for r in range(2):
+        for i in range(7):
+            logits = model(x[:, i : i + 1])[r, 0]
+            logp = F.log_softmax(logits.masked_fill(~mask, float("-inf")) if masked else logits, -1)
+            chosen = {"all": range(10), "pred": [int(logp.argmax())], "true": [int(y[r, i])]}[labels]
+            for c in chosen:
+                if not torch.isfinite(logp[c]):
+                    continue
+                weight = logp[c].exp().item() if labels == "all" else 1.0
+                grads = torch.autograd.grad(logp[c], list(model.parameters()), retain_graph=True, allow_unused=True)
+                for (k, _), g in zip(model.named_parameters(), grads):
+                    if g is not None:
+                        expected[k] += weight * g**2 / 7
+    with model.logit_mask_as(mask if masked else None):
+        fisher = diagonal_fisher(model, x, labels, y)
+    for k in expected:
+        assert torch.allclose(fisher[k], expected[k], rtol=1e-4, atol=1e-9), k
+    with pytest.raises(ValueError, match="cl.fisher_labels"):
+        diagonal_fisher(model, x, "sampled")
