@@ -204,11 +204,7 @@ def test_online_population_replica_is_the_seed_run(tmp_path):
         for name, q in single_saved["model"].items():
             p = state[name]
             rows = p.shape[0] // 2
-            # EWC's exact Fisher equals per replica to ~1e-6, but its penalty's gradient starts at ~0
-            # after the task boundary and Adam's normalisation magnifies float-level differences
-            # of tiny gradients: equal to 1e-3 there (measured 3e-4), float-level elsewhere.
-            tol = 1e-3 if cl == "ewc" else 1e-5
-            assert (p[r * rows : (r + 1) * rows] - q).abs().max() <= tol * q.abs().max(), name
+            assert (p[r * rows : (r + 1) * rows] - q).abs().max() <= 1e-5 * q.abs().max(), name
         for mine, theirs in zip(memory, single_saved["plugins"]["cl.agem"]["memory"]["x"]):
             assert torch.equal(mine[r], theirs[0])  # the same remembered examples
         np.testing.assert_allclose(pop["replicas"][r]["acc_matrix"], single["acc_matrix"], atol=2e-3)
@@ -243,11 +239,7 @@ def test_attention_protect_replica_equals_single_run_across_task_boundaries(tmp_
         for name, q in single_state.items():
             p = state["model"][name]
             rows = p.shape[0] // 2
-            # EWC's exact Fisher equals per replica to ~1e-6, but its penalty's gradient starts at ~0
-            # after the task boundary and Adam's normalisation magnifies float-level differences
-            # of tiny gradients: equal to 1e-3 there (measured 3e-4), float-level elsewhere.
-            tol = 1e-3 if cl == "ewc" else 1e-5
-            assert (p[r * rows : (r + 1) * rows] - q).abs().max() <= tol * q.abs().max(), name
+            assert (p[r * rows : (r + 1) * rows] - q).abs().max() <= 1e-5 * q.abs().max(), name
         np.testing.assert_allclose(pop["replicas"][r]["acc_matrix"], single["acc_matrix"], atol=2e-3)
     # The two strengths really differ (the comparison is not of two identical runs).
     assert pop["replicas"][0]["acc_matrix"] != pop["replicas"][1]["acc_matrix"]
