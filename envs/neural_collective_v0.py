@@ -45,7 +45,9 @@ both metrics are 0.0. With a benchmark, ``infos`` also carry ``task``, ``tasks_d
 | 9 | norm of its last update |
 | 10 | depth: layer / (L + 1) |
 
-Signals describe the batch just consumed, before the update (the strategy's own forward pass).
+Signals describe the batch just consumed, before the update: the strategy's own forward pass, or,
+for strategies whose step records no per-worker losses (``bp``, ``fa``, ...), a no-grad pass in
+evaluation mode before the update (no random numbers drawn, batch-norm statistics untouched).
 "The global loss" is the task loss of the output on the batch (cross-entropy), not the strategy's
 whole objective.
 
@@ -228,6 +230,10 @@ flat tensors); the dict API is a thin adapter over it. Observations are presente
   version): ``benchmark=`` hosts the continual benchmark (one episode = a task sequence; ``infos``
   gain ``task``, ``tasks_done``, ``acc_matrix``), ``cl=``, ``reward="cooperative"``;
   ``max_cycles`` defaults to ``None`` (100 without a benchmark, as before).
+* v0, fix (issue #14 benchmark round): for strategies without a per-worker record (``bp``, ``fa``,
+  ...) the observation pass ran after the update, so entries 3-7 described the updated network;
+  it now runs before the update, as documented (and as for ``lfnn``). Entry 7 is the sample
+  standard deviation computed with the two-pass formula (equal to ``torch.std`` to float precision).
 """
 
 from __future__ import annotations
@@ -236,7 +242,7 @@ import contextlib
 import functools
 import math
 import random
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -247,7 +253,7 @@ from pettingzoo.utils import parallel_to_aec, wrappers
 from agentnet.config import BenchmarkConfig, ConfigError, ConvLayerConfig, DataConfig, ModelConfig, RunConfig, TrainerConfig, check
 from agentnet.continual.runner import TaskSequence
 from agentnet.data import ImageData, load_mnist
-from agentnet.network import WorkerNetwork, build_model
+from agentnet.network import ForwardRecord, WorkerNetwork, build_model, eval_mode
 from agentnet.registry import CL_METHODS, STRATEGIES, benchmark_config, build_strategy, check_combinations
 from agentnet.strategy import StepResult
 from agentnet.training import Trainer, TrainerPlugin, resolve_device, seed_everything
@@ -343,10 +349,15 @@ def run_config(
 
 
 class _StepInputs(TrainerPlugin):
-    """Keeps the mini-batch of the latest step (observations describe the batch just consumed)."""
+    """Keeps the mini-batch of the latest step (observations describe the batch just consumed) and,
+    when ``observe`` is set, a record of the network on it before the update."""
+
+    observe: Callable[[torch.Tensor, torch.Tensor], ForwardRecord | None] | None = None
+    record: ForwardRecord | None = None
 
     def before_step(self, trainer, x, y) -> None:
         self.x, self.y = x[0], y[0]  # the env trains one replica
+        self.record = None if self.observe is None else self.observe(self.x, self.y)
 
 
 class NeuralCollectiveEnv(ParallelEnv):
@@ -511,11 +522,15 @@ class NeuralCollectiveEnv(ParallelEnv):
         self._layers = [*self.model.hidden, self.model.output]
         self._units = [l.worker_size for l in self.model.hidden] + [self.model.output.out_features]
         self._agents_per_layer = [l.num_workers for l in self.model.hidden] + [1]
-        # Roles and losses for strategies that do not select leaders themselves come from a
-        # no-grad pass with an observation-only selection (nothing is trained by it).
+        # Roles and losses for strategies whose step records no per-worker losses (bp, fa, ...) come
+        # from a pass before the update with an observation-only selection (nothing is trained by it).
+        # Whether one is needed is known after the first step; until then it is made.
         self._observer = LeaderSelection(1.0, "batch", self.model.workers_per_layer, self.device)
-        self._last_params = [p.clone() for p in self._params()]
+        self._observer_needed = True
+        self._step_inputs.observe = self._observer_record
+        self._last_params = [(l.weight.detach().flatten(1).clone(), l.bias.detach().clone()) for l in self._layers]
         self._last_update = torch.zeros(sum(self._agents_per_layer), device=self.device)
+        self._param_norms = self._agent_norms(self._last_params)
 
     # -- pickling --------------------------------------------------------------------------------
     def __getstate__(self) -> dict:
@@ -557,7 +572,8 @@ class NeuralCollectiveEnv(ParallelEnv):
         self._seeder.bit_generator.state = state["seeder"]
         self._pending_seed = state["pending_seed"]
         self.agents, self.cycles, self._started = list(state["agents"]), state["cycles"], state["started"]
-        self._last_params = [p.to(self.device) for p in state["last_params"]]
+        self._last_params = [(w.to(self.device), b.to(self.device)) for w, b in state["last_params"]]
+        self._param_norms = self._agent_norms(self._last_params)
         self._last_update = state["last_update"].to(self.device)
         self.last_acc_matrix = state.get("last_acc_matrix")
         if state["last_obs"] is not None:
@@ -599,9 +615,11 @@ class NeuralCollectiveEnv(ParallelEnv):
         """Observations ``(N, 11)`` and rewards ``(N,)`` from the step's (pre-update) signals."""
         # The env holds one replica: every signal below is replica 0's.
         record = result.record
-        if record is None or record.layers[0].worker_loss is None:
-            with torch.no_grad():
-                record = self.model.forward_record(x, y, selection=self._observer)
+        self._observer_needed = record is None or record.layers[0].worker_loss is None
+        if self._observer_needed:
+            record = self._step_inputs.record
+            if record is None:  # not foreseen (the step's record changed kind): a pass after the update
+                record = self._observer_record(x, y)
         has_roles = result.record is not None and result.record.layers[0].leaders is not None
         # The strategy's own per-worker signal, if it declares one (nothing strategy-specific here).
         signal_name = type(self.strategy).worker_signal
@@ -628,8 +646,13 @@ class NeuralCollectiveEnv(ParallelEnv):
                 obs[:, 5] = signal[li][0].view(W, -1).sum(1)
             act = layer_record.activation.detach()
             act = (act[0] if act.dim() == 3 else act).reshape(len(x), W, -1)  # FC (R, B, n); conv (B, R*n, H, W) with R = 1
-            obs[:, 6] = act.mean((0, 2))
-            obs[:, 7] = act.std((0, 2)) if act.numel() > W else 0.0
+            # One contiguous row per worker, and the two-pass formula: torch's std over the strided
+            # dims (0, 2), or its std_mean, costs ~0.2 ms here, most of the env's overhead per layer.
+            per_worker = act.transpose(0, 1).reshape(W, -1)
+            mean = per_worker.mean(1)
+            obs[:, 6] = mean
+            if per_worker.shape[1] > 1:
+                obs[:, 7] = (per_worker - mean.unsqueeze(1)).square_().sum(1).div_(per_worker.shape[1] - 1).sqrt_()
             obs[:, 10] = (li + 1) / n_layers
             rows.append(obs)
             if signal is not None:  # a declared signal is what the worker seeks (higher is better)
@@ -647,10 +670,19 @@ class NeuralCollectiveEnv(ParallelEnv):
         rows.append(out)
         rewards.append(-global_loss.view(1))
         obs = torch.cat(rows)
-        with torch.no_grad():
-            obs[:, 8] = torch.cat([p.view(n, -1).norm(dim=1) for p, n in zip(self._params(), self._agents_per_layer)])
+        obs[:, 8] = self._param_norms
         obs[:, 9] = self._last_update
         return obs, torch.cat(rewards).float() * self.reward_scale
+
+    def _observer_record(self, x: torch.Tensor, y: torch.Tensor) -> ForwardRecord | None:
+        """The network's record on the batch with the observation-only selection, when the step's
+        own record will not carry per-worker losses. No gradient; evaluation mode, so it draws no
+        random numbers and leaves batch-normalisation statistics alone (the trainer's trajectory is
+        unchanged)."""
+        if not self._observer_needed:
+            return None
+        with torch.no_grad(), eval_mode(self.model):
+            return self.model.forward_record(x, y, selection=self._observer)
 
     def _global_loss(self, result: StepResult, y: torch.Tensor) -> torch.Tensor:
         """The task (prediction) loss of the step's forward pass on the batch it consumed, a scalar."""
@@ -682,9 +714,12 @@ class NeuralCollectiveEnv(ParallelEnv):
         names = [f"layer_{i + 1}" for i in range(len(self._agents_per_layer) - 1)] + ["output"]
         return {name: self.possible_agents[bounds[i] : bounds[i + 1]] for i, name in enumerate(names)}
 
-    def _params(self) -> list[torch.Tensor]:
-        # One row per unit (a neuron, or a conv filter flattened over its input channels and kernel).
-        return [torch.cat([l.weight.detach().flatten(1), l.bias.detach().unsqueeze(1)], 1) for l in self._layers]
+    def _agent_norms(self, params: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """Per agent, the norm of its parameters: ``params`` holds one ``(weight (units, fan_in), bias
+        (units,))`` pair per layer, a row per unit (a neuron, or a conv filter flattened over its input
+        channels and kernel); an agent owns consecutive units."""
+        norm = torch.linalg.vector_norm  # one pass per tensor (square-then-sum takes two)
+        return torch.cat([torch.hypot(norm(w.view(n, -1), dim=1), norm(b.view(n, -1), dim=1)) for (w, b), n in zip(params, self._agents_per_layer)])
 
     def _scales(self, actions: torch.Tensor) -> list[torch.Tensor] | None:
         actions = actions.to(self.device, torch.float32)
@@ -758,11 +793,12 @@ class NeuralCollectiveEnv(ParallelEnv):
 
     def _finish_step(self, x, y, result):
         with torch.no_grad():
-            params = self._params()
-            self._last_update = torch.cat(
-                [(p - q).view(n, -1).norm(dim=1) for p, q, n in zip(params, self._last_params, self._agents_per_layer)]
-            )
-            self._last_params = [p.clone() for p in params]
+            params = [(l.weight.detach().flatten(1), l.bias.detach()) for l in self._layers]
+            self._last_update = self._agent_norms([(w - w0, b - b0) for (w, b), (w0, b0) in zip(params, self._last_params)])
+            self._param_norms = self._agent_norms(params)
+            for (w, b), (w0, b0) in zip(params, self._last_params):
+                w0.copy_(w)
+                b0.copy_(b)
         return self._observe(x, y, result)
 
     def _delta_update(self, actions):
@@ -827,8 +863,7 @@ class NeuralCollectiveEnv(ParallelEnv):
         self.agents = self.possible_agents[:]
         self.cycles = 0
         obs = torch.zeros(self.num_workers, OBS_DIM, device=self.device)
-        with torch.no_grad():
-            obs[:, 8] = torch.cat([p.view(n, -1).norm(dim=1) for p, n in zip(self._params(), self._agents_per_layer)])
+        obs[:, 8] = self._param_norms
         obs[:, 10] = torch.as_tensor(self.layer_of / len(self._layers), dtype=torch.float32)
         obs[-1, ROLE_OUTPUT] = 1.0
         self._last_obs = obs

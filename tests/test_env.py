@@ -133,6 +133,39 @@ def test_observations_and_rewards_are_local_signals():
     assert leaders.any()
 
 
+@pytest.mark.parametrize("strategy", ["bp", "lfnn"])
+def test_activation_and_parameter_observations_match_their_definitions(strategy):
+    # Columns 6-9 recomputed from scratch: the mean and std of each worker's activations on the
+    # step's batch (the pre-update forward), its parameter norm after the step and the norm of the
+    # step's change. Two steps, so the kept previous parameters are checked too.
+    import copy
+
+    par = neural_collective_v0.parallel_env(strategy=strategy, observation_mode="raw", **SMALL)
+    par.reset(seed=0)
+    layers = lambda model: [*model.hidden, model.output]  # noqa: E731
+    for _ in range(2):
+        before = copy.deepcopy(par.model)
+        obs, *_ = par.step_batched(torch.ones(par.num_workers))
+        x = par._step_inputs.x
+        with torch.no_grad():
+            record = before.forward_record(x, par._step_inputs.y)
+        row = 0
+        for li, (new, old) in enumerate(zip(layers(par.model), layers(before))):
+            agents = par.model.hidden[li].num_workers if li < len(par.model.hidden) else 1
+            units = new.weight.shape[0] // agents
+            w_new = torch.cat([new.weight.detach().flatten(1), new.bias.detach()[:, None]], 1).view(agents, -1)
+            w_old = torch.cat([old.weight.detach().flatten(1), old.bias.detach()[:, None]], 1).view(agents, -1)
+            got = obs[row : row + agents]
+            torch.testing.assert_close(got[:, 8], w_new.norm(dim=1))
+            torch.testing.assert_close(got[:, 9], (w_new - w_old).norm(dim=1), rtol=1e-4, atol=1e-7)
+            if li < len(par.model.hidden):
+                act = record.layers[li].activation[0].reshape(len(x), agents, units)
+                torch.testing.assert_close(got[:, 6], act.mean((0, 2)))
+                torch.testing.assert_close(got[:, 7], act.std((0, 2)), rtol=1e-4, atol=1e-6)
+            row += agents
+        assert row == par.num_workers
+
+
 def test_to_networkx_graph_view():
     par = neural_collective_v0.parallel_env(strategy="lfnn", **SMALL)
     par.reset(seed=0)
