@@ -259,7 +259,8 @@ from agentnet.strategy import StepResult
 from agentnet.training import Trainer, TrainerPlugin, resolve_device, seed_everything
 from agentnet.workers import LeaderSelection, WorkerConv2d, WorkerLinear
 
-__all__ = ["NeuralCollectiveEnv", "parallel_env", "raw_env", "env", "OBS_DIM", "REWARDS", "UNREACHED", "run_config", "squash", "unsquash"]
+__all__ = ["NeuralCollectiveEnv", "parallel_env", "raw_env", "env", "OBS_DIM", "REWARDS", "UNREACHED", "run_config", "squash", "unsquash",
+           "centered_to_scale", "scale_to_centered"]
 
 OBS_DIM = 11
 ROLE_LEADER, ROLE_FOLLOWER, ROLE_OUTPUT = 0, 1, 2
@@ -286,6 +287,21 @@ def squash(x: torch.Tensor) -> torch.Tensor:
 def unsquash(y: torch.Tensor) -> torch.Tensor:
     """The raw signal back from a squashed one: ``y / (1 - |y|)``."""
     return y / (1 - y.abs())
+
+
+def centered_to_scale(u, max_scale: float):
+    """``scale_centered``'s map from an action ``u`` in ``[-1, 1]`` to the update multiplier applied:
+    ``[-1, 0]`` onto ``[0, 1]`` and ``[0, 1]`` onto ``[1, max_scale]``, so ``u = 0`` is exactly the
+    strategy's own step. Works on torch tensors and numpy arrays alike; :func:`scale_to_centered`
+    inverts it."""
+    return (1 + u) * (u <= 0) + (1 + u * (max_scale - 1)) * (u > 0)
+
+
+def scale_to_centered(multiplier: float, max_scale: float) -> float:
+    """The ``scale_centered`` action that applies ``multiplier`` (in ``[0, max_scale]``)."""
+    if not 0.0 <= multiplier <= max_scale:
+        raise ValueError(f"multiplier={multiplier}: must lie in [0, max_scale={max_scale}] (scale_centered's range)")
+    return multiplier - 1.0 if multiplier <= 1.0 else (multiplier - 1.0) / (max_scale - 1.0)
 
 
 @functools.lru_cache(maxsize=4)
@@ -724,9 +740,9 @@ class NeuralCollectiveEnv(ParallelEnv):
     def _scales(self, actions: torch.Tensor) -> list[torch.Tensor] | None:
         actions = actions.to(self.device, torch.float32)
         if self.action_mode == "scale_centered":
-            # [-1, 0] onto [0, 1] and [0, 1] onto [1, max_scale]: 0 is exactly the strategy's step,
-            # so an untrained zero-mean Gaussian policy starts by following the strategy.
-            actions = torch.where(actions <= 0, 1 + actions, 1 + actions * (self.max_scale - 1))
+            # 0 is exactly the strategy's step, so an untrained zero-mean Gaussian policy starts by
+            # following the strategy.
+            actions = centered_to_scale(actions, self.max_scale)
         if bool((actions == 1).all()):
             return None  # the trainer's own step, bit for bit
         chunks = torch.split(actions.to(self.device, torch.float32), self._agents_per_layer)

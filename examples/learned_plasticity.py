@@ -226,9 +226,7 @@ def fixed_rule(obs: np.ndarray) -> np.ndarray:
 
 def constant_multiplier(multiplier: float, cfg: PlasticityConfig) -> Policy:
     """Every worker's update scaled by ``multiplier`` (in ``[0, max_scale]``) at every step: a tuned step size, not a policy."""
-    if not 0.0 <= multiplier <= cfg.max_scale:
-        raise ValueError(f"multiplier={multiplier}: must lie in [0, max_scale={cfg.max_scale}] (scale_centered's range)")
-    u = multiplier - 1.0 if multiplier <= 1.0 else (multiplier - 1.0) / (cfg.max_scale - 1.0)
+    u = neural_collective_v0.scale_to_centered(multiplier, cfg.max_scale)
     return lambda obs: np.full((len(obs), 1), u, np.float32)
 
 
@@ -253,8 +251,7 @@ def run_episode(cfg: PlasticityConfig, policy: Policy, seed: int) -> dict[str, A
     multipliers = []
     while env.agents:
         u = np.asarray(policy(np.stack([obs[a] for a in agents])), dtype=np.float32).reshape(len(agents), 1)
-        # scale_centered's map from u to the multiplier applied (for the report only)
-        multipliers.append(np.where(u < 0, 1 + u, 1 + u * (cfg.max_scale - 1)).ravel())
+        multipliers.append(neural_collective_v0.centered_to_scale(u, cfg.max_scale).ravel())  # for the report only
         obs, _, _, _, _ = env.step({a: u[i] for i, a in enumerate(agents)})
     matrix = env.unwrapped.last_acc_matrix
     metrics = summarize(matrix)

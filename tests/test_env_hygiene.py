@@ -309,6 +309,17 @@ def test_scale_centered_zero_is_the_strategy_step_and_its_ends_are_zero_and_max_
         neural_collective_v0.parallel_env(action_mode="scale_centered", max_scale=0.5, **TINY)
 
 
+def test_centered_map_and_its_inverse():
+    to_scale, to_centred = neural_collective_v0.centered_to_scale, neural_collective_v0.scale_to_centered
+    u = np.array([-1.0, -0.5, 0.0, 0.5, 1.0], np.float32)
+    np.testing.assert_allclose(to_scale(u, 3.0), [0.0, 0.5, 1.0, 2.0, 3.0])
+    assert torch.equal(to_scale(torch.from_numpy(u), 3.0), torch.tensor([0.0, 0.5, 1.0, 2.0, 3.0]))
+    for m in (0.0, 0.25, 1.0, 1.7, 3.0):
+        assert to_scale(np.float64(to_centred(m, 3.0)), 3.0) == pytest.approx(m)
+    with pytest.raises(ValueError, match="multiplier=3.5"):
+        to_centred(3.5, 3.0)
+
+
 def test_state_is_every_observation_for_centralised_critics():
     env = neural_collective_v0.parallel_env(**TINY)
     with pytest.raises(RuntimeError, match="call reset"):
