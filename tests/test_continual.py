@@ -234,16 +234,28 @@ def test_cl_run_checkpoints_after_every_task(mnist, tmp_path):
 
 @pytest.mark.parametrize("labels", ["all", "pred", "true"])
 @pytest.mark.parametrize("masked", [False, True])
-def test_diagonal_fisher_matches_a_per_sample_loop(labels, masked):
+@pytest.mark.parametrize("path", ["linear", "per_sample", "batch_norm"])
+def test_diagonal_fisher_matches_a_per_sample_loop(labels, masked, path):
     """EWC's Fisher against autograd one sample, one replica and one class at a time (``all``: every
-    class weighted by its predicted probability; a task's logit mask removes the other classes)."""
+    class weighted by its predicted probability; a task's logit mask removes the other classes).
+    Both computations: the per-layer formula for fully connected nets (what ``diagonal_fisher``
+    picks for an MLP), ``torch.func`` per-sample gradients (forced on the MLP, and picked for a net
+    with batch norm)."""
     import torch.nn.functional as F
 
-    from agentnet.continual.methods.ewc import diagonal_fisher
-    from agentnet.network import build_model
+    from agentnet.continual.methods import ewc
+    from agentnet.network import build_model, eval_mode
 
     torch.manual_seed(0)
-    model = build_model(to_run_config(compose_config("model=mlp_100x2", "replicas=2")).model, 20, 10, [0, 1])
+    overrides = ["model.hidden_norm=batch"] if path == "batch_norm" else []
+    model = build_model(to_run_config(compose_config("model=mlp_100x2", "replicas=2", *overrides)).model, 20, 10, [0, 1])
+    assert ewc._linear_only(model) == (path != "batch_norm")
+    if path == "batch_norm":  # non-trivial running statistics (the Fisher is taken in evaluation mode)
+        with torch.no_grad():
+            model(torch.randn(2, 64, 20) * 2 + 1)
+    diagonal_fisher = ewc.diagonal_fisher if path != "per_sample" else (
+        lambda m, x, labels, y=None: ewc._per_sample_fisher(m, x, labels, y, chunk=4) if labels in ewc.FISHER_LABELS
+        else ewc.diagonal_fisher(m, x, labels, y))
     x, y = torch.randn(2, 7, 20), torch.randint(0, 10, (2, 7))
     mask = torch.zeros(10, dtype=torch.bool)
     mask[[2, 5]] = True
@@ -252,7 +264,8 @@ def test_diagonal_fisher_matches_a_per_sample_loop(labels, masked):
     expected = {k: torch.zeros_like(v) for k, v in model.named_parameters()}
     for r in range(2):
         for i in range(7):
-            logits = model(x[:, i : i + 1])[r, 0]
+            with eval_mode(model):
+                logits = model(x[:, i : i + 1])[r, 0]
             logp = F.log_softmax(logits.masked_fill(~mask, float("-inf")) if masked else logits, -1)
             chosen = {"all": range(10), "pred": [int(logp.argmax())], "true": [int(y[r, i])]}[labels]
             for c in chosen:
