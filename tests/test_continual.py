@@ -126,6 +126,44 @@ def test_penalties_zero_at_anchor_and_grow(name, mnist):
     assert 0 < values[0] < values[1]
 
 
+def test_ewc_gradient_is_the_penalty_gradient_over_every_anchor(mnist):
+    """The merged form ``F (p - theta_bar)`` used per step is the gradient of the documented penalty
+    ``lambda/2 sum_t F_t (p - theta_t)^2`` over all anchored tasks (and survives a checkpoint)."""
+    model = _model()
+    method = build_cl_method({"name": "ewc", "ewc_lambda": 7.0, "fisher_samples": 50}, model)
+    stream = TaskStream(mnist.__class__(train=mnist.train.subset(500), test=mnist.test.subset(100)), "permuted", 3)
+    for t in range(3):
+        method.before_task(None, stream, stream.tasks[t])
+        with torch.no_grad():  # move away from the last anchor, so the anchors differ
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * 0.05)
+        method.after_task(None, stream, stream.tasks[t])
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    params = list(model.parameters())
+    expected = torch.autograd.grad(_penalty_with_grad(method), params)
+    for restored in (method, _reloaded(method, model)):
+        for p in params:
+            p.grad = None
+        restored.after_backward(None, None)
+        for p, e in zip(params, expected):
+            # float32 rounding of the two forms: relative to the gradient's scale
+            torch.testing.assert_close(p.grad, e, rtol=1e-5, atol=1e-6 * float(e.abs().max()))
+
+
+def _penalty_with_grad(method):
+    """``penalty()`` with the graph kept (the method's own one is detached: a report, not a loss)."""
+    lam = method.cfg.ewc_lambda
+    return sum(0.5 * lam * (f[n] * (p - th[n]).pow(2)).sum() for f, th in method.anchors for n, p in method.model.named_parameters())
+
+
+def _reloaded(method, model):
+    copy = build_cl_method({"name": "ewc", "ewc_lambda": 7.0, "fisher_samples": 50}, model)
+    copy.load_state_dict(method.state_dict())
+    return copy
+
+
 def test_replay_buffer_respects_budget_and_is_uniform():
     buffer = ReservoirBuffer(100, seed=0)
     for start in range(0, 5000, 50):

@@ -207,6 +207,9 @@ class EWC(CLMethod):
     def __init__(self, cfg: EWCConfig, model: torch.nn.Module, variants: dict[str, list[float]] | None = None) -> None:
         super().__init__(cfg, model, variants)
         self.anchors: list[tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]] = []  # (fisher, theta*)
+        # The penalty's gradient sum_t F_t (p - theta_t) = F (p - theta_bar) with F = sum_t F_t and
+        # theta_bar the Fisher-weighted mean anchor: one term per step however many tasks are anchored.
+        self._merged: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def after_task(self, trainer, stream, task) -> None:
         gen = torch.Generator().manual_seed(1000 + task.index)
@@ -221,13 +224,26 @@ class EWC(CLMethod):
             fisher = {k: self.cfg.gamma * old[k] + fisher[k] for k in fisher}
             self.anchors = []
         self.anchors.append((fisher, theta))
+        self._merge()
+
+    def _merge(self) -> None:
+        """``F = sum_t F_t`` and ``theta_bar = sum_t F_t theta_t / F`` (``theta_bar`` is unused where ``F = 0``)."""
+        self._merged = {}
+        for name, _ in self.model.named_parameters():
+            total = sum(f[name] for f, _ in self.anchors)
+            if len(self.anchors) == 1:
+                self._merged[name] = (total, self.anchors[0][1][name])
+                continue
+            weighted = sum(f[name] * theta[name] for f, theta in self.anchors)
+            self._merged[name] = (total, torch.where(total > 0, weighted / total.clamp_min(torch.finfo(total.dtype).tiny), 0.0))
 
     def after_backward(self, trainer, result) -> None:
         if not self.anchors:
             return
         with torch.no_grad():
             for name, p in self.model.named_parameters():
-                g = sum(f[name] * (p - theta[name]) for f, theta in self.anchors) * self.per_replica("ewc_lambda", p)
+                fisher, theta = self._merged[name]
+                g = fisher * (p - theta) * self.per_replica("ewc_lambda", p)
                 p.grad = g if p.grad is None else p.grad.add_(g)
 
     def state_dict(self) -> dict:
@@ -239,6 +255,7 @@ class EWC(CLMethod):
             ({k: v.to(device) for k, v in a["fisher"].items()}, {k: v.to(device) for k, v in a["theta"].items()})
             for a in state["anchors"]
         ]
+        self._merge()
 
     def penalty(self) -> torch.Tensor:
         value = torch.zeros(())
