@@ -22,11 +22,13 @@ decides what is applied.
 For the default network (two hidden layers of 40 units, workers of 10) there are 4 + 4 workers plus
 the output agent. With ``conv=[{"channels": 20, "pool": 2}]`` the network starts with a conv layer
 of filter-wise workers (``channels / worker_size`` workers of ``k`` filters each, their maps
-globally average-pooled to predict); they are agents like the others, layer 1. Only filter-wise
-conv layers without normalisation or plain layers are accepted (``ConfigError`` naming
-``conv[i].block`` / ``.plain`` / ``.norm`` otherwise): every parameter belongs to exactly one agent.
-In delta mode a conv worker's action holds its ``k`` filters flattened (``in_channels * kernel**2``
-values each) plus their biases. ``infos[agent]`` holds ``layer`` (1-based; the output layer is ``L+1``), ``index``
+globally average-pooled to predict); they are agents like the others, layer 1. Block-wise workers
+(``{"block": "vgg" | "residual", "workers": W, ...}``) are agents too: each of the ``W`` blocks is one,
+and its action scales every parameter of its block (all its convs and its rows of the shortcut).
+Plain layers and normalisation layers are refused (``ConfigError`` naming ``conv[i].plain`` /
+``.norm``): every parameter must belong to exactly one agent. In delta mode a conv worker's action
+holds its ``k`` filters flattened (``in_channels * kernel**2`` values each) plus their biases; delta
+mode is for layers of one weight and bias per unit, so block workers take the scale modes. ``infos[agent]`` holds ``layer`` (1-based; the output layer is ``L+1``), ``index``
 within the layer, ``cycle`` (steps taken in the episode) and the global metrics of the last step
 (``batch_loss``, ``batch_acc``). ``reset`` returns the same keys (vectorising libraries such as
 TorchRL preallocate infos from the reset); as no batch has been consumed then, ``cycle`` is 0 and
@@ -234,6 +236,8 @@ flat tensors); the dict API is a thin adapter over it. Observations are presente
   ...) the observation pass ran after the update, so entries 3-7 described the updated network;
   it now runs before the update, as documented (and as for ``lfnn``). Entry 7 is the sample
   standard deviation computed with the two-pass formula (equal to ``torch.std`` to float precision).
+* v0, issue #14 item 5 (additive): block-wise conv workers (VGG-style and residual blocks) are agents
+  in the scale modes (refused before); delta mode still refuses them, naming ``action_mode``.
 """
 
 from __future__ import annotations
@@ -257,7 +261,7 @@ from agentnet.network import ForwardRecord, WorkerNetwork, build_model, eval_mod
 from agentnet.registry import CL_METHODS, STRATEGIES, benchmark_config, build_strategy, check_combinations
 from agentnet.strategy import StepResult
 from agentnet.training import Trainer, TrainerPlugin, resolve_device, seed_everything
-from agentnet.workers import LeaderSelection, WorkerConv2d, WorkerLinear
+from agentnet.workers import LeaderSelection, WorkerBlock, WorkerConv2d, WorkerLinear
 
 __all__ = ["NeuralCollectiveEnv", "parallel_env", "raw_env", "env", "OBS_DIM", "REWARDS", "UNREACHED", "run_config", "squash", "unsquash",
            "centered_to_scale", "scale_to_centered"]
@@ -338,9 +342,8 @@ def run_config(
     """
     specs = [c if isinstance(c, ConvLayerConfig) else ConvLayerConfig(**c) for c in conv]
     for i, spec in enumerate(specs):
-        # Every parameter of the network must belong to exactly one agent: block workers, plain
-        # layers and normalisation layers would leave parameters no action controls.
-        check(spec.block == "none", f"conv[{i}].block", spec.block, "the env exposes filter-wise conv workers only ('none')")
+        # Every parameter of the network must belong to exactly one agent: plain layers and
+        # normalisation layers would leave parameters no action controls (a block's rows are its worker's).
         check(not spec.plain, f"conv[{i}].plain", spec.plain, "plain layers belong to no agent; the env needs worker layers")
         check(spec.norm == "none", f"conv[{i}].norm", spec.norm, "normalisation parameters belong to no agent; use 'none'")
     run = RunConfig(
@@ -525,10 +528,13 @@ class NeuralCollectiveEnv(ParallelEnv):
             self.sequence = None
             seed_everything(seed)  # what train() does; the env's stream continues from here
             self.model = build_model(run.model, self.data.input_dim, self.data.num_classes, seed).to(self.device)
-        if not (all(isinstance(l, (WorkerLinear, WorkerConv2d)) for l in self.model.hidden)
+        if not (all(isinstance(l, (WorkerLinear, WorkerConv2d, WorkerBlock)) for l in self.model.hidden)
                 and not any(len(stem) for stem in self.model.stems) and all(isinstance(n, torch.nn.Identity) for n in self.model.norms)):
-            raise ValueError("neural_collective_v0 exposes fully connected and filter-wise conv worker layers only "
-                             "(no blocks, plain layers or normalisation); train those with agentnet's trainer")
+            raise ValueError("neural_collective_v0 exposes fully connected, filter-wise and block-wise conv worker layers only "
+                             "(no plain layers or normalisation); train those with agentnet's trainer")
+        if self.action_mode == "delta" and any(isinstance(l, WorkerBlock) for l in self.model.hidden):
+            raise ConfigError("action_mode='delta': an agent's delta is its units' weights and biases, which block-wise "
+                              "workers do not have (several convs per block); use 'scale' or 'scale_centered'")
         if self.sequence is None:
             self.strategy = build_strategy(run.strategy, self.model)
             self.trainer = Trainer(run, self.model, self.strategy, self.data, output_dir=None, plugins=[self._step_inputs])
@@ -544,7 +550,7 @@ class NeuralCollectiveEnv(ParallelEnv):
         self._observer = LeaderSelection(1.0, "batch", self.model.workers_per_layer, self.device)
         self._observer_needed = True
         self._step_inputs.observe = self._observer_record
-        self._last_params = [(l.weight.detach().flatten(1).clone(), l.bias.detach().clone()) for l in self._layers]
+        self._last_params = [[p.detach().clone() for p in l.parameters()] for l in self._layers]
         self._last_update = torch.zeros(sum(self._agents_per_layer), device=self.device)
         self._param_norms = self._agent_norms(self._last_params)
 
@@ -588,7 +594,7 @@ class NeuralCollectiveEnv(ParallelEnv):
         self._seeder.bit_generator.state = state["seeder"]
         self._pending_seed = state["pending_seed"]
         self.agents, self.cycles, self._started = list(state["agents"]), state["cycles"], state["started"]
-        self._last_params = [(w.to(self.device), b.to(self.device)) for w, b in state["last_params"]]
+        self._last_params = [[p.to(self.device) for p in layer] for layer in state["last_params"]]
         self._param_norms = self._agent_norms(self._last_params)
         self._last_update = state["last_update"].to(self.device)
         self.last_acc_matrix = state.get("last_acc_matrix")
@@ -730,12 +736,16 @@ class NeuralCollectiveEnv(ParallelEnv):
         names = [f"layer_{i + 1}" for i in range(len(self._agents_per_layer) - 1)] + ["output"]
         return {name: self.possible_agents[bounds[i] : bounds[i + 1]] for i, name in enumerate(names)}
 
-    def _agent_norms(self, params: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-        """Per agent, the norm of its parameters: ``params`` holds one ``(weight (units, fan_in), bias
-        (units,))`` pair per layer, a row per unit (a neuron, or a conv filter flattened over its input
-        channels and kernel); an agent owns consecutive units."""
+    def _agent_norms(self, params: list[list[torch.Tensor]]) -> torch.Tensor:
+        """Per agent, the norm of its parameters: ``params`` holds each layer's parameters, whose rows
+        (dim 0: neurons, conv filters, a block's channels) are grouped by worker, so agent ``i`` of a
+        layer of ``n`` owns chunk ``i`` of ``p.view(n, -1)`` of every one."""
         norm = torch.linalg.vector_norm  # one pass per tensor (square-then-sum takes two)
-        return torch.cat([torch.hypot(norm(w.view(n, -1), dim=1), norm(b.view(n, -1), dim=1)) for (w, b), n in zip(params, self._agents_per_layer)])
+        out = []
+        for layer, n in zip(params, self._agents_per_layer):
+            norms = [norm(p.reshape(n, -1), dim=1) for p in layer]
+            out.append(torch.hypot(*norms) if len(norms) == 2 else norm(torch.stack(norms), dim=0))
+        return torch.cat(out)
 
     def _scales(self, actions: torch.Tensor) -> list[torch.Tensor] | None:
         actions = actions.to(self.device, torch.float32)
@@ -809,12 +819,12 @@ class NeuralCollectiveEnv(ParallelEnv):
 
     def _finish_step(self, x, y, result):
         with torch.no_grad():
-            params = [(l.weight.detach().flatten(1), l.bias.detach()) for l in self._layers]
-            self._last_update = self._agent_norms([(w - w0, b - b0) for (w, b), (w0, b0) in zip(params, self._last_params)])
+            params = [[p.detach() for p in l.parameters()] for l in self._layers]
+            self._last_update = self._agent_norms([[p - q for p, q in zip(now, then)] for now, then in zip(params, self._last_params)])
             self._param_norms = self._agent_norms(params)
-            for (w, b), (w0, b0) in zip(params, self._last_params):
-                w0.copy_(w)
-                b0.copy_(b)
+            for now, then in zip(params, self._last_params):
+                for p, q in zip(now, then):
+                    q.copy_(p)
         return self._observe(x, y, result)
 
     def _delta_update(self, actions):

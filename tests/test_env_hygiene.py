@@ -392,8 +392,35 @@ def test_conv_all_ones_reproduces_the_trainer_bit_for_bit():
         assert torch.equal(p, q), name
 
 
-@pytest.mark.parametrize(("spec", "field"), [({"channels": 20, "block": "vgg", "workers": 2}, "conv[0].block"),
-                                             ({"channels": 20, "plain": True}, "conv[0].plain"),
+@pytest.mark.parametrize("block", ["vgg", "residual"])
+def test_conv_block_workers_are_agents(block):
+    from pettingzoo.test import api_test, parallel_api_test
+    from pettingzoo.utils import parallel_to_aec
+
+    from agentnet.config import ConfigError
+
+    spec = {"channels": 20, "block": block, "workers": 2, "pool": 2}  # 2 blocks of 2 convs (and a shortcut)
+    kwargs = dict(CONV, conv=[spec], strategy="lfnn", max_cycles=4)
+    parallel_api_test(neural_collective_v0.parallel_env(**kwargs), num_cycles=6)
+    api_test(parallel_to_aec(neural_collective_v0.parallel_env(**kwargs)), num_cycles=6)
+    env = neural_collective_v0.parallel_env(observation_mode="raw", **kwargs)
+    assert env.num_workers == 5 and env.group_map["layer_1"] == ["worker_0", "worker_1"]
+    env.reset(seed=0)
+    blocks = env.model.hidden[0]
+    before = [p.detach().clone() for p in blocks.parameters()]
+    actions = torch.ones(env.num_workers)
+    actions[0] = 0.0  # freeze block 0: every one of its parameters (rows grouped by block)
+    obs, *_ = env.step_batched(actions)
+    for p, q in zip(blocks.parameters(), before):
+        assert torch.equal(p.view(2, -1)[0], q.view(2, -1)[0]) and not torch.equal(p.view(2, -1)[1], q.view(2, -1)[1])
+    norms = [torch.cat([p.detach().reshape(2, -1)[i] for p in blocks.parameters()]).norm() for i in range(2)]
+    torch.testing.assert_close(obs[:2, 8], torch.stack(norms))
+    assert obs[0, 9] == 0 and obs[1, 9] > 0
+    with pytest.raises(ConfigError, match=r"^action_mode='delta'"):
+        neural_collective_v0.parallel_env(**{**kwargs, "action_mode": "delta"})
+
+
+@pytest.mark.parametrize(("spec", "field"), [({"channels": 20, "plain": True}, "conv[0].plain"),
                                              ({"channels": 20, "norm": "batch"}, "conv[0].norm")])
 def test_conv_layers_without_agents_for_every_parameter_are_refused(spec, field):
     from agentnet.config import ConfigError
