@@ -8,11 +8,10 @@ default: every class, weighted by the model's predicted probability — the exac
 ``E_{y ~ p(y|x)}[(d log p(y|x))^2]``, van de Ven et al.'s reference code's default), ``pred`` (the
 predicted label only) or ``true`` (the data's labels: the "empirical Fisher").
 
-Why ``all`` is the default: for a confident model the predicted label's gradient is small
-(``1 - p``) while the other classes' gradients are large and carry weight ``p_c``, so ``pred``
-underestimates the Fisher by roughly ``1 / (1 - p)`` — about 100x at 99 % confidence — and a
-``lambda`` tuned for the exact Fisher barely constrains it (measured in ``docs/benchmarks.md``:
-``pmnist_vdv`` EWC at lambda 100 reaches 85.3 % ACC with ``pred``).
+Why ``all`` is the default: it is the Fisher EWC's derivation asks for. For a confident example the
+predicted label's gradient is small (``1 - p``) while the other classes carry weight ``p_c``, so
+``pred`` underestimates it; measured on ``pmnist_vdv``'s net after one task the exact Fisher is 3.3x
+the predicted-label one in total (``docs/benchmarks.md``), so the two need different ``lambda``.
 
 How it is computed: for a network whose every parameter belongs to a fully connected layer
 (``ReplicaLinear``: the MLP presets), a sample's gradient of a weight is the outer product
@@ -102,14 +101,18 @@ def _class_losses(model: torch.nn.Module, logits: torch.Tensor, labels: str, y: 
         label = model.predict(logits).detach() if labels == "pred" else model.per_replica_labels(y)
         return [model.sample_losses(logits, label).sum()]
     classes = 2 if getattr(model, "output_activation", "softmax") == "sigmoid" else logits.shape[-1]
-    out = []
-    for c in range(classes):
-        loss = model.sample_losses(logits, torch.full((R, N), c, dtype=torch.long, device=logits.device))
-        finite = torch.isfinite(loss)
-        loss = torch.where(finite, loss, torch.zeros_like(loss))
-        weight = torch.where(finite, torch.exp(-loss.detach()).sqrt(), torch.zeros_like(loss))
-        out.append((weight * loss).sum())
-    return out
+    return [_sqrt_p_weighted(model.sample_losses(logits, torch.full((R, N), c, dtype=torch.long, device=logits.device)))
+            for c in range(classes)]
+
+
+def _sqrt_p_weighted(loss: torch.Tensor) -> torch.Tensor:
+    """``sum sqrt(p_c) * -log p_c`` over samples from their losses ``-log p_c``: its squared gradient
+    per sample is ``p_c (d log p_c)^2``. Classes a task's logit mask excludes (infinite loss, ``p_c = 0``)
+    contribute nothing."""
+    finite = torch.isfinite(loss)
+    loss = torch.where(finite, loss, torch.zeros_like(loss))
+    weight = torch.where(finite, torch.exp(-loss.detach()).sqrt(), torch.zeros_like(loss))
+    return (weight * loss).sum()
 
 
 def _linear_fisher(
@@ -173,11 +176,7 @@ def _per_sample_fisher(
 
     def weighted_nll(p, xi, c):  # sqrt(p_c) * -log p_c: its squared gradient is p_c (d log p_c)^2
         logits = functional_call(model, p, (xi.unsqueeze(1),))
-        loss = model.sample_losses(logits, c.reshape(1, 1).expand(R, 1))
-        finite = torch.isfinite(loss)  # classes a task's logit mask excludes: p_c = 0, no term
-        loss = torch.where(finite, loss, torch.zeros_like(loss))
-        weight = torch.where(finite, torch.exp(-loss.detach()).sqrt(), torch.zeros_like(loss))
-        return (weight * loss).sum()
+        return _sqrt_p_weighted(model.sample_losses(logits, c.reshape(1, 1).expand(R, 1)))
 
     total = {k: torch.zeros_like(v) for k, v in params.items()}
     with eval_mode(model):  # one sample per call: batch norms use their running statistics
