@@ -842,7 +842,10 @@ class NeuralCollectiveEnv(ParallelEnv):
         return apply
 
     def proposed_gradient(self) -> list[torch.Tensor | None]:
-        """The strategy's gradient from the last step, per layer (weights with the bias as last column)."""
+        """The strategy's gradient from the last step, per layer (weights with the bias as last column).
+        Layers of one weight and bias per unit only (what delta mode acts on); block-wise workers raise."""
+        if any(isinstance(l, WorkerBlock) for l in self._layers):
+            raise ValueError("proposed_gradient: block-wise workers have several convs, not one weight and bias per unit")
         return [None if l.weight.grad is None else torch.cat([l.weight.grad.flatten(1), l.bias.grad.unsqueeze(1)], 1) for l in self._layers]
 
     def _validate(self, actions) -> None:

@@ -416,6 +416,8 @@ def test_conv_block_workers_are_agents(block):
     norms = [torch.cat([p.detach().reshape(2, -1)[i] for p in blocks.parameters()]).norm() for i in range(2)]
     torch.testing.assert_close(obs[:2, 8], torch.stack(norms))
     assert obs[0, 9] == 0 and obs[1, 9] > 0
+    with pytest.raises(ValueError, match="^proposed_gradient: block-wise"):
+        env.proposed_gradient()
     with pytest.raises(ConfigError, match=r"^action_mode='delta'"):
         neural_collective_v0.parallel_env(**{**kwargs, "action_mode": "delta"})
 
