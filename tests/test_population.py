@@ -147,7 +147,7 @@ def test_population_metrics_mean_std_and_replicas(tmp_path, quick_overrides):
     assert written["test_acc_std"] == pytest.approx(torch.tensor(accs, dtype=torch.float64).std().item())
     assert len(set(accs)) > 1  # independent initialisations and orders
     assert [r["seed"] for r in written["replicas"]] == [0, 1, 2]
-    assert written["num_params"] == written["replicas"][0]["num_params"] == 274570
+    assert written["num_params"] == written["replicas"][0]["num_params"] == 279_870
     assert "history" in written["replicas"][0] and written["history"][0]["epoch"] == 1
     assert metrics["samples_per_s"] > 0 and (tmp_path / "history.png").is_file()
 
