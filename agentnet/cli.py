@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-import torch
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
@@ -60,8 +59,6 @@ def run_task(cfg: DictConfig) -> float | None:
     if restarts and not run.resume:
         log.warning("SLURM requeued this job (restart %d): resuming from its checkpoint", restarts)
         run.resume = True
-    if run.threads:
-        torch.set_num_threads(run.threads)
     if run.experiment is not None:
         result = run_experiment(run, output_dir_of(run.output_dir))
         return None if not result["summary"] else float(next(iter(result["summary"].values())))

@@ -115,3 +115,14 @@ def test_tensorboard_history_is_logged(mnist, quick_overrides, tmp_path):
     events = EventAccumulator(str(tmp_path / "tensorboard"))
     events.Reload()
     assert [e.step for e in events.Scalars("test_acc")] == [1, 2]
+
+
+def test_threads_is_honoured_by_tasks_called_from_python(mnist, quick_overrides):
+    """``threads`` is applied by the task itself, not only by the CLI (benchmark scripts call tasks)."""
+    from agentnet.training.task import prepare_run
+
+    torch.set_num_threads(2)
+    prepare_run(compose_config(*quick_overrides, "threads=1"), data=mnist)
+    assert torch.get_num_threads() == 1
+    prepare_run(compose_config(*quick_overrides), data=mnist)  # 0: torch's setting is left alone
+    assert torch.get_num_threads() == 1

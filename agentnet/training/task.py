@@ -49,8 +49,12 @@ def seed_everything(seed: int) -> None:
 def prepare_run(cfg: DictConfig | RunConfig | dict, data: ImageData | None = None) -> tuple[RunConfig, torch.device, Path, ImageData]:
     """What every task starts with: the validated config, its device and output directory (created),
     and the dataset on that device (loaded unless ``data`` is given) cut to ``data.subset`` /
-    ``data.test_subset`` — a subset larger than the split is an error, never silently everything."""
+    ``data.test_subset`` — a subset larger than the split is an error, never silently everything.
+    Sets torch's CPU thread count to ``threads`` when it is nonzero (here, so that a task called from
+    Python — a benchmark script, a notebook — honours it as the CLI does)."""
     run = to_run_config(cfg)
+    if run.threads:
+        torch.set_num_threads(run.threads)
     device = resolve_device(run.device)
     out = output_dir_of(run.output_dir)
     out.mkdir(parents=True, exist_ok=True)
