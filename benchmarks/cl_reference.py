@@ -25,9 +25,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from agentnet.continual.runner import run_continual  # noqa: E402
-from agentnet.data import load_dataset  # noqa: E402
 from agentnet.registry import compose, to_run_config  # noqa: E402
-from agentnet.training import resolve_device  # noqa: E402
+from agentnet.training import load_run_data  # noqa: E402
 
 #: Published domain-IL permuted-MNIST ACC (%) (van de Ven, Tuytelaars & Tolias 2022).
 PUBLISHED = {"none": 78.51, "ewc": 94.31, "online_ewc": 94.42, "si": 95.33, "joint": 97.59}
@@ -65,8 +64,7 @@ def _data(run) -> object:
     """MNIST as ``run.data`` asks for it, loaded once per input scaling."""
     key = (run.data.root, run.data.normalize)
     if key not in _DATA:
-        _DATA[key] = load_dataset(run.data.name, run.data.root, resolve_device(run.device),
-                                  verify=run.data.verify, normalize=run.data.normalize)
+        _DATA[key] = load_run_data(run)
     return _DATA[key]
 
 

@@ -16,10 +16,10 @@ from typing import Any, ClassVar
 from omegaconf import OmegaConf
 
 from agentnet.config import ExperimentConfig, ModelConfig, RunConfig
-from agentnet.data import ImageData, load_dataset
+from agentnet.data import ImageData
 from agentnet.paths import CONFIG_DIR
 from agentnet.registry import EXPERIMENTS, STRATEGIES
-from agentnet.training import RunLock, atomic_write_json, resolve_device
+from agentnet.training import RunLock, atomic_write_json, load_run_data
 
 __all__ = ["EXPERIMENTS", "Experiment", "preset", "run_experiment"]
 
@@ -54,7 +54,7 @@ def run_experiment(run: RunConfig, out: Path, data: ImageData | None = None) -> 
     start = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     if data is None:
-        data = load_dataset(run.data.name, run.data.root, resolve_device(run.device), verify=run.data.verify, normalize=run.data.normalize)
+        data = load_run_data(run)
     experiment = EXPERIMENTS.get(run.experiment.name)(run.experiment, run)
     with RunLock(out):
         summary = experiment.run(out, data)

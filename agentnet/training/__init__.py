@@ -12,7 +12,7 @@ from agentnet.training.checkpoint import (
 )
 from agentnet.training.engine import BatchStream, NonFiniteLossError, Trainer, build_optimizer, build_scheduler
 from agentnet.training.plugins import StrategyTaskHooks, TensorBoardLogger, TrainerPlugin, WorkerActivity, progress_bar
-from agentnet.training.task import prepare_run, resolve_device, seed_everything, standard_plugins, train
+from agentnet.training.task import load_run_data, prepare_run, resolve_device, seed_everything, standard_plugins, train
 
 __all__ = [
     "CHECKPOINT",
@@ -31,6 +31,7 @@ __all__ = [
     "build_optimizer",
     "build_scheduler",
     "load_checkpoint",
+    "load_run_data",
     "prepare_run",
     "progress_bar",
     "resolve_device",

@@ -46,6 +46,13 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def load_run_data(run: RunConfig, device: torch.device | str | None = None) -> ImageData:
+    """The whole dataset ``run.data`` names, loaded as it asks (root, checksums, input scaling) onto
+    ``device`` (default: ``run.device``), before any subset is cut."""
+    return load_dataset(run.data.name, run.data.root, resolve_device(run.device) if device is None else device,
+                        verify=run.data.verify, normalize=run.data.normalize)
+
+
 def prepare_run(cfg: DictConfig | RunConfig | dict, data: ImageData | None = None) -> tuple[RunConfig, torch.device, Path, ImageData]:
     """What every task starts with: the validated config, its device and output directory (created),
     and the dataset on that device (loaded unless ``data`` is given) cut to ``data.subset`` /
@@ -59,7 +66,7 @@ def prepare_run(cfg: DictConfig | RunConfig | dict, data: ImageData | None = Non
     out = output_dir_of(run.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     if data is None:
-        data = load_dataset(run.data.name, run.data.root, device, verify=run.data.verify, normalize=run.data.normalize)
+        data = load_run_data(run, device)
     if run.model.conv:
         check(
             run.model.in_channels == data.channels,
