@@ -166,6 +166,9 @@ class ImageData:
     num_classes: int = 10
     channels: int = 1
     """Image channels: each flat row is ``channels`` x s x s, channel-major."""
+    standardized: bool | None = None
+    """Whether the loader standardised the pixels (``data.normalize``); ``None`` for data built by
+    hand, which a run cannot check against its config."""
 
     @property
     def input_dim(self) -> int:
@@ -201,7 +204,7 @@ def load_mnist(
             x = (x - MNIST_MEAN) / MNIST_STD
         y = torch.from_numpy(labels.astype(np.int64))
         splits[split] = Split(x.to(device), y.to(device))
-    return ImageData(train=splits["train"], test=splits["test"])
+    return ImageData(train=splits["train"], test=splits["test"], standardized=normalize)
 
 
 # -- CIFAR-10 --------------------------------------------------------------------------------------
@@ -302,7 +305,7 @@ def load_cifar10(
             x = (x - mean) / std
         y = torch.from_numpy(np.concatenate([p[1] for p in parts]))
         splits[split] = Split(x.to(device), y.to(device))
-    return ImageData(train=splits["train"], test=splits["test"], num_classes=10, channels=3)
+    return ImageData(train=splits["train"], test=splits["test"], num_classes=10, channels=3, standardized=normalize)
 
 
 #: ``data.name`` -> loader ``(root, device, verify=, normalize=) -> ImageData``.

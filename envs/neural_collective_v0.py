@@ -169,8 +169,9 @@ the same seed and settings.
 Hydra's compose), a dict naming one with fields overridden (``{"name": "pmnist_quick", "num_tasks": 3}``)
 or a :class:`agentnet.config.BenchmarkConfig`. Only the task stream and the per-task length come
 from the protocol; the network, batch size and optimiser stay this env's arguments (a preset's
-``model`` / ``trainer`` overrides, e.g. pmnist_quick's ``mlp_400x2``, are the CLI's: pass
-``hidden=(400, 400), lr=1e-3`` to match). ``cl=`` adds a CL method (``"ewc"``, ``{"name": "si", "c": 1}``;
+``model`` / ``trainer`` / ``data`` overrides, e.g. pmnist_quick's ``mlp_400x2``, are the CLI's: pass
+``hidden=(400, 400), lr=1e-3`` to match, and ``data_normalize=False`` for pmnist_vdv's and
+pmnist_online's pixels in [0, 1]). ``cl=`` adds a CL method (``"ewc"``, ``{"name": "si", "c": 1}``;
 refused without a benchmark). The episode is the continual runner's own
 :class:`agentnet.continual.runner.TaskSequence` advanced one batch per step: task streams (each
 task's permutation drawn from the episode seed), stage lengths (``epochs_per_task`` passes over
@@ -200,12 +201,13 @@ Invalid arguments raise :class:`agentnet.config.ConfigError` (a ``ValueError``) 
 starts with the field, e.g. ``max_cycles=0: must be a positive whole number of steps``.
 
 ``neural_collective_v0.parallel_env(strategy="lfnn", hidden=(40, 40), worker_size=10, activation="relu",
-batch_size=64, data_subset=2000, epochs=1, data_root=None, device="cpu",
+batch_size=64, data_subset=2000, epochs=1, data_root=None, data_normalize=True, device="cpu",
 max_cycles=None, action_mode="scale", max_scale=2.0, max_delta=0.1, observation_mode="squashed",
 reward_scale=1.0, reward="self", lr=1e-3, optimizer="adam", seed=0, render_mode=None, conv=(),
 worker_projection=False, benchmark=None, cl=None)``
 
 ``strategy`` is a registered name or a dict config (``{"name": "lfnn", "delta": 0.3}``).
+``data_normalize`` standardises MNIST's pixels (``data.normalize``); ``False`` keeps them in [0, 1].
 ``conv`` lists filter-wise conv worker layers (dicts of :class:`agentnet.config.ConvLayerConfig`
 fields) placed before ``hidden``.
 
@@ -243,6 +245,7 @@ flat tensors); the dict API is a thin adapter over it. Observations are presente
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import math
 import random
@@ -256,7 +259,7 @@ from pettingzoo.utils import parallel_to_aec, wrappers
 
 from agentnet.config import BenchmarkConfig, ConfigError, ConvLayerConfig, DataConfig, ModelConfig, RunConfig, TrainerConfig, check
 from agentnet.continual.runner import TaskSequence
-from agentnet.data import ImageData, load_mnist
+from agentnet.data import ImageData, load_dataset
 from agentnet.network import ForwardRecord, WorkerNetwork, build_model, eval_mode
 from agentnet.registry import CL_METHODS, STRATEGIES, benchmark_config, build_strategy, check_combinations
 from agentnet.strategy import StepResult
@@ -309,9 +312,9 @@ def scale_to_centered(multiplier: float, max_scale: float) -> float:
 
 
 @functools.lru_cache(maxsize=4)
-def _mnist(root: str | None, device: str) -> ImageData:
-    """MNIST is loaded once per process; envs are built often (tests, seeding)."""
-    return load_mnist(root, device)
+def _dataset(name: str, root: str | None, device: str, verify: bool, normalize: bool) -> ImageData:
+    """A dataset is loaded once per process, as ``run.data`` asks; envs are built often (tests, seeding)."""
+    return load_dataset(name, root, device, verify=verify, normalize=normalize)
 
 
 def run_config(
@@ -323,6 +326,7 @@ def run_config(
     data_subset: int | None = 2000,
     epochs: int = 1,
     data_root: str | None = None,
+    data_normalize: bool = True,
     device: str = "cpu",
     lr: float = 1e-3,
     optimizer: str = "adam",
@@ -352,7 +356,7 @@ def run_config(
             name="env", hidden=list(hidden), worker_size=worker_size, activation=activation, worker_projection=worker_projection,
             conv=specs,
         ),
-        data=DataConfig(root=data_root, subset=data_subset, test_subset=TEST_SUBSET),
+        data=DataConfig(root=data_root, subset=data_subset, test_subset=TEST_SUBSET, normalize=data_normalize),
         trainer=TrainerConfig(
             epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, lr_schedule="none", progress=False, checkpoint=False
         ),
@@ -425,7 +429,8 @@ class NeuralCollectiveEnv(ParallelEnv):
         self.observation_mode = observation_mode
         self.reward_scale = float(reward_scale)
         self.device = resolve_device(self.run.device)
-        self._base_data = _mnist(self.run.data.root, str(self.device))
+        data_cfg = self.run.data
+        self._base_data = _dataset(data_cfg.name, data_cfg.root, str(self.device), data_cfg.verify, data_cfg.normalize)
         # The env's own generators: torch's stream (model init, strategies' draws) lives in
         # _torch_stream between steps; episode seeds for reset() without a seed come from _seeder.
         self._torch_stream: torch.Tensor | None = None
@@ -514,7 +519,8 @@ class NeuralCollectiveEnv(ParallelEnv):
         run.seed = seed
         self.episode_seed = seed
         gen = torch.Generator().manual_seed(0)  # the subset train() uses: the same for every seed
-        self.data = ImageData(train=self._base_data.train.subset(run.data.subset, gen), test=self._base_data.test.subset(run.data.test_subset))
+        self.data = dataclasses.replace(self._base_data, train=self._base_data.train.subset(run.data.subset, gen),
+                                        test=self._base_data.test.subset(run.data.test_subset))
         # The env steps through the one training loop (Trainer.run), one batch per env step; a
         # plugin hands it the batch each step consumed, for the observations.
         self._step_inputs = _StepInputs()

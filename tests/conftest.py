@@ -30,6 +30,12 @@ def mnist() -> ImageData:
     return load_mnist(data_root(), "cpu")
 
 
+@pytest.fixture(scope="session")
+def mnist_pixels() -> ImageData:
+    """Full real MNIST with pixels in [0, 1] (``data.normalize=false``: pmnist_vdv, pmnist_online)."""
+    return load_mnist(data_root(), "cpu", normalize=False)
+
+
 def compose_config(*overrides: str):
     """Compose the app's config with Hydra's compose API, exactly as the CLI would."""
     return compose(overrides)

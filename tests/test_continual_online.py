@@ -105,17 +105,29 @@ def _online(tmp_path, *extra):
     )
 
 
-def test_task_length_is_passes_over_the_samples_and_runs_reproduce(mnist, tmp_path):
-    a = run_continual(_online(tmp_path / "a", "benchmark.epochs_per_task=2"), data=mnist)
+def test_task_length_is_passes_over_the_samples_and_runs_reproduce(mnist_pixels, tmp_path):
+    a = run_continual(_online(tmp_path / "a", "benchmark.epochs_per_task=2"), data=mnist_pixels)
     assert a["steps"] == 2 * 2 * math.ceil(95 / 10) and a["epochs"] == 4  # tasks x passes x ceil(N / batch)
     assert [h["step"] for h in a["history"]] == [10, 20, 30, 40]
-    b = run_continual(_online(tmp_path / "b", "benchmark.epochs_per_task=2"), data=mnist)
+    b = run_continual(_online(tmp_path / "b", "benchmark.epochs_per_task=2"), data=mnist_pixels)
     assert without_timing(a) == without_timing(b)  # per-seed reproducible
     # iterations_per_task fixes the length instead (the stream cycles over the N examples).
     assert _stage_steps(BenchmarkConfig(samples_per_task=95, iterations_per_task=25), 95, 10) == 25
     assert _stage_steps(BenchmarkConfig(samples_per_task=95, epochs_per_task=3), 95, 10) == 30
     written = json.loads((tmp_path / "a" / "cl_metrics.json").read_text())
     assert written["config"]["benchmark"]["samples_per_task"] == 95 and len(written["acc_matrix"]) == 3
+
+
+def test_data_passed_in_must_be_scaled_as_the_config_says(mnist, mnist_pixels, tmp_path):
+    """Shared data loaded with the default standardisation is refused by a pixels-in-[0, 1] preset
+    (and the other way round) instead of silently training on other inputs; nothing is written."""
+    with pytest.raises(ConfigError, match=r"^data\.normalize=False: the dataset passed in was loaded with normalize=True"):
+        run_continual(_online(tmp_path / "a"), data=mnist)
+    assert not (tmp_path / "a" / "cl_metrics.json").exists()
+    with pytest.raises(ConfigError, match=r"^data\.normalize=True: .*normalize=False"):
+        run_continual(_online(tmp_path / "b", "data.normalize=true"), data=mnist_pixels)
+    assert mnist_pixels.standardized is False and float(mnist_pixels.train.x.min()) == 0.0
+    assert float(mnist_pixels.train.x.max()) == 1.0 and mnist.standardized is True
 
 
 def test_pmnist_online_preset_is_gems_protocol():

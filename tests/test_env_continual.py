@@ -187,3 +187,15 @@ def test_pickled_benchmark_env_continues_exactly_and_leaves_globals_alone():
                         assert np.array_equal(d1[k], d2[k]), k
         assert all(torch.equal(p, q) for p, q in zip(env.model.parameters(), copy.model.parameters()))
         assert env.sequence.progress.acc_matrices == copy.sequence.progress.acc_matrices
+
+
+def test_env_loads_its_data_as_its_config_says(tmp_path):
+    """``data_normalize=False`` (pmnist_vdv's / pmnist_online's pixels in [0, 1]) reaches the env's
+    data, and that data is refused by a CLI config that standardises."""
+    env = neural_collective_v0.parallel_env(strategy="bp", data_normalize=False, **TINY)
+    assert env.run.data.normalize is False and env._base_data.standardized is False
+    assert float(env.data.train.x.min()) == 0.0 and float(env.data.train.x.max()) == 1.0
+    cfg = compose_config("benchmark=pmnist_quick", "benchmark.num_tasks=3", "trainer.progress=false",
+                         f"data.root={data_root()}", f"output_dir={tmp_path}")
+    with pytest.raises(ConfigError, match=r"^data\.normalize=True"):
+        run_continual(cfg, data=env._base_data)

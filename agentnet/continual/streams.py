@@ -10,7 +10,7 @@ A stream serves a population: each seed (replica) draws its own permutations, an
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
@@ -76,7 +76,7 @@ class TaskStream:
             raise ValueError(f"benchmark.scenario={scenario!r}: choose one of {self.SCENARIOS}")
         if pad32:
             background = data.train.x.min().item()
-            data = ImageData(train=pad_to_32(data.train, background), test=pad_to_32(data.test, background))
+            data = replace(data, train=pad_to_32(data.train, background), test=pad_to_32(data.test, background))
         self.data = data
         self.scenario = scenario
         self.num_classes = data.num_classes

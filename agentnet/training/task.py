@@ -3,6 +3,7 @@ benchmark, plus what every task starts with (device, seeds, data, output directo
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 import time
@@ -67,6 +68,11 @@ def prepare_run(cfg: DictConfig | RunConfig | dict, data: ImageData | None = Non
     out.mkdir(parents=True, exist_ok=True)
     if data is None:
         data = load_run_data(run, device)
+    elif data.standardized is not None:
+        # Data loaded elsewhere (shared between runs) must be scaled as this run's config says.
+        check(data.standardized == run.data.normalize, "data.normalize", run.data.normalize,
+              f"the dataset passed in was loaded with normalize={data.standardized}; load it with "
+              "agentnet.training.load_run_data(run) or pass data=None")
     if run.model.conv:
         check(
             run.model.in_channels == data.channels,
@@ -79,12 +85,7 @@ def prepare_run(cfg: DictConfig | RunConfig | dict, data: ImageData | None = Non
         check(value is None or value <= len(split), f"data.{key}", value,
               f"larger than the {len(split)} examples of {run.data.name}'s {'training' if key == 'subset' else 'test'} split")
     gen = torch.Generator().manual_seed(0)  # the same subset for every seed and replica
-    data = ImageData(
-        train=data.train.subset(run.data.subset, gen),
-        test=data.test.subset(run.data.test_subset),
-        num_classes=data.num_classes,
-        channels=data.channels,
-    )
+    data = dataclasses.replace(data, train=data.train.subset(run.data.subset, gen), test=data.test.subset(run.data.test_subset))
     return run, device, out, data
 
 
