@@ -203,21 +203,31 @@ def _plot(groups: list[Group], path: Path) -> None:
 
     cl_groups = [g for g in groups if any(j.kind == "cl" for j in g.finished())]
     if cl_groups:
-        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.8))
-        labels = [g.label.replace("strategy=", "").replace(" ", "\n") for g in cl_groups]
+        # A strategy x method grid has many groups: then one panel per row, slanted one-line labels
+        # and the curves' legend beside its panel, so that nothing overlaps.
+        wide = len(cl_groups) > 6
+        if wide:
+            fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(max(11.0, 0.55 * len(cl_groups)), 9))
+            ax2.set_prop_cycle(color=plt.cm.tab20(np.arange(len(cl_groups)) % 20))  # 10 default colours repeat
+        else:
+            fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.8))
+        labels = [g.label.replace("strategy=", "").replace(" ", " " if wide else "\n") for g in cl_groups]
         for offset, metric, color in ((-0.2, "ACC", "tab:green"), (0.2, "forgetting", "tab:red")):
             runs = [[v for j in g.finished() for v in j.values(metric)] for g in cl_groups]
             means = [100 * np.mean(r) for r in runs]
             stds = [100 * np.std(r, ddof=1) if len(r) > 1 else 0.0 for r in runs]
             ax1.bar(np.arange(len(cl_groups)) + offset, means, 0.4, yerr=stds, label=metric, color=color)
-        ax1.set_xticks(range(len(cl_groups)), labels, fontsize=7)
+        ax1.set_xticks(range(len(cl_groups)), labels, fontsize=7, rotation=40 if wide else 0, ha="right" if wide else "center")
         ax1.set(ylabel="%", title="ACC and forgetting per group")
         ax1.legend()
         for g in cl_groups:
             final = np.mean([np.asarray(j.metrics["acc_matrix"])[-1] for j in g.finished()], axis=0)
             ax2.plot(range(1, len(final) + 1), 100 * final, marker="o", label=g.label.replace("strategy=", ""))
         ax2.set(xlabel="task", ylabel="final accuracy (%)", title="last row of the accuracy matrix")
-        ax2.legend(fontsize=6)
+        if wide:
+            ax2.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0), ncol=1 + len(cl_groups) // 16)
+        else:
+            ax2.legend(fontsize=6)
     else:
         fig, ax1 = plt.subplots(figsize=(7, 3.5))
         done = [g for g in groups if g.finished()]

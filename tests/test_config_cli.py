@@ -225,3 +225,26 @@ def test_real_multirun_through_launcher(tmp_path, launcher):
     assert len(list(sweep.glob("*/cl_metrics.json"))) == 2
     report = _report(sweep)
     assert "strategy=bp" in report and "strategy=lfnn_local" in report and "ACC (%)" in report
+
+
+def test_report_plot_of_a_strategy_by_method_grid(tmp_path):
+    """A grid of many continual groups (4 strategies x 3 methods) is reported and plotted in the
+    wide layout (one panel per row, legend beside its panel) without error."""
+    from agentnet.sweep_report import write_report
+
+    sweep = tmp_path / "grid"
+    for num, (strategy, method) in enumerate((s, m) for s in ("bp", "lfnn", "lfnn_local", "attention") for m in ("si", "ewc", "replay")):
+        job = sweep / f"{num}_job"
+        (job / ".hydra").mkdir(parents=True)
+        (job / ".hydra" / "overrides.yaml").write_text(f"- strategy={strategy}\n- cl={method}\n")
+        acc = 0.5 + 0.03 * num
+        (job / "cl_metrics.json").write_text(json.dumps({
+            "ACC": acc, "BWT": -0.1, "FWT": 0.01, "forgetting": 0.1, "wall_s": 1.0,
+            "acc_matrix": [[0.1, 0.1, 0.1], [0.9, 0.1, 0.1], [0.8, 0.9, 0.1], [0.7, 0.8, acc]],
+        }))
+    text = write_report(sweep)
+    assert text.count("| cl=") == 12 and "cl=replay strategy=attention" in text
+    from PIL import Image
+
+    with Image.open(sweep / "summary.png") as img:
+        assert img.size[1] > img.size[0] * 0.6  # two stacked panels, not a 11 x 3.8 strip
