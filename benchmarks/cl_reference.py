@@ -61,8 +61,8 @@ _DATA: dict = {}
 
 
 def _data(run) -> object:
-    """MNIST as ``run.data`` asks for it, loaded once per input scaling."""
-    key = (run.data.root, run.data.normalize)
+    """The dataset as ``run.data`` asks for it, loaded once per dataset, scaling and device."""
+    key = (run.data.name, run.data.root, run.data.verify, run.data.normalize, run.device)
     if key not in _DATA:
         _DATA[key] = load_run_data(run)
     return _DATA[key]
