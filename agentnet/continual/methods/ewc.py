@@ -230,6 +230,8 @@ class EWC(CLMethod):
     def _merge(self) -> None:
         """``F = sum_t F_t`` and ``theta_bar = sum_t F_t theta_t / F`` (``theta_bar`` is unused where ``F = 0``)."""
         self._merged = {}
+        if not self.anchors:  # before the first task ends (e.g. resuming a checkpoint from task 1)
+            return
         for name, _ in self.model.named_parameters():
             total = sum(f[name] for f, _ in self.anchors)
             if len(self.anchors) == 1:
