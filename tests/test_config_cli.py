@@ -96,7 +96,8 @@ def test_cl_without_benchmark_and_oversized_subset_are_errors(tmp_path):
     from agentnet.training import prepare_run
 
     with pytest.raises(ConfigError, match="data.subset=100000.*60000"):
-        prepare_run(compose_config("data.subset=100000", f"data.root={data_root()}", "device=cpu", f"output_dir={tmp_path}"))
+        prepare_run(compose_config("data.subset=100000", f"data.root={data_root()}", "device=cpu", f"output_dir={tmp_path / 'run'}"))
+    assert not (tmp_path / "run").exists()  # a refused run leaves no directory behind
 
 
 def test_builtin_strategies_registered():

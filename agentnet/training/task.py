@@ -65,7 +65,6 @@ def prepare_run(cfg: DictConfig | RunConfig | dict, data: ImageData | None = Non
         torch.set_num_threads(run.threads)
     device = resolve_device(run.device)
     out = output_dir_of(run.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     if data is None:
         data = load_run_data(run, device)
     elif data.standardized is not None:
@@ -86,6 +85,7 @@ def prepare_run(cfg: DictConfig | RunConfig | dict, data: ImageData | None = Non
               f"larger than the {len(split)} examples of {run.data.name}'s {'training' if key == 'subset' else 'test'} split")
     gen = torch.Generator().manual_seed(0)  # the same subset for every seed and replica
     data = dataclasses.replace(data, train=data.train.subset(run.data.subset, gen), test=data.test.subset(run.data.test_subset))
+    out.mkdir(parents=True, exist_ok=True)  # only once the run is accepted: a refused one leaves nothing behind
     return run, device, out, data
 
 
