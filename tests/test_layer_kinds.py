@@ -50,8 +50,11 @@ def touched(module: torch.nn.Module) -> bool:
 
 
 def blocks(model: WorkerNetwork) -> list[list[torch.nn.Module]]:
-    """Each block's modules: its plain layers (with their norms), then its worker layer and norm."""
-    return [[model.stems[i], model.hidden[i], model.norms[i]] for i in range(len(model.hidden))] + [[model.stems[-1], model.output]]
+    """Each block's modules: its plain layers (with their norms), then its worker layer and norm, and
+    the workers' trained heads when the model has them."""
+    heads = model.cfg.worker_head
+    return ([[model.stems[i], model.hidden[i], model.norms[i], *([model.readouts[i]] if heads else [])] for i in range(len(model.hidden))]
+            + [[model.stems[-1], model.output]])
 
 
 def test_mixed_model_structure():
@@ -66,7 +69,9 @@ def test_mixed_model_structure():
 
 
 @pytest.mark.parametrize("worker_norm,extra", [("none", {}), ("standardize", {}),
-                                               ("none", {"worker_pool": 2, "worker_projection": True})])
+                                               ("none", {"worker_pool": 2, "worker_projection": True}),
+                                               ("none", {"worker_pool": 2, "worker_head": True}),
+                                               ("standardize", {"worker_head": True})])
 def test_lfnn_local_no_gradient_crosses_a_block_boundary(worker_norm, extra):
     model = mixed_model(worker_norm=worker_norm, **extra)
     x, y = batch()
@@ -160,6 +165,25 @@ def test_worker_pool_predicts_from_a_grid_of_each_workers_own_maps():
     maps = record.layers[0].activation[:, :10]  # worker 0's (B, 10, 8, 8) maps, before max-pooling
     torch.testing.assert_close(conv.workers[0, :, 0], torch.nn.functional.adaptive_avg_pool2d(maps, 2).flatten(1))
     assert model.readouts[0].weight.shape == (2, 40, 10)  # a head per worker over its 40 values
+
+
+def test_a_workers_head_learns_from_that_worker_alone():
+    """With trained heads (the CNN presets), worker 0's prediction loss reaches worker 0's filters,
+    norm and head, and nothing of worker 1 — conv workers on a pooled grid and FC workers alike."""
+    model = mixed_model(worker_pool=2, worker_head=True)  # conv workers: group norm; FC workers: batch norm
+    x, y = batch()
+    for layer in range(2):
+        record = model.forward_record(x, y, path="local", selection=LeaderSelection(1.0, "batch", model.workers_per_layer))
+        model.zero_grad(set_to_none=True)
+        record.layers[layer].worker_loss[..., 0].sum().backward()
+        head = model.readouts[layer]
+        assert head.weight.grad[0].abs().sum() > 0 and head.weight.grad[1].abs().sum() == 0
+        assert head.bias.grad[0].abs().sum() > 0 and head.bias.grad[1].abs().sum() == 0
+        for p in [*model.hidden[layer].parameters(), *model.norms[layer].parameters()]:
+            per_worker = p.grad.reshape(2, -1).norm(dim=1)
+            assert per_worker[0] > 0 and per_worker[1] == 0
+        others = [m for j, block in enumerate(blocks(model)) for m in block if j != layer]
+        assert not any(touched(m) for m in others)
 
 
 @pytest.mark.parametrize("overrides,message", [(["model.worker_pool=0"], "model.worker_pool=0"),
