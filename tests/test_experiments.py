@@ -56,3 +56,20 @@ def test_table1_counts_every_replica_as_a_seed_and_lists_the_other_rules(mnist, 
     assert cells[-1] == "2" and cells[-2] == "2.82 / 0.00", fa_row  # two networks; the paper's FA figure
     mean, std = (float(v) for v in cells[3].split(" ± "))
     assert std > 0 and mean == pytest.approx(result["summary"]["test_error_mlp_275k_fa"])
+
+
+def test_leadership_sweep_reports_mean_and_std_over_every_network(mnist, tmp_path):
+    """Table 2 on its default model (the ~275K CNN): each cell is mean ± std over seeds x replicas."""
+    run = to_run_config(compose_config("experiment=lfnn_leadership_sweep", "experiment.strategies=[lfnn_local]",
+                                       "experiment.leadership=[0.5,1.0]", "experiment.seeds=[0]", "replicas=2",
+                                       "trainer.max_steps=3", "data.subset=256", "data.test_subset=200",
+                                       "trainer.progress=false", "trainer.checkpoint=false"))
+    assert run.experiment.models == ["cnn_mnist_275k"]
+    result = run_experiment(run, tmp_path, data=mnist)
+    row = next(line for line in (tmp_path / "leadership_sweep.md").read_text().splitlines() if "lfnn_local (agentnet)" in line)
+    cells = [c.strip() for c in row.strip("|").split("|")][1:]
+    assert len(cells) == 2
+    for cell, delta in zip(cells, ("0.5", "1")):
+        mean, std = (float(v) for v in cell.split(" ± "))
+        assert std > 0 and mean == pytest.approx(result["summary"][f"test_error_lfnn_local_d{delta}"], abs=0.006)
+    assert (tmp_path / "leadership_sweep.png").is_file()

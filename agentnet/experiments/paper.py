@@ -6,8 +6,8 @@
 | ``lfnn_loss_ablation`` | Fig. 3b | the four loss variants, 32 workers, 30 % leadership |
 | ``worker_activity`` | Fig. 5 | per-step output change of each worker, leaders vs followers |
 | ``leadership_development`` | Fig. 6 | LFNN-l, 2 x 32 workers, 20 % leadership, leadership counts per epoch |
-| ``lfnn_table1_mnist`` | Table 1 | bp / lfnn / lfnn_local on mlp_275k and mlp_438k |
-| ``lfnn_leadership_sweep`` | Table 2 | leadership 10 %-100 % for lfnn and lfnn_local on mlp_275k |
+| ``lfnn_table1_mnist`` | Table 1 | every rule on mlp_275k, mlp_438k, cnn_mnist_275k and cnn_mnist_438k |
+| ``lfnn_leadership_sweep`` | Table 2 | leadership 10 %-100 % for lfnn and lfnn_local on cnn_mnist_275k |
 """
 
 from __future__ import annotations
@@ -370,43 +370,51 @@ class Table1(Experiment):
 
 @dataclass
 class LeadershipSweepConfig(GridConfig):
-    """Table 2 settings: mlp_275k, the two LFNN variants, leadership 10 %-100 %."""
+    """Table 2 settings: the ~275K conv network, the two LFNN variants, leadership 10 %-100 %."""
 
-    models: list[str] = field(default_factory=lambda: ["mlp_275k"])
+    models: list[str] = field(default_factory=lambda: ["cnn_mnist_275k"])
     strategies: list[str] = field(default_factory=lambda: ["lfnn", "lfnn_local"])
     leadership: list[float] = field(default_factory=lambda: list(LEADERSHIP))
 
 
 @EXPERIMENTS.register("lfnn_leadership_sweep")
 class LeadershipSweep(Experiment):
-    """Table 2 (MNIST 275K): test error for leadership 10 %-100 %, lfnn and lfnn_local."""
+    """Table 2 (MNIST 275K): test error for leadership 10 %-100 %, lfnn and lfnn_local, mean ± std
+    over every network (seeds, and each run's replicas with ``replicas=N``)."""
 
     Config = LeadershipSweepConfig
 
     def run(self, out: Path, data: ImageData) -> dict[str, float]:
         deltas = self.cfg.leadership or LEADERSHIP
         model = self.cfg.models[0]
-        results: dict[str, list[float]] = {}
+        errors: dict[str, list[list[float]]] = {}  # strategy -> per delta, every network's test error
         for strategy in self.cfg.strategies:
-            results[strategy] = [
-                statistics.mean(_grid_run(self.run_cfg, model, strategy, s, out, data, d)["test_error"] for s in self.cfg.seeds)
+            errors[strategy] = [
+                [net["test_error"] for s in self.cfg.seeds for net in _networks(_grid_run(self.run_cfg, model, strategy, s, out, data, d))]
                 for d in deltas
             ]
+        means = {st: [statistics.mean(e) for e in per_delta] for st, per_delta in errors.items()}
+        stds = {st: [statistics.stdev(e) if len(e) > 1 else 0.0 for e in per_delta] for st, per_delta in errors.items()}
+        percent = [100 * d for d in deltas]
         fig, ax = plt.subplots(figsize=(7, 4))
-        for i, (strategy, errors) in enumerate(results.items()):
-            ax.plot([100 * d for d in deltas], errors, marker="o", color=f"C{i}", label=f"{strategy} (agentnet)")
+        for i, strategy in enumerate(errors):
+            ax.errorbar(percent, means[strategy], yerr=stds[strategy], marker="o", capsize=3, color=f"C{i}", label=f"{strategy} (agentnet)")
             if strategy in TABLE2 and len(deltas) == len(LEADERSHIP):
-                ax.plot([100 * d for d in deltas], TABLE2[strategy], ls="--", color=f"C{i}", label=f"{strategy} (paper)")
-        ax.set(xlabel="leadership (%)", ylabel="test error (%)", title=f"Leadership sweep on MNIST, {model}")
+                ax.plot(percent, TABLE2[strategy], ls="--", color=f"C{i}", label=f"{strategy} (paper)")
+        networks = len(next(iter(errors.values()))[0])
+        ax.set(xlabel="leadership (%)", ylabel="test error (%)", title=f"Leadership sweep on MNIST, {model} ({networks} networks per point)")
         ax.legend()
         fig.tight_layout()
         fig.savefig(out / "leadership_sweep.png", dpi=110)
         plt.close(fig)
         header = ["strategy", *[f"{d:.0%}" for d in deltas]]
         rows = []
-        for strategy, errors in results.items():
-            rows.append([f"{strategy} (agentnet)", *[f"{e:.2f}" for e in errors]])
+        for strategy in errors:
+            rows.append([f"{strategy} (agentnet)", *[f"{m:.2f} ± {sd:.2f}" for m, sd in zip(means[strategy], stds[strategy])]])
             if strategy in TABLE2 and len(deltas) == len(LEADERSHIP):
                 rows.append([f"{strategy} (paper)", *[f"{e:.2f}" for e in TABLE2[strategy]]])
-        (out / "leadership_sweep.md").write_text(f"Test error (%) on MNIST ({model}) by leadership.\n\n" + markdown_table(header, rows) + "\n")
-        return {f"test_error_{s}_d{d:g}": e for s, errors in results.items() for d, e in zip(deltas, errors)}
+        (out / "leadership_sweep.md").write_text(
+            f"Test error (%) on MNIST ({model}) by leadership, mean ± std over {networks} networks per cell.\n\n"
+            + markdown_table(header, rows) + "\n")
+        print((out / "leadership_sweep.md").read_text())
+        return {f"test_error_{st}_d{d:g}": m for st, per_delta in means.items() for d, m in zip(deltas, per_delta)}
