@@ -294,20 +294,21 @@ def test_cl_run_checkpoints_after_every_task(mnist, tmp_path):
 
 @pytest.mark.parametrize("labels", ["all", "pred", "true"])
 @pytest.mark.parametrize("masked", [False, True])
-@pytest.mark.parametrize("path", ["linear", "per_sample", "batch_norm"])
+@pytest.mark.parametrize("path", ["linear", "per_sample", "batch_norm", "worker_heads"])
 def test_diagonal_fisher_matches_a_per_sample_loop(labels, masked, path):
     """EWC's Fisher against autograd one sample, one replica and one class at a time (``all``: every
     class weighted by its predicted probability; a task's logit mask removes the other classes).
     Both computations: the per-layer formula for fully connected nets (what ``diagonal_fisher``
     picks for an MLP), ``torch.func`` per-sample gradients (forced on the MLP, and picked for a net
-    with batch norm)."""
+    with batch norm). Worker heads (``model.worker_head``, as in mlp_275k and mlp_1000x2) keep the
+    fast per-layer formula: inference never runs them, so their Fisher is zero."""
     import torch.nn.functional as F
 
     from agentnet.continual.methods import ewc
     from agentnet.network import build_model, eval_mode
 
     torch.manual_seed(0)
-    overrides = ["model.hidden_norm=batch"] if path == "batch_norm" else []
+    overrides = {"batch_norm": ["model.hidden_norm=batch"], "worker_heads": ["model.worker_head=true"]}.get(path, [])
     model = build_model(to_run_config(compose_config("model=mlp_100x2", "replicas=2", *overrides)).model, 20, 10, [0, 1])
     assert ewc._linear_only(model) == (path != "batch_norm")
     if path == "batch_norm":  # non-trivial running statistics (the Fisher is taken in evaluation mode)

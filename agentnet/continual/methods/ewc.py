@@ -33,7 +33,7 @@ from torch.func import functional_call, grad, vmap
 from agentnet.config import CLConfig, check
 from agentnet.continual.methods import CL_METHODS, CLMethod
 from agentnet.network import eval_mode
-from agentnet.workers import ReplicaLinear
+from agentnet.workers import ReplicaLinear, WorkerReadout
 
 
 @dataclass
@@ -87,8 +87,11 @@ def diagonal_fisher(
 
 
 def _linear_only(model: torch.nn.Module) -> bool:
-    """Whether every parameter is the weight or bias of a fully connected ``ReplicaLinear``."""
+    """Whether every parameter is the weight or bias of a fully connected ``ReplicaLinear``, or of a
+    worker's prediction head (``WorkerReadout``: the inference pass ``model(x)`` never runs it, so its
+    Fisher is zero)."""
     owned = {id(p) for m in model.modules() if isinstance(m, ReplicaLinear) for p in (m.weight, m.bias) if p is not None}
+    owned |= {id(p) for m in model.modules() if isinstance(m, WorkerReadout) for p in m.parameters()}
     return all(id(p) in owned for p in model.parameters())
 
 
