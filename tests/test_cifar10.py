@@ -135,7 +135,7 @@ def test_cnn_trains_on_cifar10_format(tmp_path):
         "device=cpu", f"output_dir={tmp_path / 'run'}",
     )
     metrics = train(cfg)
-    assert metrics["num_params"] == 873_330 and metrics["steps"] == 5
+    assert metrics["num_params"] == 900_430 and metrics["steps"] == 5
     with pytest.raises(Exception, match="model.in_channels"):
         train(compose_config("data=cifar10", f"data.root={tmp_path}", "data.verify=false", "model=cnn_mnist_438k",
                              "strategy=bp", "device=cpu", f"output_dir={tmp_path / 'run2'}"))
