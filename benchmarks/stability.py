@@ -11,7 +11,9 @@ Two verdicts per run (every seed must pass): **bounded** — no epoch's training
 1.5 x the first epoch's (the collapses this guards against grew 2.5-100 fold); **falling** — the last
 epoch's objective is at most the first's. The objective is what the strategy minimises (for
 ``lfnn*`` the sum of the local terms over workers plus the output loss), so the figures compare
-epochs of one run, not strategies. ``attention`` runs only on MLPs.
+epochs of one run, not strategies. ``attention`` runs only on MLPs. Every MNIST preset is in the
+default list; ``cnn_cifar10_900k`` needs CIFAR-10 (``data=cifar10`` as an override, with
+``--models cnn_cifar10_900k``), or runs its layers on MNIST with ``model.in_channels=1``.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from agentnet.registry import compose  # noqa: E402
 from agentnet.tables import markdown_table  # noqa: E402
 from agentnet.training import train  # noqa: E402
 
-MODELS = "mlp_275k,mlp_438k,mlp_400x2,mlp_1000x2,cnn_mnist_275k,cnn_mnist_438k,resnet_blocks"
+MODELS = "mlp_275k,mlp_438k,mlp_100x2,mlp_400x2,mlp_1000x2,cnn_mnist_275k,cnn_mnist_438k,resnet_blocks"
 
 
 def bounded(losses: list[float]) -> bool:
