@@ -336,7 +336,7 @@ class Table1(Experiment):
     Config = Table1Config
 
     def run(self, out: Path, data: ImageData) -> dict[str, float]:
-        rows, summary = [], {}
+        rows, summary, spread = [], {}, {}
         for model in self.cfg.models:
             for strategy in self.cfg.strategies:
                 # Every network counts: a run with replicas=N contributes its N replicas (seeds).
@@ -348,11 +348,13 @@ class Table1(Experiment):
                 rows.append([model, f"{runs[0]['num_params']:,}", strategy, f"{statistics.mean(test):.2f} ± {std:.2f}",
                              f"{train_err:.2f}", "-" if paper is None else f"{paper[0]:.2f} / {paper[1]:.2f}", str(len(runs))])
                 summary[f"test_error_{model}_{strategy}"] = statistics.mean(test)
+                spread[(model, strategy)] = std
         labels = [f"{m}\n{st}" for m in self.cfg.models for st in self.cfg.strategies]
         ours = [summary[f"test_error_{m}_{st}"] for m in self.cfg.models for st in self.cfg.strategies]
         paper = [TABLE1.get((m, st), (np.nan,))[0] for m in self.cfg.models for st in self.cfg.strategies]
         fig, ax = plt.subplots(figsize=(1.4 * len(labels) + 2, 3.8))
-        ax.bar(np.arange(len(labels)) - 0.2, ours, 0.4, label="agentnet")
+        errors = [spread[(m, st)] for m in self.cfg.models for st in self.cfg.strategies]
+        ax.bar(np.arange(len(labels)) - 0.2, ours, 0.4, yerr=errors, capsize=3, label="agentnet (mean ± std over seeds)")
         ax.bar(np.arange(len(labels)) + 0.2, paper, 0.4, label="paper (Table 1)")
         ax.set_xticks(range(len(labels)), labels, fontsize=8)
         ax.set(ylabel="test error (%)", title="MNIST test error")
