@@ -20,15 +20,17 @@ from tests.conftest import compose_config
 from tests.test_routing import reference_local_terms
 
 
-def conv_model(seed: int = 0, block: str = "residual", head: bool = False) -> WorkerNetwork:
-    """8x8 single-channel inputs: filter-wise conv (2 workers), a block layer (2 blocks), FC (2 workers)."""
+def conv_model(seed: int = 0, block: str = "residual", head: bool = False, norm: str = "none") -> WorkerNetwork:
+    """8x8 single-channel inputs: filter-wise conv (2 workers), a block layer (2 blocks), FC (2 workers);
+    ``norm`` on every layer (as ``resnet_blocks``: batch norm)."""
     torch.manual_seed(seed)
     cfg = ModelConfig(
         conv=[
-            ConvLayerConfig(channels=20, pool=2),
-            ConvLayerConfig(channels=20 if not head else 24, block=block, workers=2, depth=2, width=6),
+            ConvLayerConfig(channels=20, pool=2, norm=norm),
+            ConvLayerConfig(channels=20 if not head else 24, block=block, workers=2, depth=2, width=6, norm=norm),
         ],
         hidden=[20],
+        hidden_norm=norm,
         worker_size=10,
         worker_head=head,
     )
@@ -103,15 +105,15 @@ def test_blocks_are_independent_workers():
         assert rows[0] == 0 and rows[2] == 0 and rows[1] > 0
 
 
-@pytest.mark.parametrize("block", ["residual", "vgg"])
-def test_lfnn_global_loss_reaches_only_conv_leaders(block):
-    model = conv_model(block=block)
+@pytest.mark.parametrize("block,norm", [("residual", "none"), ("vgg", "none"), ("residual", "batch")])
+def test_lfnn_global_loss_reaches_only_conv_leaders(block, norm):
+    model = conv_model(block=block, norm=norm)
     x, y = batch()
     selection = LeaderSelection(0.5, "batch", model.workers_per_layer)
     record = model.forward_record(x, y, path="split", selection=selection, leaders_carry_global=True)
     model.global_loss(record.logits, y).sum().backward()
-    for layer, rec in zip(model.hidden, record.layers):
-        norms = worker_grad_norms(layer)
+    for layer, layer_norm, rec in zip(model.hidden, model.norms, record.layers):
+        norms = worker_grad_norms(layer, layer_norm)
         assert norms.shape == rec.leaders.shape == (1, layer.num_workers)
         assert (norms[~rec.leaders] == 0).all(), f"a follower of {type(layer).__name__} received the global error signal"
         assert (norms[rec.leaders] > 0).all(), f"a leader of {type(layer).__name__} received no global error signal"
@@ -135,20 +137,23 @@ def test_lfnn_local_losses_stay_in_their_conv_layer_or_block():
     assert all(conv.weight.grad.abs().sum() > 0 for conv in model.hidden[1].convs)
 
 
-@pytest.mark.parametrize("head", [False, True])
-def test_lfnn_local_no_gradient_crosses_a_conv_layer_or_block(head):
-    model = conv_model(head=head)
+@pytest.mark.parametrize("head,norm", [(False, "none"), (True, "none"), (True, "batch")])
+def test_lfnn_local_no_gradient_crosses_a_conv_layer_or_block(head, norm):
+    """``head=True, norm="batch"`` is how ``resnet_blocks`` and the CNN presets are built."""
+    model = conv_model(head=head, norm=norm)
     x, y = batch()
     result = build_strategy({"name": "lfnn_local", "delta": 0.5}, model).compute(x, y)
     model.global_loss(result.logits, y).backward(retain_graph=True)
-    assert not any(layer_touched(layer) for layer in model.hidden)
+    assert not any(layer_touched(layer) for layer in [*model.hidden, *model.norms])
     assert not any(layer_touched(r) for r in model.readouts)
     assert model.output.weight.grad.abs().sum() > 0
     for i in range(len(model.hidden)):
         model.zero_grad(set_to_none=True)
         leader_follower_loss(result.record.layers[i], 1.0, 1.0)[0].backward(retain_graph=True)
-        for j, layer in enumerate(model.hidden):
+        for j, (layer, layer_norm) in enumerate(zip(model.hidden, model.norms)):
             assert layer_touched(layer) == (i == j), f"layer {i + 1}'s loss reached layer {j + 1}"
+            if norm != "none":
+                assert layer_touched(layer_norm) == (i == j), f"layer {i + 1}'s loss reached layer {j + 1}'s norm"
         if head:  # a worker's head is trained by that worker's local loss only
             assert [layer_touched(r) for r in model.readouts] == [j == i for j in range(len(model.hidden))]
 
@@ -203,7 +208,7 @@ def test_bp_on_conv_model_matches_plain_backprop():
 @pytest.mark.parametrize(
     "preset, input_dim, channels, expected",
     [("cnn_mnist_438k", 784, 1, 435_400), ("cnn_mnist_275k", 784, 1, 281_270), ("cnn_cifar10_900k", 3072, 3, 900_430),
-     ("resnet_blocks", 784, 1, 215_210)],
+     ("resnet_blocks", 784, 1, 228_970)],
 )
 def test_conv_presets_parameter_counts(preset, input_dim, channels, expected):
     run = to_run_config(compose_config(f"model={preset}", "strategy=lfnn"))
