@@ -35,6 +35,7 @@ WORKER_NORMS = ("none", "standardize")
 NORMS = ("none", "batch", "group", "layer")
 OPTIMIZERS = ("adam", "sgd", "adamw")
 LR_SCHEDULES = ("none", "cosine", "step")
+SELECTIONS = ("last", "best_val")
 DEVICES = ("auto", "cpu", "cuda")
 DATASETS = ("mnist", "cifar10")
 AMP_MODES = ("none", "bf16")
@@ -64,6 +65,12 @@ class DataConfig:
     seeds and replicas differ only in initialisation and order); ``None`` uses all."""
     test_subset: Optional[int] = None
     """Use only the first this many test examples; ``None`` uses all."""
+    val_split: float = 0
+    """Hold out validation examples from the training split: a count (>= 1, whole) or a fraction
+    (in (0, 1)) of the training examples used (``subset``'s, else the whole split). A fixed random
+    choice, the same for every seed and replica, disjoint from the training examples and from
+    ``subset``'s choice; evaluated at every epoch end (``val_error`` / ``val_acc``), while the test
+    set is then evaluated once, at the end. 0: no validation split."""
     verify: bool = True
     """Verify the sha256 of every file's decompressed content on load."""
     normalize: bool = True
@@ -74,6 +81,15 @@ class DataConfig:
         for key in ("subset", "test_subset"):
             value = getattr(self, key)
             check(value is None or value > 0, f"data.{key}", value, "must be a positive count or null")
+        v = self.val_split
+        check(math.isfinite(v) and v >= 0 and (v < 1 or float(v).is_integer()), "data.val_split", v,
+              "a fraction in (0, 1), a whole count >= 1, or 0 for none")
+
+    def val_count(self, available: int) -> int:
+        """Validation examples for ``available`` training examples (those of ``subset``, else all)."""
+        if self.val_split >= 1:
+            return int(self.val_split)
+        return round(self.val_split * available)
 
 
 BLOCKS = ("none", "vgg", "residual")
@@ -281,6 +297,10 @@ class TrainerConfig:
     the strategies' custom backward stay fp32-safe); ``none`` is full fp32. Meant for CUDA (Ampere+)."""
     channels_last: bool = False
     """Store conv weights and inputs channels-last (NHWC), the fast layout for conv models on CUDA."""
+    select: str = "last"
+    """Which parameters the final evaluation uses: ``last`` (those after the last step) or
+    ``best_val`` (per replica, those of the epoch with the lowest validation error; needs
+    ``data.val_split``; the chosen epoch is recorded as ``selected_epoch``)."""
 
     def __post_init__(self) -> None:
         check(self.epochs > 0, "trainer.epochs", self.epochs, "must be positive")
@@ -301,6 +321,7 @@ class TrainerConfig:
             "must be positive or null",
         )
         check(self.amp in AMP_MODES, "trainer.amp", self.amp, f"choose one of {AMP_MODES}")
+        check(self.select in SELECTIONS, "trainer.select", self.select, f"choose one of {SELECTIONS}")
 
 
 @dataclass

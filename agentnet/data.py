@@ -35,6 +35,7 @@ __all__ = [
     "ImageData",
     "CIFAR10_DIR",
     "CIFAR10_MD5",
+    "holdout",
     "resolve_data_root",
     "read_idx",
     "load_mnist",
@@ -169,10 +170,36 @@ class ImageData:
     standardized: bool | None = None
     """Whether the loader standardised the pixels (``data.normalize``); ``None`` for data built by
     hand, which a run cannot check against its config."""
+    val: Split | None = None
+    """Validation examples held out of the training split (``data.val_split``; see :func:`holdout`)."""
 
     @property
     def input_dim(self) -> int:
         return self.train.x.shape[1]
+
+
+def holdout(train: Split, subset: int | None, val: int) -> tuple[Split, Split | None]:
+    """The training examples a run uses and the validation examples held out of ``train``.
+
+    One fixed permutation of the split (generator seed 0, whatever the run's seed) decides both:
+    ``subset`` keeps its first ``subset`` entries (exactly the choice ``Split.subset`` makes without
+    a validation split, so adding one never changes the training examples of a subset) and the
+    validation set is its last ``val`` entries — disjoint from them by construction. Without a
+    subset, training keeps every example not held out, in their original order. ``val=0`` is the
+    behaviour without a validation split. Raises ``ValueError`` when the two do not fit in the split.
+    """
+    n = len(train)
+    gen = torch.Generator().manual_seed(0)
+    if val <= 0:
+        return train.subset(subset, gen), None
+    used = n if subset is None or subset >= n else subset
+    if used + val > n if subset is not None else val >= n:
+        raise ValueError(f"{val} validation examples and {used} training examples exceed the split's {n}")
+    perm = torch.randperm(n, generator=gen)
+    held = perm[n - val:].sort().values
+    keep = perm[:subset] if subset is not None and subset < n else perm[: n - val].sort().values
+    held, keep = held.to(train.y.device), keep.to(train.y.device)
+    return Split(train.x[keep], train.y[keep]), Split(train.x[held], train.y[held])
 
 
 def load_mnist(

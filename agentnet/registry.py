@@ -34,7 +34,7 @@ from typing import Any, Callable, Sequence, TypeVar
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from agentnet.config import BenchmarkConfig, CLConfig, ConfigError, ExperimentConfig, RunConfig, StrategyConfig, register_configs
+from agentnet.config import BenchmarkConfig, CLConfig, ConfigError, ExperimentConfig, RunConfig, StrategyConfig, check, register_configs
 from agentnet.paths import CONFIG_DIR
 
 __all__ = [
@@ -312,6 +312,13 @@ def check_combinations(run: RunConfig) -> None:
             f"cl.name={cl_name!r}: a continual-learning method needs a task sequence; "
             "add a benchmark (e.g. benchmark=pmnist_quick) or drop cl"
         )
+    if run.trainer.select == "best_val":
+        check(run.data.val_split > 0, "trainer.select", run.trainer.select,
+              "selects on validation data: set data.val_split (a count or a fraction of the training set)")
+        check(run.benchmark is None, "trainer.select", run.trainer.select,
+              "picks one epoch of a single run; a continual run is judged after its last task (use last)")
+    check(run.experiment is None or run.data.val_split == 0, "data.val_split", run.data.val_split,
+          "the paper experiments (experiment=...) follow their papers' protocols and hold out no validation split")
 
 
 def compose(overrides: Sequence[str] = ()) -> DictConfig:

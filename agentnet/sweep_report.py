@@ -7,6 +7,14 @@ every group gets mean ± std (sample std) over all its runs — each job's repli
 the run count and a 95 % confidence interval of the mean (Student's t). A job without metrics is
 listed as failed with its error, and the others are still reported. Writes ``summary.md``,
 ``summary.csv`` and ``summary.png`` into the sweep directory and prints the table.
+
+Significance: for every compared metric (ACC, BWT, FWT, forgetting; test_error, train_error; the
+validation metrics when present) the best group is tested against every other one, by Welch's
+t-test, or a paired t-test (runs paired by seed) when every group holds exactly the same seeds,
+each once; the p-values are Holm-corrected over those comparisons (α = 0.05). The best group and
+those not distinguishable from it are bold in ``summary.md``, ``summary.csv`` says
+``best`` / ``tied (p=…)`` / ``worse (p=…)`` / ``untested (n<2)`` per metric, and ``summary.png``
+hatches their bars. ``--compare A B`` prints the difference between two groups instead.
 """
 
 from __future__ import annotations

@@ -259,7 +259,7 @@ from pettingzoo.utils import parallel_to_aec, wrappers
 
 from agentnet.config import BenchmarkConfig, ConfigError, ConvLayerConfig, DataConfig, ModelConfig, RunConfig, TrainerConfig, check
 from agentnet.continual.runner import TaskSequence
-from agentnet.data import ImageData, load_dataset
+from agentnet.data import ImageData, holdout, load_dataset
 from agentnet.network import ForwardRecord, WorkerNetwork, build_model, eval_mode
 from agentnet.registry import CL_METHODS, STRATEGIES, benchmark_config, build_strategy, check_combinations
 from agentnet.strategy import StepResult
@@ -518,9 +518,10 @@ class NeuralCollectiveEnv(ParallelEnv):
         run = self.run
         run.seed = seed
         self.episode_seed = seed
-        gen = torch.Generator().manual_seed(0)  # the subset train() uses: the same for every seed
-        self.data = dataclasses.replace(self._base_data, train=self._base_data.train.subset(run.data.subset, gen),
-                                        test=self._base_data.test.subset(run.data.test_subset))
+        # The subset and validation examples train() uses: the same for every seed.
+        train, val = holdout(self._base_data.train, run.data.subset,
+                             run.data.val_count(min(run.data.subset or len(self._base_data.train), len(self._base_data.train))))
+        self.data = dataclasses.replace(self._base_data, train=train, val=val, test=self._base_data.test.subset(run.data.test_subset))
         # The env steps through the one training loop (Trainer.run), one batch per env step; a
         # plugin hands it the batch each step consumed, for the observations.
         self._step_inputs = _StepInputs()

@@ -40,12 +40,13 @@ __all__ = ["run_continual", "evaluate_all", "TaskHeadMask", "ContinualProgress",
 log = logging.getLogger(__name__)
 
 
-def evaluate_all(trainer: Trainer, stream: TaskStream) -> list[list[float]]:
-    """Per replica, test accuracy on every task of the stream ``[R][T]`` (task-incremental heads masked per task)."""
+def evaluate_all(trainer: Trainer, stream: TaskStream, split_name: str = "test") -> list[list[float]]:
+    """Per replica, accuracy on every task of the stream ``[R][T]`` on its ``test`` (or ``val``)
+    examples (task-incremental heads masked per task)."""
     per_task = []
     for task in stream.tasks:
         with trainer.model.logit_mask_as(stream.logit_mask(task)):
-            split, transform = stream.test_split(task)
+            split, transform = stream.val_split(task) if split_name == "val" else stream.test_split(task)
             per_task.append(trainer.evaluate(split, transform)["acc"])
     return [list(accs) for accs in zip(*per_task)]
 
@@ -88,6 +89,8 @@ class ContinualProgress(TrainerPlugin):
         self.stage_started = False
         self.stage_start_step = 0
         self.acc_matrices: list[list[list[float]]] = [[] for _ in range(stream.replicas)]
+        self.val_matrices: list[list[list[float]]] = [[] for _ in range(stream.replicas)]
+        """As ``acc_matrices``, on each task's validation examples (empty without ``data.val_split``)."""
         self.curves: list[dict] = []
         self.task_seconds: list[float] = []
 
@@ -102,6 +105,7 @@ class ContinualProgress(TrainerPlugin):
             "stage_started": self.stage_started,
             "stage_start_step": self.stage_start_step,
             "acc_matrices": self.acc_matrices,
+            "val_matrices": self.val_matrices,
             "curves": self.curves,
             "task_seconds": self.task_seconds,
         }
@@ -110,10 +114,14 @@ class ContinualProgress(TrainerPlugin):
         for key, value in state.items():
             setattr(self, key, value)
 
-    def record(self, accs: list[list[float]]) -> None:
-        """Append one row per replica to the accuracy matrices."""
-        for matrix, row in zip(self.acc_matrices, accs):
+    def record(self, trainer: Trainer) -> None:
+        """Evaluate every task and append one row per replica to the accuracy matrices (and, with a
+        validation split, to the validation matrices)."""
+        for matrix, row in zip(self.acc_matrices, evaluate_all(trainer, self.stream)):
             matrix.append(row)
+        if self.stream.has_val:
+            for matrix, row in zip(self.val_matrices, evaluate_all(trainer, self.stream, "val")):
+                matrix.append(row)
 
 
 def _stage_steps(bench, stage_size: int, batch_size: int) -> int:
@@ -185,7 +193,7 @@ class TaskSequence:
         """Evaluate every task before training (row 0 of ``R``, unless a resumed state holds it) and
         fire ``before_run``."""
         if not self.progress.acc_matrices[0]:
-            self.progress.record(evaluate_all(self.trainer, self.stream))
+            self.progress.record(self.trainer)
         self.trainer.begin_run()
 
     def advance(self, steps: int | None = None, label: str | None = None, **update: Any):
@@ -220,7 +228,7 @@ class TaskSequence:
         trainer.close_epoch()
         for plugin in self.plugins:
             plugin.after_task(trainer, self.stream, task)
-        progress.record(evaluate_all(trainer, self.stream))
+        progress.record(trainer)
         progress.stage, progress.stage_started = i + 1, False
         trainer.stream = self._batches = None  # the next stage makes its own
         trainer.save_checkpoint()  # the last good state, should a later task diverge
@@ -260,6 +268,9 @@ def run_continual(cfg: DictConfig | RunConfig | dict, data: ImageData | None = N
                 **population.describe(r),
                 "acc_matrix": R,
                 **summarize_matrix(R),
+                **({} if not progress.val_matrices[r] else {
+                    "val_acc_matrix": progress.val_matrices[r],
+                    **{f"val_{k}": v for k, v in summarize_matrix(progress.val_matrices[r]).items()}}),
                 "steps": trainer.step,
                 "epochs": trainer.epoch,
                 "curves": [{"step": c["step"], "acc": c["acc"][r]} for c in progress.curves],

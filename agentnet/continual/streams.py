@@ -40,6 +40,8 @@ class Task:
     replica (``benchmark.samples_per_task``: each seed draws its own examples)."""
     test_idx: Tensor
     classes: Tensor
+    val_idx: Tensor | None = None
+    """Indices into the validation split (``data.val_split``); ``None`` without one."""
     permutation: Tensor | None = None
     """Per replica, the pixel permutation ``(R, D)``; ``None`` for no permutation."""
     angle: float | None = None
@@ -76,7 +78,8 @@ class TaskStream:
             raise ValueError(f"benchmark.scenario={scenario!r}: choose one of {self.SCENARIOS}")
         if pad32:
             background = data.train.x.min().item()
-            data = replace(data, train=pad_to_32(data.train, background), test=pad_to_32(data.test, background))
+            data = replace(data, train=pad_to_32(data.train, background), test=pad_to_32(data.test, background),
+                           val=None if data.val is None else pad_to_32(data.val, background))
         self.data = data
         self.scenario = scenario
         self.num_classes = data.num_classes
@@ -108,6 +111,10 @@ class TaskStream:
                 train_idx = torch.nonzero(torch.isin(data.train.y, classes)).squeeze(1)
                 test_idx = torch.nonzero(torch.isin(data.test.y, classes)).squeeze(1)
                 self.tasks.append(Task(t, train_idx, test_idx, classes))
+        if data.val is not None:  # each task's validation examples: as its test examples, from the held-out split
+            for task in self.tasks:
+                task.val_idx = (torch.arange(len(data.val), device=device) if scenario in ("permuted", "rotated")
+                                else torch.nonzero(torch.isin(data.val.y, task.classes)).squeeze(1))
         if samples_per_task is not None:
             self._select_samples(samples_per_task, gens)
 
@@ -197,9 +204,20 @@ class TaskStream:
 
         return gather
 
+    @property
+    def has_val(self) -> bool:
+        """Whether the tasks hold validation examples (``data.val_split``)."""
+        return self.data.val is not None
+
     def test_split(self, task: Task) -> tuple[Split, Callable[[Tensor], Tensor]]:
         """The task's whole test set (untransformed) and the per-replica transform to apply per batch."""
         return Split(self.data.test.x[task.test_idx], self.data.test.y[task.test_idx]), lambda x: self.transform(task, x)
+
+    def val_split(self, task: Task) -> tuple[Split, Callable[[Tensor], Tensor]]:
+        """The task's validation examples (untransformed) and the per-replica transform, as :meth:`test_split`."""
+        if self.data.val is None or task.val_idx is None:
+            raise ValueError("this stream has no validation split (data.val_split=0)")
+        return Split(self.data.val.x[task.val_idx], self.data.val.y[task.val_idx]), lambda x: self.transform(task, x)
 
 
 def build_stream(data: ImageData, cfg, seeds: int | list[int]) -> TaskStream:

@@ -11,10 +11,11 @@ from agentnet.training.checkpoint import (
     load_checkpoint,
 )
 from agentnet.training.engine import BatchStream, NonFiniteLossError, Trainer, build_optimizer, build_scheduler
-from agentnet.training.plugins import StrategyTaskHooks, TensorBoardLogger, TrainerPlugin, WorkerActivity, progress_bar
+from agentnet.training.plugins import BestValidation, StrategyTaskHooks, TensorBoardLogger, TrainerPlugin, WorkerActivity, progress_bar
 from agentnet.training.task import load_run_data, prepare_run, resolve_device, seed_everything, standard_plugins, train
 
 __all__ = [
+    "BestValidation",
     "CHECKPOINT",
     "BatchStream",
     "CheckpointError",

@@ -371,7 +371,8 @@ class Trainer:
             plugin.before_epoch(self)
 
     def end_epoch(self) -> dict:
-        """Close an epoch: strategy hook, test evaluation (with ``data``), history entry, plugins, checkpoint."""
+        """Close an epoch: strategy hook, evaluation (with ``data``: its validation split when it has
+        one, else its test split), history entry, plugins, checkpoint."""
         self.check_finite(f"in epoch {self.epoch + 1}")
         seen = max(self._seen, 1)
         self.train_seconds += self._epoch_seconds
@@ -383,7 +384,11 @@ class Trainer:
             "train_loss": (self._loss_sum / seen).tolist(),
             "train_acc_running": (self._correct / seen).tolist(),
         }
-        if self.data is not None:
+        if self.data is not None and self.data.val is not None:
+            # With a validation split the test set stays unseen until the run's final evaluation.
+            val = self.evaluate(self.data.val)
+            per_replica.update(val_acc=val["acc"], val_loss=val["loss"])
+        elif self.data is not None:
             test = self.evaluate(self.data.test)
             per_replica.update(test_acc=test["acc"], test_loss=test["loss"])
         lr_scale = self.lr_scale.tolist() if self.lr_scale is not None else [1.0] * self.replicas

@@ -28,7 +28,7 @@ from agentnet.strategy import StepResult
 
 # Hooks receive the agentnet.training.engine.Trainer that calls them; annotated by name only, so
 # this module does not import the engine that imports it.
-__all__ = ["TrainerPlugin", "StrategyTaskHooks", "WorkerActivity", "TensorBoardLogger", "progress_bar"]
+__all__ = ["TrainerPlugin", "StrategyTaskHooks", "BestValidation", "WorkerActivity", "TensorBoardLogger", "progress_bar"]
 
 
 class TrainerPlugin:
@@ -173,3 +173,55 @@ def progress_bar(total: int, desc: str, enabled: bool) -> tqdm:
     except (ImportError, ValueError):
         pass
     return tqdm(total=total, desc=desc, disable=not enabled, leave=False, dynamic_ncols=True, position=position)
+
+
+class BestValidation(TrainerPlugin):
+    """``trainer.select=best_val``: keeps, per replica, the parameters of the epoch with the highest
+    validation accuracy (the first such epoch on ties) and puts them back with :meth:`restore`.
+
+    Reads each replica's ``val_acc`` from its history entry; the kept parameters are in every
+    checkpoint, so a resumed run selects among all its epochs.
+    """
+
+    def __init__(self) -> None:
+        self.best: list[float] | None = None
+        self.epochs: list[int] | None = None
+        self.params: dict[str, torch.Tensor] | None = None
+
+    def after_epoch(self, trainer: "Trainer", entry: dict) -> None:
+        accs = [history[-1]["val_acc"] for history in trainer.histories]
+        if self.best is None:
+            improved = [True] * len(accs)
+        else:
+            improved = [a > b for a, b in zip(accs, self.best)]
+        if not any(improved):
+            return
+        current = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+        if self.params is None:
+            self.params, self.best, self.epochs = current, list(accs), [trainer.epoch] * len(accs)
+            return
+        R = len(accs)
+        mask = torch.tensor(improved)
+        for key, value in current.items():
+            if value.dim() > 0 and value.shape[0] % R == 0:  # replica-major rows (agentnet.workers)
+                rows = mask.to(value.device).repeat_interleave(value.shape[0] // R)
+                kept = self.params[key] = self.params[key].to(value.device)  # a resumed state lies on the CPU
+                kept[rows] = value[rows]
+            else:  # shared by every replica (e.g. a counter): taken with any improvement
+                self.params[key] = value
+        for r, better in enumerate(improved):
+            if better:
+                self.best[r], self.epochs[r] = accs[r], trainer.epoch
+
+    def restore(self, model: torch.nn.Module) -> list[int]:
+        """Load the kept parameters into ``model``; returns each replica's selected epoch."""
+        if self.params is None:
+            raise RuntimeError("trainer.select=best_val: no epoch was evaluated on validation data")
+        model.load_state_dict(self.params)
+        return list(self.epochs)
+
+    def state_dict(self) -> dict:
+        return {"best": self.best, "epochs": self.epochs, "params": self.params}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best, self.epochs, self.params = state["best"], state["epochs"], state["params"]

@@ -17,14 +17,14 @@ from omegaconf import DictConfig
 
 from agentnet import plots
 from agentnet.config import ConfigError, RunConfig, check
-from agentnet.data import ImageData, load_dataset
+from agentnet.data import ImageData, holdout, load_dataset
 from agentnet.network import build_model
 from agentnet.paths import output_dir_of
 from agentnet.population import population_of, summarize
 from agentnet.registry import build_strategy, to_run_config
 from agentnet.training.checkpoint import RunLock, atomic_write_json
 from agentnet.training.engine import Trainer
-from agentnet.training.plugins import TensorBoardLogger, TrainerPlugin, WorkerActivity
+from agentnet.training.plugins import BestValidation, TensorBoardLogger, TrainerPlugin, WorkerActivity
 
 __all__ = ["resolve_device", "seed_everything", "prepare_run", "standard_plugins", "resume_info", "train"]
 
@@ -83,15 +83,22 @@ def prepare_run(cfg: DictConfig | RunConfig | dict, data: ImageData | None = Non
         value = getattr(run.data, key)
         check(value is None or value <= len(split), f"data.{key}", value,
               f"larger than the {len(split)} examples of {run.data.name}'s {'training' if key == 'subset' else 'test'} split")
-    gen = torch.Generator().manual_seed(0)  # the same subset for every seed and replica
-    data = dataclasses.replace(data, train=data.train.subset(run.data.subset, gen), test=data.test.subset(run.data.test_subset))
+    available = min(run.data.subset or len(data.train), len(data.train))
+    val = run.data.val_count(available)
+    check(val == 0 or val >= 1, "data.val_split", run.data.val_split, f"gives no validation example out of {available}")
+    try:  # the same subset and validation examples for every seed and replica
+        train, held = holdout(data.train, run.data.subset, val)
+    except ValueError as exc:
+        raise ConfigError(f"data.val_split={run.data.val_split!r}: {exc} (data.subset={run.data.subset})") from None
+    data = dataclasses.replace(data, train=train, val=held, test=data.test.subset(run.data.test_subset))
     out.mkdir(parents=True, exist_ok=True)  # only once the run is accepted: a refused one leaves nothing behind
     return run, device, out, data
 
 
 def standard_plugins(run: RunConfig, out: Path) -> tuple[list[TrainerPlugin], WorkerActivity | None]:
-    """The plugins every kind of run gets from ``trainer.*``: worker activity and TensorBoard."""
-    plugins: list[TrainerPlugin] = []
+    """The plugins every kind of run gets from ``trainer.*``: worker activity, TensorBoard and
+    (``trainer.select=best_val``) the best-validation selection."""
+    plugins: list[TrainerPlugin] = [BestValidation()] if run.trainer.select == "best_val" else []
     activity = WorkerActivity() if run.trainer.record_activity else None
     if activity is not None:
         plugins.append(activity)
@@ -133,8 +140,11 @@ def train(cfg: DictConfig | RunConfig | dict, data: ImageData | None = None) -> 
         resumed = resume_info(run, trainer, out)
         trainer.fit()
 
-        test = trainer.evaluate(data.test)
+        selector = next((p for p in plugins if isinstance(p, BestValidation)), None)
+        selected = selector.restore(model) if selector is not None else None
+        test = trainer.evaluate(data.test)  # the test set's one evaluation when there is a validation split
         train_eval = trainer.evaluate(data.train)
+        val = trainer.evaluate(data.val) if data.val is not None else None
         num_params = model.num_params
         wall_s = time.perf_counter() - wall_start
         selection = strategy.selection
@@ -152,6 +162,9 @@ def train(cfg: DictConfig | RunConfig | dict, data: ImageData | None = None) -> 
                 "train_error": 100.0 * (1.0 - train_eval["acc"][r]),
                 "train_loss": train_eval["loss"][r],
                 "final_train_loss": trainer.histories[r][-1]["train_loss"] if trainer.histories[r] else float("nan"),
+                **({} if val is None else {"val_acc": val["acc"][r], "val_error": 100.0 * (1.0 - val["acc"][r]),
+                                           "val_loss": val["loss"][r]}),
+                **({} if selected is None else {"selected_epoch": selected[r]}),
                 "num_params": num_params,
                 "epochs": trainer.epoch,
                 "steps": trainer.step,
@@ -173,6 +186,7 @@ def train(cfg: DictConfig | RunConfig | dict, data: ImageData | None = None) -> 
             metrics.pop(key, None)
             metrics.pop(f"{key}_std", None)
         metrics["seed"], metrics["seeds"] = run.seed, population.seeds
+        metrics["data"] = {"train": len(data.train), "val": 0 if data.val is None else len(data.val), "test": len(data.test)}
         if resumed is not None:
             metrics["resumed"] = resumed
         atomic_write_json(metrics, out / "metrics.json")
