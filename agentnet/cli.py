@@ -27,6 +27,7 @@ from agentnet.experiments import run_experiment
 from agentnet.paths import CONFIG_DIR, output_dir_of
 from agentnet.registry import register_all, to_run_config
 from agentnet.training import CheckpointError, NonFiniteLossError, RunDirectoryLockedError, train
+from agentnet.tuning import run_study
 
 log = logging.getLogger("agentnet")
 
@@ -55,6 +56,8 @@ def run_task(cfg: DictConfig) -> float | None:
     again with ``SLURM_RESTART_COUNT`` > 0: it resumes from its own checkpoint.
     """
     run = to_run_config(cfg)
+    if run.tune is not None:
+        raise ConfigError("tune: a study runs through agentnet-tune (same overrides); agentnet trains one configuration")
     restarts = int(os.environ.get("SLURM_RESTART_COUNT") or 0)
     if restarts and not run.resume:
         log.warning("SLURM requeued this job (restart %d): resuming from its checkpoint", restarts)
@@ -71,13 +74,28 @@ def run_task(cfg: DictConfig) -> float | None:
     return metrics["test_error"]
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
-def _app(cfg: DictConfig) -> float | None:
+def tune_task(cfg: DictConfig) -> float | None:
+    """``agentnet-tune``'s task: a study in the job's directory (:func:`agentnet.tuning.run_study`);
+    returns the final runs' mean test metric (error, or ACC for continual runs)."""
+    run = to_run_config(cfg)
+    if run.experiment is not None:
+        raise ConfigError(f"experiment={run.experiment.name}: the paper experiments follow their papers' settings; tune a run or a benchmark")
+    out = output_dir_of(run.output_dir)
+    summary = run_study(run, out)
+    final = summary.get("final")
+    log.info("%s", json.dumps({"best": summary["best"], "objective": summary["objective"]}))
+    if not final:
+        return None
+    return final.get("ACC") if run.benchmark is not None else final.get("test_error")
+
+
+def _guarded(task, cfg: DictConfig) -> float | None:
+    """Run ``task(cfg)``; turn a failure into a clear message and ``error.txt`` in the job's directory."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
     try:
-        return run_task(cfg)
+        return task(cfg)
     except Exception as exc:  # every failure leaves error.txt; expected ones without a traceback
         message = f"{type(exc).__name__}: {exc}"
         if isinstance(exc, EXPECTED):
@@ -96,15 +114,37 @@ def _app(cfg: DictConfig) -> float | None:
         sys.exit(1)
 
 
-def main() -> None:
-    """Console script ``agentnet``."""
-    SweepStatus.failed = []
-    _app()
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
+def _app(cfg: DictConfig) -> float | None:
+    return _guarded(run_task, cfg)
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="tune")
+def _tune_app(cfg: DictConfig) -> float | None:
+    return _guarded(tune_task, cfg)
+
+
+def _finish() -> None:
     if SweepStatus.failed:
         print(f"agentnet: {len(SweepStatus.failed)} job(s) of the sweep failed (see error.txt):", file=sys.stderr)
         for job in SweepStatus.failed:
             print(f"  {job}", file=sys.stderr)
         sys.exit(1)
+
+
+def main() -> None:
+    """Console script ``agentnet``."""
+    SweepStatus.failed = []
+    _app()
+    _finish()
+
+
+def tune_main() -> None:
+    """Console script ``agentnet-tune``: tune a run's hyperparameters on validation data (Optuna),
+    then retrain the best setting with fresh seeds and evaluate it on the test set once."""
+    SweepStatus.failed = []
+    _tune_app()
+    _finish()
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ __all__ = [
     "CLConfig",
     "ExperimentConfig",
     "RunConfig",
+    "TuneConfig",
     "register_configs",
 ]
 
@@ -410,6 +411,55 @@ class ExperimentConfig:
     """Registered experiment (see ``agentnet.experiments.EXPERIMENTS``)."""
 
 
+SAMPLERS = ("tpe", "random", "grid")
+DISTRIBUTIONS = ("log", "uniform", "int", "choice")
+
+
+@dataclass
+class TuneConfig:
+    """A hyperparameter study of ``agentnet-tune`` (group ``tune``; ``docs/comparing.md``)."""
+
+    name: str = "study"
+    """Names the study's directory, ``tunes/<name>/<the command's overrides>``: the same command
+    continues the same study."""
+    space: Any = None
+    """Config field -> distribution, one of ``{log: [low, high]}``, ``{uniform: [low, high]}``,
+    ``{int: [low, high]}`` or ``{choice: [v1, v2, ...]}``; on the command line
+    ``'tune.space={trainer:{lr:{log:[1e-5,1e-1]}},strategy:{delta:{uniform:[0.1,1]}}}'``.
+    ``None``: the learning rate, ``trainer.lr: {log: [1e-5, 1e-1]}``."""
+    trials: int = 16
+    """Trials in the study (over every tuner that shares it)."""
+    batch: int = 8
+    """Trials asked at a time and trained as one population where the fields allow (numeric
+    per-replica fields: the learning rate, a strategy's or CL method's ``replica_fields``)."""
+    objective: str = "auto"
+    """The validation metric to optimise: a key of the run's metrics that starts with ``val_``;
+    ``auto``: ``val_error`` for single runs, ``val_ACC`` for continual ones."""
+    direction: str = "auto"
+    """``minimize``, ``maximize`` or ``auto`` (minimise errors, losses and forgetting; maximise the rest)."""
+    sampler: str = "tpe"
+    """tpe (Optuna's TPE, with a constant liar for the trials of a batch), random or grid (every
+    entry of ``space`` a ``choice``)."""
+    seed: int = 0
+    """Seed of the sampler (the trials train with the run's ``seed``)."""
+    final_seeds: int = 5
+    """Fresh seeds the best setting is retrained with (one population) for the test evaluation."""
+    final_seed: int = 100
+    """The first of the final seeds (``final_seed .. final_seed + final_seeds - 1``): not the tuning
+    seed, and the same for every rule of a comparison, so the final runs pair by seed."""
+
+    def __post_init__(self) -> None:
+        check(self.space is None or isinstance(self.space, dict), "tune.space", self.space, "a mapping of config fields to distributions")
+        check(self.trials > 0, "tune.trials", self.trials, "must be positive")
+        check(self.batch > 0, "tune.batch", self.batch, "must be positive")
+        check(self.final_seeds > 0, "tune.final_seeds", self.final_seeds, "must be positive")
+        check(self.objective == "auto" or self.objective.startswith("val_"), "tune.objective", self.objective,
+              "must be a validation metric (val_error, val_loss, val_ACC, ...): choosing settings on test data is what tuning must not do")
+        check(self.direction in ("auto", "minimize", "maximize"), "tune.direction", self.direction, "choose auto, minimize or maximize")
+        check(self.sampler in SAMPLERS, "tune.sampler", self.sampler, f"choose one of {SAMPLERS}")
+        check(bool(self.name) and "/" not in self.name, "tune.name", self.name, "a non-empty name without '/'")
+
+
 @dataclass
 class RunConfig:
     """One training run: the groups plus run-level settings."""
@@ -446,6 +496,8 @@ class RunConfig:
     """Where metrics and checkpoints go; ``None`` means Hydra's run directory (or the cwd)."""
     threads: int = 0
     """torch CPU threads for this run (0: torch's default); for parallel sweeps, cores / jobs."""
+    tune: Any = None
+    """``agentnet-tune``'s study (group ``tune``, :class:`TuneConfig`); ``agentnet`` itself refuses it."""
 
     def __post_init__(self) -> None:
         check(self.threads >= 0, "threads", self.threads, "must be >= 0")
@@ -463,3 +515,4 @@ def register_configs() -> None:
     cs.store(group="data", name="data_schema", node=DataConfig)
     cs.store(group="trainer", name="trainer_schema", node=TrainerConfig)
     cs.store(group="benchmark", name="benchmark_schema", node=BenchmarkConfig)
+    cs.store(group="tune", name="tune_schema", node=TuneConfig)

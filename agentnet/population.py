@@ -122,8 +122,8 @@ def summarize(per_replica: list[dict[str, Any]]) -> dict[str, Any]:
             out[key] = value  # a count every replica shares (epochs, steps, parameters)
         elif _is_number(value) and all(_is_number(v) for v in values):
             out[key] = statistics.fmean(values)
-            if len(values) > 1:
-                out[f"{key}_std"] = statistics.stdev(values)
+            if len(values) > 1:  # statistics.stdev fails on inf: a diverged replica gives nan
+                out[f"{key}_std"] = statistics.stdev(values) if all(math.isfinite(v) for v in values) else math.nan
         elif _is_numeric_nested(value) and all(_same_shape(value, v) for v in values):
             out[key] = _mean_nested(values)
         else:

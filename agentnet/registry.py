@@ -34,7 +34,7 @@ from typing import Any, Callable, Sequence, TypeVar
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from agentnet.config import BenchmarkConfig, CLConfig, ConfigError, ExperimentConfig, RunConfig, StrategyConfig, check, register_configs
+from agentnet.config import BenchmarkConfig, CLConfig, ConfigError, ExperimentConfig, RunConfig, StrategyConfig, TuneConfig, check, register_configs
 from agentnet.paths import CONFIG_DIR
 
 __all__ = [
@@ -285,6 +285,7 @@ def to_run_config(cfg: DictConfig | RunConfig | dict) -> RunConfig:
     strategy_node = plain.pop("strategy", None)
     cl_node = plain.pop("cl", None)
     experiment_node = plain.pop("experiment", None)
+    tune_node = plain.pop("tune", None)
     plain.pop("hydra", None)
     try:
         base = OmegaConf.merge(OmegaConf.structured(RunConfig), plain)
@@ -300,6 +301,13 @@ def to_run_config(cfg: DictConfig | RunConfig | dict) -> RunConfig:
         run.cl = CL_METHODS.config(cl_node)
     if experiment_node is not None:
         run.experiment = EXPERIMENTS.config(experiment_node)
+    if tune_node is not None:
+        try:
+            run.tune = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TuneConfig), tune_node))
+        except ConfigError:
+            raise
+        except Exception as exc:
+            raise ConfigError(f"tune.{getattr(exc, 'full_key', '')}: {getattr(exc, 'msg', exc)}") from None
     check_combinations(run)
     return run
 

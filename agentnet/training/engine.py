@@ -49,7 +49,12 @@ ExternalUpdate = Callable[[WorkerNetwork], None]
 
 
 class NonFiniteLossError(RuntimeError):
-    """The training loss became NaN or infinite; the last good checkpoint is left untouched."""
+    """The training loss became NaN or infinite; the last good checkpoint is left untouched.
+    ``replicas`` lists the replicas whose loss did (empty for a one-replica run)."""
+
+    def __init__(self, message: str, replicas: list[int] | None = None) -> None:
+        super().__init__(message)
+        self.replicas = list(replicas or [])
 
 
 def build_optimizer(params, cfg) -> torch.optim.Optimizer:
@@ -414,8 +419,9 @@ class Trainer:
             kept = (
                 f"last good checkpoint: {path} (epoch {self.epoch})" if path is not None and path.exists() else "no checkpoint was written yet"
             )
-            which = "" if self.replicas == 1 else f" in replica(s) {(~finite).nonzero().view(-1).tolist()}"
-            raise NonFiniteLossError(f"training loss became non-finite{which} {where}; stopped. {kept}")
+            bad = (~finite).nonzero().view(-1).tolist()
+            which = "" if self.replicas == 1 else f" in replica(s) {bad}"
+            raise NonFiniteLossError(f"training loss became non-finite{which} {where}; stopped. {kept}", bad)
 
     # -- evaluation ----------------------------------------------------------------------------
     @torch.no_grad()

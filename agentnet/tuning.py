@@ -1,0 +1,453 @@
+"""``agentnet-tune``: a hyperparameter study on validation data, its trials trained as populations,
+then the best setting retrained with fresh seeds and evaluated on the test set once.
+
+The study is Optuna's (ask/tell) in a journal file in the study directory, so a tuner killed with
+``kill -9`` loses at most the population it was training, the same command continues the study,
+and several tuners (Hydra launcher jobs, SLURM jobs) can share it. Each round asks ``tune.batch``
+trials; those whose non-batchable values (categorical choices, shapes) agree train as ONE
+population (``replicas`` = trials, ``vary.<group>.<field>`` = their numeric values, every replica on
+the run's seed), so a batch of learning rates costs one batched model, not one process per trial.
+
+Outputs in the study directory: ``study.journal`` (Optuna), ``trials/<first>-<last>/`` (each
+population's run), ``trials.csv``, ``best.yaml`` (the overrides to reuse), ``history.png`` and
+``final/metrics.json`` or ``final/cl_metrics.json`` (the best setting, ``tune.final_seeds`` fresh
+seeds, the test set evaluated once). See ``docs/comparing.md``.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import dataclasses
+import json
+import logging
+import math
+import os
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from agentnet.config import ConfigError, RunConfig, TuneConfig, check
+from agentnet.continual.runner import run_continual
+from agentnet.data import ImageData
+from agentnet.population import TRAINER_REPLICA_FIELDS
+from agentnet.registry import CL_METHODS, STRATEGIES, check_combinations
+from agentnet.training import NonFiniteLossError, atomic_write_json, load_run_data, train
+
+__all__ = ["DEFAULT_SPACE", "Dimension", "parse_space", "objective_of", "run_study", "JOURNAL"]
+
+log = logging.getLogger(__name__)
+
+#: The space tuned when ``tune.space`` is empty: the learning rate, on a log scale.
+DEFAULT_SPACE: dict[str, Any] = {"trainer.lr": {"log": [1e-5, 1e-1]}}
+#: Optuna's journal of the study, in the study directory.
+JOURNAL = "study.journal"
+#: Run settings that do not change what a trial measures (they may differ between tuners of one study).
+UNFINGERPRINTED = ("threads", "output_dir", "resume", "resume_from", "device", "tune")
+_LOWER_IS_BETTER = ("error", "loss", "forgetting")
+
+
+@dataclass
+class Dimension:
+    """One tuned field: its dotted name, Optuna distribution and whether a population can vary it."""
+
+    field: str
+    distribution: Any
+    batchable: bool
+
+    @property
+    def group(self) -> str:
+        return self.field.split(".", 1)[0]
+
+    @property
+    def name(self) -> str:
+        return self.field.split(".", 1)[1] if "." in self.field else self.field
+
+
+def _flatten(space: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{trainer: {lr: {log: [...]}}}`` and ``{"trainer.lr": {log: [...]}}`` alike: dotted field -> spec."""
+    flat: dict[str, Any] = {}
+    for key, value in space.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and not (set(value) & set(("log", "uniform", "int", "choice"))):
+            flat.update(_flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def _current(run: RunConfig, field: str) -> Any:
+    """The run's value of a dotted field (``trainer.lr``, ``strategy.delta``, ``seed``)."""
+    node: Any = run
+    for part in field.split("."):
+        if not hasattr(node, part):
+            raise ConfigError(f"tune.space.{field}: {field} is not a field of the run's config")
+        node = getattr(node, part)
+    return node
+
+
+def _replica_fields(run: RunConfig, group: str) -> tuple[str, ...]:
+    if group == "trainer":
+        return TRAINER_REPLICA_FIELDS
+    if group == "strategy":
+        return STRATEGIES.get(run.strategy.name).replica_fields
+    if group == "cl":
+        return CL_METHODS.get(getattr(run.cl, "name", "none") if run.cl is not None else "none").replica_fields
+    return ()
+
+
+def parse_space(run: RunConfig, space: dict[str, Any]) -> list[Dimension]:
+    """Validate ``tune.space`` against the run's config into Optuna distributions; every problem
+    names its ``tune.space.<field>``."""
+    import optuna.distributions as od
+
+    dims = []
+    for field, spec in _flatten(space or DEFAULT_SPACE).items():
+        key = f"tune.space.{field}"
+        current = _current(run, field)
+        if not isinstance(spec, dict) or len(spec) != 1:
+            raise ConfigError(f"{key}={spec!r}: give one of {{log: [low, high]}}, {{uniform: [low, high]}}, {{int: [low, high]}}, {{choice: [...]}}")
+        (kind, values), = spec.items()
+        check(kind in ("log", "uniform", "int", "choice"), key, spec, "choose log, uniform, int or choice")
+        check(isinstance(values, (list, tuple)) and len(values) >= (1 if kind == "choice" else 2), key, spec,
+              "a [low, high] pair" if kind != "choice" else "a list of values")
+        if kind == "choice":
+            distribution = od.CategoricalDistribution(list(values))
+        else:
+            check(len(values) == 2 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values), key, spec, "a [low, high] pair of numbers")
+            low, high = values
+            check(low < high, key, spec, "low must be below high")
+            check(kind != "log" or low > 0, key, spec, "a log scale needs low > 0")
+            check(kind != "int" or (float(low).is_integer() and float(high).is_integer()), key, spec, "int bounds must be whole numbers")
+            check(isinstance(current, (int, float)) and not isinstance(current, bool), key, spec,
+                  f"{field} is not numeric (it is {current!r}); use choice")
+            distribution = (od.IntDistribution(int(low), int(high)) if kind == "int"
+                            else od.FloatDistribution(float(low), float(high), log=kind == "log"))
+        numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in
+                      (values if kind == "choice" else [0.0]))
+        group, _, name = field.partition(".")
+        batchable = numeric and bool(name) and name in _replica_fields(run, group)
+        dims.append(Dimension(field, distribution, batchable))
+    return dims
+
+
+def objective_of(run: RunConfig, tune: TuneConfig) -> tuple[str, str]:
+    """The validation metric a study optimises and its direction; a run without validation data is refused."""
+    check(run.data.val_split > 0, "tune.objective", tune.objective,
+          "tuning needs validation data: set data.val_split (a count or a fraction of the training set)")
+    metric = tune.objective if tune.objective != "auto" else ("val_ACC" if run.benchmark is not None else "val_error")
+    direction = tune.direction
+    if direction == "auto":
+        direction = "minimize" if any(w in metric.lower() for w in _LOWER_IS_BETTER) else "maximize"
+    return metric, direction
+
+
+def _sampler(tune: TuneConfig, dims: list[Dimension]):
+    import optuna
+
+    if tune.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=tune.seed)
+    if tune.sampler == "grid":
+        grid = {}
+        for d in dims:
+            check(isinstance(d.distribution, optuna.distributions.CategoricalDistribution), f"tune.space.{d.field}", "",
+                  "tune.sampler=grid needs every entry of tune.space to be a {choice: [...]}")
+            grid[d.field] = list(d.distribution.choices)
+        return optuna.samplers.GridSampler(grid, seed=tune.seed)
+    return optuna.samplers.TPESampler(seed=tune.seed, constant_liar=True, n_startup_trials=min(10, max(1, tune.trials // 2)))
+
+
+def _fingerprint(run: RunConfig, dims: list[Dimension], metric: str, direction: str) -> dict[str, Any]:
+    """What a trial measures; a study continued with a different one is refused."""
+    plain = {k: v for k, v in dataclasses.asdict(run).items() if k not in UNFINGERPRINTED}
+    plain["trainer"] = {k: v for k, v in plain["trainer"].items() if k not in ("progress", "tensorboard", "checkpoint", "checkpoint_every")}
+    plain["data"] = {k: v for k, v in plain["data"].items() if k != "root"}
+    flat = _flat_dict(json.loads(json.dumps(plain, default=str)))
+    flat["tune.space"] = {d.field: repr(d.distribution) for d in dims}
+    flat["tune.objective"] = f"{direction} {metric}"
+    return flat
+
+
+def _flat_dict(node: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(node, dict):
+        out: dict[str, Any] = {}
+        for k, v in node.items():
+            out.update(_flat_dict(v, f"{prefix}{k}."))
+        return out
+    return {prefix.rstrip("."): node}
+
+
+def _trial_run(run: RunConfig, fixed: dict[str, Any], varied: dict[str, list[float]], replicas: int, seed: int,
+               out: Path, *, same_seed: bool) -> RunConfig:
+    """The run of one population: ``fixed`` values set on the config (validated by their groups),
+    ``varied`` per replica (``vary``)."""
+    trial = copy.deepcopy(run)
+    for field, value in fixed.items():
+        group, _, name = field.partition(".")
+        if not name:
+            setattr(trial, group, value)
+            continue
+        config = getattr(trial, group)
+        old = getattr(config, name)
+        if isinstance(old, (int, float)) and not isinstance(old, bool) and isinstance(value, (int, float)):
+            value = type(old)(value)  # an int field takes a sampled 3.0 as 3
+        try:
+            setattr(trial, group, dataclasses.replace(config, **{name: value}))
+        except ConfigError as exc:
+            raise ConfigError(f"tune.space.{field}: {exc}") from None
+    vary: dict[str, Any] = {}
+    for field, values in varied.items():
+        group, _, name = field.partition(".")
+        vary.setdefault(group, {})[name] = values
+    if same_seed:
+        vary["seed"] = [seed] * replicas
+    trial.vary, trial.replicas, trial.seed = vary, replicas, seed
+    trial.output_dir, trial.resume, trial.resume_from, trial.tune = str(out), False, None, None
+    check_combinations(trial)
+    return trial
+
+
+def _execute(run: RunConfig, data: ImageData) -> dict[str, Any]:
+    return run_continual(run, data) if run.benchmark is not None else train(run, data)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class _Study:
+    """The Optuna study of a directory, with this tuner's identity for crash recovery."""
+
+    def __init__(self, out: Path, direction: str, sampler, fingerprint: dict[str, Any]) -> None:
+        import optuna
+        from optuna.storages import JournalStorage
+        from optuna.storages.journal import JournalFileBackend
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        self.storage = JournalStorage(JournalFileBackend(str(out / JOURNAL)))
+        self.study = optuna.create_study(study_name="agentnet", storage=self.storage, direction=direction,
+                                         sampler=sampler, load_if_exists=True)
+        if self.study.direction.name.lower() != direction:
+            raise ConfigError(f"tune.direction={direction}: the study at {out} was started to {self.study.direction.name.lower()}")
+        saved = self.study.user_attrs.get("fingerprint")
+        if saved is None:
+            self.study.set_user_attr("fingerprint", fingerprint)
+        else:
+            changed = sorted(k for k in set(saved) | set(fingerprint) if saved.get(k) != fingerprint.get(k))
+            if changed:
+                detail = "; ".join(f"{k}: study {saved.get(k)!r}, now {fingerprint.get(k)!r}" for k in changed[:6])
+                raise ConfigError(
+                    f"{changed[0]}: the study at {out} was run with other settings ({detail}). "
+                    "Continue it with the same command, or start another study (tune.name=... or hydra.run.dir=...)"
+                )
+        self.owner = f"{socket.gethostname()}:{os.getpid()}"
+
+    def recover(self) -> int:
+        """Trials left RUNNING by a dead tuner of this host (``kill -9``) are marked lost (state FAIL,
+        ``lost=True``, not counted in the budget) and their parameters asked again first."""
+        from optuna.trial import TrialState
+
+        host = socket.gethostname()
+        lost = 0
+        for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            owner = str(t.user_attrs.get("owner", ""))
+            name, _, pid = owner.rpartition(":")
+            if name == host and pid.isdigit() and not _alive(int(pid)):
+                self.storage.set_trial_user_attr(t._trial_id, "lost", True)
+                self.storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+                self.study.enqueue_trial(t.params, user_attrs={"retry_of": t.number})
+                lost += 1
+        return lost
+
+    def counts(self) -> tuple[int, int]:
+        """Trials finished (lost ones excluded) and running (in any tuner)."""
+        from optuna.trial import TrialState
+
+        trials = self.study.get_trials(deepcopy=False)
+        done = sum(1 for t in trials if t.state.is_finished() and not t.user_attrs.get("lost"))
+        running = sum(1 for t in trials if t.state == TrialState.RUNNING)
+        return done, running
+
+
+def run_study(run: RunConfig, out: Path, data: ImageData | None = None) -> dict[str, Any]:
+    """Tune ``run.tune.space`` on validation data, retrain the best setting with fresh seeds and
+    evaluate it on the test set once; write the study's outputs to ``out``. Returns a summary
+    (``best``, ``objective``, ``final``: the final run's metrics)."""
+    import optuna
+    from optuna.trial import TrialState
+
+    tune: TuneConfig = run.tune if run.tune is not None else TuneConfig()
+    metric, direction = objective_of(run, tune)
+    dims = parse_space(run, tune.space)
+    sampler = _sampler(tune, dims)
+    budget = tune.trials
+    if tune.sampler == "grid":
+        size = math.prod(len(d.distribution.choices) for d in dims)
+        if budget != size:
+            log.info("tune.sampler=grid: %d grid points; the study runs %d trials", size, size)
+        budget = size
+    out.mkdir(parents=True, exist_ok=True)
+    study = _Study(out, direction, sampler, _fingerprint(run, dims, metric, direction))
+    lost = study.recover()
+    if lost:
+        log.warning("%d trial(s) of a killed tuner were lost; their settings are asked again", lost)
+    distributions = {d.field: d.distribution for d in dims}
+    data = data if data is not None else load_run_data(run)
+    while True:
+        done, running = study.counts()
+        want = min(tune.batch, budget - done - running)
+        if want <= 0:
+            break
+        trials = [study.study.ask(distributions) for _ in range(want)]
+        for t in trials:
+            t.set_user_attr("owner", study.owner)
+        groups: dict[tuple, list] = {}
+        for t in trials:
+            key = tuple((d.field, repr(t.params[d.field])) for d in dims if not d.batchable)
+            groups.setdefault(key, []).append(t)
+        for members in groups.values():
+            _train_trials(run, dims, members, study.study, metric, data, out)
+        log.info("study %s: %d of %d trials done; best %s = %s", out, study.counts()[0], budget, metric, _best_value(study.study))
+    done, running = study.counts()
+    complete = [t for t in study.study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
+    write_trials(study.study, out, metric)
+    if not complete:
+        raise ConfigError(f"tune.space: none of the study's {done} trials finished (every one failed; see {out / 'trials.csv'})")
+    if running:
+        log.warning("%d trial(s) still run in other tuners; the final stage waits for the study to finish", running)
+        return {"best": study.study.best_trial.params, "objective": metric, "final": None}
+    best = study.study.best_trial
+    overrides = {field: best.params[field] for field in distributions}
+    (out / "best.yaml").write_text(
+        f"# agentnet-tune: best of {done} trials by {direction} {metric} = {best.value:.6g} (trial {best.number})\n"
+        f"# reuse on the command line: {' '.join(f'{k}={v}' for k, v in overrides.items())}\n"
+        + yaml.safe_dump(overrides, sort_keys=True)
+    )
+    final = _final(run, tune, overrides, data, out / "final")
+    summary = {"best": overrides, "objective": metric, "direction": direction, "best_value": best.value,
+               "trials": done, "final": {k: v for k, v in final.items() if k not in ("replicas", "history", "curves")}}
+    atomic_write_json(summary, out / "tune.json")
+    return summary
+
+
+def _best_value(study) -> str:
+    try:
+        return f"{study.best_value:.6g}"
+    except ValueError:
+        return "-"
+
+
+def _train_trials(run: RunConfig, dims: list[Dimension], trials: list, study, metric: str, data: ImageData, out: Path) -> None:
+    """Train ``trials`` (equal in their non-batchable values) as one population and tell Optuna.
+    Replicas whose loss becomes non-finite fail; the others are trained again without them."""
+    from optuna.trial import TrialState
+
+    pending = list(trials)
+    attempt = 0
+    while pending:
+        first = pending[0]
+        fixed = {d.field: first.params[d.field] for d in dims if not d.batchable}
+        varied = {d.field: [float(t.params[d.field]) for t in pending] for d in dims if d.batchable}
+        if not varied:  # nothing a population can vary: one trial per run
+            pending, rest = pending[:1], pending[1:]
+        else:
+            rest = []
+        folder = out / "trials" / (f"{pending[0].number:04d}" + (f"-{pending[-1].number:04d}" if len(pending) > 1 else "")
+                                   + (f"_retry{attempt}" if attempt else ""))
+        attempt += 1
+        trial_run = _trial_run(run, fixed, varied, len(pending), run.seed, folder, same_seed=True)
+        trial_run.trainer = dataclasses.replace(trial_run.trainer, checkpoint=False, tensorboard=False)
+        start = time.perf_counter()
+        try:
+            metrics = _execute(trial_run, data)
+        except NonFiniteLossError as exc:
+            diverged = exc.replicas or list(range(len(pending)))
+            for r in diverged:
+                pending[r].set_user_attr("error", "non-finite loss")
+                study.tell(pending[r], state=TrialState.FAIL)
+            pending = [t for r, t in enumerate(pending) if r not in diverged] + rest
+            log.warning("trial(s) %s diverged (non-finite loss); %d retrained without them",
+                        [t.number for r, t in enumerate(trials) if r in diverged], len(pending))
+            continue
+        wall = time.perf_counter() - start
+        replicas = metrics.get("replicas") or [metrics]
+        for t, m in zip(pending, replicas):
+            if metric not in m:
+                raise ConfigError(f"tune.objective={metric}: not in the run's metrics (has {sorted(k for k in m if k.startswith('val_'))})")
+            value = float(m[metric])
+            t.set_user_attr("wall_s", wall / len(pending))
+            t.set_user_attr("population", str(folder.relative_to(out)))
+            if math.isfinite(value):
+                study.tell(t, value)
+            else:
+                t.set_user_attr("error", f"{metric} is {value}")
+                study.tell(t, state=TrialState.FAIL)
+        pending = rest
+
+
+def _final(run: RunConfig, tune: TuneConfig, overrides: dict[str, Any], data: ImageData, out: Path) -> dict[str, Any]:
+    """The best setting with ``tune.final_seeds`` fresh seeds as one population; the test set's one
+    evaluation. A killed final stage resumes from its checkpoint."""
+    name = "cl_metrics.json" if run.benchmark is not None else "metrics.json"
+    if (out / name).is_file():
+        done = json.loads((out / name).read_text())
+        if done.get("tuned") == overrides and done.get("seeds") == list(range(tune.final_seed, tune.final_seed + tune.final_seeds)):
+            return done
+    final = _trial_run(run, overrides, {}, tune.final_seeds, tune.final_seed, out, same_seed=False)
+    final.resume = (out / "checkpoint.pt").is_file()
+    metrics = _execute(final, data)
+    metrics["tuned"] = overrides
+    atomic_write_json(metrics, out / name)
+    return metrics
+
+
+def write_trials(study, out: Path, metric: str) -> None:
+    """``trials.csv`` (every trial: number, state, values, objective, wall time, population) and
+    ``history.png`` (objective by trial, best so far)."""
+    trials = study.get_trials(deepcopy=False)
+    fields = sorted({k for t in trials for k in t.params})
+    with open(out / "trials.csv", "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["trial", "state", *fields, metric, "wall_s", "population", "note"])
+        for t in trials:
+            note = "lost (tuner killed; asked again)" if t.user_attrs.get("lost") else t.user_attrs.get("error", "")
+            writer.writerow([t.number, t.state.name, *(t.params.get(f, "") for f in fields),
+                             "" if t.value is None else f"{t.value:.6g}", f"{t.user_attrs.get('wall_s', 0.0):.2f}",
+                             t.user_attrs.get("population", ""), note])
+    _plot_history(study, out / "history.png", metric)
+
+
+def _plot_history(study, path: Path, metric: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from optuna.trial import TrialState
+
+    complete = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
+    fig, ax = plt.subplots(figsize=(6.5, 3.5))
+    if complete:
+        xs = [t.number for t in complete]
+        ys = [t.value for t in complete]
+        better = min if study.direction.name == "MINIMIZE" else max
+        best, running = [], None
+        for y in ys:
+            running = y if running is None else better(running, y)
+            best.append(running)
+        ax.scatter(xs, ys, s=14, label="trial")
+        ax.step(xs, best, where="post", color="tab:red", label="best so far")
+        ax.legend()
+    ax.set(xlabel="trial", ylabel=metric, title=f"{study.direction.name.lower()} {metric}: {len(complete)} trials")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
