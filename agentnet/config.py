@@ -426,7 +426,9 @@ class TuneConfig:
     """Config field -> distribution, one of ``{log: [low, high]}``, ``{uniform: [low, high]}``,
     ``{int: [low, high]}`` or ``{choice: [v1, v2, ...]}``; on the command line
     ``'tune.space={trainer:{lr:{log:[1e-5,1e-1]}},strategy:{delta:{uniform:[0.1,1]}}}'``.
-    ``None``: the learning rate, ``trainer.lr: {log: [1e-5, 1e-1]}``."""
+    ``None``: the learning rate on a log scale (over [1e-5, 1e-1] for Adam/AdamW, [1e-4, 1] for SGD)
+    plus the strategy's and the CL method's own ``search_space`` (e.g. lfnn's ``delta``, EWC's
+    ``ewc_lambda``)."""
     trials: int = 16
     """Trials in the study (over every tuner that shares it)."""
     batch: int = 8

@@ -59,6 +59,9 @@ class Strategy:
     Config: ClassVar[type[StrategyConfig]] = StrategyConfig
     #: Numeric config fields that may differ per replica (``vary.strategy.<field>``).
     replica_fields: ClassVar[tuple[str, ...]] = ()
+    #: What ``agentnet-tune`` searches of this strategy when ``tune.space`` is not given (besides the
+    #: learning rate): ``field -> distribution`` as in ``tune.space``.
+    search_space: ClassVar[dict[str, dict]] = {}
     #: The key in :attr:`StepResult.signals` of this strategy's own per-unit measure of how well a
     #: worker does (higher is better), if it has one beyond ``worker_objectives``. Consumers (the
     #: PettingZoo env) observe it summed over a worker's units and reward workers with it.

@@ -38,12 +38,12 @@ from agentnet.population import TRAINER_REPLICA_FIELDS
 from agentnet.registry import CL_METHODS, STRATEGIES, check_combinations
 from agentnet.training import NonFiniteLossError, atomic_write_json, load_run_data, train
 
-__all__ = ["DEFAULT_SPACE", "Dimension", "parse_space", "objective_of", "run_study", "JOURNAL"]
+__all__ = ["DEFAULT_LR", "default_space", "Dimension", "parse_space", "objective_of", "run_study", "JOURNAL"]
 
 log = logging.getLogger(__name__)
 
-#: The space tuned when ``tune.space`` is empty: the learning rate, on a log scale.
-DEFAULT_SPACE: dict[str, Any] = {"trainer.lr": {"log": [1e-5, 1e-1]}}
+#: The learning rate's range when ``tune.space`` is not given: per optimiser, on a log scale.
+DEFAULT_LR = {"adam": [1e-5, 1e-1], "adamw": [1e-5, 1e-1], "sgd": [1e-4, 1.0]}
 #: Optuna's journal of the study, in the study directory.
 JOURNAL = "study.journal"
 #: Run settings that do not change what a trial measures (they may differ between tuners of one study).
@@ -100,13 +100,24 @@ def _replica_fields(run: RunConfig, group: str) -> tuple[str, ...]:
     return ()
 
 
-def parse_space(run: RunConfig, space: dict[str, Any]) -> list[Dimension]:
+def default_space(run: RunConfig) -> dict[str, Any]:
+    """What a study searches without ``tune.space``: the learning rate (``DEFAULT_LR`` for the run's
+    optimiser) plus the strategy's and the CL method's declared ``search_space``, so that every
+    rule of a comparison is tuned over its own hyperparameters with one command."""
+    space: dict[str, Any] = {"trainer.lr": {"log": DEFAULT_LR[run.trainer.optimizer]}}
+    space.update({f"strategy.{k}": v for k, v in STRATEGIES.get(run.strategy.name).search_space.items()})
+    cl_name = getattr(run.cl, "name", "none") if run.cl is not None else "none"
+    space.update({f"cl.{k}": v for k, v in CL_METHODS.get(cl_name).search_space.items()})
+    return space
+
+
+def parse_space(run: RunConfig, space: dict[str, Any] | None) -> list[Dimension]:
     """Validate ``tune.space`` against the run's config into Optuna distributions; every problem
     names its ``tune.space.<field>``."""
     import optuna.distributions as od
 
     dims = []
-    for field, spec in _flatten(space or DEFAULT_SPACE).items():
+    for field, spec in _flatten(space or default_space(run)).items():
         key = f"tune.space.{field}"
         current = _current(run, field)
         if not isinstance(spec, dict) or len(spec) != 1:

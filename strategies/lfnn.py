@@ -46,6 +46,7 @@ class LeaderFollower(Strategy):
 
     Config = LeaderFollowerConfig
     replica_fields = ("delta", "lambda1", "lambda2")
+    search_space = {"delta": {"uniform": [0.1, 1.0]}}
     path: GradientPath = "split"
     leaders_carry_global = True
 

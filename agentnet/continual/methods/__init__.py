@@ -29,6 +29,9 @@ class CLMethod(TrainerPlugin):
     Config: ClassVar[type[CLConfig]] = CLConfig
     #: Numeric config fields that may differ per replica (``vary.cl.<field>``).
     replica_fields: ClassVar[tuple[str, ...]] = ()
+    #: What ``agentnet-tune`` searches of this method when ``tune.space`` is not given (besides the
+    #: learning rate): ``field -> distribution`` as in ``tune.space``.
+    search_space: ClassVar[dict[str, dict]] = {}
 
     def __init__(self, cfg: CLConfig, model: torch.nn.Module, variants: dict[str, list[float]] | None = None) -> None:
         self.cfg = cfg

@@ -207,6 +207,7 @@ class EWC(CLMethod):
 
     Config = EWCConfig
     replica_fields = ("ewc_lambda",)
+    search_space = {"ewc_lambda": {"log": [1e-2, 1e3]}}
 
     def __init__(self, cfg: EWCConfig, model: torch.nn.Module, variants: dict[str, list[float]] | None = None) -> None:
         super().__init__(cfg, model, variants)

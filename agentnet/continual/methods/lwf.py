@@ -74,6 +74,7 @@ class LwF(CLMethod):
 
     Config = LwFConfig
     replica_fields = ("lwf_alpha",)
+    search_space = {"lwf_alpha": {"log": [1e-2, 1e2]}}
 
     def __init__(self, cfg: LwFConfig, model: nn.Module, variants: dict[str, list[float]] | None = None) -> None:
         super().__init__(cfg, model, variants)

@@ -35,6 +35,7 @@ class SynapticIntelligence(CLMethod):
 
     Config = SIConfig
     replica_fields = ("si_c",)
+    search_space = {"si_c": {"log": [1e-2, 1e2]}}
 
     def __init__(self, cfg: SIConfig, model: torch.nn.Module, variants: dict[str, list[float]] | None = None) -> None:
         super().__init__(cfg, model, variants)
