@@ -329,14 +329,15 @@ def check_combinations(run: RunConfig) -> None:
           "the paper experiments (experiment=...) follow their papers' protocols and hold out no validation split")
 
 
-def compose(overrides: Sequence[str] = ()) -> DictConfig:
-    """The app's config for these command-line overrides, composed exactly as ``agentnet`` does."""
+def compose(overrides: Sequence[str] = (), config_name: str = "config") -> DictConfig:
+    """The app's config for these command-line overrides, composed exactly as ``agentnet`` does
+    (``config_name="tune"``: as ``agentnet-tune`` does)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
     register_all()
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return hydra_compose("config", overrides=list(overrides))
+        return hydra_compose(config_name, overrides=list(overrides))
 
 
 def protocol_names() -> list[str]:

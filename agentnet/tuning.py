@@ -162,14 +162,21 @@ def _sampler(tune: TuneConfig, dims: list[Dimension]):
 
     if tune.sampler == "random":
         return optuna.samplers.RandomSampler(seed=tune.seed)
-    if tune.sampler == "grid":
-        grid = {}
+    if tune.sampler == "grid":  # the grid's points are enqueued (see _grid); nothing is left to sample
         for d in dims:
             check(isinstance(d.distribution, optuna.distributions.CategoricalDistribution), f"tune.space.{d.field}", "",
                   "tune.sampler=grid needs every entry of tune.space to be a {choice: [...]}")
-            grid[d.field] = list(d.distribution.choices)
-        return optuna.samplers.GridSampler(grid, seed=tune.seed)
+        return optuna.samplers.RandomSampler(seed=tune.seed)
     return optuna.samplers.TPESampler(seed=tune.seed, constant_liar=True, n_startup_trials=min(10, max(1, tune.trials // 2)))
+
+
+def _grid(dims: list[Dimension]) -> list[dict[str, Any]]:
+    """Every point of a grid of ``choice`` dimensions. (Optuna's GridSampler stops the study from
+    inside a callback, which ask/tell does not have; the points are enqueued instead.)"""
+    points: list[dict[str, Any]] = [{}]
+    for d in dims:
+        points = [{**p, d.field: v} for p in points for v in d.distribution.choices]
+    return points
 
 
 def _fingerprint(run: RunConfig, dims: list[Dimension], metric: str, direction: str) -> dict[str, Any]:
@@ -309,6 +316,10 @@ def run_study(run: RunConfig, out: Path, data: ImageData | None = None) -> dict[
         budget = size
     out.mkdir(parents=True, exist_ok=True)
     study = _Study(out, direction, sampler, _fingerprint(run, dims, metric, direction))
+    if tune.sampler == "grid" and not study.study.user_attrs.get("grid"):
+        for point in _grid(dims):
+            study.study.enqueue_trial(point)
+        study.study.set_user_attr("grid", True)
     lost = study.recover()
     if lost:
         log.warning("%d trial(s) of a killed tuner were lost; their settings are asked again", lost)

@@ -1,0 +1,167 @@
+"""Tuned comparisons: every rule tuned with the same budget on validation data, then retrained with
+fresh seeds and tested once, beside the same rules at today's shared defaults (docs/benchmarks.md,
+"Tuned comparisons"; the protocol in docs/comparing.md).
+
+One command per comparison::
+
+    python benchmarks/tuned_comparison.py table1_mlp       # Table 1 rules on mlp_275k
+    python benchmarks/tuned_comparison.py table1_cnn       # bp, lfnn, lfnn_local on cnn_mnist_275k
+    python benchmarks/tuned_comparison.py pmnist_online    # bp, lfnn, lfnn_local, attention x none, ewc, si, agem
+
+Each runs two Hydra multiruns and joins them into one Markdown table:
+
+* ``agentnet-tune -m strategy=...`` (one study per rule: ``--trials`` trials asked ``--batch`` at a
+  time, each batch one population, on the same validation split; the learning rate and the rule's
+  and method's own ``search_space``), whose final stage retrains the best setting with seeds
+  ``100 ..`` and evaluates the test set once;
+* ``agentnet -m strategy=... seed=100 replicas=N``: the same protocol at the shared defaults, the
+  same seeds (so the two pair by seed).
+
+The table gives mean ± std over the final seeds, the significance of every tuned rule against
+``bp`` and ``lfnn_local`` (paired t-tests on the shared seeds, Holm-corrected per reference) and
+the best setting. Sweeps go to ``outputs/tuned/<comparison>/{tuned,untuned}``; running the command
+again continues the studies (finished trials are kept).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from agentnet.sweep_report import collect_jobs, compare, group_jobs, group_runs, holm  # noqa: E402
+from agentnet.tables import markdown_table  # noqa: E402
+
+BIN = Path(sys.executable).parent
+#: The LFNN paper's Table 1 (test error %, MNIST, about 275K parameters).
+PAPER = {"bp": 2.01, "lfnn": 1.18, "lfnn_local": 1.49, "fa": 2.82, "lg_bp": 2.43, "fg_w": 9.25, "lg_fg_w": 9.25,
+         "fg_a": 3.24, "lg_fg_a": 3.24}
+
+#: name -> (swept overrides, shared overrides, metric)
+COMPARISONS = {
+    "table1_mlp": (
+        ["strategy=bp,lfnn,lfnn_local,attention,fa,lg_bp,fg_w,fg_a,lg_fg_w,lg_fg_a"],
+        ["model=mlp_275k", "data.subset=10000", "data.val_split=5000", "trainer.epochs=4"],
+        "test_error",
+    ),
+    "table1_cnn": (
+        ["strategy=bp,lfnn,lfnn_local"],
+        ["model=cnn_mnist_275k", "data.subset=5000", "data.val_split=2000", "trainer.epochs=3"],
+        "test_error",
+    ),
+    "pmnist_online": (
+        ["strategy=bp,lfnn,lfnn_local,attention", "cl=none,ewc,si,agem"],
+        ["benchmark=pmnist_online", "data.val_split=5000"],
+        "ACC",
+    ),
+}
+
+
+def run(cmd: list[str]) -> None:
+    print("+", " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=False)  # failed jobs are listed in the table, not fatal
+
+
+def label_of(group) -> str:
+    return " ".join(v for _, v in group.key)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("comparison", choices=sorted(COMPARISONS))
+    parser.add_argument("--trials", type=int, default=16, help="trials per rule (the tuning budget)")
+    parser.add_argument("--batch", type=int, default=8, help="trials per population")
+    parser.add_argument("--seeds", type=int, default=3, help="final seeds (100, 101, ...)")
+    parser.add_argument("--jobs", type=int, default=2, help="parallel Hydra jobs (threads: 1 each)")
+    parser.add_argument("--out", default="outputs/tuned")
+    parser.add_argument("--report-only", action="store_true", help="only join the sweeps already run")
+    args = parser.parse_args(argv)
+    swept, shared, metric = COMPARISONS[args.comparison]
+    out = Path(args.out) / args.comparison
+    common = [*shared, "trainer.progress=false", "threads=1", f"hydra.launcher.n_jobs={args.jobs}"]
+    if not args.report_only:
+        run([str(BIN / "agentnet-tune"), "-m", *swept, *common, f"tune.trials={args.trials}", f"tune.batch={args.batch}",
+             f"tune.final_seeds={args.seeds}", f"hydra.sweep.dir={out / 'tuned'}"])
+        run([str(BIN / "agentnet"), "-m", *swept, *common, "seed=100", f"replicas={args.seeds}",
+             f"hydra.sweep.dir={out / 'untuned'}"])
+    table = join(out, metric, args)
+    print(table)
+    (out / "table.md").write_text(table)
+    return 0
+
+
+def _groups(directory: Path):
+    jobs = collect_jobs(directory) if directory.is_dir() else []
+    return {label_of(g): g for g in group_jobs(jobs)} if jobs else {}
+
+
+def _cell(values: list[float], scale: float) -> str:
+    if not values:
+        return "-"
+    mean = statistics.fmean(values) * scale
+    return f"{mean:.2f} ± {statistics.stdev(values) * scale:.2f}" if len(values) > 1 else f"{mean:.2f}"
+
+
+def join(out: Path, metric: str, args) -> str:
+    """The table of one comparison from its two sweeps."""
+    tuned, untuned = _groups(out / "tuned"), _groups(out / "untuned")
+    scale = 100.0 if metric == "ACC" else 1.0
+    unit = f"{metric} (%)"
+    refs = [r for r in ("bp", "lfnn_local") if any(label.split()[0] == r for label in tuned)]
+    # Holm over every rule's comparison with one reference (per reference and cl method).
+    tests: dict[tuple[str, str], tuple[float, float]] = {}
+    for ref in refs:
+        for label, group in tuned.items():
+            ref_label = " ".join([ref, *label.split()[1:]])
+            if label == ref_label or ref_label not in tuned:
+                continue
+            a, sa = group_runs(group, metric)
+            b, sb = group_runs(tuned[ref_label], metric)
+            c = compare(a, b, sa, sb)
+            tests[(label, ref)] = (c.p, c.diff * scale)
+    for ref in refs:
+        keys = [k for k in tests if k[1] == ref]
+        for k, adjusted in zip(keys, holm([tests[k][0] for k in keys])):
+            tests[k] = (adjusted, tests[k][1])
+    header = ["rule", *([] if metric == "ACC" else ["paper"]), f"untuned {unit}", f"tuned {unit}",
+              "tuned − untuned (p)", *(f"vs {r} (Holm p)" for r in refs), "best setting (validation)"]
+    rows = []
+    for label in sorted(set(tuned) | set(untuned), key=lambda l: (l.split()[1:], l)):
+        t = tuned.get(label)
+        u = untuned.get(label)
+        tv, ts = group_runs(t, metric) if t else ([], [])
+        uv, us = group_runs(u, metric) if u else ([], [])
+        effect = compare(tv, uv, ts, us) if tv and uv else None
+        eff = "-" if effect is None or not effect.tested else f"{effect.diff * scale:+.2f} (p={effect.p:.3g})"
+        sig = []
+        for ref in refs:
+            if (label, ref) in tests:
+                p, d = tests[(label, ref)]
+                sig.append(f"{d:+.2f} ({'p=' + format(p, '.3g') if p == p else 'untested'}{', tied' if p == p and p >= 0.05 else ''})")
+            else:
+                sig.append("—")
+        tuned_setting = ""
+        if t:
+            done = [j for j in t.finished() if "tuned" in j.metrics]
+            if done:
+                tuned_setting = " ".join(f"{k.split('.')[-1]}={v:.3g}" if isinstance(v, float) else f"{k.split('.')[-1]}={v}"
+                                         for k, v in done[0].metrics["tuned"].items())
+            failed = [j for j in t.jobs if j.metrics is None]
+            if failed:
+                tuned_setting += f" FAILED: {failed[0].error.splitlines()[-1][:80]}"
+        rule = label.split()[0]
+        rows.append([label, *([] if metric == "ACC" else [f"{PAPER[rule]:.2f}" if rule in PAPER else "-"]),
+                     _cell(uv, scale), _cell(tv, scale), eff, *sig, tuned_setting])
+    budget = (f"Budget per rule: {args.trials} trials ({args.batch} per population) on the validation split, "
+              f"then {args.seeds} fresh seeds (100..{99 + args.seeds}) at the best setting; untuned: the same seeds "
+              "at the shared defaults. Significance: paired t-tests on the shared seeds, Holm-corrected over the rules "
+              "compared with each reference; 'tied' = not distinguishable at α = 0.05.")
+    return f"{markdown_table(header, rows)}\n\n{budget}\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

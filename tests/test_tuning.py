@@ -1,0 +1,230 @@
+"""Fair comparisons: the validation split, best-validation selection, continual validation matrices
+and ``agentnet-tune`` (Optuna studies whose trials train as populations), on real MNIST."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from agentnet.config import ConfigError, DataConfig, TuneConfig
+from agentnet.continual.runner import run_continual
+from agentnet.data import Split, holdout
+from agentnet.registry import compose, to_run_config
+from agentnet.training import prepare_run, train
+from agentnet.tuning import JOURNAL, default_space, parse_space, run_study
+from tests.conftest import REPO, data_root
+
+QUICK = ["data.subset=2000", "data.test_subset=1000", "trainer.progress=false", "trainer.tensorboard=false", "device=cpu"]
+
+
+def _run(tmp_path: Path, *overrides: str, config: str = "config"):
+    return to_run_config(compose([*QUICK, f"output_dir={tmp_path}", *overrides], config))
+
+
+def _ids(n: int) -> Split:
+    """A split whose every row carries its own index, so held-out rows can be identified."""
+    return Split(torch.arange(n, dtype=torch.float32).unsqueeze(1), torch.arange(n))
+
+
+# -- the validation split --------------------------------------------------------------------------
+
+def test_holdout_is_disjoint_fixed_and_keeps_the_subset():
+    split = _ids(1000)
+    train, val = holdout(split, 300, 100)
+    assert len(train) == 300 and len(val) == 100
+    assert not set(train.y.tolist()) & set(val.y.tolist())
+    # the subset is exactly the one chosen without a validation split
+    plain, none = holdout(split, 300, 0)
+    assert none is None and torch.equal(plain.y, train.y)
+    # fixed: the same examples every call (no dependence on the global generator)
+    torch.manual_seed(123)
+    again_train, again_val = holdout(split, 300, 100)
+    assert torch.equal(again_val.y, val.y) and torch.equal(again_train.y, train.y)
+    # without a subset: every other example trains, in its original order
+    whole, held = holdout(split, None, 100)
+    assert len(whole) == 900 and torch.all(whole.y[1:] > whole.y[:-1])
+    assert set(whole.y.tolist()) | set(held.y.tolist()) == set(range(1000))
+    with pytest.raises(ValueError):
+        holdout(split, 950, 100)
+
+
+def test_val_split_is_the_same_for_every_seed(mnist, tmp_path):
+    a = prepare_run(_run(tmp_path / "a", "data.val_split=500", "seed=0"), mnist)[3]
+    b = prepare_run(_run(tmp_path / "b", "data.val_split=0.25", "seed=7"), mnist)[3]
+    assert len(a.val) == 500 and len(b.val) == 500  # 0.25 of the 2000-example subset
+    assert torch.equal(a.val.x, b.val.x) and torch.equal(a.train.x, b.train.x)
+    plain = prepare_run(_run(tmp_path / "c"), mnist)[3]
+    assert plain.val is None and torch.equal(plain.train.x, a.train.x)  # the subset is unchanged
+
+
+@pytest.mark.parametrize("overrides, field", [
+    (["data.val_split=1.5"], "data.val_split"),
+    (["data.val_split=-1"], "data.val_split"),
+    (["data.subset=59000", "data.val_split=2000"], "data.val_split"),
+    (["trainer.select=best_val"], "trainer.select"),
+    (["trainer.select=best_val", "data.val_split=100", "benchmark=pmnist_quick"], "trainer.select"),
+    (["trainer.select=newest"], "trainer.select"),
+])
+def test_bad_validation_settings_name_their_field(mnist, tmp_path, overrides, field):
+    with pytest.raises(ConfigError, match=field):
+        prepare_run(_run(tmp_path, *overrides), mnist)
+
+
+def test_best_val_restores_each_replicas_best_epoch(mnist, tmp_path):
+    # Replica 0 learns steadily; replica 1's huge rate peaks early and degrades: different epochs.
+    run = _run(tmp_path, "strategy=bp", "data.val_split=400", "trainer.epochs=4", "trainer.select=best_val",
+               "trainer.lr_schedule=none", "replicas=2", "+vary.trainer.lr=[0.001,0.05]", "+vary.seed=[0,0]")
+    metrics = train(run, mnist)
+    for replica in metrics["replicas"]:
+        accs = [h["val_acc"] for h in replica["history"]]
+        best = max(range(len(accs)), key=lambda i: (accs[i], -i))
+        assert replica["selected_epoch"] == best + 1
+        # re-evaluated after the restore: exactly the validation accuracy of that epoch
+        assert replica["val_acc"] == pytest.approx(accs[best], abs=1e-6)
+        assert "test_acc" not in replica["history"][0]  # the test set is seen once, at the end
+    assert metrics["data"] == {"train": 2000, "val": 400, "test": 1000}
+
+
+def test_continual_validation_matrix(mnist, tmp_path):
+    run = _run(tmp_path, "strategy=bp", "benchmark=pmnist_quick", "benchmark.num_tasks=2", "data.val_split=300")
+    metrics = run_continual(run, mnist)
+    assert len(metrics["val_acc_matrix"]) == 3 and len(metrics["val_acc_matrix"][0]) == 2
+    assert 0.5 < metrics["val_ACC"] <= 1.0 and "val_BWT" in metrics and "val_forgetting" in metrics
+    # each task's validation examples go through its own permutation: learning task 2 helps task 2 only
+    R = metrics["val_acc_matrix"]
+    assert R[2][1] > R[1][1] + 0.3
+
+
+# -- agentnet-tune ---------------------------------------------------------------------------------
+
+def test_tune_config_composes_and_validates(tmp_path):
+    cfg = compose(["tune.trials=4", "tune.space={trainer:{lr:{log:[1e-4,1e-1]}},strategy:{delta:{uniform:[0.2,1.0]}}}"], "tune")
+    run = to_run_config(cfg)
+    assert isinstance(run.tune, TuneConfig) and run.tune.trials == 4
+    dims = parse_space(run, run.tune.space)
+    assert {d.field: d.batchable for d in dims} == {"trainer.lr": True, "strategy.delta": True}
+    with pytest.raises(ConfigError, match="tune.sampler"):
+        to_run_config(compose(["tune.sampler=bayes"], "tune"))
+    with pytest.raises(ConfigError, match="tune.objective"):
+        to_run_config(compose(["tune.objective=test_error"], "tune"))
+    with pytest.raises(ConfigError, match="tune.space.trainer.nope"):
+        parse_space(run, {"trainer.nope": {"log": [1, 2]}})
+    with pytest.raises(ConfigError, match="tune.space.trainer.lr"):
+        parse_space(run, {"trainer.lr": {"log": [0, 1]}})
+    # a field a population cannot vary is not batchable
+    assert not parse_space(run, {"trainer.batch_size": {"choice": [64, 128]}})[0].batchable
+    # the default space: the learning rate plus the strategy's and the CL method's own
+    ewc = to_run_config(compose(["strategy=lfnn_local", "benchmark=pmnist_online", "cl=ewc"], "tune"))
+    assert set(default_space(ewc)) == {"trainer.lr", "strategy.delta", "cl.ewc_lambda"}
+    assert default_space(ewc)["trainer.lr"] == {"log": [1e-4, 1.0]}  # SGD's range
+    # plain agentnet refuses a study
+    from agentnet.cli import run_task
+
+    with pytest.raises(ConfigError, match="agentnet-tune"):
+        run_task(cfg)
+
+
+def test_tuning_needs_validation_data(mnist, tmp_path):
+    run = _run(tmp_path, config="tune")
+    with pytest.raises(ConfigError, match="data.val_split"):
+        run_study(run, tmp_path, mnist)
+
+
+def test_small_study_beats_a_bad_learning_rate(mnist, tmp_path):
+    """8 trials as ONE population of 8 (2,000 examples, 1 epoch) find a far better rate than 1e-5."""
+    common = ["strategy=bp", "data.val_split=500", "trainer.epochs=1"]
+    bad = train(_run(tmp_path / "bad", *common, "trainer.lr=1e-5"), mnist)
+    out = tmp_path / "study"
+    summary = run_study(_run(out, *common, "tune.trials=8", "tune.batch=8", "tune.final_seeds=3", config="tune"), out, mnist)
+    assert summary["best_value"] < bad["val_error"] - 20
+    assert sorted(p.name for p in (out / "trials").iterdir()) == ["0000-0007"]  # one population
+    rows = list(csv.DictReader(open(out / "trials.csv")))
+    assert len(rows) == 8 and all(r["state"] == "COMPLETE" for r in rows)
+    assert yaml.safe_load((out / "best.yaml").read_text()) == summary["best"]
+    final = json.loads((out / "final" / "metrics.json").read_text())
+    assert final["seeds"] == [100, 101, 102] and final["tuned"] == summary["best"]
+    assert final["test_error"] < bad["test_error"] and "test_error_std" in final
+    assert (out / "history.png").stat().st_size > 1000
+    # the same study again: nothing retrained, the final stage reused
+    again = run_study(_run(out, *common, "tune.trials=8", "tune.batch=8", "tune.final_seeds=3", config="tune"), out, mnist)
+    assert again["best"] == summary["best"] and len(list((out / "trials").iterdir())) == 1
+    # the study refuses a continuation that measures something else
+    with pytest.raises(ConfigError, match="trainer.epochs"):
+        run_study(_run(out, "strategy=bp", "data.val_split=500", "trainer.epochs=2", "tune.trials=8", config="tune"), out, mnist)
+
+
+def test_diverged_trials_fail_and_the_rest_are_told(mnist, tmp_path):
+    out = tmp_path / "study"
+    run = _run(out, "strategy=bp", "data.val_split=300", "trainer.epochs=1", "trainer.optimizer=sgd", "trainer.log_every=2",
+               "tune.trials=6", "tune.batch=6", "tune.final_seeds=2", "tune.sampler=grid",
+               "tune.space={trainer:{lr:{choice:[0.01,0.05,0.1,1000.0,5000.0,20000.0]}}}", config="tune")
+    summary = run_study(run, out, mnist)
+    rows = {float(r["trainer.lr"]): r for r in csv.DictReader(open(out / "trials.csv"))}
+    assert {lr for lr, r in rows.items() if r["state"] == "FAIL"} >= {5000.0, 20000.0}
+    assert all(rows[lr]["state"] == "COMPLETE" for lr in (0.01, 0.05, 0.1))
+    assert summary["best"]["trainer.lr"] in (0.01, 0.05, 0.1)
+
+
+def test_categorical_choices_train_as_separate_populations(mnist, tmp_path):
+    out = tmp_path / "study"
+    run = _run(out, "strategy=bp", "data.val_split=300", "trainer.epochs=1", "tune.trials=4", "tune.batch=4",
+               "tune.final_seeds=2", "tune.sampler=grid",
+               "tune.space={trainer:{lr:{choice:[0.001,0.01]},optimizer:{choice:[adam,sgd]}}}", config="tune")
+    run_study(run, out, mnist)
+    populations = sorted(p.name for p in (out / "trials").iterdir())
+    assert len(populations) == 2  # one per optimiser, each varying the two rates
+    for name in populations:
+        metrics = json.loads((out / "trials" / name / "metrics.json").read_text())
+        assert len(metrics["replicas"]) == 2
+
+
+def _completed(journal: Path) -> list:
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    if not journal.is_file():
+        return []
+    study = optuna.load_study(study_name="agentnet", storage=JournalStorage(JournalFileBackend(str(journal))))
+    return [t for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
+
+
+def test_killed_study_continues_with_its_finished_trials(tmp_path):
+    """``kill -9`` mid-study loses at most the running population; the same command continues."""
+    out = tmp_path / "study"
+    cmd = [str(Path(sys.executable).parent / "agentnet-tune"), "strategy=bp", "data.subset=2000", "data.test_subset=500",
+           "data.val_split=300", "trainer.epochs=2", "tune.trials=6", "tune.batch=2", "tune.final_seeds=2",
+           "trainer.progress=false", "trainer.tensorboard=false", "threads=1", "device=cpu", f"hydra.run.dir={out}"]
+    env = {**os.environ, "AGENTNET_DATA": str(data_root())}
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    try:
+        while len(_completed(out / JOURNAL)) < 2 and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+        assert proc.poll() is None, "the study finished before it could be killed"
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    before = {t.number: (t.params, t.value) for t in _completed(out / JOURNAL)}
+    assert 2 <= len(before) < 6
+    result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    after = {t.number: (t.params, t.value) for t in _completed(out / JOURNAL)}
+    assert all(after[n] == v for n, v in before.items())  # finished trials kept as they were
+    rows = list(csv.DictReader(open(out / "trials.csv")))
+    counted = [r for r in rows if not r["note"].startswith("lost")]
+    assert len(counted) == 6 and all(r["state"] == "COMPLETE" for r in counted)
+    lost = [r for r in rows if r["note"].startswith("lost")]
+    retried = {r["trainer.lr"] for r in counted}
+    assert all(r["trainer.lr"] in retried for r in lost)  # a lost trial's setting is asked again
+    assert (out / "final" / "metrics.json").is_file()
