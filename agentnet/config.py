@@ -446,12 +446,17 @@ class TuneConfig:
     """Seed of the sampler (the trials train with the run's ``seed``)."""
     final_seeds: int = 5
     """Fresh seeds the best setting is retrained with (one population) for the test evaluation."""
+    final: Any = None
+    """Settings of the final stage only, as in ``tune.space`` a nested mapping of config fields to
+    values: ``tune.final={trainer:{epochs:20},data:{subset:null}}`` tunes on a short schedule and
+    retrains the best setting on the full one. ``None``: the trials' settings."""
     final_seed: int = 100
     """The first of the final seeds (``final_seed .. final_seed + final_seeds - 1``): not the tuning
     seed, and the same for every rule of a comparison, so the final runs pair by seed."""
 
     def __post_init__(self) -> None:
         check(self.space is None or isinstance(self.space, dict), "tune.space", self.space, "a mapping of config fields to distributions")
+        check(self.final is None or isinstance(self.final, dict), "tune.final", self.final, "a mapping of config fields to values")
         check(self.trials > 0, "tune.trials", self.trials, "must be positive")
         check(self.batch > 0, "tune.batch", self.batch, "must be positive")
         check(self.final_seeds > 0, "tune.final_seeds", self.final_seeds, "must be positive")

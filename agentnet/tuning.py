@@ -80,12 +80,12 @@ def _flatten(space: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def _current(run: RunConfig, field: str) -> Any:
+def _current(run: RunConfig, field: str, key: str = "tune.space") -> Any:
     """The run's value of a dotted field (``trainer.lr``, ``strategy.delta``, ``seed``)."""
     node: Any = run
     for part in field.split("."):
         if not hasattr(node, part):
-            raise ConfigError(f"tune.space.{field}: {field} is not a field of the run's config")
+            raise ConfigError(f"{key}.{field}: {field} is not a field of the run's config")
         node = getattr(node, part)
     return node
 
@@ -423,12 +423,16 @@ def _final(run: RunConfig, tune: TuneConfig, overrides: dict[str, Any], data: Im
     name = "cl_metrics.json" if run.benchmark is not None else "metrics.json"
     if (out / name).is_file():
         done = json.loads((out / name).read_text())
-        if done.get("tuned") == overrides and done.get("seeds") == list(range(tune.final_seed, tune.final_seed + tune.final_seeds)):
+        if (done.get("tuned") == overrides and done.get("final_settings") == (tune.final or {})
+                and done.get("seeds") == list(range(tune.final_seed, tune.final_seed + tune.final_seeds))):
             return done
-    final = _trial_run(run, overrides, {}, tune.final_seeds, tune.final_seed, out, same_seed=False)
+    schedule = _flat_dict(tune.final or {})
+    for field in schedule:
+        _current(run, field, "tune.final")  # an unknown field is an error naming it
+    final = _trial_run(run, {**schedule, **overrides}, {}, tune.final_seeds, tune.final_seed, out, same_seed=False)
     final.resume = (out / "checkpoint.pt").is_file()
     metrics = _execute(final, data)
-    metrics["tuned"] = overrides
+    metrics["tuned"], metrics["final_settings"] = overrides, tune.final or {}
     atomic_write_json(metrics, out / name)
     return metrics
 

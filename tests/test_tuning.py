@@ -228,3 +228,19 @@ def test_killed_study_continues_with_its_finished_trials(tmp_path):
     retried = {r["trainer.lr"] for r in counted}
     assert all(r["trainer.lr"] in retried for r in lost)  # a lost trial's setting is asked again
     assert (out / "final" / "metrics.json").is_file()
+
+
+def test_final_stage_takes_its_own_schedule(mnist, tmp_path):
+    """Tune on a short schedule, retrain the best setting on a longer one (``tune.final``)."""
+    out = tmp_path / "study"
+    run = _run(out, "strategy=bp", "data.val_split=300", "trainer.epochs=1", "tune.trials=2", "tune.batch=2",
+               "tune.final_seeds=2", "tune.final={trainer:{epochs:2},data:{subset:3000}}", config="tune")
+    summary = run_study(run, out, mnist)
+    final = json.loads((out / "final" / "metrics.json").read_text())
+    assert final["epochs"] == 2 and final["data"]["train"] == 3000 and final["final_settings"]
+    assert summary["final"]["epochs"] == 2
+    trial = json.loads(next((out / "trials").glob("*/metrics.json")).read_text())
+    assert trial["epochs"] == 1 and trial["data"]["train"] == 2000
+    with pytest.raises(ConfigError, match="tune.final.trainer.nope"):
+        run_study(_run(tmp_path / "other", "strategy=bp", "data.val_split=300", "trainer.epochs=1", "tune.trials=1",
+                       "tune.final={trainer:{nope:1}}", config="tune"), tmp_path / "other", mnist)
