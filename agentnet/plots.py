@@ -26,11 +26,13 @@ __all__ = [
 
 
 def plot_history(history: list[dict], path: Path, histories: list[list[dict]] | None = None) -> None:
-    """Training objective and test accuracy per epoch: the mean over replicas, and with several
-    replicas each replica's curve (thin) and the spread (mean ± std, shaded)."""
+    """Training objective and held-out accuracy per epoch (validation accuracy when the run has a
+    validation split, else test accuracy): the mean over replicas, and with several replicas each
+    replica's curve (thin) and the spread (mean ± std, shaded)."""
     epochs = [h["epoch"] for h in history]
+    held = "val" if "val_acc" in history[0] else "test"
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.2))
-    for ax, key, scale, color in ((ax1, "train_loss", 1, "tab:blue"), (ax2, "test_acc", 100, "tab:green")):
+    for ax, key, scale, color in ((ax1, "train_loss", 1, "tab:blue"), (ax2, f"{held}_acc", 100, "tab:green")):
         if key not in history[0]:
             continue
         ax.plot(epochs, [scale * h[key] for h in history], marker="o", color=color, label="mean" if histories and len(histories) > 1 else None)
@@ -42,7 +44,8 @@ def plot_history(history: list[dict], path: Path, histories: list[list[dict]] | 
             ax.fill_between(epochs, mean - std, mean + std, color=color, alpha=0.2, label=f"± std ({len(histories)} replicas)")
             ax.legend(fontsize=7)
     ax1.set(xlabel="epoch", ylabel="training objective", title="objective")
-    ax2.set(xlabel="epoch", ylabel="test accuracy (%)", title="test accuracy")
+    ax2.set(xlabel="epoch", ylabel=f"{'validation' if held == 'val' else 'test'} accuracy (%)",
+            title="validation accuracy" if held == "val" else "test accuracy")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
