@@ -36,7 +36,7 @@ from agentnet.continual.runner import run_continual
 from agentnet.data import ImageData
 from agentnet.population import TRAINER_REPLICA_FIELDS
 from agentnet.registry import CL_METHODS, STRATEGIES, check_combinations
-from agentnet.training import NonFiniteLossError, atomic_write_json, load_run_data, train
+from agentnet.training import NonFiniteLossError, RunDirectoryLockedError, atomic_write_json, load_run_data, train
 
 __all__ = ["DEFAULT_LR", "default_space", "Dimension", "parse_space", "objective_of", "run_study", "JOURNAL"]
 
@@ -356,6 +356,8 @@ def run_study(run: RunConfig, out: Path, data: ImageData | None = None) -> dict[
         + yaml.safe_dump(overrides, sort_keys=True)
     )
     final = _final(run, tune, overrides, data, out / "final")
+    if not final:
+        return {"best": overrides, "objective": metric, "final": None}
     summary = {"best": overrides, "objective": metric, "direction": direction, "best_value": best.value,
                "trials": done, "final": {k: v for k, v in final.items() if k not in ("replicas", "history", "curves")}}
     atomic_write_json(summary, out / "tune.json")
@@ -431,7 +433,11 @@ def _final(run: RunConfig, tune: TuneConfig, overrides: dict[str, Any], data: Im
         _current(run, field, "tune.final")  # an unknown field is an error naming it
     final = _trial_run(run, {**schedule, **overrides}, {}, tune.final_seeds, tune.final_seed, out, same_seed=False)
     final.resume = (out / "checkpoint.pt").is_file()
-    metrics = _execute(final, data)
+    try:
+        metrics = _execute(final, data)
+    except RunDirectoryLockedError:  # a tuner sharing the study runs it now
+        log.warning("another tuner is running the final stage in %s; this one stops here", out)
+        return {}
     metrics["tuned"], metrics["final_settings"] = overrides, tune.final or {}
     atomic_write_json(metrics, out / name)
     return metrics

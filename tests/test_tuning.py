@@ -244,3 +244,22 @@ def test_final_stage_takes_its_own_schedule(mnist, tmp_path):
     with pytest.raises(ConfigError, match="tune.final.trainer.nope"):
         run_study(_run(tmp_path / "other", "strategy=bp", "data.val_split=300", "trainer.epochs=1", "tune.trials=1",
                        "tune.final={trainer:{nope:1}}", config="tune"), tmp_path / "other", mnist)
+
+
+@pytest.mark.slow
+def test_two_tuners_share_one_study(tmp_path):
+    """Two tuners started together on one study split its budget; the final stage runs once."""
+    out = tmp_path / "study"
+    cmd = [str(Path(sys.executable).parent / "agentnet-tune"), "strategy=bp", "data.subset=2000", "data.test_subset=500",
+           "data.val_split=300", "trainer.epochs=2", "tune.trials=8", "tune.batch=2", "tune.final_seeds=2",
+           "trainer.progress=false", "trainer.tensorboard=false", "threads=1", "device=cpu", f"hydra.run.dir={out}"]
+    env = {**os.environ, "AGENTNET_DATA": str(data_root())}
+    out.mkdir(parents=True)
+    procs = [subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    for p in procs:
+        _, err = p.communicate(timeout=900)
+        assert p.returncode == 0, err[-2000:]
+    owners = {t.user_attrs["owner"] for t in _completed(out / JOURNAL)}
+    assert len(owners) == 2  # both tuners trained trials
+    assert 8 <= len(_completed(out / JOURNAL)) <= 10  # the budget, overshot at most by a batch asked concurrently
+    assert json.loads((out / "final" / "metrics.json").read_text())["seeds"] == [100, 101]
