@@ -67,11 +67,11 @@ def run_task(cfg: DictConfig) -> float | None:
         return None if not result["summary"] else float(next(iter(result["summary"].values())))
     if run.benchmark is not None:
         metrics = run_continual(run)
-        log.info("%s", json.dumps({k: metrics[k] for k in CL_SUMMARY_KEYS}))
-        return metrics["ACC"]
+        log.info("%s", json.dumps({k: metrics.get(k) for k in CL_SUMMARY_KEYS}))
+        return metrics.get("ACC")
     metrics = train(run)
-    log.info("%s", json.dumps({k: metrics[k] for k in SUMMARY_KEYS}))
-    return metrics["test_error"]
+    log.info("%s", json.dumps({k: metrics.get(k) for k in SUMMARY_KEYS}))
+    return metrics.get("test_error")
 
 
 def tune_task(cfg: DictConfig) -> float | None:

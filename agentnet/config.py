@@ -298,6 +298,9 @@ class TrainerConfig:
     the strategies' custom backward stay fp32-safe); ``none`` is full fp32. Meant for CUDA (Ampere+)."""
     channels_last: bool = False
     """Store conv weights and inputs channels-last (NHWC), the fast layout for conv models on CUDA."""
+    test: bool = True
+    """Evaluate the test set. ``agentnet-tune`` turns it off in its trials: they select on
+    validation data and never look at the test set (nor pay for evaluating it)."""
     select: str = "last"
     """Which parameters the final evaluation uses: ``last`` (those after the last step) or
     ``best_val`` (per replica, those of the epoch with the lowest validation error; needs

@@ -390,7 +390,8 @@ def _train_trials(run: RunConfig, dims: list[Dimension], trials: list, study, me
                                    + (f"_retry{attempt}" if attempt else ""))
         attempt += 1
         trial_run = _trial_run(run, fixed, varied, len(pending), run.seed, folder, same_seed=True)
-        trial_run.trainer = dataclasses.replace(trial_run.trainer, checkpoint=False, tensorboard=False)
+        # trials select on validation data: no test evaluation, no checkpoints (a killed population is retrained)
+        trial_run.trainer = dataclasses.replace(trial_run.trainer, checkpoint=False, tensorboard=False, test=False)
         start = time.perf_counter()
         try:
             metrics = _execute(trial_run, data)

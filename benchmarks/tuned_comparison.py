@@ -64,7 +64,7 @@ COMPARISONS = {
     ),
     "pmnist_online": dict(
         swept=["strategy=bp,lfnn,lfnn_local,attention", "cl=none,ewc,si,agem"],
-        shared=["benchmark=pmnist_online", "data.val_split=5000"],
+        shared=["benchmark=pmnist_online", "data.val_split=2000"],
         tune=[], untuned=[], metric="ACC",
     ),
 }

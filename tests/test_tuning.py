@@ -103,6 +103,11 @@ def test_continual_validation_matrix(mnist, tmp_path):
     # each task's validation examples go through its own permutation: learning task 2 helps task 2 only
     R = metrics["val_acc_matrix"]
     assert R[2][1] > R[1][1] + 0.3
+    # without the test set (a study's trials): the validation matrix only, the same numbers
+    blind = run_continual(_run(tmp_path / "blind", "strategy=bp", "benchmark=pmnist_quick", "benchmark.num_tasks=2",
+                               "data.val_split=300", "trainer.test=false"), mnist)
+    assert "acc_matrix" not in blind and "ACC" not in blind
+    assert blind["val_acc_matrix"] == metrics["val_acc_matrix"]
 
 
 # -- agentnet-tune ---------------------------------------------------------------------------------
@@ -148,6 +153,8 @@ def test_small_study_beats_a_bad_learning_rate(mnist, tmp_path):
     summary = run_study(_run(out, *common, "tune.trials=8", "tune.batch=8", "tune.final_seeds=3", config="tune"), out, mnist)
     assert summary["best_value"] < bad["val_error"] - 20
     assert sorted(p.name for p in (out / "trials").iterdir()) == ["0000-0007"]  # one population
+    trial = json.loads((out / "trials" / "0000-0007" / "metrics.json").read_text())
+    assert "test_error" not in trial and "val_error" in trial  # trials never look at the test set
     rows = list(csv.DictReader(open(out / "trials.csv")))
     assert len(rows) == 8 and all(r["state"] == "COMPLETE" for r in rows)
     assert yaml.safe_load((out / "best.yaml").read_text()) == summary["best"]

@@ -82,8 +82,9 @@ class ContinualProgress(TrainerPlugin):
     curve points hold one accuracy list per replica.
     """
 
-    def __init__(self, stream: TaskStream, eval_every: int | None) -> None:
+    def __init__(self, stream: TaskStream, eval_every: int | None, test: bool = True) -> None:
         self.stream = stream
+        self.test = test  # trainer.test: false in a study's trials, which read the validation matrices only
         self.eval_every = eval_every
         self.stage = 0
         self.stage_started = False
@@ -95,7 +96,7 @@ class ContinualProgress(TrainerPlugin):
         self.task_seconds: list[float] = []
 
     def after_step(self, trainer: Trainer, x, y, result) -> None:
-        if self.eval_every and trainer.step % self.eval_every == 0:
+        if self.eval_every and self.test and trainer.step % self.eval_every == 0:
             with trainer.model.logit_mask_as(None):
                 self.curves.append({"step": trainer.step, "acc": evaluate_all(trainer, self.stream)})
 
@@ -117,8 +118,9 @@ class ContinualProgress(TrainerPlugin):
     def record(self, trainer: Trainer) -> None:
         """Evaluate every task and append one row per replica to the accuracy matrices (and, with a
         validation split, to the validation matrices)."""
-        for matrix, row in zip(self.acc_matrices, evaluate_all(trainer, self.stream)):
-            matrix.append(row)
+        if self.test:
+            for matrix, row in zip(self.acc_matrices, evaluate_all(trainer, self.stream)):
+                matrix.append(row)
         if self.stream.has_val:
             for matrix, row in zip(self.val_matrices, evaluate_all(trainer, self.stream, "val")):
                 matrix.append(row)
@@ -159,7 +161,7 @@ class TaskSequence:
         bs = run.trainer.batch_size
         # Steps per stage: from one task's size, so a cumulative stage trains as long as the others.
         self.stage_steps = [_stage_steps(run.benchmark, task.train_size, bs) for task in self.stream.tasks]
-        self.progress = ContinualProgress(self.stream, run.benchmark.eval_every)
+        self.progress = ContinualProgress(self.stream, run.benchmark.eval_every, run.trainer.test)
         # StrategyTaskHooks: the strategy learns of task ends too (attention's protect mode), in the env as in the CLI.
         self.plugins = [self.method, TaskHeadMask(self.stream), self.progress, StrategyTaskHooks(), *extra_plugins]
         self.trainer = Trainer(run, self.model, self.strategy, None, out, plugins=self.plugins, total_steps=sum(self.stage_steps))
@@ -192,7 +194,7 @@ class TaskSequence:
     def begin(self) -> None:
         """Evaluate every task before training (row 0 of ``R``, unless a resumed state holds it) and
         fire ``before_run``."""
-        if not self.progress.acc_matrices[0]:
+        if not (self.progress.acc_matrices[0] or self.progress.val_matrices[0]):
             self.progress.record(self.trainer)
         self.trainer.begin_run()
 
@@ -232,7 +234,7 @@ class TaskSequence:
         progress.stage, progress.stage_started = i + 1, False
         trainer.stream = self._batches = None  # the next stage makes its own
         trainer.save_checkpoint()  # the last good state, should a later task diverge
-        seen = [sum(m[-1][: i + 1]) / (i + 1) for m in progress.acc_matrices]
+        seen = [sum(m[-1][: i + 1]) / (i + 1) for m in (progress.acc_matrices if progress.test else progress.val_matrices)]
         log.info("after task %d: mean acc over tasks so far %.4f", i + 1, sum(seen) / len(seen))
 
     def end(self) -> None:
@@ -259,15 +261,15 @@ def run_continual(cfg: DictConfig | RunConfig | dict, data: ImageData | None = N
 
         per_replica = []
         selection = strategy.selection
-        for r, R in enumerate(progress.acc_matrices):
+        for r in range(model.replicas):
+            R = progress.acc_matrices[r]
             replica: dict[str, Any] = {
                 "strategy": strategy.name,
                 "cl": method.name,
                 "benchmark": run.benchmark.name,
                 "model": run.model.name,
                 **population.describe(r),
-                "acc_matrix": R,
-                **summarize_matrix(R),
+                **({} if not R else {"acc_matrix": R, **summarize_matrix(R)}),
                 **({} if not progress.val_matrices[r] else {
                     "val_acc_matrix": progress.val_matrices[r],
                     **{f"val_{k}": v for k, v in summarize_matrix(progress.val_matrices[r]).items()}}),
@@ -283,7 +285,7 @@ def run_continual(cfg: DictConfig | RunConfig | dict, data: ImageData | None = N
         for key in population.describe(0):  # who each replica is, not a measurement
             metrics.pop(key, None)
             metrics.pop(f"{key}_std", None)
-        R = metrics["acc_matrix"]  # the mean over replicas
+        R = metrics.get("acc_matrix")  # the mean over replicas (none without trainer.test)
         metrics.update({
             "seed": run.seed,
             "seeds": population.seeds,
@@ -304,13 +306,14 @@ def run_continual(cfg: DictConfig | RunConfig | dict, data: ImageData | None = N
         if resumed is not None:
             metrics["resumed"] = resumed
         atomic_write_json(metrics, out / "cl_metrics.json")
-        with open(out / "acc_matrix.csv", "w", newline="") as fh:
-            writer = csv.writer(fh)
-            writer.writerow(["after"] + [f"task_{j + 1}" for j in range(len(stream))])
-            for i, row in enumerate(R):
-                writer.writerow(["init" if i == 0 else f"task_{i}"] + [f"{a:.4f}" for a in row])
-        plots.plot_accuracy_matrix(R, out / "acc_matrix.png", title=f"{strategy.name} + {method.name}")
-        plots.plot_task_accuracy(R, out / "task_accuracy.png", progress.acc_matrices)
+        if R is not None:
+            with open(out / "acc_matrix.csv", "w", newline="") as fh:
+                writer = csv.writer(fh)
+                writer.writerow(["after"] + [f"task_{j + 1}" for j in range(len(stream))])
+                for i, row in enumerate(R):
+                    writer.writerow(["init" if i == 0 else f"task_{i}"] + [f"{a:.4f}" for a in row])
+            plots.plot_accuracy_matrix(R, out / "acc_matrix.png", title=f"{strategy.name} + {method.name}")
+            plots.plot_task_accuracy(R, out / "task_accuracy.png", progress.acc_matrices)
         if activity is not None:
             plots.plot_activity(activity, out / "activity.png")
     return metrics

@@ -393,7 +393,7 @@ class Trainer:
             # With a validation split the test set stays unseen until the run's final evaluation.
             val = self.evaluate(self.data.val)
             per_replica.update(val_acc=val["acc"], val_loss=val["loss"])
-        elif self.data is not None:
+        elif self.data is not None and self.cfg.trainer.test:
             test = self.evaluate(self.data.test)
             per_replica.update(test_acc=test["acc"], test_loss=test["loss"])
         lr_scale = self.lr_scale.tolist() if self.lr_scale is not None else [1.0] * self.replicas

@@ -142,7 +142,8 @@ def train(cfg: DictConfig | RunConfig | dict, data: ImageData | None = None) -> 
 
         selector = next((p for p in plugins if isinstance(p, BestValidation)), None)
         selected = selector.restore(model) if selector is not None else None
-        test = trainer.evaluate(data.test)  # the test set's one evaluation when there is a validation split
+        # the test set's one evaluation when there is a validation split (none in a study's trials)
+        test = trainer.evaluate(data.test) if run.trainer.test else None
         train_eval = trainer.evaluate(data.train)
         val = trainer.evaluate(data.val) if data.val is not None else None
         num_params = model.num_params
@@ -155,9 +156,8 @@ def train(cfg: DictConfig | RunConfig | dict, data: ImageData | None = None) -> 
                 "model": run.model.name,
                 **population.describe(r),
                 "device": str(device),
-                "test_acc": test["acc"][r],
-                "test_error": 100.0 * (1.0 - test["acc"][r]),
-                "test_loss": test["loss"][r],
+                **({} if test is None else {"test_acc": test["acc"][r], "test_error": 100.0 * (1.0 - test["acc"][r]),
+                                            "test_loss": test["loss"][r]}),
                 "train_acc": train_eval["acc"][r],
                 "train_error": 100.0 * (1.0 - train_eval["acc"][r]),
                 "train_loss": train_eval["loss"][r],
