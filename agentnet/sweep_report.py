@@ -535,7 +535,9 @@ def _plot(groups: list[Group], path: Path, marks: dict[str, dict[str, Mark]] | N
                    [(marks or {}).get("test_error", {}).get(g.label) for g in done])
         for i, r in enumerate(runs):  # every run (seed or replica) as a dot: the spread, not just its summary
             ax1.scatter(np.full(len(r), i), r, color="black", s=8, zorder=3)
-        ax1.set_xticks(range(len(done)), [g.label.replace(" ", "\n") for g in done], fontsize=7)
+        wide = len(done) > 6  # slanted one-line labels, so that many groups do not overlap
+        ax1.set_xticks(range(len(done)), [g.label.replace("strategy=", "").replace(" ", " " if wide else "\n") for g in done],
+                       fontsize=7, rotation=40 if wide else 0, ha="right" if wide else "center")
         title = "test error per group"
         ax1.set(ylabel="test error (%)", title=title + ("\nhatched: best (★) and tied with it (=)" if marks else ""))
     fig.tight_layout()

@@ -480,6 +480,8 @@ def _plot_history(study, path: Path, metric: str) -> None:
         ax.scatter(xs, ys, s=14, label="trial")
         ax.step(xs, best, where="post", color="tab:red", label="best so far")
         ax.legend()
+        if min(ys) > 0 and max(ys) / min(ys) > 20:  # diverging trials would flatten the good ones
+            ax.set_yscale("log")
     ax.set(xlabel="trial", ylabel=metric, title=f"{study.direction.name.lower()} {metric}: {len(complete)} trials")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
