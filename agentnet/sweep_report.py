@@ -608,7 +608,9 @@ def write_report(sweep_dir: Path, alpha: float = ALPHA) -> str:
         text += ("\n## Tuned settings\n\nThe final runs of agentnet-tune studies: each group's best setting on its "
                  "validation data (`best.yaml`, `trials.csv` in the job's directory).\n\n"
                  + "\n".join(f"- {g.label}: " + " ".join(f"`{k}={v:.4g}`" if isinstance(v, float) else f"`{k}={v}`"
-                                                         for k, v in j.metrics["tuned"].items()) for g, j in tuned) + "\n")
+                                                         for k, v in j.metrics["tuned"].items())
+                              + (f" — seed(s) {j.metrics['diverged_seeds']} diverged at this setting; the row is the others'"
+                                 if j.metrics.get("diverged_seeds") else "") for g, j in tuned) + "\n")
     failed = [j for j in jobs if j.metrics is None]
     if failed:
         text += "\n## Failed jobs\n\n" + "\n".join(f"- `{j.directory.name}`: {j.error}" for j in failed) + "\n"

@@ -422,24 +422,40 @@ def _train_trials(run: RunConfig, dims: list[Dimension], trials: list, study, me
 
 def _final(run: RunConfig, tune: TuneConfig, overrides: dict[str, Any], data: ImageData, out: Path) -> dict[str, Any]:
     """The best setting with ``tune.final_seeds`` fresh seeds as one population; the test set's one
-    evaluation. A killed final stage resumes from its checkpoint."""
+    evaluation. A killed final stage resumes from its checkpoint. A seed whose loss becomes
+    non-finite is recorded (``diverged_seeds``: the setting is not robust to it) and the others are
+    trained again without it; if every seed diverges the stage fails."""
     name = "cl_metrics.json" if run.benchmark is not None else "metrics.json"
+    planned = list(range(tune.final_seed, tune.final_seed + tune.final_seeds))
     if (out / name).is_file():
         done = json.loads((out / name).read_text())
         if (done.get("tuned") == overrides and done.get("final_settings") == (tune.final or {})
-                and done.get("seeds") == list(range(tune.final_seed, tune.final_seed + tune.final_seeds))):
+                and done.get("planned_seeds", done.get("seeds")) == planned):
             return done
     schedule = _flat_dict(tune.final or {})
     for field in schedule:
         _current(run, field, "tune.final")  # an unknown field is an error naming it
-    final = _trial_run(run, {**schedule, **overrides}, {}, tune.final_seeds, tune.final_seed, out, same_seed=False)
-    final.resume = (out / "checkpoint.pt").is_file()
-    try:
-        metrics = _execute(final, data)
-    except RunDirectoryLockedError:  # a tuner sharing the study runs it now
-        log.warning("another tuner is running the final stage in %s; this one stops here", out)
-        return {}
+    seeds, diverged = list(planned), []
+    while True:
+        final = _trial_run(run, {**schedule, **overrides}, {}, len(seeds), seeds[0], out, same_seed=False)
+        final.vary = {**final.vary, "seed": list(seeds)}  # explicit, so a resumed stage's config matches
+        final.resume = (out / "checkpoint.pt").is_file()
+        try:
+            metrics = _execute(final, data)
+            break
+        except RunDirectoryLockedError:  # a tuner sharing the study runs it now
+            log.warning("another tuner is running the final stage in %s; this one stops here", out)
+            return {}
+        except NonFiniteLossError as exc:
+            bad = [seeds[r] for r in (exc.replicas or range(len(seeds)))]
+            diverged += bad
+            seeds = [s for s in seeds if s not in bad]
+            (out / "checkpoint.pt").unlink(missing_ok=True)  # it holds the diverged seeds' population
+            if not seeds:
+                raise NonFiniteLossError(f"final stage: every seed ({diverged}) diverged at the best setting {overrides}") from None
+            log.warning("final stage: seed(s) %s diverged at the best setting; %s trained again without them", bad, seeds)
     metrics["tuned"], metrics["final_settings"] = overrides, tune.final or {}
+    metrics["planned_seeds"], metrics["diverged_seeds"] = planned, diverged
     atomic_write_json(metrics, out / name)
     return metrics
 

@@ -76,7 +76,9 @@ def run(cmd: list[str]) -> None:
 
 
 def label_of(group) -> str:
-    return " ".join(v for _, v in group.key)
+    """``<strategy> <the other swept values>``: the rule first, then what it is combined with."""
+    values = dict(group.key)
+    return " ".join([values.pop("strategy", "-"), *values.values()])
 
 
 def main(argv=None) -> int:
@@ -122,7 +124,7 @@ def join(out: Path, metric: str, args) -> str:
     scale = 100.0 if metric == "ACC" else 1.0
     unit = f"{metric} (%)"
     refs = [r for r in ("bp", "lfnn_local") if any(label.split()[0] == r for label in tuned)]
-    # Holm over every rule's comparison with one reference (per reference and cl method).
+    # Holm over the rules compared with one reference, per reference and combination (e.g. cl method).
     tests: dict[tuple[str, str], tuple[float, float]] = {}
     for ref in refs:
         for label, group in tuned.items():
@@ -132,15 +134,19 @@ def join(out: Path, metric: str, args) -> str:
             a, sa = group_runs(group, metric)
             b, sb = group_runs(tuned[ref_label], metric)
             c = compare(a, b, sa, sb)
-            tests[(label, ref)] = (c.p, c.diff * scale)
+            if c.tested:  # a failed job or a single run is not tested (and not in Holm's family)
+                tests[(label, ref)] = (c.p, c.diff * scale)
     for ref in refs:
-        keys = [k for k in tests if k[1] == ref]
-        for k, adjusted in zip(keys, holm([tests[k][0] for k in keys])):
-            tests[k] = (adjusted, tests[k][1])
+        for rest in {tuple(k[0].split()[1:]) for k in tests if k[1] == ref}:
+            keys = [k for k in tests if k[1] == ref and tuple(k[0].split()[1:]) == rest]
+            for k, adjusted in zip(keys, holm([tests[k][0] for k in keys])):
+                tests[k] = (adjusted, tests[k][1])
     header = ["rule", *([] if metric == "ACC" else ["paper"]), f"untuned {unit}", f"tuned {unit}",
               "tuned − untuned (p)", *(f"vs {r} (Holm p)" for r in refs), "best setting (validation)"]
     rows = []
-    for label in sorted(set(tuned) | set(untuned), key=lambda l: (l.split()[1:], l)):
+    order = ["bp", "lfnn", "lfnn_local", "attention"]
+    for label in sorted(set(tuned) | set(untuned),
+                        key=lambda l: (l.split()[1:], order.index(l.split()[0]) if l.split()[0] in order else 9, l)):
         t = tuned.get(label)
         u = untuned.get(label)
         tv, ts = group_runs(t, metric) if t else ([], [])
@@ -152,14 +158,19 @@ def join(out: Path, metric: str, args) -> str:
             if (label, ref) in tests:
                 p, d = tests[(label, ref)]
                 sig.append(f"{d:+.2f} ({'p=' + format(p, '.3g') if p == p else 'untested'}{', tied' if p == p and p >= 0.05 else ''})")
-            else:
+            elif label.split()[0] == ref:
                 sig.append("—")
+            else:
+                sig.append("untested")
         tuned_setting = ""
         if t:
             done = [j for j in t.finished() if "tuned" in j.metrics]
             if done:
                 tuned_setting = " ".join(f"{k.split('.')[-1]}={v:.3g}" if isinstance(v, float) else f"{k.split('.')[-1]}={v}"
                                          for k, v in done[0].metrics["tuned"].items())
+                diverged = done[0].metrics.get("diverged_seeds")
+                if diverged:
+                    tuned_setting += f"; seed(s) {diverged} diverged (mean of the others)"
             failed = [j for j in t.jobs if j.metrics is None]
             if failed:
                 tuned_setting += f" FAILED: {failed[0].error.splitlines()[-1][:80]}"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import signal
 import subprocess
@@ -270,3 +271,18 @@ def test_two_tuners_share_one_study(tmp_path):
     assert len(owners) == 2  # both tuners trained trials
     assert 8 <= len(_completed(out / JOURNAL)) <= 10  # the budget, overshot at most by a batch asked concurrently
     assert json.loads((out / "final" / "metrics.json").read_text())["seeds"] == [100, 101]
+
+
+def test_final_seed_that_diverges_is_recorded_and_the_others_reported(mnist, tmp_path):
+    """A best setting that diverges on a fresh seed: the seed is named, the others are retrained."""
+    out = tmp_path / "study"
+    # SGD at lr 1.3: seed 0 (tuning) stays finite, while seed 100 of the final seeds does not
+    run = _run(out, "strategy=bp", "data.val_split=300", "trainer.epochs=1", "trainer.optimizer=sgd", "trainer.log_every=1",
+               "trainer.lr_schedule=none", "tune.trials=1", "tune.batch=1", "tune.final_seeds=6", "tune.sampler=grid",
+               "tune.space={trainer:{lr:{choice:[1.3]}}}", config="tune")
+    summary = run_study(run, out, mnist)
+    final = json.loads((out / "final" / "metrics.json").read_text())
+    assert final["planned_seeds"] == list(range(100, 106))
+    assert final["diverged_seeds"] == [100] and final["seeds"] == [101, 102, 103, 104, 105]
+    assert len(final["replicas"]) == 5 and all(math.isfinite(r["test_error"]) for r in final["replicas"])
+    assert summary["final"]["diverged_seeds"] == [100]
