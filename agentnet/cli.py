@@ -95,7 +95,7 @@ def _guarded(task, cfg: DictConfig) -> float | None:
     from hydra.types import RunMode
 
     try:
-        return task(cfg)
+        result = task(cfg)
     except Exception as exc:  # every failure leaves error.txt; expected ones without a traceback
         message = f"{type(exc).__name__}: {exc}"
         if isinstance(exc, EXPECTED):
@@ -112,6 +112,11 @@ def _guarded(task, cfg: DictConfig) -> float | None:
         if hydra_cfg.mode == RunMode.MULTIRUN:
             return None  # the sweep's other jobs go on; main() exits non-zero at the end
         sys.exit(1)
+    # error.txt tells why the last attempt failed: a job that now succeeded (resumed, or a study
+    # continued) is no longer failed
+    stale = Path(cfg.get("output_dir") or HydraConfig.get().runtime.output_dir) / "error.txt"
+    stale.unlink(missing_ok=True)
+    return result
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
