@@ -118,6 +118,14 @@ def _cell(values: list[float], scale: float) -> str:
     return f"{mean:.2f} ± {statistics.stdev(values) * scale:.2f}" if len(values) > 1 else f"{mean:.2f}"
 
 
+def _failure(group) -> str:
+    """Why a group has no runs: a diverged loss, or the last line of its error."""
+    errors = [j.error or "" for j in group.jobs if j.metrics is None]
+    if any("non-finite" in e for e in errors):
+        return "diverged (non-finite loss)"
+    return "failed: " + (errors[0].splitlines()[-1][:60] if errors and errors[0] else "no metrics")
+
+
 def join(out: Path, metric: str, args) -> str:
     """The table of one comparison from its two sweeps."""
     tuned, untuned = _groups(out / "tuned"), _groups(out / "untuned")
@@ -176,7 +184,7 @@ def join(out: Path, metric: str, args) -> str:
                 tuned_setting += f" FAILED: {failed[0].error.splitlines()[-1][:80]}"
         rule = label.split()[0]
         rows.append([label, *([] if metric == "ACC" else [f"{PAPER[rule]:.2f}" if rule in PAPER else "-"]),
-                     _cell(uv, scale), _cell(tv, scale), eff, *sig, tuned_setting])
+                     _cell(uv, scale) if uv or u is None else _failure(u), _cell(tv, scale), eff, *sig, tuned_setting])
     budget = (f"Budget per rule: {args.trials} trials ({args.batch} per population) on the validation split, "
               f"then {args.seeds} fresh seeds (100..{99 + args.seeds}) at the best setting; untuned: the same seeds "
               "at the shared defaults. Significance: paired t-tests on the shared seeds, Holm-corrected over the rules "
