@@ -24,7 +24,7 @@ from typing import Any
 from agentnet.config import ConfigError, RunConfig
 from agentnet.registry import CL_METHODS, STRATEGIES
 
-__all__ = ["TRAINER_REPLICA_FIELDS", "Population", "population_of", "summarize"]
+__all__ = ["TRAINER_REPLICA_FIELDS", "Population", "population_of", "replica_fields", "summarize"]
 
 #: Trainer fields that may differ per replica (``vary.trainer.<field>``).
 TRAINER_REPLICA_FIELDS = ("lr",)
@@ -55,7 +55,8 @@ class Population:
         return out
 
 
-def _replica_fields(run: RunConfig, group: str) -> tuple[str, ...]:
+def replica_fields(run: RunConfig, group: str) -> tuple[str, ...]:
+    """The fields of a run's config group (``trainer``, ``strategy``, ``cl``) that may vary per replica."""
     if group == "trainer":
         return TRAINER_REPLICA_FIELDS
     if group == "strategy":
@@ -83,7 +84,7 @@ def population_of(run: RunConfig) -> Population:
             raise ConfigError(f"vary.{group}: only strategy, trainer, cl and seed fields can vary per replica")
         if not isinstance(fields, dict):
             raise ConfigError(f"vary.{group}={fields!r}: expected vary.{group}.<field>=[values]")
-        allowed = _replica_fields(run, group)
+        allowed = replica_fields(run, group)
         for name, values in fields.items():
             key = f"vary.{group}.{name}"
             if name not in allowed:

@@ -34,7 +34,7 @@ import yaml
 from agentnet.config import ConfigError, RunConfig, TuneConfig, check
 from agentnet.continual.runner import run_continual
 from agentnet.data import ImageData
-from agentnet.population import TRAINER_REPLICA_FIELDS
+from agentnet.population import replica_fields
 from agentnet.registry import CL_METHODS, STRATEGIES, check_combinations
 from agentnet.training import NonFiniteLossError, RunDirectoryLockedError, atomic_write_json, load_run_data, train
 
@@ -90,16 +90,6 @@ def _current(run: RunConfig, field: str, key: str = "tune.space") -> Any:
     return node
 
 
-def _replica_fields(run: RunConfig, group: str) -> tuple[str, ...]:
-    if group == "trainer":
-        return TRAINER_REPLICA_FIELDS
-    if group == "strategy":
-        return STRATEGIES.get(run.strategy.name).replica_fields
-    if group == "cl":
-        return CL_METHODS.get(getattr(run.cl, "name", "none") if run.cl is not None else "none").replica_fields
-    return ()
-
-
 def default_space(run: RunConfig) -> dict[str, Any]:
     """What a study searches without ``tune.space``: the learning rate (``DEFAULT_LR`` for the run's
     optimiser) plus the strategy's and the CL method's declared ``search_space``, so that every
@@ -141,7 +131,7 @@ def parse_space(run: RunConfig, space: dict[str, Any] | None) -> list[Dimension]
         numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in
                       (values if kind == "choice" else [0.0]))
         group, _, name = field.partition(".")
-        batchable = numeric and bool(name) and name in _replica_fields(run, group)
+        batchable = numeric and bool(name) and name in replica_fields(run, group)
         dims.append(Dimension(field, distribution, batchable))
     return dims
 
