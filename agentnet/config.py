@@ -447,6 +447,10 @@ class TuneConfig:
     entry of ``space`` a ``choice``)."""
     seed: int = 0
     """Seed of the sampler (the trials train with the run's ``seed``)."""
+    seeds: int = 1
+    """Seeds every trial trains on (``seed``, ``seed + 1``, ...; all trials share them): its objective
+    is their mean, and a seed that diverges fails the trial. More than 1 makes the study prefer
+    settings that are good on every seed, not on one (a population of trials x seeds)."""
     final_seeds: int = 5
     """Fresh seeds the best setting is retrained with (one population) for the test evaluation."""
     final: Any = None
@@ -463,6 +467,7 @@ class TuneConfig:
         check(self.trials > 0, "tune.trials", self.trials, "must be positive")
         check(self.batch > 0, "tune.batch", self.batch, "must be positive")
         check(self.final_seeds > 0, "tune.final_seeds", self.final_seeds, "must be positive")
+        check(self.seeds > 0, "tune.seeds", self.seeds, "must be positive")
         check(self.objective == "auto" or self.objective.startswith("val_"), "tune.objective", self.objective,
               "must be a validation metric (val_error, val_loss, val_ACC, ...): choosing settings on test data is what tuning must not do")
         check(self.direction in ("auto", "minimize", "maximize"), "tune.direction", self.direction, "choose auto, minimize or maximize")

@@ -177,6 +177,8 @@ def _fingerprint(run: RunConfig, dims: list[Dimension], metric: str, direction: 
     flat = _flat_dict(json.loads(json.dumps(plain, default=str)))
     flat["tune.space"] = {d.field: repr(d.distribution) for d in dims}
     flat["tune.objective"] = f"{direction} {metric}"
+    if run.tune is not None and run.tune.seeds != 1:  # (absent at 1: studies begun before the field existed continue)
+        flat["tune.seeds"] = run.tune.seeds
     return flat
 
 
@@ -189,10 +191,9 @@ def _flat_dict(node: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix.rstrip("."): node}
 
 
-def _trial_run(run: RunConfig, fixed: dict[str, Any], varied: dict[str, list[float]], replicas: int, seed: int,
-               out: Path, *, same_seed: bool) -> RunConfig:
+def _trial_run(run: RunConfig, fixed: dict[str, Any], varied: dict[str, list[float]], seeds: list[int], out: Path) -> RunConfig:
     """The run of one population: ``fixed`` values set on the config (validated by their groups),
-    ``varied`` per replica (``vary``)."""
+    ``varied`` per replica (``vary``), replica ``r`` on ``seeds[r]``."""
     trial = copy.deepcopy(run)
     for field, value in fixed.items():
         group, _, name = field.partition(".")
@@ -211,9 +212,8 @@ def _trial_run(run: RunConfig, fixed: dict[str, Any], varied: dict[str, list[flo
     for field, values in varied.items():
         group, _, name = field.partition(".")
         vary.setdefault(group, {})[name] = values
-    if same_seed:
-        vary["seed"] = [seed] * replicas
-    trial.vary, trial.replicas, trial.seed = vary, replicas, seed
+    vary["seed"] = list(seeds)  # explicit, so a resumed final stage's config matches
+    trial.vary, trial.replicas, trial.seed = vary, len(seeds), seeds[0]
     trial.output_dir, trial.resume, trial.resume_from, trial.tune = str(out), False, None, None
     check_combinations(trial)
     return trial
@@ -362,16 +362,20 @@ def _best_value(study) -> str:
 
 
 def _train_trials(run: RunConfig, dims: list[Dimension], trials: list, study, metric: str, data: ImageData, out: Path) -> None:
-    """Train ``trials`` (equal in their non-batchable values) as one population and tell Optuna.
-    Replicas whose loss becomes non-finite fail; the others are trained again without them."""
+    """Train ``trials`` (equal in their non-batchable values) as one population — ``tune.seeds``
+    replicas each, trial-major — and tell Optuna each trial's mean over its seeds. A trial one of
+    whose replicas' loss becomes non-finite fails; the others are trained again without it."""
     from optuna.trial import TrialState
+
+    k = run.tune.seeds if run.tune is not None else 1
+    seeds = [run.seed + j for j in range(k)]
 
     pending = list(trials)
     attempt = 0
     while pending:
         first = pending[0]
         fixed = {d.field: first.params[d.field] for d in dims if not d.batchable}
-        varied = {d.field: [float(t.params[d.field]) for t in pending] for d in dims if d.batchable}
+        varied = {d.field: [float(t.params[d.field]) for t in pending for _ in seeds] for d in dims if d.batchable}
         if not varied:  # nothing a population can vary: one trial per run
             pending, rest = pending[:1], pending[1:]
         else:
@@ -379,14 +383,14 @@ def _train_trials(run: RunConfig, dims: list[Dimension], trials: list, study, me
         folder = out / "trials" / (f"{pending[0].number:04d}" + (f"-{pending[-1].number:04d}" if len(pending) > 1 else "")
                                    + (f"_retry{attempt}" if attempt else ""))
         attempt += 1
-        trial_run = _trial_run(run, fixed, varied, len(pending), run.seed, folder, same_seed=True)
+        trial_run = _trial_run(run, fixed, varied, seeds * len(pending), folder)
         # trials select on validation data: no test evaluation, no checkpoints (a killed population is retrained)
         trial_run.trainer = dataclasses.replace(trial_run.trainer, checkpoint=False, tensorboard=False, test=False)
         start = time.perf_counter()
         try:
             metrics = _execute(trial_run, data)
         except NonFiniteLossError as exc:
-            diverged = exc.replicas or list(range(len(pending)))
+            diverged = sorted({r // k for r in exc.replicas}) or list(range(len(pending)))
             for r in diverged:
                 pending[r].set_user_attr("error", "non-finite loss")
                 study.tell(pending[r], state=TrialState.FAIL)
@@ -396,10 +400,11 @@ def _train_trials(run: RunConfig, dims: list[Dimension], trials: list, study, me
             continue
         wall = time.perf_counter() - start
         replicas = metrics.get("replicas") or [metrics]
-        for t, m in zip(pending, replicas):
-            if metric not in m:
-                raise ConfigError(f"tune.objective={metric}: not in the run's metrics (has {sorted(k for k in m if k.startswith('val_'))})")
-            value = float(m[metric])
+        for i, t in enumerate(pending):
+            own = replicas[i * k:(i + 1) * k]
+            if any(metric not in m for m in own):
+                raise ConfigError(f"tune.objective={metric}: not in the run's metrics (has {sorted(n for n in own[0] if n.startswith('val_'))})")
+            value = sum(float(m[metric]) for m in own) / len(own)
             t.set_user_attr("wall_s", wall / len(pending))
             t.set_user_attr("population", str(folder.relative_to(out)))
             if math.isfinite(value):
@@ -427,8 +432,7 @@ def _final(run: RunConfig, tune: TuneConfig, overrides: dict[str, Any], data: Im
         _current(run, field, "tune.final")  # an unknown field is an error naming it
     seeds, diverged = list(planned), []
     while True:
-        final = _trial_run(run, {**schedule, **overrides}, {}, len(seeds), seeds[0], out, same_seed=False)
-        final.vary = {**final.vary, "seed": list(seeds)}  # explicit, so a resumed stage's config matches
+        final = _trial_run(run, {**schedule, **overrides}, {}, seeds, out)
         final.resume = (out / "checkpoint.pt").is_file()
         try:
             metrics = _execute(final, data)

@@ -286,3 +286,20 @@ def test_final_seed_that_diverges_is_recorded_and_the_others_reported(mnist, tmp
     assert final["diverged_seeds"] == [100] and final["seeds"] == [101, 102, 103, 104, 105]
     assert len(final["replicas"]) == 5 and all(math.isfinite(r["test_error"]) for r in final["replicas"])
     assert summary["final"]["diverged_seeds"] == [100]
+
+
+def test_trials_on_several_seeds_score_their_mean(mnist, tmp_path):
+    """``tune.seeds=2``: every trial trains on seeds 0 and 1 in the one population; its objective is their mean."""
+    out = tmp_path / "study"
+    run = _run(out, "strategy=bp", "data.val_split=300", "trainer.epochs=1", "tune.trials=2", "tune.batch=2", "tune.seeds=2",
+               "tune.final_seeds=2", "tune.sampler=grid", "tune.space={trainer:{lr:{choice:[0.001,0.01]}}}", config="tune")
+    run_study(run, out, mnist)
+    population = json.loads((out / "trials" / "0000-0001" / "metrics.json").read_text())["replicas"]
+    assert [r["seed"] for r in population] == [0, 1, 0, 1]
+    assert [r["trainer.lr"] for r in population] == [0.001, 0.001, 0.01, 0.01]
+    rows = {float(r["trainer.lr"]): float(r["val_error"]) for r in csv.DictReader(open(out / "trials.csv"))}
+    for i, lr in enumerate((0.001, 0.01)):
+        mean = (population[2 * i]["val_error"] + population[2 * i + 1]["val_error"]) / 2
+        assert rows[lr] == pytest.approx(mean, rel=1e-5)
+    with pytest.raises(ConfigError, match="tune.seeds"):
+        to_run_config(compose(["tune.seeds=0"], "tune"))
