@@ -43,4 +43,4 @@ benchmarks: data
 	$(BIN)/python benchmarks/table1_mnist.py
 
 clean:
-	rm -rf $(VENV) outputs multirun .pytest_cache
+	rm -rf $(VENV) outputs multirun tunes .pytest_cache
