@@ -15,6 +15,7 @@ environment variable, then ``~/.cache/agentnet/data``. Each of these is a direct
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import hashlib
 import io
@@ -27,6 +28,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from agentnet.config import ConfigError, DataConfig, check
+
 __all__ = [
     "MNIST_FILES",
     "MNIST_SHA256",
@@ -36,6 +39,7 @@ __all__ = [
     "CIFAR10_DIR",
     "CIFAR10_MD5",
     "holdout",
+    "run_splits",
     "resolve_data_root",
     "read_idx",
     "load_mnist",
@@ -192,14 +196,32 @@ def holdout(train: Split, subset: int | None, val: int) -> tuple[Split, Split | 
     gen = torch.Generator().manual_seed(0)
     if val <= 0:
         return train.subset(subset, gen), None
-    used = n if subset is None or subset >= n else subset
-    if used + val > n if subset is not None else val >= n:
-        raise ValueError(f"{val} validation examples and {used} training examples exceed the split's {n}")
+    if val >= n or (subset is not None and subset + val > n):
+        raise ValueError(f"{val} validation examples and {subset or n - val} training examples exceed the split's {n}")
     perm = torch.randperm(n, generator=gen)
     held = perm[n - val:].sort().values
     keep = perm[:subset] if subset is not None and subset < n else perm[: n - val].sort().values
     held, keep = held.to(train.y.device), keep.to(train.y.device)
     return Split(train.x[keep], train.y[keep]), Split(train.x[held], train.y[held])
+
+
+def run_splits(data: ImageData, cfg: DataConfig) -> ImageData:
+    """The splits a run uses, as ``cfg`` (the ``data`` group) says: ``subset`` training examples,
+    ``val_split`` validation examples held out of the rest (:func:`holdout`: the same for every
+    seed and replica) and the first ``test_subset`` test examples. A size that does not fit is a
+    :class:`~agentnet.config.ConfigError` naming its field — never silently everything."""
+    for key, split in (("subset", data.train), ("test_subset", data.test)):
+        value = getattr(cfg, key)
+        check(value is None or value <= len(split), f"data.{key}", value,
+              f"larger than the {len(split)} examples of {cfg.name}'s {'training' if key == 'subset' else 'test'} split")
+    available = min(cfg.subset or len(data.train), len(data.train))
+    val = cfg.val_count(available)
+    check(cfg.val_split == 0 or val >= 1, "data.val_split", cfg.val_split, f"gives no validation example out of {available}")
+    try:
+        train, held = holdout(data.train, cfg.subset, val)
+    except ValueError as exc:
+        raise ConfigError(f"data.val_split={cfg.val_split!r}: {exc} (data.subset={cfg.subset})") from None
+    return dataclasses.replace(data, train=train, val=held, test=data.test.subset(cfg.test_subset))
 
 
 def load_mnist(

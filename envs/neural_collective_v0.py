@@ -245,7 +245,6 @@ flat tensors); the dict API is a thin adapter over it. Observations are presente
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import math
 import random
@@ -259,7 +258,7 @@ from pettingzoo.utils import parallel_to_aec, wrappers
 
 from agentnet.config import BenchmarkConfig, ConfigError, ConvLayerConfig, DataConfig, ModelConfig, RunConfig, TrainerConfig, check
 from agentnet.continual.runner import TaskSequence
-from agentnet.data import ImageData, holdout, load_dataset
+from agentnet.data import ImageData, load_dataset, run_splits
 from agentnet.network import ForwardRecord, WorkerNetwork, build_model, eval_mode
 from agentnet.registry import CL_METHODS, STRATEGIES, benchmark_config, build_strategy, check_combinations
 from agentnet.strategy import StepResult
@@ -518,10 +517,7 @@ class NeuralCollectiveEnv(ParallelEnv):
         run = self.run
         run.seed = seed
         self.episode_seed = seed
-        # The subset and validation examples train() uses: the same for every seed.
-        train, val = holdout(self._base_data.train, run.data.subset,
-                             run.data.val_count(min(run.data.subset or len(self._base_data.train), len(self._base_data.train))))
-        self.data = dataclasses.replace(self._base_data, train=train, val=val, test=self._base_data.test.subset(run.data.test_subset))
+        self.data = run_splits(self._base_data, run.data)  # the splits train() uses: the same for every seed
         # The env steps through the one training loop (Trainer.run), one batch per env step; a
         # plugin hands it the batch each step consumed, for the observations.
         self._step_inputs = _StepInputs()

@@ -71,6 +71,7 @@ def test_val_split_is_the_same_for_every_seed(mnist, tmp_path):
 @pytest.mark.parametrize("overrides, field", [
     (["data.val_split=1.5"], "data.val_split"),
     (["data.val_split=-1"], "data.val_split"),
+    (["data.val_split=0.0001"], "data.val_split"),  # rounds to no example: refused, not silently none
     (["data.subset=59000", "data.val_split=2000"], "data.val_split"),
     (["trainer.select=best_val"], "trainer.select"),
     (["trainer.select=best_val", "data.val_split=100", "benchmark=pmnist_quick"], "trainer.select"),
@@ -207,13 +208,18 @@ def _completed(journal: Path) -> list:
     return [t for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
 
 
+def _tune_command(out: Path, trials: int) -> tuple[list[str], dict[str, str]]:
+    """A real ``agentnet-tune`` process on a small study in ``out`` (2 trials per population), and its environment."""
+    cmd = [str(Path(sys.executable).parent / "agentnet-tune"), "strategy=bp", "data.subset=2000", "data.test_subset=500",
+           "data.val_split=300", "trainer.epochs=2", f"tune.trials={trials}", "tune.batch=2", "tune.final_seeds=2",
+           "trainer.progress=false", "trainer.tensorboard=false", "threads=1", "device=cpu", f"hydra.run.dir={out}"]
+    return cmd, {**os.environ, "AGENTNET_DATA": str(data_root())}
+
+
 def test_killed_study_continues_with_its_finished_trials(tmp_path):
     """``kill -9`` mid-study loses at most the running population; the same command continues."""
     out = tmp_path / "study"
-    cmd = [str(Path(sys.executable).parent / "agentnet-tune"), "strategy=bp", "data.subset=2000", "data.test_subset=500",
-           "data.val_split=300", "trainer.epochs=2", "tune.trials=6", "tune.batch=2", "tune.final_seeds=2",
-           "trainer.progress=false", "trainer.tensorboard=false", "threads=1", "device=cpu", f"hydra.run.dir={out}"]
-    env = {**os.environ, "AGENTNET_DATA": str(data_root())}
+    cmd, env = _tune_command(out, trials=6)
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     try:
@@ -258,10 +264,7 @@ def test_final_stage_takes_its_own_schedule(mnist, tmp_path):
 def test_two_tuners_share_one_study(tmp_path):
     """Two tuners started together on one study split its budget; the final stage runs once."""
     out = tmp_path / "study"
-    cmd = [str(Path(sys.executable).parent / "agentnet-tune"), "strategy=bp", "data.subset=2000", "data.test_subset=500",
-           "data.val_split=300", "trainer.epochs=2", "tune.trials=8", "tune.batch=2", "tune.final_seeds=2",
-           "trainer.progress=false", "trainer.tensorboard=false", "threads=1", "device=cpu", f"hydra.run.dir={out}"]
-    env = {**os.environ, "AGENTNET_DATA": str(data_root())}
+    cmd, env = _tune_command(out, trials=8)
     out.mkdir(parents=True)
     procs = [subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     for p in procs:

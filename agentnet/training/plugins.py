@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from agentnet.network import eval_mode
 from agentnet.strategy import StepResult
+from agentnet.workers import replica_rows
 
 # Hooks receive the agentnet.training.engine.Trainer that calls them; annotated by name only, so
 # this module does not import the engine that imports it.
@@ -200,13 +201,11 @@ class BestValidation(TrainerPlugin):
         if self.params is None:
             self.params, self.best, self.epochs = current, list(accs), [trainer.epoch] * len(accs)
             return
-        R = len(accs)
         mask = torch.tensor(improved)
         for key, value in current.items():
-            if value.dim() > 0 and value.shape[0] % R == 0:  # replica-major rows (agentnet.workers)
-                rows = mask.to(value.device).repeat_interleave(value.shape[0] // R)
-                kept = self.params[key] = self.params[key].to(value.device)  # a resumed state lies on the CPU
-                kept[rows] = value[rows]
+            if value.dim() > 0 and value.shape[0] % len(accs) == 0:  # replica-major rows (agentnet.workers)
+                kept = self.params[key].to(value.device)  # a resumed state lies on the CPU
+                self.params[key] = torch.where(replica_rows(mask.to(value.device), value).bool(), value, kept)
             else:  # shared by every replica (e.g. a counter): taken with any improvement
                 self.params[key] = value
         for r, better in enumerate(improved):

@@ -3,7 +3,6 @@ benchmark, plus what every task starts with (device, seeds, data, output directo
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import random
 import time
@@ -17,7 +16,7 @@ from omegaconf import DictConfig
 
 from agentnet import plots
 from agentnet.config import ConfigError, RunConfig, check
-from agentnet.data import ImageData, holdout, load_dataset
+from agentnet.data import ImageData, load_dataset, run_splits
 from agentnet.network import build_model
 from agentnet.paths import output_dir_of
 from agentnet.population import population_of, summarize
@@ -79,18 +78,7 @@ def prepare_run(cfg: DictConfig | RunConfig | dict, data: ImageData | None = Non
             run.model.in_channels,
             f"data.name={run.data.name} has {data.channels}-channel images",
         )
-    for key, split in (("subset", data.train), ("test_subset", data.test)):
-        value = getattr(run.data, key)
-        check(value is None or value <= len(split), f"data.{key}", value,
-              f"larger than the {len(split)} examples of {run.data.name}'s {'training' if key == 'subset' else 'test'} split")
-    available = min(run.data.subset or len(data.train), len(data.train))
-    val = run.data.val_count(available)
-    check(val == 0 or val >= 1, "data.val_split", run.data.val_split, f"gives no validation example out of {available}")
-    try:  # the same subset and validation examples for every seed and replica
-        train, held = holdout(data.train, run.data.subset, val)
-    except ValueError as exc:
-        raise ConfigError(f"data.val_split={run.data.val_split!r}: {exc} (data.subset={run.data.subset})") from None
-    data = dataclasses.replace(data, train=train, val=held, test=data.test.subset(run.data.test_subset))
+    data = run_splits(data, run.data)
     out.mkdir(parents=True, exist_ok=True)  # only once the run is accepted: a refused one leaves nothing behind
     return run, device, out, data
 
