@@ -32,7 +32,7 @@ from typing import Literal, Sequence, Union
 
 import yaml
 
-from agentnet.tables import markdown_table
+from agentnet.tables import direction, markdown_table
 
 __all__ = [
     "Job", "Group", "Comparison", "Mark", "collect_jobs", "group_jobs", "group_runs", "summary_rows", "direction",
@@ -223,17 +223,6 @@ def confidence_interval(values: list[float], level: float = 0.95) -> tuple[float
 def _interval(values: list[float], scale: float) -> str:
     ci = confidence_interval(values)
     return "-" if ci is None else f"[{ci[0] * scale:.2f}, {ci[1] * scale:.2f}]"
-
-
-def direction(column: str) -> Literal[1, -1] | None:
-    """Which way a column is better: ``1`` higher (ACC, BWT, FWT, ``*_acc``, ``val_ACC``), ``-1``
-    lower (``*_error``, ``forgetting``, ``*_loss``), ``None`` for columns that are not compared
-    (``wall_s``, ``samples_per_s``, experiment entries of unknown sense)."""
-    if column in ("ACC", "BWT", "FWT") or column.endswith(("_acc", "_ACC")):
-        return 1
-    if column == "forgetting" or column.endswith(("_error", "_loss")):
-        return -1
-    return None
 
 
 @dataclass(frozen=True)

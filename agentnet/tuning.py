@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import csv
 import dataclasses
+import itertools
 import json
 import logging
 import math
@@ -36,6 +37,7 @@ from agentnet.continual.runner import run_continual
 from agentnet.data import ImageData
 from agentnet.population import replica_fields
 from agentnet.registry import CL_METHODS, STRATEGIES, check_combinations
+from agentnet.tables import direction
 from agentnet.training import NonFiniteLossError, RunDirectoryLockedError, atomic_write_json, load_run_data, train
 
 __all__ = ["DEFAULT_LR", "default_space", "Dimension", "parse_space", "objective_of", "run_study", "JOURNAL"]
@@ -48,7 +50,6 @@ DEFAULT_LR = {"adam": [1e-5, 1e-1], "adamw": [1e-5, 1e-1], "sgd": [1e-4, 1.0]}
 JOURNAL = "study.journal"
 #: Run settings that do not change what a trial measures (they may differ between tuners of one study).
 UNFINGERPRINTED = ("threads", "output_dir", "resume", "resume_from", "device", "tune")
-_LOWER_IS_BETTER = ("error", "loss", "forgetting")
 
 
 @dataclass
@@ -141,10 +142,11 @@ def objective_of(run: RunConfig, tune: TuneConfig) -> tuple[str, str]:
     check(run.data.val_split > 0, "tune.objective", tune.objective,
           "tuning needs validation data: set data.val_split (a count or a fraction of the training set)")
     metric = tune.objective if tune.objective != "auto" else ("val_ACC" if run.benchmark is not None else "val_error")
-    direction = tune.direction
-    if direction == "auto":
-        direction = "minimize" if any(w in metric.lower() for w in _LOWER_IS_BETTER) else "maximize"
-    return metric, direction
+    if tune.direction != "auto":
+        return metric, tune.direction
+    sense = direction(metric)
+    check(sense is not None, "tune.direction", tune.direction, f"which way {metric} is better is unknown: say minimize or maximize")
+    return metric, "maximize" if sense == 1 else "minimize"
 
 
 def _sampler(tune: TuneConfig, dims: list[Dimension]):
@@ -163,10 +165,7 @@ def _sampler(tune: TuneConfig, dims: list[Dimension]):
 def _grid(dims: list[Dimension]) -> list[dict[str, Any]]:
     """Every point of a grid of ``choice`` dimensions. (Optuna's GridSampler stops the study from
     inside a callback, which ask/tell does not have; the points are enqueued instead.)"""
-    points: list[dict[str, Any]] = [{}]
-    for d in dims:
-        points = [{**p, d.field: v} for p in points for v in d.distribution.choices]
-    return points
+    return [dict(zip((d.field for d in dims), values)) for values in itertools.product(*(d.distribution.choices for d in dims))]
 
 
 def _fingerprint(run: RunConfig, dims: list[Dimension], metric: str, direction: str) -> dict[str, Any]:
