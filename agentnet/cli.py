@@ -1,7 +1,7 @@
 """Thin Hydra entry point: ``agentnet`` / ``python -m agentnet``.
 
 Dispatches the composed config to its task — :func:`agentnet.experiments.run_experiment`,
-:func:`agentnet.continual.runner.run_continual` or :func:`agentnet.training.train` — and turns any
+:func:`agentnet.recipes.run_continual` or :func:`agentnet.recipes.train` — and turns any
 failure into a clear message plus ``error.txt`` in the job's directory. A multirun keeps going past
 failed jobs and exits non-zero at the end if any failed (:class:`SweepStatus`).
 """
@@ -21,12 +21,12 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from agentnet.config import ConfigError
-from agentnet.continual.runner import run_continual
 from agentnet.data import DataError
 from agentnet.experiments import run_experiment
 from agentnet.paths import CONFIG_DIR, output_dir_of
 from agentnet.registry import register_all, to_run_config
-from agentnet.training import CheckpointError, NonFiniteLossError, RunDirectoryLockedError, train
+from agentnet.recipes import run_continual, train
+from agentnet.training import CheckpointError, NonFiniteLossError, RunDirectoryLockedError
 from agentnet.tuning import run_study
 
 log = logging.getLogger("agentnet")

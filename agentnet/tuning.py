@@ -33,12 +33,13 @@ from typing import Any
 import yaml
 
 from agentnet.config import ConfigError, RunConfig, TuneConfig, check
-from agentnet.continual.runner import run_continual
 from agentnet.data import ImageData
 from agentnet.population import replica_fields
 from agentnet.registry import CL_METHODS, STRATEGIES, check_combinations
 from agentnet.tables import direction
-from agentnet.training import NonFiniteLossError, RunDirectoryLockedError, atomic_write_json, load_run_data, train
+from agentnet.recipes import run_continual, train
+from agentnet.session import load_run_data
+from agentnet.training import NonFiniteLossError, RunDirectoryLockedError, atomic_write_json
 
 __all__ = ["DEFAULT_LR", "default_space", "Dimension", "parse_space", "objective_of", "run_study", "JOURNAL"]
 

@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from agentnet.registry import compose  # noqa: E402
 from agentnet.tables import markdown_table  # noqa: E402
-from agentnet.training import train  # noqa: E402
+from agentnet.recipes import train  # noqa: E402
 
 MODELS = "mlp_275k,mlp_438k,mlp_100x2,mlp_400x2,mlp_1000x2,cnn_mnist_275k,cnn_mnist_438k,resnet_blocks"
 

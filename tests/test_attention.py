@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from agentnet.config import ConfigError, ModelConfig, RunConfig, TrainerConfig
-from agentnet.continual.runner import run_continual
+from agentnet.recipes import run_continual, train
 from agentnet.data import ImageData, Split
 from agentnet.network import WorkerNetwork
 from agentnet.registry import STRATEGIES, build_strategy
-from agentnet.training import Trainer, train
+from agentnet.training import Trainer
 from agentnet.training.checkpoint import load_checkpoint
 from tests.conftest import compose_config, data_root
 

@@ -15,7 +15,7 @@ import torch
 
 from agentnet.data import CIFAR10_DIR, CIFAR10_MEAN, CIFAR10_STD, DataError, load_cifar10
 from agentnet.fetch import fetch_cifar10
-from agentnet.training import train
+from agentnet.recipes import train
 from tests.conftest import compose_config
 from tests.test_data import _Server
 

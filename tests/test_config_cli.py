@@ -93,7 +93,7 @@ def test_import_contracts_hold():
 def test_cl_without_benchmark_and_oversized_subset_are_errors(tmp_path):
     with pytest.raises(ConfigError, match="cl.name='ewc'.*benchmark"):
         to_run_config(compose_config("cl=ewc"))
-    from agentnet.training import prepare_run
+    from agentnet.session import prepare_run
 
     with pytest.raises(ConfigError, match="data.subset=100000.*60000"):
         prepare_run(compose_config("data.subset=100000", f"data.root={data_root()}", "device=cpu", f"output_dir={tmp_path / 'run'}"))

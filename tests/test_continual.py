@@ -18,7 +18,7 @@ from agentnet.continual.metrics import (
     forward_transfer,
     summarize,
 )
-from agentnet.continual.runner import run_continual
+from agentnet.recipes import run_continual
 from agentnet.continual.streams import TaskStream
 from agentnet.network import WorkerNetwork
 from agentnet.registry import STRATEGIES

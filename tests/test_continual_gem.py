@@ -16,7 +16,7 @@ from agentnet.continual.methods._episodic import parameter_groups
 from agentnet.continual.methods.agem import AGEM
 from agentnet.continual.methods.gem import GEM
 from agentnet.continual.methods.lwf import LwF
-from agentnet.continual.runner import run_continual
+from agentnet.recipes import run_continual
 from agentnet.continual.streams import TaskStream
 from agentnet.network import WorkerNetwork
 from agentnet.registry import build_strategy, to_run_config

@@ -11,7 +11,8 @@ import torch
 
 from agentnet.config import BenchmarkConfig, ConfigError
 from agentnet.continual.methods._episodic import EpisodicMemory
-from agentnet.continual.runner import _stage_steps, run_continual
+from agentnet.recipes import run_continual
+from agentnet.session import _stage_steps
 from agentnet.continual.streams import TaskStream
 from agentnet.network import WorkerNetwork
 from agentnet.registry import to_run_config

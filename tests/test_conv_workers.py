@@ -14,7 +14,7 @@ from agentnet.network import WorkerNetwork, build_model
 from agentnet.objectives import leader_follower_loss
 from agentnet.registry import build_strategy
 from agentnet.registry import to_run_config
-from agentnet.training import train
+from agentnet.recipes import train
 from agentnet.workers import LeaderSelection, WorkerBlock, WorkerConv2d, split_conv2d
 from tests.conftest import compose_config
 from tests.test_routing import reference_local_terms

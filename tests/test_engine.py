@@ -6,10 +6,11 @@ import json
 
 import torch
 
-from agentnet.continual.runner import run_continual
+from agentnet.recipes import run_continual
+from agentnet.session import prepare_run
 from agentnet.network import build_model
 from agentnet.registry import build_strategy, to_run_config
-from agentnet.training import BatchStream, Trainer, TrainerPlugin, prepare_run
+from agentnet.training import BatchStream, Trainer, TrainerPlugin
 from envs import neural_collective_v0
 from tests.conftest import compose_config, data_root
 

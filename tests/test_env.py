@@ -54,7 +54,7 @@ def test_all_ones_reproduces_the_trainer_bit_for_bit(strategy):
                                           data_root=SMALL["data_root"], seed=3)
     from agentnet.network import build_model
     from agentnet.registry import build_strategy
-    from agentnet.training import seed_everything
+    from agentnet.session import seed_everything
 
     data = par.data  # the same seeded subset
     seed_everything(3)

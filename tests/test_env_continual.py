@@ -17,7 +17,7 @@ from pettingzoo.test import api_test, parallel_api_test, seed_test
 from pettingzoo.utils import parallel_to_aec
 
 from agentnet.config import BenchmarkConfig, ConfigError
-from agentnet.continual.runner import run_continual
+from agentnet.recipes import run_continual
 from envs import neural_collective_v0
 from tests.conftest import compose_config, data_root, without_timing
 

@@ -255,7 +255,7 @@ def stable_run_overrides(tmp_path) -> list[str]:
 def test_lfnn_local_cnn_trains_stably_at_its_defaults(mnist, tmp_path):
     """The collapse this guards against: without the preset's batch norms these settings give epoch
     objectives 40.9, 48.5, 69.8 and 19.9 % test error (and 88.6 % on the full set at 6 epochs)."""
-    from agentnet.training import train
+    from agentnet.recipes import train
 
     metrics = train(compose_config(*stable_run_overrides(tmp_path)), data=mnist)
     losses = [h["train_loss"] for h in metrics["history"]]

@@ -192,7 +192,7 @@ LEARNING = {
 
 @pytest.mark.parametrize("name", list(LEARNING))
 def test_rule_learns_real_mnist(name, mnist, tmp_path, quick_overrides, one_thread):
-    from agentnet.training import train
+    from agentnet.recipes import train
 
     max_error, extra = LEARNING[name]
     overrides = [*quick_overrides, f"strategy={name}", "model.hidden=[100]", "model.worker_size=10", "trainer.epochs=3",

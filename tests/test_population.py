@@ -10,12 +10,12 @@ import pytest
 import torch
 
 from agentnet.config import ConfigError
-from agentnet.continual.runner import run_continual
+from agentnet.recipes import run_continual, train
 from agentnet.data import ImageData, Split
 from agentnet.network import build_model
 from agentnet.population import population_of, summarize
 from agentnet.registry import build_strategy, to_run_config
-from agentnet.training import Trainer, train
+from agentnet.training import Trainer
 from agentnet.training.checkpoint import load_checkpoint
 from tests.conftest import compose_config, data_root
 

@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from agentnet.config import ConfigError
-from agentnet.continual.runner import run_continual
-from agentnet.training import CHECKPOINT, CheckpointError, RunDirectoryLockedError, atomic_save, load_checkpoint, train
+from agentnet.recipes import run_continual, train
+from agentnet.training import CHECKPOINT, CheckpointError, RunDirectoryLockedError, atomic_save, load_checkpoint
 from tests.conftest import REPO, compose_config, data_root, without_timing
 
 

@@ -11,7 +11,8 @@ import torch
 from agentnet.config import StrategyConfig
 from agentnet.registry import register_strategy
 from agentnet.strategy import StepResult, Strategy
-from agentnet.training import CHECKPOINT, NonFiniteLossError, train
+from agentnet.recipes import train
+from agentnet.training import CHECKPOINT, NonFiniteLossError
 from tests.conftest import compose_config
 
 REQUIRED = ("test_acc", "test_error", "train_acc", "final_train_loss", "num_params", "samples_per_s", "wall_s", "history")
@@ -119,7 +120,7 @@ def test_tensorboard_history_is_logged(mnist, quick_overrides, tmp_path):
 
 def test_threads_is_honoured_by_tasks_called_from_python(mnist, quick_overrides):
     """``threads`` is applied by the task itself, not only by the CLI (benchmark scripts call tasks)."""
-    from agentnet.training.task import prepare_run
+    from agentnet.session import prepare_run
 
     torch.set_num_threads(2)
     prepare_run(compose_config(*quick_overrides, "threads=1"), data=mnist)

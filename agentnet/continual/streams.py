@@ -118,6 +118,11 @@ class TaskStream:
         if samples_per_task is not None:
             self._select_samples(samples_per_task, gens)
 
+    @classmethod
+    def one_task(cls, data: ImageData, seeds: int | list[int] = 0) -> "TaskStream":
+        """A single run's stream: one task, the whole training split, untransformed, shared head."""
+        return cls(data, "permuted", 1, seeds, first_unpermuted=True)
+
     def _select_samples(self, n: int, gens: list[torch.Generator]) -> None:
         """Keep ``n`` training examples per task: per seed, a uniform random choice without
         replacement among the task's examples (drawn task by task from the seed's generator after

@@ -19,7 +19,8 @@ from agentnet.config import ExperimentConfig, ModelConfig, RunConfig
 from agentnet.data import ImageData
 from agentnet.paths import CONFIG_DIR
 from agentnet.registry import EXPERIMENTS, STRATEGIES
-from agentnet.training import RunLock, atomic_write_json, load_run_data
+from agentnet.session import load_run_data
+from agentnet.training import RunLock, atomic_write_json
 
 __all__ = ["EXPERIMENTS", "Experiment", "preset", "run_experiment"]
 

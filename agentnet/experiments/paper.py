@@ -29,7 +29,8 @@ from agentnet.data import ImageData  # noqa: E402
 from agentnet.experiments import EXPERIMENTS, Experiment, preset  # noqa: E402
 from agentnet.experiments.online import Setting, train_online  # noqa: E402
 from agentnet.tables import markdown_table  # noqa: E402
-from agentnet.training import progress_bar, train  # noqa: E402
+from agentnet.recipes import train  # noqa: E402
+from agentnet.training import progress_bar  # noqa: E402
 
 #: Test / train error (%) of the paper's Table 1, MNIST columns.
 TABLE1 = {

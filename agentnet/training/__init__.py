@@ -1,5 +1,5 @@
-"""Training: the one loop (:mod:`.engine`), its plugins (:mod:`.plugins`), safe checkpoints
-(:mod:`.checkpoint`) and the single-run task (:mod:`.task`)."""
+"""Training: the one loop (:mod:`.engine`), its plugins (:mod:`.plugins`) and safe checkpoints
+(:mod:`.checkpoint`)."""
 
 from agentnet.training.checkpoint import (
     CHECKPOINT,
@@ -10,33 +10,49 @@ from agentnet.training.checkpoint import (
     atomic_write_json,
     load_checkpoint,
 )
-from agentnet.training.engine import BatchStream, NonFiniteLossError, Trainer, build_optimizer, build_scheduler
-from agentnet.training.plugins import BestValidation, StrategyTaskHooks, TensorBoardLogger, TrainerPlugin, WorkerActivity, progress_bar
-from agentnet.training.task import load_run_data, prepare_run, resolve_device, seed_everything, standard_plugins, train
+from agentnet.training.engine import (
+    BatchStream,
+    ExternalUpdate,
+    NonFiniteLossError,
+    ScaledUpdate,
+    Trainer,
+    Update,
+    build_optimizer,
+    build_scheduler,
+)
+from agentnet.training.plugins import (
+    BestValidation,
+    Checkpointing,
+    EpochEvaluation,
+    StrategyTaskHooks,
+    TensorBoardLogger,
+    TrainerPlugin,
+    WorkerActivity,
+    progress_bar,
+)
 
 __all__ = [
+    "BatchStream",
     "BestValidation",
     "CHECKPOINT",
-    "BatchStream",
     "CheckpointError",
+    "Checkpointing",
+    "EpochEvaluation",
+    "ExternalUpdate",
     "NonFiniteLossError",
     "RunDirectoryLockedError",
     "RunLock",
+    "ScaledUpdate",
+    "StrategyTaskHooks",
     "TensorBoardLogger",
     "Trainer",
     "TrainerPlugin",
-    "StrategyTaskHooks",
+    "Update",
     "WorkerActivity",
     "atomic_save",
     "atomic_write_json",
     "build_optimizer",
     "build_scheduler",
     "load_checkpoint",
-    "load_run_data",
-    "prepare_run",
     "progress_bar",
-    "resolve_device",
-    "seed_everything",
-    "standard_plugins",
-    "train",
 ]

@@ -1,11 +1,12 @@
-"""The one training loop: every kind of run — a single run, each continual-learning stage, the
-PettingZoo env in both action modes, the paper's grid experiments — steps through :class:`Trainer`.
+"""The one training loop: every run — a single run (a one-task stream), each continual-learning
+task, the PettingZoo env in both action modes, the paper's experiments — steps through :class:`Trainer`.
 
 The loop only orchestrates: it draws mini-batches from a :class:`BatchStream`, asks the strategy
-for gradients, applies the update (the optimiser's, scaled per unit, or one supplied from outside),
-keeps the epoch accounting and checkpoints, and calls the plugins' hooks
-(:mod:`agentnet.training.plugins`). What the workers optimise is the strategy's; replay buffers,
-penalties, task-head masks and loggers are plugins.
+for gradients, applies the update through its :class:`Update` hook (the optimiser's step, scaled per
+unit, or one supplied from outside), keeps the epoch accounting, and calls the plugins' hooks
+(:mod:`agentnet.training.plugins`). What the workers optimise is the strategy's; evaluation,
+checkpoints, replay buffers, penalties, task-head masks and loggers are plugins. A run is built once
+by :func:`agentnet.session.build_session`.
 """
 
 from __future__ import annotations
@@ -18,13 +19,13 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 from torch import Tensor
 
 from agentnet.config import ConfigError, RunConfig
-from agentnet.data import ImageData, Split
+from agentnet.data import Split
 from agentnet.network import WorkerNetwork, eval_mode
 from agentnet.strategy import StepResult, Strategy
 from agentnet.training.checkpoint import (
@@ -40,12 +41,42 @@ from agentnet.training.plugins import TrainerPlugin, progress_bar
 from agentnet.population import population_of
 from agentnet.workers import lerp_update, replica_rows
 
-__all__ = ["NonFiniteLossError", "BatchStream", "Trainer", "build_optimizer", "build_scheduler"]
+__all__ = ["NonFiniteLossError", "BatchStream", "Trainer", "Update", "ScaledUpdate", "ExternalUpdate",
+           "build_optimizer", "build_scheduler"]
 
 log = logging.getLogger(__name__)
 
-#: Applies an update supplied from outside (the env's delta mode) in place of the optimiser step.
-ExternalUpdate = Callable[[WorkerNetwork], None]
+
+class Update:
+    """How a step's gradients change the parameters: the optimiser's step (with the strategy's
+    per-unit scales and the population's per-replica learning rates). The trainer calls
+    :meth:`apply` once per step; assign another to ``trainer.update`` to change it (the env does)."""
+
+    def apply(self, trainer: "Trainer", result: StepResult) -> None:
+        trainer.optimizer_step(result.update_scale)
+
+
+class ScaledUpdate(Update):
+    """The optimiser's step with each unit's update multiplied by ``scales`` (per layer of
+    ``[*model.hidden, model.output]``, per unit; ``None`` = 1), on top of any scale the strategy sets."""
+
+    def __init__(self, scales: list[Tensor | None]) -> None:
+        self.scales = scales
+
+    def apply(self, trainer: "Trainer", result: StepResult) -> None:
+        trainer.optimizer_step(_combine_scales(result.update_scale, self.scales))
+
+
+class ExternalUpdate(Update):
+    """An update supplied from outside in place of the optimiser's step (the env's delta mode):
+    ``change(model)`` runs without autograd; the strategy's gradients stay in ``.grad`` for it to read."""
+
+    def __init__(self, change: Callable[[WorkerNetwork], None]) -> None:
+        self.change = change
+
+    def apply(self, trainer: "Trainer", result: StepResult) -> None:
+        with torch.no_grad():
+            self.change(trainer.model)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -129,11 +160,6 @@ class BatchStream:
         self.position = 0
         self._pass_start = [g.get_state() for g in self.generators]  # where the next pass will start
 
-    def batches(self, steps: int) -> Iterator[tuple[Tensor, Tensor]]:
-        """``steps`` consecutive mini-batches."""
-        for _ in range(steps):
-            yield self.next()
-
     def state_dict(self) -> dict:
         return {"pass_start": self._pass_start, "position": self.position, "in_pass": self._perm is not None}
 
@@ -150,11 +176,10 @@ class BatchStream:
 
 
 class Trainer:
-    """Runs a strategy: draw a batch, step, account, evaluate, checkpoint — calling plugin hooks.
+    """Runs a strategy: draw a batch, step, account — calling plugin hooks.
 
-    ``data`` (a single run, the env) gives the stream of training batches and the test split
-    evaluated at every epoch's end; without it (continual stages) the caller makes streams with
-    :meth:`make_stream`, and ``total_steps`` sizes the learning-rate schedule.
+    The caller makes batch streams with :meth:`make_stream` and trains on them with :meth:`train`;
+    ``total_steps`` (the run's optimiser steps) sizes the learning-rate schedule.
 
     All of it is per replica when the model holds a population (:mod:`agentnet.population`): each
     replica draws its own batch order, its accounting and history are its own (``histories``;
@@ -166,15 +191,13 @@ class Trainer:
         cfg: RunConfig,
         model: WorkerNetwork,
         strategy: Strategy,
-        data: ImageData | None,
         output_dir: Path | None,
-        plugins: list[TrainerPlugin] | None = None,
-        total_steps: int | None = None,
+        plugins: list[TrainerPlugin] | None,
+        total_steps: int,
     ) -> None:
         self.cfg = cfg
         self.model = model
         self.strategy = strategy
-        self.data = data
         self.output_dir = output_dir
         self.plugins = list(plugins or [])
         keys = [p.state_key for p in self.plugins]
@@ -195,18 +218,15 @@ class Trainer:
         )
         self.shuffles = [torch.Generator().manual_seed(seed) for seed in self.population.seeds]
         self.stream: BatchStream | None = None
-        self._pending_stream: dict | None = None
-        if data is not None:
-            train = data.train
-            self.stream = self.make_stream(len(train), lambda idx: (train.x[idx], train.y[idx]))
-        self.steps_per_epoch = self.stream.steps_per_epoch if self.stream is not None else 0
-        total = total_steps if total_steps is not None else tcfg.epochs * self.steps_per_epoch
-        self.total_steps = min(total, tcfg.max_steps) if tcfg.max_steps else total
+        """The batch stream being trained on (``None`` between continual tasks)."""
+        self.total_steps = min(total_steps, tcfg.max_steps) if tcfg.max_steps else total_steps
+        self.update: Update = Update()
+        """How each step's gradients are applied (see :class:`Update`)."""
         self.optimizer = build_optimizer(model.parameters(), tcfg)
         self.scheduler = build_scheduler(self.optimizer, tcfg.lr_schedule, self.total_steps)
         lrs = self.population.of("trainer").get("lr")
         # Every optimiser's update is linear in the learning rate, so replica r's own rate is the
-        # shared step scaled by lr_r / lr (exactly; see _apply_update).
+        # shared step scaled by lr_r / lr (exactly; see optimizer_step).
         self.lr_scale = None if lrs is None else torch.tensor([v / tcfg.lr for v in lrs], device=self.device, dtype=torch.float64)
         self.epoch = 0  # epochs completed
         self.step = 0  # optimiser steps taken
@@ -220,20 +240,12 @@ class Trainer:
         self._reset_running()
 
     # -- the step ------------------------------------------------------------------------------
-    def train_step(
-        self,
-        x: Tensor,
-        y: Tensor,
-        update_scale: list[Tensor | None] | None = None,
-        update: ExternalUpdate | None = None,
-    ) -> StepResult:
-        """One step of the strategy on one mini-batch, with every plugin hook.
+    def train_step(self, x: Tensor, y: Tensor) -> StepResult:
+        """One step of the strategy on one mini-batch, with every plugin hook: forward and backward,
+        the update (:attr:`update`), the schedule, and the epoch's running loss and accuracy.
 
         ``x`` ``(R, B, D)`` and ``y`` ``(R, B)`` hold one batch per replica (``(B, D)`` and ``(B,)``:
-        one batch for all). ``update_scale`` (per layer of ``[*model.hidden, model.output]``, per unit) multiplies the
-        update each unit's incoming weights receive, on top of any scale the strategy sets.
-        ``update`` replaces the optimiser step with an update supplied from outside (the env's delta
-        mode); the strategy's gradients stay in ``.grad`` for the caller to inspect.
+        one batch for all).
         """
         if x.dim() == 2:  # one batch shared by every replica
             x = x.unsqueeze(0).expand(self.replicas, *x.shape)
@@ -250,19 +262,18 @@ class Trainer:
         result.fresh = fresh
         for plugin in self.plugins:
             plugin.after_backward(self, result)
-        if update is not None:
-            with torch.no_grad():
-                update(self.model)
-        else:
-            self._apply_update(_combine_scales(result.update_scale, update_scale))
+        self.update.apply(self, result)
         if self.scheduler is not None:
             self.scheduler.step()
         self.step += 1
+        self._loss_sum += result.loss.detach() * fresh
+        self._correct += (self.model.predict(result.logits.detach()[:, :fresh]) == y[:, :fresh]).sum(1)
+        self._seen += fresh
         for plugin in self.plugins:
             plugin.after_step(self, x, y, result)
         return result
 
-    def _apply_update(self, scales: list[Tensor | None] | None) -> None:
+    def optimizer_step(self, scales: list[Tensor | None] | None) -> None:
         """Optimiser step; then each unit's update scaled (see :func:`agentnet.workers.lerp_update`)
         and each replica's update scaled by its own learning rate's ratio to ``trainer.lr``."""
         if scales is None and self.lr_scale is None:
@@ -281,28 +292,15 @@ class Trainer:
 
     # -- the loop ------------------------------------------------------------------------------
     def make_stream(self, size: int, gather: Callable[[Tensor], tuple[Tensor, Tensor]]) -> BatchStream:
-        """A batch stream on this trainer's seeded shuffle generator; a resumed run continues the
-        interrupted stream where it stopped."""
-        stream = BatchStream(size, self.cfg.trainer.batch_size, self.shuffles, gather, self.device)
-        if self._pending_stream is not None:
-            stream.load_state_dict(self._pending_stream)
-            self._pending_stream = None
-        self.stream = stream
-        return stream
+        """A batch stream over ``size`` examples on this trainer's seeded shuffle generators."""
+        return BatchStream(size, self.cfg.trainer.batch_size, self.shuffles, gather, self.device)
 
-    def run(
-        self,
-        stream: BatchStream,
-        steps: int,
-        label: str = "",
-        update_scale: list[Tensor | None] | None = None,
-        update: ExternalUpdate | None = None,
-    ) -> StepResult | None:
+    def train(self, stream: BatchStream, steps: int, label: str = "") -> StepResult | None:
         """``steps`` training steps on ``stream``: the loop every kind of run uses.
 
         Opens and closes epochs as the stream's passes start and end (``before_epoch`` /
-        ``after_epoch``, evaluation, checkpoint), checks the loss every ``trainer.log_every`` steps,
-        and checkpoints every ``trainer.checkpoint_every`` steps. Returns the last step's result.
+        ``after_epoch``) and checks the loss every ``trainer.log_every`` steps. Returns the last
+        step's result.
         """
         tcfg = self.cfg.trainer
         self.stream = stream
@@ -312,12 +310,7 @@ class Trainer:
         for _ in range(steps):
             if stream.at_epoch_start or stream.at_epoch_end:
                 self._begin_epoch()
-            x, y = stream.next()
-            result = self.train_step(x, y, update_scale, update)
-            fresh = y.shape[1]
-            self._loss_sum += result.loss.detach() * fresh
-            self._correct += (self.model.predict(result.logits.detach()[:, :fresh]) == y).sum(1)
-            self._seen += fresh
+            result = self.train_step(*stream.next())
             if self.step % tcfg.log_every == 0:
                 self.check_finite(f"at step {self.step}")
                 if bar is not None:
@@ -329,17 +322,13 @@ class Trainer:
                 self._epoch_seconds += time.perf_counter() - start
                 start = time.perf_counter()
                 self.end_epoch()
-            elif tcfg.checkpoint_every and self.step % tcfg.checkpoint_every == 0:
-                self._epoch_seconds += time.perf_counter() - start
-                start = time.perf_counter()
-                self.save_checkpoint()
         self._epoch_seconds += time.perf_counter() - start
         if bar is not None:
             bar.close()
         return result
 
     def close_epoch(self) -> None:
-        """End a pass cut short (``max_steps``, a continual stage's step budget) as an epoch."""
+        """End a pass cut short (``max_steps``, a continual task's step budget) as an epoch."""
         if self.stream is not None and not (self.stream.at_epoch_start or self.stream.at_epoch_end):
             self.stream.end_pass()
             self.end_epoch()
@@ -354,16 +343,6 @@ class Trainer:
         for plugin in self.plugins:
             plugin.after_run(self)
 
-    def fit(self) -> list[dict]:
-        """A single run: the configured epochs (or ``max_steps``) over ``data.train``."""
-        self.begin_run()
-        remaining = self.total_steps - self.step
-        if remaining > 0:
-            self.run(self.stream, remaining, f"{self.strategy.name}")
-        self.close_epoch()
-        self.end_run()
-        return self.history
-
     def _reset_running(self) -> None:
         self._loss_sum = torch.zeros(self.replicas, device=self.device)
         self._correct = torch.zeros(self.replicas, device=self.device)
@@ -376,8 +355,8 @@ class Trainer:
             plugin.before_epoch(self)
 
     def end_epoch(self) -> dict:
-        """Close an epoch: strategy hook, evaluation (with ``data``: its validation split when it has
-        one, else its test split), history entry, plugins, checkpoint."""
+        """Close an epoch: strategy hook, the plugins' epoch metrics (an evaluation), history entry,
+        ``after_epoch``."""
         self.check_finite(f"in epoch {self.epoch + 1}")
         seen = max(self._seen, 1)
         self.train_seconds += self._epoch_seconds
@@ -389,13 +368,8 @@ class Trainer:
             "train_loss": (self._loss_sum / seen).tolist(),
             "train_acc_running": (self._correct / seen).tolist(),
         }
-        if self.data is not None and self.data.val is not None:
-            # With a validation split the test set stays unseen until the run's final evaluation.
-            val = self.evaluate(self.data.val)
-            per_replica.update(val_acc=val["acc"], val_loss=val["loss"])
-        elif self.data is not None and self.cfg.trainer.test:
-            test = self.evaluate(self.data.test)
-            per_replica.update(test_acc=test["acc"], test_loss=test["loss"])
+        for plugin in self.plugins:
+            per_replica.update(plugin.epoch_metrics(self))
         lr_scale = self.lr_scale.tolist() if self.lr_scale is not None else [1.0] * self.replicas
         for r, history in enumerate(self.histories):
             history.append({"epoch": self.epoch, "step": self.step, **{k: v[r] for k, v in per_replica.items()},
@@ -407,7 +381,6 @@ class Trainer:
         log.info("epoch %d: %s", self.epoch, json.dumps({k: round(v, 5) for k, v in entry.items()}))
         for plugin in self.plugins:
             plugin.after_epoch(self, entry)
-        self.save_checkpoint()
         return entry
 
     def check_finite(self, where: str) -> None:
@@ -454,7 +427,7 @@ class Trainer:
     def state_dict(self) -> dict:
         """Everything a resumed run needs to continue exactly: tensors and plain containers only."""
         return {
-            "format": 3,
+            "format": 4,
             "config": dataclasses.asdict(self.cfg),
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -462,7 +435,6 @@ class Trainer:
             "strategy": self.strategy.state_dict(),
             "plugins": {p.state_key: p.state_dict() for p in self.plugins},
             "shuffle": [g.get_state() for g in self.shuffles],
-            "stream": None if self.stream is None else self.stream.state_dict(),
             "rng": rng_state(),
             "epoch": self.epoch,
             "step": self.step,
@@ -493,11 +465,6 @@ class Trainer:
         self._loss_sum = running["loss_sum"].to(self.device)
         self._correct = running["correct"].to(self.device)
         self._seen, self._epoch_seconds = running["seen"], running["seconds"]
-        if state["stream"] is not None:
-            if self.stream is not None and self.data is not None:
-                self.stream.load_state_dict(state["stream"])
-            else:  # a continual stage's stream: applied when the runner makes it
-                self._pending_stream = state["stream"]
 
     def save_checkpoint(self) -> None:
         """Write ``checkpoint.pt`` atomically (when checkpointing is on and there is an output
@@ -518,13 +485,9 @@ class Trainer:
             log.warning("resume=true but there is no checkpoint at %s; starting from scratch", path)
             return False
         state = load_checkpoint(path, "cpu")  # generator states must stay on the CPU; tensors move on load
-        if not isinstance(state, dict) or state.get("format") != 3:
-            raise CheckpointError(f"{path}: not an agentnet checkpoint of this version (no format 3 marker)")
+        if not isinstance(state, dict) or state.get("format") != 4:
+            raise CheckpointError(f"{path}: not an agentnet checkpoint of this version (no format 4 marker)")
         check_resumable(state["config"], dataclasses.asdict(self.cfg), path)
-        if self.cfg.benchmark is None and state["epoch"] > self.cfg.trainer.epochs:
-            raise ConfigError(
-                f"trainer.epochs={self.cfg.trainer.epochs}: the checkpoint at {path} has already completed {state['epoch']} epochs"
-            )
         self.load_state_dict(state)
         self.resumed_from = str(path)
         log.info("resumed from %s at epoch %d, step %d", path, self.epoch, self.step)

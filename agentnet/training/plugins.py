@@ -4,10 +4,11 @@ The engine (:class:`agentnet.training.engine.Trainer`) only orchestrates; it cal
 order for every plugin in its list (Avalanche's template/plugin split):
 
 ``before_run`` · ``before_task`` · ``before_epoch`` · ``adapt_batch`` · ``before_step`` ·
-``after_backward`` · ``after_step`` · ``after_epoch`` · ``after_task`` · ``after_run``
+``after_backward`` · ``after_step`` · ``epoch_metrics`` · ``after_epoch`` · ``after_task`` · ``after_run``
 
-Task hooks fire only in continual-learning runs; :class:`StrategyTaskHooks` (one of every continual
-run's plugins, added by the task sequence) passes them on to the strategy (``Strategy.on_task_start`` / ``on_task_end``). A plugin that keeps state across steps returns it
+Every run is a stream of tasks (a single run: one task), so task hooks fire in every run;
+:class:`StrategyTaskHooks` passes them on to the strategy (``Strategy.on_task_start`` / ``on_task_end``).
+Evaluation (:class:`EpochEvaluation`) and checkpoints (:class:`Checkpointing`) are plugins too. A plugin that keeps state across steps returns it
 from ``state_dict`` (tensors and plain containers only: checkpoints are loaded with
 ``weights_only=True``) and takes it back in ``load_state_dict``; the checkpoint stores it under the
 plugin's ``state_key``.
@@ -23,13 +24,15 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from agentnet.data import Split
 from agentnet.network import eval_mode
 from agentnet.strategy import StepResult
 from agentnet.workers import replica_rows
 
 # Hooks receive the agentnet.training.engine.Trainer that calls them; annotated by name only, so
 # this module does not import the engine that imports it.
-__all__ = ["TrainerPlugin", "StrategyTaskHooks", "BestValidation", "WorkerActivity", "TensorBoardLogger", "progress_bar"]
+__all__ = ["TrainerPlugin", "StrategyTaskHooks", "EpochEvaluation", "Checkpointing", "BestValidation", "WorkerActivity",
+           "TensorBoardLogger", "progress_bar"]
 
 
 class TrainerPlugin:
@@ -63,6 +66,10 @@ class TrainerPlugin:
     def after_step(self, trainer: "Trainer", x: torch.Tensor, y: torch.Tensor, result: StepResult) -> None:
         """After the update was applied."""
 
+    def epoch_metrics(self, trainer: "Trainer") -> dict[str, list[float]]:
+        """Per-replica values to add to the history entry of the epoch closing now (an evaluation)."""
+        return {}
+
     def after_epoch(self, trainer: "Trainer", entry: dict) -> None:
         """After an epoch closed; ``entry`` is its history entry."""
 
@@ -93,6 +100,41 @@ class StrategyTaskHooks(TrainerPlugin):
 
     def after_task(self, trainer: "Trainer", stream: Any, task: Any) -> None:
         trainer.strategy.on_task_end()
+
+
+class EpochEvaluation(TrainerPlugin):
+    """Evaluates every epoch of a single run: on the validation split when there is one (the test set
+    then stays unseen until the run's final evaluation), else on the test split unless
+    ``trainer.test=false``; adds ``val_acc``/``val_loss`` or ``test_acc``/``test_loss`` to the history."""
+
+    def __init__(self, split: Split | None, name: str) -> None:
+        self.split, self.name = split, name
+
+    def epoch_metrics(self, trainer: "Trainer") -> dict[str, list[float]]:
+        if self.split is None:
+            return {}
+        result = trainer.evaluate(self.split)
+        return {f"{self.name}_acc": result["acc"], f"{self.name}_loss": result["loss"]}
+
+
+class Checkpointing(TrainerPlugin):
+    """Writes ``checkpoint.pt`` (through :meth:`Trainer.save_checkpoint`) at every epoch's and task's
+    end and every ``every`` steps in between; the last of a run's plugins, so the checkpoint holds
+    every other plugin's state after its hooks ran."""
+
+    def __init__(self, every: int = 0) -> None:
+        self.every = every
+
+    def after_step(self, trainer: "Trainer", x: torch.Tensor, y: torch.Tensor, result: StepResult) -> None:
+        at_epoch_end = trainer.stream is not None and trainer.stream.at_epoch_end  # saved by after_epoch
+        if self.every and trainer.step % self.every == 0 and not at_epoch_end:
+            trainer.save_checkpoint()
+
+    def after_epoch(self, trainer: "Trainer", entry: dict) -> None:
+        trainer.save_checkpoint()
+
+    def after_task(self, trainer: "Trainer", stream: Any, task: Any) -> None:
+        trainer.save_checkpoint()  # the last good state, should a later task diverge
 
 
 class WorkerActivity(TrainerPlugin):
