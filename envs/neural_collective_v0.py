@@ -257,12 +257,12 @@ from pettingzoo import ParallelEnv
 from pettingzoo.utils import parallel_to_aec, wrappers
 
 from agentnet.config import BenchmarkConfig, ConfigError, ConvLayerConfig, DataConfig, ModelConfig, RunConfig, TrainerConfig, check
-from agentnet.continual.runner import TaskSequence
 from agentnet.data import ImageData, load_dataset, run_splits
 from agentnet.network import ForwardRecord, WorkerNetwork, build_model, eval_mode
 from agentnet.registry import CL_METHODS, STRATEGIES, benchmark_config, build_strategy, check_combinations
 from agentnet.strategy import StepResult
-from agentnet.training import Trainer, TrainerPlugin, resolve_device, seed_everything
+from agentnet.session import build_session, resolve_device, seed_everything
+from agentnet.training import ExternalUpdate, ScaledUpdate, TrainerPlugin
 from agentnet.workers import LeaderSelection, WorkerBlock, WorkerConv2d, WorkerLinear
 
 __all__ = ["NeuralCollectiveEnv", "parallel_env", "raw_env", "env", "OBS_DIM", "REWARDS", "UNREACHED", "run_config", "squash", "unsquash",
@@ -521,16 +521,11 @@ class NeuralCollectiveEnv(ParallelEnv):
         # The env steps through the one training loop (Trainer.run), one batch per env step; a
         # plugin hands it the batch each step consumed, for the observations.
         self._step_inputs = _StepInputs()
-        if run.benchmark is not None:
-            # The continual runner's own task sequence (stream, model, strategy, CL method, plugins,
-            # evaluation), built exactly as `agentnet benchmark=...` builds it and advanced one
-            # batch per env step; it evaluates every task at reset (row 0 of R) and at task ends.
-            self.sequence = TaskSequence(run, self.data, None, extra_plugins=[self._step_inputs])
-            self.model, self.strategy, self.trainer = self.sequence.model, self.sequence.strategy, self.sequence.trainer
-        else:
-            self.sequence = None
-            seed_everything(seed)  # what train() does; the env's stream continues from here
-            self.model = build_model(run.model, self.data.input_dim, self.data.num_classes, seed).to(self.device)
+        # The run built exactly as `agentnet ...` builds it (a single run: a stream of one task),
+        # advanced one batch per env step; a benchmark evaluates every task at reset (row 0 of R)
+        # and at task ends.
+        self.sequence = build_session(run, self.data, None, [self._step_inputs])
+        self.model, self.strategy, self.trainer = self.sequence.model, self.sequence.strategy, self.sequence.trainer
         if not (all(isinstance(l, (WorkerLinear, WorkerConv2d, WorkerBlock)) for l in self.model.hidden)
                 and not any(len(stem) for stem in self.model.stems) and all(isinstance(n, torch.nn.Identity) for n in self.model.norms)):
             raise ValueError("neural_collective_v0 exposes fully connected, filter-wise and block-wise conv worker layers only "
@@ -538,12 +533,7 @@ class NeuralCollectiveEnv(ParallelEnv):
         if self.action_mode == "delta" and any(isinstance(l, WorkerBlock) for l in self.model.hidden):
             raise ConfigError("action_mode='delta': an agent's delta is its units' weights and biases, which block-wise "
                               "workers do not have (several convs per block); use 'scale' or 'scale_centered'")
-        if self.sequence is None:
-            self.strategy = build_strategy(run.strategy, self.model)
-            self.trainer = Trainer(run, self.model, self.strategy, self.data, output_dir=None, plugins=[self._step_inputs])
-            self.trainer.begin_run()
-        else:
-            self.sequence.begin()
+        self.sequence.begin()
         self._layers = [*self.model.hidden, self.model.output]
         self._units = [l.worker_size for l in self.model.hidden] + [self.model.output.out_features]
         self._agents_per_layer = [l.num_workers for l in self.model.hidden] + [1]
@@ -619,16 +609,14 @@ class NeuralCollectiveEnv(ParallelEnv):
     def stream_steps(self) -> int:
         """Steps until the data stream ends: ``epochs`` passes over the training subset, or a
         benchmark's whole task sequence."""
-        if self.sequence is not None:
-            return self.sequence.total_steps
-        return self.run.trainer.epochs * self.trainer.steps_per_epoch
+        return self.sequence.total_steps
 
     def acc_matrix(self) -> np.ndarray:
         """The benchmark's accuracy matrix so far, ``(T+1, T)`` float32: row 0 before training,
         row ``i`` after task ``i``; rows not reached hold :data:`UNREACHED` (-1)."""
         T = self.sequence.num_tasks
         out = np.full((T + 1, T), UNREACHED, dtype=np.float32)
-        rows = self.sequence.progress.acc_matrices[0]  # the env trains one replica
+        rows = self.sequence.record.acc_matrices[0]  # the env trains one replica
         if rows:
             out[: len(rows)] = np.asarray(rows, dtype=np.float32)
         return out
@@ -783,20 +771,18 @@ class NeuralCollectiveEnv(ParallelEnv):
         sequence = self.sequence
         with self._own_rng(python_and_numpy=False):
             if self.action_mode != "delta":
-                update = dict(update_scale=self._scales(torch.as_tensor(actions)))
+                self.trainer.update = ScaledUpdate(self._scales(torch.as_tensor(actions)))
             else:
-                update = dict(update=self._delta_update(actions))
-            if sequence is None:
-                result = self.trainer.run(self.trainer.stream, 1, **update)
-            else:  # one batch of the current task; its last batch ends the task (evaluation: a row of R)
-                task = sequence.task  # the batch's task; sequence.task moves on when this step ends it
-                result = sequence.advance(1, **update)
+                self.trainer.update = ExternalUpdate(self._delta_update(actions))
+            # one batch of the current task; its last batch ends the task (a benchmark: a row of R)
+            task = sequence.task  # the batch's task; sequence.task moves on when this step ends it
+            result = sequence.advance(1)
             x, y = plugin.x, plugin.y
             obs, rewards = self._finish_step(x, y, result)
             if self.reward == "cooperative":
                 rewards = torch.zeros_like(rewards)
                 if sequence.task > task:  # the step ended a task: the mean accuracy over the tasks seen
-                    row = sequence.progress.acc_matrices[0][-1][: sequence.task]
+                    row = sequence.record.acc_matrices[0][-1][: sequence.task]
                     rewards += float(np.mean(row)) * self.reward_scale
         self._last_obs = obs
         obs = self._present(obs)
@@ -806,7 +792,7 @@ class NeuralCollectiveEnv(ParallelEnv):
             "batch_loss": float(self._global_loss(result, y)),
             "batch_acc": float((self.model.predict(result.logits.detach()[:, : len(y)])[0] == y).float().mean()),
         }
-        if sequence is not None:
+        if self.benchmark is not None:
             info.update(self._benchmark_info(task))
             # The sequence's end terminates; max_cycles below its length truncates it (never both).
             terminated = sequence.done
@@ -904,7 +890,7 @@ class NeuralCollectiveEnv(ParallelEnv):
         # has been consumed yet, which "cycle": 0 tells (0.0 rather than NaN: NaN != NaN breaks
         # PettingZoo's seed_test and any equality check on infos).
         no_batch = {"batch_loss": 0.0, "batch_acc": 0.0, "cycle": 0}
-        if self.sequence is not None:  # the first task is next; row 0 of R (before training) is known
+        if self.benchmark is not None:  # the first task is next; row 0 of R (before training) is known
             no_batch.update(self._benchmark_info(0))
         return {a: obs_np[i] for i, a in enumerate(self.agents)}, {a: self._agent_info(i, no_batch) for i, a in enumerate(self.agents)}
 

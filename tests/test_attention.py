@@ -28,7 +28,7 @@ def make_trainer(strategy: dict, hidden, activation, optimizer, dtype, data, see
     )
     torch.manual_seed(seed)
     model = WorkerNetwork(data.input_dim, 10, run.model).to(dtype)
-    return Trainer(run, model, build_strategy(run.strategy, model), data, output_dir=None)
+    return Trainer(run, model, build_strategy(run.strategy, model), output_dir=None, plugins=None, total_steps=1)
 
 
 def small_data(mnist, dtype) -> ImageData:

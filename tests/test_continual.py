@@ -286,10 +286,10 @@ def test_cl_run_checkpoints_after_every_task(mnist, tmp_path):
     run_continual(compose_config("strategy=bp", *_cl_overrides(tmp_path), "benchmark.num_tasks=2",
                                  "benchmark.iterations_per_task=10"), data=mnist)
     state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
-    progress = state["plugins"]["ContinualProgress"]
-    assert state["format"] == 3 and len(state["shuffle"]) == 1  # one replica, one shuffle generator
-    assert progress["stage"] == 2 and len(progress["acc_matrices"]) == 1 and state["step"] == 20
-    assert len(progress["acc_matrices"][0]) == 3 and all(len(row) == 2 for row in progress["acc_matrices"][0])
+    progress, record = state["plugins"]["StreamProgress"], state["plugins"]["AccuracyMatrix"]
+    assert state["format"] == 4 and len(state["shuffle"]) == 1  # one replica, one shuffle generator
+    assert progress["stage"] == 2 and len(record["acc_matrices"]) == 1 and state["step"] == 20
+    assert len(record["acc_matrices"][0]) == 3 and all(len(row) == 2 for row in record["acc_matrices"][0])
 
 
 @pytest.mark.parametrize("labels", ["all", "pred", "true"])

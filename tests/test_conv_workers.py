@@ -238,7 +238,7 @@ def test_conv_config_errors_name_the_field():
 
 def test_zero_update_scale_freezes_a_whole_block_worker(mnist):
     run = to_run_config(compose_config("model=resnet_blocks", "strategy=lfnn_local", "device=cpu"))
-    from agentnet.training import Trainer
+    from agentnet.training import ScaledUpdate, Trainer
 
     model = build_model(run.model, 784, 10)
     trainer = Trainer(run, model, build_strategy(run.strategy, model), None, None, total_steps=10)
@@ -247,7 +247,8 @@ def test_zero_update_scale_freezes_a_whole_block_worker(mnist):
     scale = torch.ones(block.num_workers * block.worker_size)
     scale[: block.worker_size] = 0.0  # freeze block worker 0
     scales = [None, scale]
-    trainer.train_step(mnist.train.x[:64], mnist.train.y[:64], update_scale=scales)
+    trainer.update = ScaledUpdate(scales)
+    trainer.train_step(mnist.train.x[:64], mnist.train.y[:64])
     for p, old in zip(block.parameters(), before):
         rows = p.detach().reshape(block.num_workers, -1) - old.reshape(block.num_workers, -1)
         assert rows[0].abs().max() == 0, "a frozen block worker moved"

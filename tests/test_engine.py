@@ -7,7 +7,7 @@ import json
 import torch
 
 from agentnet.recipes import run_continual
-from agentnet.session import prepare_run
+from agentnet.session import build_session, prepare_run
 from agentnet.network import build_model
 from agentnet.registry import build_strategy, to_run_config
 from agentnet.training import BatchStream, Trainer, TrainerPlugin
@@ -35,10 +35,10 @@ class Recorder(TrainerPlugin):
 
 def test_hooks_fire_in_order_and_partial_epochs_close(mnist, quick_overrides):
     run, device, out, data = prepare_run(compose_config("strategy=lfnn", *quick_overrides, "data.subset=640", "trainer.max_steps=7"), mnist)
-    model = build_model(run.model, data.input_dim, data.num_classes, run.seed)
     recorder = Recorder()
-    trainer = Trainer(run, model, build_strategy(run.strategy, model), data, out, [recorder])
-    trainer.fit()
+    session = build_session(run, data, out, [recorder])
+    session.run_all()
+    trainer = session.trainer
     step = ["adapt_batch", "before_step", "after_backward", "after_step"]
     # 640 / 128 = 5 steps per epoch; max_steps=7 cuts the second epoch, which still closes.
     assert recorder.calls == ["before_run", "before_epoch", *step * 5, "after_epoch", "before_epoch", *step * 2, "after_epoch", "after_run"]

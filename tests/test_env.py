@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import networkx as nx
 import numpy as np
 import pytest
@@ -15,7 +17,6 @@ from pettingzoo.test import (
 )
 from pettingzoo.utils import parallel_to_aec
 
-from agentnet.training import Trainer
 from envs import neural_collective_v0
 from tests.conftest import REPO, data_root
 
@@ -48,19 +49,16 @@ def test_all_ones_reproduces_the_trainer_bit_for_bit(strategy):
     while par.agents:
         _, _, terms, truncs, _ = par.step({a: np.ones(1, np.float32) for a in par.agents})
         steps += 1
-    assert steps == par.trainer.steps_per_epoch and all(terms.values())
+    assert steps == par.stream_steps == math.ceil(640 / 64) and all(terms.values())
 
     run = neural_collective_v0.run_config(strategy=strategy, hidden=SMALL["hidden"], data_subset=640, batch_size=64,
                                           data_root=SMALL["data_root"], seed=3)
-    from agentnet.network import build_model
-    from agentnet.registry import build_strategy
-    from agentnet.session import seed_everything
+    from agentnet.session import build_session
 
     data = par.data  # the same seeded subset
-    seed_everything(3)
-    model = build_model(run.model, data.input_dim, data.num_classes, 3)
-    trainer = Trainer(run, model, build_strategy(run.strategy, model), data, output_dir=None)
-    trainer.fit()
+    session = build_session(run, data)
+    session.run_all()
+    model, trainer = session.model, session.trainer
     for (name, p), q in zip(model.named_parameters(), par.model.parameters()):
         assert torch.equal(p, q), f"{strategy}: {name} differs"
     assert trainer.evaluate(data.test) == par.trainer.evaluate(data.test)

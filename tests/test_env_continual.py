@@ -1,5 +1,5 @@
 """neural_collective_v0 hosting the continual benchmark (issue #14, item 6): one episode is a whole
-task sequence run by the continual runner's own :class:`~agentnet.continual.runner.TaskSequence`;
+task sequence run by the continual runner's own :class:`~agentnet.session.Session`;
 ``infos`` carry the task index and the accuracy matrix so far; a cooperative reward option.
 
 Tiny real-MNIST streams (320 training examples, 5 steps a task, 2000 test examples per task).
@@ -59,7 +59,7 @@ def test_all_ones_episode_reproduces_the_cli_accuracy_matrix(strategy, cl, tmp_p
         f"data.root={data_root()}", f"output_dir={tmp_path}",
     )
     metrics = run_continual(cfg, data=env._base_data)  # the env's MNIST, loaded as the CLI loads it (not twice)
-    R = env.sequence.progress.acc_matrices[0]
+    R = env.sequence.record.acc_matrices[0]
     assert R == metrics["acc_matrix"]  # exactly, every row
     final = history[-1][1]["worker_0"]["acc_matrix"]
     np.testing.assert_array_equal(final, np.asarray(metrics["acc_matrix"], np.float32))
@@ -186,7 +186,7 @@ def test_pickled_benchmark_env_continues_exactly_and_leaves_globals_alone():
                     else:
                         assert np.array_equal(d1[k], d2[k]), k
         assert all(torch.equal(p, q) for p, q in zip(env.model.parameters(), copy.model.parameters()))
-        assert env.sequence.progress.acc_matrices == copy.sequence.progress.acc_matrices
+        assert env.sequence.record.acc_matrices == copy.sequence.record.acc_matrices
 
 
 def test_env_loads_its_data_as_its_config_says(tmp_path):

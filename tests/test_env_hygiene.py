@@ -377,8 +377,7 @@ def test_conv_filter_wise_workers_are_agents(action_mode):
 def test_conv_all_ones_reproduces_the_trainer_bit_for_bit():
     from agentnet.network import build_model
     from agentnet.registry import build_strategy
-    from agentnet.session import seed_everything
-    from agentnet.training import Trainer
+    from agentnet.session import build_session
 
     env = neural_collective_v0.parallel_env(strategy="lfnn", max_cycles=10_000, **CONV)
     env.reset(seed=3)
@@ -386,10 +385,9 @@ def test_conv_all_ones_reproduces_the_trainer_bit_for_bit():
         env.step(ones(env))
     run = neural_collective_v0.run_config(strategy="lfnn", hidden=CONV["hidden"], conv=CONV["conv"], data_subset=640,
                                           batch_size=64, data_root=CONV["data_root"], seed=3)
-    seed_everything(3)
-    model = build_model(run.model, env.data.input_dim, env.data.num_classes, 3)
-    Trainer(run, model, build_strategy(run.strategy, model), env.data, output_dir=None).fit()
-    for (name, p), q in zip(model.named_parameters(), env.model.parameters()):
+    session = build_session(run, env.data)
+    session.run_all()
+    for (name, p), q in zip(session.model.named_parameters(), env.model.parameters()):
         assert torch.equal(p, q), name
 
 

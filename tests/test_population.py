@@ -15,7 +15,7 @@ from agentnet.data import ImageData, Split
 from agentnet.network import build_model
 from agentnet.population import population_of, summarize
 from agentnet.registry import build_strategy, to_run_config
-from agentnet.training import Trainer
+from agentnet.session import build_session
 from agentnet.training.checkpoint import load_checkpoint
 from tests.conftest import compose_config, data_root
 
@@ -65,16 +65,14 @@ def _trained(strategy: str, extra: list[str], data: ImageData, seed: int, replic
         "trainer.fused=false", "trainer.progress=false", "trainer.checkpoint=false", "device=cpu",
         f"seed={seed}", f"replicas={replicas}", *extra,
     ))
-    population = population_of(run)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
-        model = build_model(run.model, data.input_dim, data.num_classes, population.seeds)
+        session = build_session(run, data)
     finally:
         torch.set_default_dtype(previous)
-    trainer = Trainer(run, model, build_strategy(run.strategy, model, population.of("strategy")), data, None, [])
-    trainer.fit()
-    return model, trainer
+    session.run_all()
+    return session.model, session.trainer
 
 
 def _max_relative_error(population, singles: list) -> float:

@@ -90,9 +90,9 @@ def test_continual_run_killed_resumes_to_identical_cl_metrics(cl, kill_at, extra
     _run(_cli(tmp_path / "straight", *overrides))
     killed = tmp_path / "killed"
     if kill_at == "mid_task":  # inside task 2: the stage began, some of its steps are done
-        ready = lambda s: s["plugins"]["ContinualProgress"]["stage"] == 1 and s["step"] >= 47  # noqa: E731
+        ready = lambda s: s["plugins"]["StreamProgress"]["stage"] == 1 and s["step"] >= 47  # noqa: E731
     else:  # task 2 finished and evaluated, task 3 not begun (its next checkpoint is at its end)
-        ready = lambda s: s["plugins"]["ContinualProgress"]["stage"] == 2 and not s["plugins"]["ContinualProgress"]["stage_started"]  # noqa: E731
+        ready = lambda s: s["plugins"]["StreamProgress"]["stage"] == 2 and not s["plugins"]["StreamProgress"]["stage_started"]  # noqa: E731
     _kill_when(_cli(killed, *overrides), killed / CHECKPOINT, ready)
     assert not (killed / "cl_metrics.json").exists()
     _run(_cli(killed, *overrides, "resume=true"))
@@ -212,7 +212,7 @@ def test_attention_protect_killed_mid_task_resumes_to_identical_cl_metrics(tmp_p
     killed = tmp_path / "killed"
 
     def ready(s):  # inside task 2, with task 1 consolidated and some of task 2's attention accumulated
-        return s["plugins"]["ContinualProgress"]["stage"] == 1 and s["step"] >= 47 and s["strategy"]["protect"]["steps"] > 0
+        return s["plugins"]["StreamProgress"]["stage"] == 1 and s["step"] >= 47 and s["strategy"]["protect"]["steps"] > 0
 
     _kill_when(_cli(killed, *overrides), killed / CHECKPOINT, ready)
     assert not (killed / "cl_metrics.json").exists()

@@ -267,7 +267,8 @@ class Trainer:
             self.scheduler.step()
         self.step += 1
         self._loss_sum += result.loss.detach() * fresh
-        self._correct += (self.model.predict(result.logits.detach()[:, :fresh]) == y[:, :fresh]).sum(1)
+        with self.model.logit_mask_as(None):  # the fresh examples' accuracy over every class, as evaluation counts it
+            self._correct += (self.model.predict(result.logits.detach()[:, :fresh]) == y[:, :fresh]).sum(1)
         self._seen += fresh
         for plugin in self.plugins:
             plugin.after_step(self, x, y, result)
