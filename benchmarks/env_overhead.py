@@ -62,16 +62,18 @@ def measure(strategy: str, hidden, worker_size: int, projection: bool, steps: in
     ones_dict = {a: np.ones(1, np.float32) for a in env.agents}
     ones = torch.ones(env.num_workers)
     trainer = env.trainer
-    batches = [trainer.stream.next() for _ in range(4)]
+    train = env.data.train
+    stream = trainer.make_stream(len(train), lambda idx: (train.x[idx], train.y[idx]))
+    batches = [stream.next() for _ in range(4)]
 
     def trainer_step():
         x, y = batches[trainer.step % 4]
         trainer.train_step(x, y)
 
     # "trainer": the bare optimiser step on cached batches; "trainer_loop": one step of the trainer's
-    # own loop (Trainer.run, what `agentnet` trains with: the batch drawn from the stream, the running
+    # own loop (Trainer.train, what `agentnet` trains with: the batch drawn from the stream, the running
     # loss/accuracy, epoch bookkeeping), which is exactly what the env calls once per env step.
-    variants = {"trainer": trainer_step, "trainer_loop": lambda: trainer.run(trainer.stream, 1),
+    variants = {"trainer": trainer_step, "trainer_loop": lambda: trainer.train(stream, 1),
                 "step_batched": lambda: env.step_batched(ones)}
     if dict_api:
         variants["step_dict"] = lambda: env.step(ones_dict)

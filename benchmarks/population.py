@@ -26,21 +26,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from agentnet.data import load_mnist  # noqa: E402
-from agentnet.network import build_model  # noqa: E402
-from agentnet.population import population_of  # noqa: E402
-from agentnet.registry import build_strategy, compose, to_run_config  # noqa: E402
+from agentnet.registry import compose, to_run_config  # noqa: E402
+from agentnet.session import build_session, resolve_device  # noqa: E402
 from agentnet.tables import markdown_table  # noqa: E402
-from agentnet.training import Trainer, resolve_device  # noqa: E402
 
 
 def population_step(strategy: str, model: str, replicas: int, device, data, extra: list[str]):
     """``step(x, y)`` of a ``replicas``-replica population (x ``(R, B, D)``)."""
     run = to_run_config(compose([f"strategy={strategy}", f"model={model}", f"replicas={replicas}", "trainer.lr_schedule=none",
                                  "trainer.checkpoint=false", *extra]))
-    population = population_of(run)
-    net = build_model(run.model, 784, 10, population.seeds).to(device)
-    trainer = Trainer(run, net, build_strategy(run.strategy, net, population.of("strategy")), data, None)
-    return trainer.train_step
+    return build_session(run, data).trainer.train_step
 
 
 def sync(device) -> None:

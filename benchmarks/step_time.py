@@ -27,10 +27,9 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from agentnet.data import load_mnist  # noqa: E402
-from agentnet.network import build_model  # noqa: E402
-from agentnet.registry import compose, build_strategy  # noqa: E402
+from agentnet.registry import compose  # noqa: E402
 from agentnet.registry import to_run_config  # noqa: E402
-from agentnet.training import Trainer, resolve_device  # noqa: E402
+from agentnet.session import build_session, resolve_device  # noqa: E402
 
 #: label -> strategy overrides
 VARIANTS = {
@@ -93,10 +92,8 @@ def raw_torch_step(model_cfg, device, channels_last: bool = False, amp: bool = F
 def framework_step(strategy_overrides: list[str], model: str, device, data, gpu_overrides: list[str]):
     cfg = compose([*strategy_overrides, f"model={model}", "trainer.lr_schedule=none", "trainer.checkpoint=false", *gpu_overrides])
     run = to_run_config(cfg)
-    torch.manual_seed(0)
-    net = build_model(run.model, 784, 10).to(device)
-    trainer = Trainer(run, net, build_strategy(run.strategy, net), data, Path("."))
-    return trainer.train_step, run.model
+    session = build_session(run, data)
+    return session.trainer.train_step, run.model
 
 
 def sync(device):

@@ -261,7 +261,7 @@ from agentnet.data import ImageData, load_dataset, run_splits
 from agentnet.network import ForwardRecord, WorkerNetwork, build_model, eval_mode
 from agentnet.registry import CL_METHODS, STRATEGIES, benchmark_config, build_strategy, check_combinations
 from agentnet.strategy import StepResult
-from agentnet.session import build_session, resolve_device, seed_everything
+from agentnet.session import build_session, resolve_device
 from agentnet.training import ExternalUpdate, ScaledUpdate, TrainerPlugin
 from agentnet.workers import LeaderSelection, WorkerBlock, WorkerConv2d, WorkerLinear
 

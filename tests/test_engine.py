@@ -8,9 +8,7 @@ import torch
 
 from agentnet.recipes import run_continual
 from agentnet.session import build_session, prepare_run
-from agentnet.network import build_model
-from agentnet.registry import build_strategy, to_run_config
-from agentnet.training import BatchStream, Trainer, TrainerPlugin
+from agentnet.training import BatchStream, TrainerPlugin
 from envs import neural_collective_v0
 from tests.conftest import compose_config, data_root
 

@@ -375,8 +375,6 @@ def test_conv_filter_wise_workers_are_agents(action_mode):
 
 
 def test_conv_all_ones_reproduces_the_trainer_bit_for_bit():
-    from agentnet.network import build_model
-    from agentnet.registry import build_strategy
     from agentnet.session import build_session
 
     env = neural_collective_v0.parallel_env(strategy="lfnn", max_cycles=10_000, **CONV)
