@@ -32,11 +32,12 @@ from typing import Any
 
 import yaml
 
+from agentnet.composition import check_combinations
 from agentnet.config import ConfigError, RunConfig, TuneConfig, check
 from agentnet.continual.runner import run_continual
 from agentnet.data import ImageData
 from agentnet.population import replica_fields
-from agentnet.registry import CL_METHODS, STRATEGIES, check_combinations
+from agentnet.registry import CL_METHODS, STRATEGIES
 from agentnet.tables import direction
 from agentnet.training import NonFiniteLossError, RunDirectoryLockedError, atomic_write_json, load_run_data, train
 

@@ -25,7 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from agentnet.continual.runner import run_continual  # noqa: E402
-from agentnet.registry import compose, to_run_config  # noqa: E402
+from agentnet.composition import compose, to_run_config  # noqa: E402
 from agentnet.training import load_run_data  # noqa: E402
 
 #: Published domain-IL permuted-MNIST ACC (%) (van de Ven, Tuytelaars & Tolias 2022).

@@ -28,8 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from agentnet.data import load_mnist  # noqa: E402
 from agentnet.network import build_model  # noqa: E402
-from agentnet.registry import compose, build_strategy  # noqa: E402
-from agentnet.registry import to_run_config  # noqa: E402
+from agentnet.composition import compose, to_run_config  # noqa: E402
+from agentnet.registry import build_strategy  # noqa: E402
 from agentnet.training import Trainer, resolve_device  # noqa: E402
 
 #: label -> strategy overrides

@@ -14,7 +14,7 @@ from agentnet.continual.methods._episodic import EpisodicMemory
 from agentnet.continual.runner import _stage_steps, run_continual
 from agentnet.continual.streams import TaskStream
 from agentnet.network import WorkerNetwork
-from agentnet.registry import to_run_config
+from agentnet.composition import to_run_config
 from agentnet.training.engine import BatchStream
 from tests.conftest import compose_config, without_timing
 

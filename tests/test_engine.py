@@ -8,7 +8,8 @@ import torch
 
 from agentnet.continual.runner import run_continual
 from agentnet.network import build_model
-from agentnet.registry import build_strategy, to_run_config
+from agentnet.composition import to_run_config
+from agentnet.registry import build_strategy
 from agentnet.training import BatchStream, Trainer, TrainerPlugin, prepare_run
 from envs import neural_collective_v0
 from tests.conftest import compose_config, data_root

@@ -14,7 +14,8 @@ from agentnet.continual.runner import run_continual
 from agentnet.data import ImageData, Split
 from agentnet.network import build_model
 from agentnet.population import population_of, summarize
-from agentnet.registry import build_strategy, to_run_config
+from agentnet.composition import to_run_config
+from agentnet.registry import build_strategy
 from agentnet.training import Trainer, train
 from agentnet.training.checkpoint import load_checkpoint
 from tests.conftest import compose_config, data_root

@@ -315,5 +315,5 @@ def run_continual(cfg: DictConfig | RunConfig | dict, data: ImageData | None = N
             plots.plot_accuracy_matrix(R, out / "acc_matrix.png", title=f"{strategy.name} + {method.name}")
             plots.plot_task_accuracy(R, out / "task_accuracy.png", progress.acc_matrices)
         if activity is not None:
-            plots.plot_activity(activity, out / "activity.png")
+            plots.plot_activity(*activity.series(), out / "activity.png")
     return metrics

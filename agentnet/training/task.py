@@ -15,12 +15,13 @@ import torch
 from omegaconf import DictConfig
 
 from agentnet import plots
+from agentnet.composition import to_run_config
 from agentnet.config import ConfigError, RunConfig, check
 from agentnet.data import ImageData, load_dataset, run_splits
 from agentnet.network import build_model
 from agentnet.paths import output_dir_of
 from agentnet.population import population_of, summarize
-from agentnet.registry import build_strategy, to_run_config
+from agentnet.registry import build_strategy
 from agentnet.training.checkpoint import RunLock, atomic_write_json
 from agentnet.training.engine import Trainer
 from agentnet.training.plugins import BestValidation, TensorBoardLogger, TrainerPlugin, WorkerActivity
@@ -178,5 +179,7 @@ def train(cfg: DictConfig | RunConfig | dict, data: ImageData | None = None) -> 
         if resumed is not None:
             metrics["resumed"] = resumed
         atomic_write_json(metrics, out / "metrics.json")
-        plots.write_run_plots(out, trainer.history, selection, activity, trainer.histories)
+        plots.write_run_plots(out, trainer.history, trainer.histories,
+                              leadership=None if selection is None else selection.epoch_counts,
+                              activity=None if activity is None else activity.series())
     return metrics
