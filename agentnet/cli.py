@@ -20,11 +20,12 @@ import hydra
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from agentnet.composition import to_run_config
 from agentnet.config import ConfigError
 from agentnet.data import DataError
 from agentnet.experiments import run_experiment
+from agentnet.hydra_setup import register_all
 from agentnet.paths import CONFIG_DIR, output_dir_of
-from agentnet.registry import register_all, to_run_config
 from agentnet.recipes import run_continual, train
 from agentnet.training import CheckpointError, NonFiniteLossError, RunDirectoryLockedError
 from agentnet.tuning import run_study

@@ -1,19 +1,18 @@
-"""PNG plots of a run: learning curves, leadership maps (LFNN Fig. 6), worker activity (Fig. 5)."""
+"""PNG plots of a run: learning curves, leadership maps (LFNN Fig. 6), worker activity (Fig. 5).
+
+Every function takes plain data (lists, dicts, arrays), so this module knows nothing of the
+trainer, its plugins or the network that produced them.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-
-if TYPE_CHECKING:
-    from agentnet.training.plugins import WorkerActivity
-    from agentnet.workers import LeaderSelection
 
 __all__ = [
     "plot_history",
@@ -51,9 +50,12 @@ def plot_history(history: list[dict], path: Path, histories: list[list[dict]] | 
     plt.close(fig)
 
 
-def plot_leadership(epoch_counts: list[list], path: Path) -> None:
-    """How often each worker led, per epoch and hidden layer (rows: epochs, columns: workers); the
-    first replica's counts when they are per replica ``(R, W)``."""
+def plot_leadership(epoch_counts: list[list[np.ndarray]], path: Path) -> None:
+    """How often each worker led, per epoch and hidden layer (rows: epochs, columns: workers).
+
+    ``epoch_counts[layer][epoch]``: that epoch's count per worker, ``(W,)``, or per replica and worker
+    ``(R, W)`` (the first replica's counts are drawn). Any array-like works (a CPU tensor too).
+    """
     layers = [np.stack([np.asarray(c).reshape(-1, np.asarray(c).shape[-1])[0] for c in per_layer]) for per_layer in epoch_counts if per_layer]
     if not layers:
         return
@@ -67,20 +69,23 @@ def plot_leadership(epoch_counts: list[list], path: Path) -> None:
     plt.close(fig)
 
 
-def plot_activity(activity: "WorkerActivity", path: Path, layer: int = 0) -> None:
-    """Per-step output change of every worker of ``layer``; leaders red, followers blue."""
-    if not activity.steps:
+def plot_activity(changes: np.ndarray, leaders: np.ndarray | None, path: Path, layer: int = 0) -> None:
+    """Per-step output change of every worker of one hidden layer; leaders red, followers blue.
+
+    ``changes``: ``(steps, W)``, each worker's mean |output change| per step; ``leaders``: a boolean
+    ``(steps, W)`` mask of the leaders, or ``None`` (no leaders); ``layer`` (0-based) names the
+    layer in the title. Nothing is written for zero steps.
+    """
+    values = np.asarray(changes)
+    if values.size == 0:
         return
-    values = np.stack([step[layer].numpy() for step in activity.steps])  # (steps, W)
-    leaders = activity.leaders
     fig, ax = plt.subplots(figsize=(9, 3.5))
     steps = np.arange(len(values))
     for w in range(values.shape[1]):
         ax.plot(steps, values[:, w], color="tab:blue", lw=0.5, alpha=0.6)
-    if leaders and leaders[0][layer] is not None and leaders[0][layer].dim() == 1:
-        mask = np.stack([step[layer].numpy() for step in leaders])
-        lead_vals = np.where(mask, values, np.nan)
-        ax.plot(steps, np.nanmean(lead_vals, axis=1), color="tab:red", lw=1.2, label="leaders (mean)")
+    if leaders is not None:
+        mask = np.asarray(leaders, dtype=bool)
+        ax.plot(steps, np.nanmean(np.where(mask, values, np.nan), axis=1), color="tab:red", lw=1.2, label="leaders (mean)")
         ax.plot(steps, np.nanmean(np.where(mask, np.nan, values), axis=1), color="navy", lw=1.2, label="followers (mean)")
         ax.legend()
     ax.set(xlabel="step", ylabel="mean |output change|", title=f"worker activity, hidden layer {layer + 1}", yscale="log")
@@ -90,16 +95,19 @@ def plot_activity(activity: "WorkerActivity", path: Path, layer: int = 0) -> Non
 
 
 def write_run_plots(
-    out: Path, history: list[dict], selection: "LeaderSelection | None", activity: "WorkerActivity | None",
-    histories: list[list[dict]] | None = None,
+    out: Path, history: list[dict], histories: list[list[dict]] | None = None,
+    leadership: list[list[np.ndarray]] | None = None,
+    activity: tuple[np.ndarray, np.ndarray | None] | None = None,
 ) -> None:
-    """Write the plots that apply to a finished run into ``out`` (``histories``: per replica)."""
+    """Write the plots that apply to a finished run into ``out``: the history (``histories``: per
+    replica), the leadership counts (:func:`plot_leadership`'s ``epoch_counts``) and the activity
+    (:func:`plot_activity`'s ``(changes, leaders)``), each where given."""
     if history:
         plot_history(history, out / "history.png", histories)
-    if selection is not None and any(selection.epoch_counts):
-        plot_leadership(selection.epoch_counts, out / "leadership.png")
+    if leadership is not None and any(leadership):
+        plot_leadership(leadership, out / "leadership.png")
     if activity is not None:
-        plot_activity(activity, out / "activity.png")
+        plot_activity(*activity, out / "activity.png")
 
 
 def plot_accuracy_matrix(R: list[list[float]], path: Path, title: str = "") -> None:

@@ -104,7 +104,9 @@ def train(cfg: DictConfig | RunConfig | dict, data: ImageData | None = None) -> 
         metrics["samples_per_s"] = trainer.samples_seen / trainer.train_seconds if trainer.train_seconds else 0.0
         metrics["data"] = {"train": len(data.train), "val": 0 if data.val is None else len(data.val), "test": len(data.test)}
         atomic_write_json(metrics, out / "metrics.json")
-        plots.write_run_plots(out, trainer.history, selection, session.activity, trainer.histories)
+        plots.write_run_plots(out, trainer.history, trainer.histories,
+                              leadership=None if selection is None else selection.epoch_counts,
+                              activity=None if session.activity is None else session.activity.series())
     return metrics
 
 
@@ -139,5 +141,5 @@ def run_continual(cfg: DictConfig | RunConfig | dict, data: ImageData | None = N
             plots.plot_accuracy_matrix(R, out / "acc_matrix.png", title=f"{session.strategy.name} + {method.name}")
             plots.plot_task_accuracy(R, out / "task_accuracy.png", record.acc_matrices)
         if session.activity is not None:
-            plots.plot_activity(session.activity, out / "activity.png")
+            plots.plot_activity(*session.activity.series(), out / "activity.png")
     return metrics

@@ -31,7 +31,8 @@ from agentnet.data import ImageData, load_dataset, run_splits
 from agentnet.network import WorkerNetwork, build_model
 from agentnet.paths import output_dir_of
 from agentnet.population import Population, population_of
-from agentnet.registry import build_strategy, to_run_config
+from agentnet.composition import to_run_config
+from agentnet.registry import build_strategy
 from agentnet.strategy import StepResult, Strategy
 from agentnet.training import (
     BatchStream,

@@ -32,10 +32,11 @@ from typing import Any
 
 import yaml
 
+from agentnet.composition import check_combinations
 from agentnet.config import ConfigError, RunConfig, TuneConfig, check
 from agentnet.data import ImageData
 from agentnet.population import replica_fields
-from agentnet.registry import CL_METHODS, STRATEGIES, check_combinations
+from agentnet.registry import CL_METHODS, STRATEGIES
 from agentnet.tables import direction
 from agentnet.recipes import run_continual, train
 from agentnet.session import load_run_data

@@ -24,8 +24,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from agentnet.composition import compose, to_run_config  # noqa: E402
 from agentnet.recipes import run_continual  # noqa: E402
-from agentnet.registry import compose, to_run_config  # noqa: E402
 from agentnet.session import load_run_data  # noqa: E402
 
 #: Published domain-IL permuted-MNIST ACC (%) (van de Ven, Tuytelaars & Tolias 2022).

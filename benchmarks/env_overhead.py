@@ -7,7 +7,7 @@ Three figures, each a median over repeats, variants interleaved in one process:
    agent, PettingZoo's own dict floor);
 2. env-driven training time / trainer time on ``mlp_275k`` (52 workers + the output agent),
    every action 1 (target ≤ 1.5). "The trainer" is one step of the trainer's own loop
-   (``Trainer.run``: the batch drawn from the stream, running loss and accuracy, epoch bookkeeping),
+   (``Trainer.train``: the batch drawn from the stream, running loss and accuracy, epoch bookkeeping),
    which is what ``agentnet`` trains with and what the env calls once per step; the bare optimiser
    step on cached batches (``train_step``, the baseline of earlier rounds) is shown beside it;
 3. the same through ``step_batched`` for a network of ≥ 1000 agents (two hidden layers of 1000

@@ -28,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from agentnet.registry import compose  # noqa: E402
+from agentnet.composition import compose  # noqa: E402
 from agentnet.tables import markdown_table  # noqa: E402
 from agentnet.recipes import train  # noqa: E402
 

@@ -19,7 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from agentnet.experiments import run_experiment  # noqa: E402
-from agentnet.registry import compose, to_run_config  # noqa: E402
+from agentnet.composition import compose, to_run_config  # noqa: E402
 
 #: Targets: test error (%) per (model, strategy).
 TARGETS = {

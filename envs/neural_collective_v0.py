@@ -256,10 +256,11 @@ from gymnasium import spaces
 from pettingzoo import ParallelEnv
 from pettingzoo.utils import parallel_to_aec, wrappers
 
+from agentnet.composition import benchmark_config, check_combinations
 from agentnet.config import BenchmarkConfig, ConfigError, ConvLayerConfig, DataConfig, ModelConfig, RunConfig, TrainerConfig, check
 from agentnet.data import ImageData, load_dataset, run_splits
 from agentnet.network import ForwardRecord, WorkerNetwork, build_model, eval_mode
-from agentnet.registry import CL_METHODS, STRATEGIES, benchmark_config, build_strategy, check_combinations
+from agentnet.registry import CL_METHODS, STRATEGIES, build_strategy
 from agentnet.strategy import StepResult
 from agentnet.session import build_session, resolve_device
 from agentnet.training import ExternalUpdate, ScaledUpdate, TrainerPlugin
@@ -339,7 +340,7 @@ def run_config(
 
     ``conv``: filter-wise conv worker layers in front of ``hidden`` (each a :class:`ConvLayerConfig`
     or its fields as a dict, e.g. ``{"channels": 20, "pool": 2}``); their workers are agents too.
-    ``benchmark``: a continual-learning protocol (:func:`agentnet.registry.benchmark_config`); then
+    ``benchmark``: a continual-learning protocol (:func:`agentnet.composition.benchmark_config`); then
     :func:`agentnet.continual.runner.run_continual` on this config (with an ``output_dir``) is the
     run an episode with every action 1 reproduces. ``cl``: a CL method (needs a benchmark).
     """

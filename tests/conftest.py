@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from agentnet.registry import compose
+from agentnet.composition import compose
 from agentnet.data import ImageData, load_mnist
 
 REPO = Path(__file__).resolve().parent.parent

@@ -14,12 +14,12 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
+from agentnet.composition import to_run_config
 from agentnet.paths import CONFIG_DIR
 from agentnet.config import ConfigError
 from agentnet.config import DataConfig, ModelConfig, TrainerConfig
 from agentnet.network import WorkerNetwork
 from agentnet.registry import CL_METHODS, EXPERIMENTS, STRATEGIES, UnknownNameError, build_strategy
-from agentnet.registry import to_run_config
 from tests.conftest import REPO, compose_config, data_root
 
 GROUPS = {

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from agentnet.composition import to_run_config
 from agentnet.config import ModelConfig
 from agentnet.continual.methods import CL_METHODS, build_cl_method
 from agentnet.continual.methods.replay import ReservoirBuffer
@@ -22,7 +23,6 @@ from agentnet.recipes import run_continual
 from agentnet.continual.streams import TaskStream
 from agentnet.network import WorkerNetwork
 from agentnet.registry import STRATEGIES
-from agentnet.registry import to_run_config
 from tests.conftest import compose_config
 
 # Rows: before training, after task 1, 2, 3 (GEM's R with an init row for FWT).

@@ -19,7 +19,8 @@ from agentnet.continual.methods.lwf import LwF
 from agentnet.recipes import run_continual
 from agentnet.continual.streams import TaskStream
 from agentnet.network import WorkerNetwork
-from agentnet.registry import build_strategy, to_run_config
+from agentnet.composition import to_run_config
+from agentnet.registry import build_strategy
 from tests.conftest import compose_config, without_timing
 
 

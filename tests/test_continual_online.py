@@ -15,7 +15,7 @@ from agentnet.recipes import run_continual
 from agentnet.session import _stage_steps
 from agentnet.continual.streams import TaskStream
 from agentnet.network import WorkerNetwork
-from agentnet.registry import to_run_config
+from agentnet.composition import to_run_config
 from agentnet.training.engine import BatchStream
 from tests.conftest import compose_config, without_timing
 

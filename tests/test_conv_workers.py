@@ -9,11 +9,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from agentnet.composition import to_run_config
 from agentnet.config import ConfigError, ConvLayerConfig, ModelConfig
 from agentnet.network import WorkerNetwork, build_model
 from agentnet.objectives import leader_follower_loss
 from agentnet.registry import build_strategy
-from agentnet.registry import to_run_config
 from agentnet.recipes import train
 from agentnet.workers import LeaderSelection, WorkerBlock, WorkerConv2d, split_conv2d
 from tests.conftest import compose_config

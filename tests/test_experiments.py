@@ -8,7 +8,7 @@ import pytest
 
 from agentnet.experiments import EXPERIMENTS, run_experiment
 from agentnet.experiments.online import Setting, train_online
-from agentnet.registry import to_run_config
+from agentnet.composition import to_run_config
 from tests.conftest import REPO, compose_config
 
 NAMES = sorted(p.stem for p in (REPO / "configs" / "experiment").glob("*.yaml"))

@@ -189,7 +189,7 @@ def test_a_workers_head_learns_from_that_worker_alone():
 @pytest.mark.parametrize("overrides,message", [(["model.worker_pool=0"], "model.worker_pool=0"),
                                                 (["model=mlp_275k", "model.worker_pool=2"], "model.worker_pool=2.*an MLP")])
 def test_worker_pool_errors_name_the_field(overrides, message):
-    from agentnet.registry import to_run_config
+    from agentnet.composition import to_run_config
 
     with pytest.raises(ConfigError, match=message):
         to_run_config(compose_config(*(["model=cnn_mnist_438k"] if "model=mlp_275k" not in overrides else []), *overrides))
@@ -228,7 +228,7 @@ def test_replica_norm_refuses_bad_groups():
     ],
 )
 def test_layer_option_errors_name_the_field(overrides, field):
-    from agentnet.registry import to_run_config
+    from agentnet.composition import to_run_config
 
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
         to_run_config(compose_config(*overrides))

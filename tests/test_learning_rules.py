@@ -98,7 +98,7 @@ def test_fa_on_conv_layers_differs_from_bp_only_below_the_output():
 
 def test_fa_refuses_block_workers():
     from agentnet.network import build_model
-    from agentnet.registry import to_run_config
+    from agentnet.composition import to_run_config
 
     run = to_run_config(compose_config("model=resnet_blocks", "model.in_channels=1"))
     with pytest.raises(ConfigError, match="strategy=fa.*WorkerBlock"):

@@ -24,7 +24,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from agentnet.config import StrategyConfig
-from agentnet.registry import PluginError, Registry, UnknownNameError, config_search_paths, register_all
+from agentnet.hydra_setup import config_search_paths, register_all
+from agentnet.registry import PluginError, Registry, UnknownNameError
 from agentnet.strategy import Strategy
 from tests.conftest import REPO, data_root
 
@@ -111,7 +112,9 @@ def test_plugin_api_env_and_hooks(plugin_site, tmp_path):
     torch.set_num_threads(1)
     from agentnet.config import ModelConfig
     from agentnet.network import WorkerNetwork
-    from agentnet.registry import CL_METHODS, STRATEGIES, build_strategy, compose, config_search_paths, to_run_config
+    from agentnet.composition import compose, to_run_config
+    from agentnet.hydra_setup import config_search_paths
+    from agentnet.registry import CL_METHODS, STRATEGIES, build_strategy
     from agentnet.continual.methods import build_cl_method
     from envs import neural_collective_v0
     from agentnet_example_plugin.label_smoothing import LabelSmoothingBP, smoothed_loss
@@ -318,12 +321,12 @@ def test_config_path_entry_points(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))
     assert config_search_paths() == [("agentnet-plugin-a_pkg", "pkg://fake_conf_pkg"),
                                      ("agentnet-plugin-b_attr", f"file://{other}")]
-    from agentnet.registry import compose as agentnet_compose
+    from agentnet.composition import compose as agentnet_compose
 
     assert agentnet_compose(["model=fake_tiny"]).model.hidden == [30]
     assert agentnet_compose(["model=fake_other"]).model.hidden == [40]
     assert agentnet_compose(["model=mlp_275k"]).model.name == "mlp_275k"  # the built-ins are still there
-    from agentnet.registry import benchmark_config, protocol_names
+    from agentnet.composition import benchmark_config, protocol_names
 
     assert {"fake_pmnist3", "pmnist_quick"} <= set(protocol_names())  # error messages list plugin protocols too
     assert not any(n.endswith("_schema") for n in protocol_names())

@@ -14,7 +14,7 @@ from agentnet.recipes import run_continual, train
 from agentnet.data import ImageData, Split
 from agentnet.network import build_model
 from agentnet.population import population_of, summarize
-from agentnet.registry import to_run_config
+from agentnet.composition import to_run_config
 from agentnet.session import build_session
 from agentnet.training.checkpoint import load_checkpoint
 from tests.conftest import compose_config, data_root

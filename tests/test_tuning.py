@@ -17,10 +17,10 @@ import pytest
 import torch
 import yaml
 
+from agentnet.composition import compose, to_run_config
 from agentnet.config import ConfigError, DataConfig, TuneConfig
 from agentnet.recipes import run_continual, train
 from agentnet.data import Split, holdout
-from agentnet.registry import compose, to_run_config
 from agentnet.session import prepare_run
 from agentnet.tuning import JOURNAL, default_space, parse_space, run_study
 from tests.conftest import REPO, data_root

@@ -21,6 +21,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -162,6 +163,18 @@ class WorkerActivity(TrainerPlugin):
         self.steps.append([(a.workers[0] - b.workers[0]).abs().mean((0, 2)).cpu() for a, b in zip(after.layers, self._before.layers)])
         layers = result.record.layers if result.record is not None else [None] * len(after.layers)
         self.leaders.append([None if r is None or r.leaders is None else r.leaders[0].cpu() for r in layers])
+
+    def series(self, layer: int = 0) -> tuple[np.ndarray, np.ndarray | None]:
+        """``(changes, leaders)`` of hidden layer ``layer`` as plain arrays (what
+        :func:`agentnet.plots.plot_activity` draws): ``(steps, W)`` output changes and the ``(steps, W)``
+        leader masks, ``None`` where the strategy has no per-worker leaders."""
+        if not self.steps:
+            return np.zeros((0, 0)), None
+        changes = np.stack([step[layer].numpy() for step in self.steps])
+        first = self.leaders[0][layer] if self.leaders else None
+        if first is None or first.dim() != 1:
+            return changes, None
+        return changes, np.stack([step[layer].numpy() for step in self.leaders])
 
     def state_dict(self) -> dict:
         return {"steps": self.steps, "leaders": self.leaders}

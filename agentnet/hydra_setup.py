@@ -1,0 +1,133 @@
+"""What Hydra needs to know about agentnet before it composes: the schemas, the plugins' configs, their YAML.
+
+:func:`register_all` (called by the CLI at import and by :func:`agentnet.composition.compose`) stores
+
+* the run config's group schemas (:func:`agentnet.config.register_configs`);
+* every registered plugin's ``Config`` as ``<group>/<name>_schema`` (so a YAML preset names it in its
+  defaults list) and, where no ``<group>/<name>.yaml`` exists on the search path, also as the option
+  ``<group>/<name>`` itself (so ``<group>=<name>`` composes without any YAML);
+* a search-path plugin that appends the YAML directories installed packages declare in the
+  ``agentnet.config_paths`` entry-point group (:func:`config_search_paths`).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import importlib.resources
+from pathlib import Path
+
+from agentnet.config import register_configs
+from agentnet.paths import CONFIG_DIR
+from agentnet.registry import CL_METHODS, EXPERIMENTS, STRATEGIES, PluginError, Registry, describe_entry_point
+
+__all__ = ["register_all", "store_plugin_configs", "CONFIG_PATH_GROUP", "config_search_paths", "register_search_path_plugin"]
+
+#: Entry-point group through which an installed package adds YAML presets to the config search path.
+CONFIG_PATH_GROUP = "agentnet.config_paths"
+
+
+def register_all() -> None:
+    """Prepare Hydra for the app (idempotent): the group schemas, every plugin's ``<name>_schema``
+    (and ``<name>`` option, where no YAML of that name exists) in the ConfigStore, and the plugins'
+    config search paths. A plugin registered later is stored by the next call."""
+    register_configs()
+    for registry in (STRATEGIES, CL_METHODS, EXPERIMENTS):
+        store_plugin_configs(registry)
+    register_search_path_plugin()
+
+
+#: ``(group, name) -> class`` already in the ConfigStore: each class is looked up on the search path once.
+_stored: dict[tuple[str, str], type] = {}
+
+
+def store_plugin_configs(registry: Registry) -> None:
+    """Store every class ``registry`` holds (discovering them first) in Hydra's ConfigStore."""
+    from hydra.core.config_store import ConfigStore
+
+    store = ConfigStore.instance()
+    for name in registry.names():
+        cls = registry.get(name)
+        if _stored.get((registry.group, name)) is cls:
+            continue
+        store.store(group=registry.group, name=f"{name}_schema", node=cls.Config(name=name))
+        # The option itself, so `<group>=<name>` needs no YAML (a plugin from another package has
+        # none). Only without a YAML of that name: Hydra would validate the YAML against a
+        # same-named ConfigStore entry (deprecated "automatic schema matching", with a warning).
+        if not _yaml_on_search_path(f"{registry.group}/{name}.yaml"):
+            store.store(group=registry.group, name=name, node=cls.Config(name=name))
+        _stored[(registry.group, name)] = cls
+
+
+def _yaml_on_search_path(relative: str) -> bool:
+    """Whether ``configs/<relative>`` or the same file under a plugin's config path exists."""
+    if (Path(CONFIG_DIR) / relative).is_file():
+        return True
+    for _, path in config_search_paths():
+        if path.startswith("pkg://"):
+            module, _, sub = path[len("pkg://"):].partition("/")
+            try:
+                if importlib.resources.files(module).joinpath(sub, relative).is_file():
+                    return True
+            except ModuleNotFoundError:
+                continue
+        elif (Path(path.removeprefix("file://")) / relative).is_file():
+            return True
+    return False
+
+
+def config_search_paths() -> list[tuple[str, str]]:
+    """``(provider, path)`` for every ``agentnet.config_paths`` entry point, in Hydra's search-path form.
+
+    An entry point's value is either a package (``my_pkg.conf``: its directory holds group folders
+    such as ``model/``, giving ``pkg://my_pkg.conf``) or an attribute holding (or a function
+    returning) a search-path string (``pkg://...``, ``file://...`` or a directory).
+    """
+    paths = []
+    for ep in sorted(importlib.metadata.entry_points(group=CONFIG_PATH_GROUP), key=lambda e: e.name):
+        if ep.attr is None:
+            # Import it anyway, so a misspelt package fails here with the entry point's name
+            # rather than as a silently empty search-path entry.
+            try:
+                importlib.import_module(ep.module)
+            except Exception as exc:
+                raise PluginError(f"config path {describe_entry_point(ep)} failed to import: {type(exc).__name__}: {exc}") from exc
+            path = f"pkg://{ep.module}"
+        else:
+            try:
+                value = ep.load()
+                path = value() if callable(value) else value
+            except Exception as exc:
+                raise PluginError(f"config path {describe_entry_point(ep)} failed to load: {type(exc).__name__}: {exc}") from exc
+            if not isinstance(path, str):
+                raise PluginError(f"config path {describe_entry_point(ep)}: gave {path!r}, not a search-path string")
+        paths.append((f"agentnet-plugin-{ep.name}", path))
+    return paths
+
+
+_search_path_plugin: type | None = None
+
+
+def register_search_path_plugin() -> None:
+    """Make every Hydra run and compose in this process append :func:`config_search_paths` (idempotent).
+
+    A Hydra ``SearchPathPlugin`` registered by hand (``Plugins.instance().register``) instead of found
+    in a ``hydra_plugins`` namespace package, so that neither agentnet nor a plugin package ships a
+    namespace package of its own. The paths come after the repository's ``configs/`` (a built-in
+    preset of the same name wins) and before the ConfigStore.
+    """
+    global _search_path_plugin
+    from hydra.core.plugins import Plugins
+    from hydra.plugins.search_path_plugin import SearchPathPlugin
+
+    if _search_path_plugin is None:
+
+        class AgentnetSearchPathPlugin(SearchPathPlugin):
+            """Appends the ``agentnet.config_paths`` entry points to Hydra's config search path."""
+
+            def manipulate_search_path(self, search_path) -> None:
+                for provider, path in config_search_paths():
+                    search_path.append(provider=provider, path=path)
+
+        _search_path_plugin = AgentnetSearchPathPlugin
+    Plugins.instance().register(_search_path_plugin)
