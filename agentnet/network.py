@@ -12,36 +12,29 @@ A network holds ``R`` replicas (``seeds``, one per replica; see :mod:`agentnet.w
 ``r`` is initialised exactly as a one-replica network built with ``seeds[r]``, so a population
 trains the same networks as ``R`` separate runs, in one batched model. Outputs are ``(R, B, C)``.
 
-``forward`` is the plain inference pass. ``forward_record`` is the training pass that strategies
-use: per layer it chooses the :data:`~agentnet.workers.GradientPath`, computes every worker's
-prediction loss, asks a :class:`~agentnet.workers.LeaderSelection` for leaders and, when asked,
-routes the global gradient through leaders only. All of it is batched per layer.
+The network is read as a sequence of :class:`~agentnet.blocks.Block` (:meth:`WorkerNetwork.blocks`)
+and an :class:`~agentnet.blocks.OutputHead` (:attr:`WorkerNetwork.head`: the output layer, the task
+loss, the prediction, the logit mask). ``forward`` is the plain inference pass. ``forward_record``
+is the training pass that strategies use: every block under one
+:data:`~agentnet.replica.GradientPath`, its worker outputs recorded, and in every block the
+rule's own :class:`~agentnet.blocks.BlockHook` (worker losses, leader selection, perturbations).
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Iterator
 
 import networkx as nx
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from agentnet.blocks import NO_HOOK, Block, BlockHook, ForwardRecord, LayerRecord, OutputHead, PlainLayers
 from agentnet.config import ModelConfig
-from agentnet.workers import (
-    GradientPath,
-    LeaderSelection,
-    ReplicaLinear,
-    ReplicaNorm,
-    WorkerBlock,
-    WorkerConv2d,
-    WorkerLinear,
-    WorkerPredictor,
-    WorkerReadout,
-)
+from agentnet.replica import GradientPath, ReplicaLinear, ReplicaNorm
+from agentnet.workers import WorkerBlock, WorkerConv2d, WorkerLinear, WorkerReadout
 
 __all__ = ["LayerRecord", "ForwardRecord", "WorkerNetwork", "build_model", "eval_mode", "image_shape"]
 
@@ -58,30 +51,6 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
         yield
     finally:
         model.train(was_training)
-
-
-@dataclass
-class LayerRecord:
-    """One hidden layer's view of a training forward pass."""
-
-    workers: Tensor
-    """Worker outputs ``(R, B, W, k)`` whose gradient reaches only this layer."""
-    worker_loss: Tensor | None = None
-    """Per-sample prediction loss ``e`` ``(R, B, W)``; ``None`` when not requested."""
-    leaders: Tensor | None = None
-    """Leader mask, bool ``(R, W)`` or ``(R, B, W)`` (sample mode)."""
-    best: Tensor | None = None
-    """Index of the best leader, ``(R,)`` or ``(R, B)``."""
-    activation: Tensor | None = None
-    """The layer's activation ``(R, B, n)`` (channel-folded ``(B, R*n, H, W)`` for conv layers), before any pooling."""
-
-
-@dataclass
-class ForwardRecord:
-    """A training forward pass: output logits plus one :class:`LayerRecord` per hidden layer."""
-
-    logits: Tensor
-    layers: list[LayerRecord] = field(default_factory=list)
 
 
 def image_shape(input_dim: int, channels: int) -> tuple[int, int, int]:
@@ -120,78 +89,24 @@ class WorkerNetwork(nn.Module):
         self.cfg = cfg
         self.num_classes = num_classes
         self.act = _ACTIVATIONS[cfg.activation]
-        self.output_activation = cfg.output_activation
         out_units = num_classes if cfg.output_activation == "softmax" else 1
         if cfg.output_activation == "sigmoid" and num_classes != 2:
             raise ValueError(f"model.output_activation='sigmoid' needs a binary task, got {num_classes} classes")
         self.image_shape = image_shape(input_dim, cfg.in_channels) if cfg.conv else None
-        # Every hidden layer in order as (plain?, layer, norm, what follows its activation).
-        layers: list[tuple[bool, nn.Module, nn.Module, nn.Module]] = []
-        features = input_dim
-        if self.image_shape is not None:
-            channels, side = self.image_shape[0], self.image_shape[1]
-            for spec in cfg.conv:
-                if spec.plain:  # one "worker" of every filter: a replica-grouped plain convolution
-                    layer = WorkerConv2d(channels, 1, spec.channels, spec.kernel_size, spec.stride, replicas=R)
-                elif spec.block == "none":
-                    layer = WorkerConv2d(channels, spec.channels // cfg.worker_size, cfg.worker_size, spec.kernel_size, spec.stride,
-                                         replicas=R)
-                else:
-                    layer = WorkerBlock(
-                        channels,
-                        spec.workers,
-                        spec.channels // spec.workers,
-                        width=spec.width,
-                        depth=spec.depth,
-                        residual=spec.block == "residual",
-                        kernel_size=spec.kernel_size,
-                        stride=spec.stride,
-                        activation=self.act,
-                        replicas=R,
-                    )
-                side = (side - 1) // spec.stride + 1
-                if spec.pool > 1:
-                    if side < spec.pool:
-                        raise ValueError(f"model.conv.pool={spec.pool}: the maps are only {side} pixels wide there")
-                    side //= spec.pool
-                groups = spec.channels // cfg.worker_size if spec.plain else layer.num_workers
-                post = [nn.MaxPool2d(spec.pool)] if spec.pool > 1 else []
-                post += [nn.Dropout(spec.dropout)] if spec.dropout > 0 else []
-                layers.append((spec.plain, layer, _norm(spec.norm, spec.channels, groups, R), nn.Sequential(*post)))
-                channels = spec.channels
-            last = layers[-1]
-            layers[-1] = (*last[:3], nn.Sequential(*last[3], _ReplicaFlatten(R)))
-            features = channels * side * side
-        for index, width in enumerate(cfg.hidden):
-            plain = index in cfg.hidden_plain
-            layer = ReplicaLinear(features, width, R) if plain else WorkerLinear(features, width // cfg.worker_size, cfg.worker_size, R)
-            post = nn.Dropout(cfg.hidden_dropout) if cfg.hidden_dropout > 0 else nn.Identity()
-            layers.append((plain, layer, _norm(cfg.hidden_norm, width, width // cfg.worker_size, R), post))
-            features = width
-        # Plain layers join the block of the next worker layer (the last ones: the output's block).
-        hidden, norms, post, stems, stem = [], [], [], [], _PlainLayers(self.act)
-        for plain, layer, norm, after in layers:
-            if plain:
-                stem.append(layer, norm, after)
-                continue
-            stems.append(stem)
-            stem = _PlainLayers(self.act)
-            hidden.append(layer)
-            norms.append(norm)
-            post.append(after)
-        stems.append(stem)
+        layers, features = _conv_layers(cfg, self.image_shape, self.act, R) if self.image_shape else ([], input_dim)
+        features = _fc_layers(cfg, features, R, layers)
+        hidden, norms, post, stems = _into_blocks(layers, self.act)
+        # Where the modules are registered (their names are the state-dict keys); read them
+        # through blocks() and head.
         self.hidden = nn.ModuleList(hidden)
         """The worker layers, in order."""
         self.norms = nn.ModuleList(norms)
-        """Per worker layer, its normalisation between pre-activation and activation (or identity)."""
         self.post = nn.ModuleList(post)
-        """What follows each worker layer's activation: max-pool, dropout, flatten, or nothing."""
         self.stems = nn.ModuleList(stems)
-        """Plain layers before each worker layer, and (last) before the output layer; empty for most models."""
+        """Plain layers before each worker layer, and (last) before the output layer."""
         self.output = ReplicaLinear(features, out_units, R)
-        self.logit_mask: Tensor | None = None
-        """Boolean ``(C,)`` (or per example ``(R, B, C)``) of the classes the output may predict
-        (task-incremental heads); ``None``: all."""
+        self.head = OutputHead(self.stems[-1], self.output, cfg.output_activation, R)
+        """The output block and what reads its logits (loss, prediction, logit mask)."""
         for layer in hidden:
             if layer.folded:  # conv workers predict from maps pooled onto a worker_pool x worker_pool grid
                 layer.pool = cfg.worker_pool
@@ -209,7 +124,6 @@ class WorkerNetwork(nn.Module):
                 layer.reset_replica(r)
                 if isinstance(norm, ReplicaNorm):
                     norm.reset_replica(r)
-        self.predictor = WorkerPredictor(cfg.output_activation)
         self.aux = nn.ModuleDict()
         """Modules a strategy adds to the network (e.g. local greedy heads): trained by the same
         optimiser and saved in the same checkpoint, but not counted in :attr:`num_params`."""
@@ -220,13 +134,6 @@ class WorkerNetwork(nn.Module):
         aux = {id(p) for p in self.aux.parameters()}
         return sum(p.numel() for p in self.parameters() if p.requires_grad and id(p) not in aux) // self.replicas
 
-    @property
-    def is_mlp(self) -> bool:
-        """True when every hidden layer is a fully connected worker layer, with no plain layers,
-        normalisation or dropout (what message-passing strategies need)."""
-        return (all(isinstance(layer, WorkerLinear) for layer in self.hidden) and not any(len(stem) for stem in self.stems)
-                and all(isinstance(n, nn.Identity) for n in self.norms) and all(isinstance(p, nn.Identity) for p in self.post))
-
     def _normalized(self, workers: Tensor) -> Tensor:
         """Worker outputs ``(R, B, W, k)`` as they predict and are aligned (``model.worker_norm``)."""
         if self.cfg.worker_norm == "none":
@@ -235,22 +142,34 @@ class WorkerNetwork(nn.Module):
         # local losses cannot be lowered by scaling the output up.
         return self.cfg.worker_logit_scale * F.layer_norm(workers, workers.shape[-1:], eps=1e-5)
 
-    def worker_loss(self, layer: int, workers: Tensor, y: Tensor) -> Tensor:
-        """Per-sample prediction loss ``(R, B, W)`` of hidden layer ``layer``'s workers ``(R, B, W, k)``."""
-        return self.predictor.loss(self.readouts[layer](workers), y)
+    def blocks(self) -> list[Block]:
+        """The network's blocks (one per worker layer), from the input; the output block is :attr:`head`."""
+        return [
+            Block(i, stem, layer, norm, post, readout, self.head)
+            for i, (stem, layer, norm, post, readout) in enumerate(zip(self.stems, self.hidden, self.norms, self.post, self.readouts))
+        ]
 
-    @contextlib.contextmanager
-    def logit_mask_as(self, mask: Tensor | None) -> Iterator[None]:
-        """Within the block, restrict predictions to ``mask``'s classes (``None``: all); restored after."""
-        saved, self.logit_mask = self.logit_mask, mask
-        try:
-            yield
-        finally:
-            self.logit_mask = saved
+    # The head's members that code outside the network's modules (env, continual runner, trainer) reads.
+    @property
+    def logit_mask(self) -> Tensor | None:
+        """:attr:`OutputHead.logit_mask <agentnet.blocks.OutputHead.logit_mask>`."""
+        return self.head.logit_mask
 
-    def _masked(self, logits: Tensor) -> Tensor:
-        # Task-incremental heads: classes outside the active task never win and get no gradient.
-        return logits if self.logit_mask is None else logits.masked_fill(~self.logit_mask, float("-inf"))
+    @logit_mask.setter
+    def logit_mask(self, mask: Tensor | None) -> None:
+        self.head.logit_mask = mask
+
+    def logit_mask_as(self, mask: Tensor | None) -> contextlib.AbstractContextManager[None]:
+        """:meth:`OutputHead.logit_mask_as <agentnet.blocks.OutputHead.logit_mask_as>`."""
+        return self.head.logit_mask_as(mask)
+
+    def global_loss(self, logits: Tensor, y: Tensor) -> Tensor:
+        """:meth:`OutputHead.global_loss <agentnet.blocks.OutputHead.global_loss>`."""
+        return self.head.global_loss(logits, y)
+
+    def predict(self, logits: Tensor) -> Tensor:
+        """:meth:`OutputHead.predict <agentnet.blocks.OutputHead.predict>`."""
+        return self.head.predict(logits)
 
     @property
     def workers_per_layer(self) -> list[int]:
@@ -262,7 +181,7 @@ class WorkerNetwork(nn.Module):
         Node names match the PettingZoo agents (``worker_<i>``, output last)."""
         return worker_graph(self, roles, leadership)
 
-    def _input(self, x: Tensor) -> Tensor:
+    def inputs(self, x: Tensor) -> Tensor:
         """Flat ``(R, B, D)`` inputs (``(B, D)``: the same batch for every replica); for conv models
         channel-folded images ``(B, R*C, s, s)`` (channels-last when the model is)."""
         R = self.replicas
@@ -278,93 +197,107 @@ class WorkerNetwork(nn.Module):
             x = x.contiguous(memory_format=torch.channels_last)
         return x
 
-    def per_replica_labels(self, y: Tensor) -> Tensor:
-        """Labels ``(R, B)``; ``(B,)`` labels of a batch shared by every replica are broadcast."""
-        return y.unsqueeze(0).expand(self.replicas, -1) if y.dim() == 1 else y
-
     def forward(self, x: Tensor) -> Tensor:
         """Inference: output logits ``(R, B, C)`` (``(R, B, 1)`` for a sigmoid output)."""
-        x = self._input(x)
-        for stem, layer, norm, post in zip(self.stems, self.hidden, self.norms, self.post):
-            x = post(self.act(norm(layer(stem(x)))))
-        return self.output(self.stems[-1](x))
+        x = self.inputs(x)
+        for block in self.blocks():
+            x = block.post(self.act(block.norm(block.layer(block.stem(x)))))
+        return self.head(x)
 
-    def activation_derivative(self, z: Tensor, a: Tensor) -> Tensor:
-        """``f'(z)`` of the hidden activation, from the pre-activation ``z`` and ``a = f(z)``."""
-        name = self.cfg.activation
-        if name == "relu":
-            return (z > 0).to(z.dtype)
-        if name == "tanh":
-            return 1 - a * a
-        return a * (1 - a)  # sigmoid
-
-    def sample_losses(self, logits: Tensor, y: Tensor) -> Tensor:
-        """The task loss of every example ``(R, B)``: cross-entropy (BCE for a sigmoid output) of
-        logits ``(R, B, C)`` against labels ``(R, B)`` (or ``(B,)``)."""
-        R, B = logits.shape[:2]
-        y = self.per_replica_labels(y)
-        if self.output_activation == "softmax":
-            return F.cross_entropy(self._masked(logits).reshape(R * B, -1), y.reshape(-1), reduction="none").view(R, B)
-        return F.binary_cross_entropy_with_logits(logits[..., 0], y.to(logits.dtype), reduction="none")
-
-    def global_loss(self, logits: Tensor, y: Tensor) -> Tensor:
-        """The task loss per replica ``(R,)``: the mean of :meth:`sample_losses`. Replicas' losses
-        are independent, so the gradient of their sum is each replica's own gradient."""
-        return self.sample_losses(logits, y).mean(1)
-
-    def predict(self, logits: Tensor) -> Tensor:
-        """Class predictions ``(R, B)`` from output logits ``(R, B, C)``."""
-        if self.output_activation == "softmax":
-            return self._masked(logits).argmax(-1)
-        return (logits[..., 0] > 0).long()
-
-    def forward_record(
-        self,
-        x: Tensor,
-        y: Tensor | None = None,
-        *,
-        path: GradientPath = "global",
-        selection: LeaderSelection | None = None,
-        leaders_carry_global: bool = False,
-        perturb: Callable[[int, Tensor], Tensor] | None = None,
-    ) -> ForwardRecord:
-        """Training forward pass.
-
-        ``path`` applies to every layer, the output layer included. With ``y`` and a ``selection``,
-        each hidden layer's worker losses and leaders are computed as the pass goes. With
-        ``leaders_carry_global`` the gradient arriving from above reaches only the leaders' units
-        (followers' activations are stop-gradient on the path to the output), as LFNN's Eq. 1 asks.
-        ``perturb(index, h)`` replaces each hidden layer's activation ``h`` before it is recorded and
-        fed forward (activity-perturbed forward gradients add their tangent there).
-        """
+    def forward_record(self, x: Tensor, y: Tensor | None = None, *, path: GradientPath = "global",
+                       hook: BlockHook = NO_HOOK) -> ForwardRecord:
+        """Training forward pass: every block (and the output) under the gradient ``path``, each
+        block's worker outputs recorded, and the rule's ``hook`` run in every block (with the labels
+        ``y`` as ``(R, B)``, when given)."""
         records = []
-        x = self._input(x)
+        x = self.inputs(x)
         if y is not None:
-            y = self.per_replica_labels(y)
-        for index, (stem, layer, norm, post) in enumerate(zip(self.stems, self.hidden, self.norms, self.post)):
-            x, layer_path = stem.enter_block(x, path)
-            z, z_local = _normalize(norm, *layer.forward_path(x, layer_path))
-            h = self.act(z)
-            if perturb is not None:
-                h = perturb(index, h)
+            y = self.head.labels(y)
+        for block in self.blocks():
+            x, layer_path = block.stem.enter_block(x, path)
+            z, z_local = _normalize(block.norm, *block.layer.forward_path(x, layer_path))
+            h = hook.activation(block, self.act(z))
             if self.cfg.predict_from == "activation":
                 local = h if z_local is z else self.act(z_local)  # one activation unless the paths split
             else:
                 local = z_local
-            record = LayerRecord(workers=self._normalized(layer.workers(local)))
-            if y is not None and selection is not None:
-                record.worker_loss = self.worker_loss(index, record.workers, y)
-                record.leaders, record.best = selection.select(index, record.worker_loss)
-            if leaders_carry_global and record.leaders is not None:
-                # Followers' units feed forward with their values but without a gradient path.
-                h = torch.where(_unit_gate(record.leaders, layer, h), h, h.detach())
-            record.activation = h
+            record = LayerRecord(workers=self._normalized(block.layer.workers(local)))
+            record.activation = h = hook.recorded(block, record, h, y)
             records.append(record)
-            x = post(h)
-        x, out_path = self.stems[-1].enter_block(x, path)
-        logits = self.output(x.detach() if out_path == "local" else x)
-        return ForwardRecord(logits=logits, layers=records)
+            x = block.post(h)
+        return ForwardRecord(logits=self.head(x, path), layers=records)
 
+
+
+#: One hidden layer as it is built: (plain?, layer, norm, what follows its activation).
+_Layer = tuple[bool, nn.Module, nn.Module, nn.Module]
+
+
+def _conv_layers(cfg: ModelConfig, shape: tuple[int, int, int], activation, R: int) -> tuple[list[_Layer], int]:
+    """The conv layers of ``cfg.conv`` for images of ``shape``, the last one flattening; and the
+    number of features they output."""
+    channels, side = shape[0], shape[1]
+    layers: list[_Layer] = []
+    for spec in cfg.conv:
+        if spec.plain:  # one "worker" of every filter: a replica-grouped plain convolution
+            layer = WorkerConv2d(channels, 1, spec.channels, spec.kernel_size, spec.stride, replicas=R)
+        elif spec.block == "none":
+            layer = WorkerConv2d(channels, spec.channels // cfg.worker_size, cfg.worker_size, spec.kernel_size, spec.stride,
+                                 replicas=R)
+        else:
+            layer = WorkerBlock(
+                channels,
+                spec.workers,
+                spec.channels // spec.workers,
+                width=spec.width,
+                depth=spec.depth,
+                residual=spec.block == "residual",
+                kernel_size=spec.kernel_size,
+                stride=spec.stride,
+                activation=activation,
+                replicas=R,
+            )
+        side = (side - 1) // spec.stride + 1
+        if spec.pool > 1:
+            if side < spec.pool:
+                raise ValueError(f"model.conv.pool={spec.pool}: the maps are only {side} pixels wide there")
+            side //= spec.pool
+        groups = spec.channels // cfg.worker_size if spec.plain else layer.num_workers
+        post = [nn.MaxPool2d(spec.pool)] if spec.pool > 1 else []
+        post += [nn.Dropout(spec.dropout)] if spec.dropout > 0 else []
+        layers.append((spec.plain, layer, _norm(spec.norm, spec.channels, groups, R), nn.Sequential(*post)))
+        channels = spec.channels
+    last = layers[-1]
+    layers[-1] = (*last[:3], nn.Sequential(*last[3], _ReplicaFlatten(R)))
+    return layers, channels * side * side
+
+
+def _fc_layers(cfg: ModelConfig, features: int, R: int, layers: list[_Layer]) -> int:
+    """Append the fully connected layers of ``cfg.hidden`` to ``layers``; returns the last width."""
+    for index, width in enumerate(cfg.hidden):
+        plain = index in cfg.hidden_plain
+        layer = ReplicaLinear(features, width, R) if plain else WorkerLinear(features, width // cfg.worker_size, cfg.worker_size, R)
+        post = nn.Dropout(cfg.hidden_dropout) if cfg.hidden_dropout > 0 else nn.Identity()
+        layers.append((plain, layer, _norm(cfg.hidden_norm, width, width // cfg.worker_size, R), post))
+        features = width
+    return features
+
+
+def _into_blocks(layers: list[_Layer], activation) -> tuple[list[nn.Module], list[nn.Module], list[nn.Module], list[PlainLayers]]:
+    """The worker layers, their norms and post-processing, and the stems (one per worker layer,
+    then the output's): plain layers join the block of the next worker layer."""
+    hidden, norms, post, stems, stem = [], [], [], [], PlainLayers(activation)
+    for plain, layer, norm, after in layers:
+        if plain:
+            stem.append(layer, norm, after)
+            continue
+        stems.append(stem)
+        stem = PlainLayers(activation)
+        hidden.append(layer)
+        norms.append(norm)
+        post.append(after)
+    stems.append(stem)
+    return hidden, norms, post, stems
 
 def _norm(kind: str, channels: int, groups: int, replicas: int) -> nn.Module:
     """A layer's normalisation (``model.conv.norm`` / ``model.hidden_norm``), identity for ``none``."""
@@ -380,61 +313,6 @@ def _normalize(norm: nn.Module, z: Tensor, z_local: Tensor) -> tuple[Tensor, Ten
         z = norm(z)
         return z, z
     return norm(z), norm(z_local, update_stats=False)
-
-
-class _PlainLayers(nn.Module):
-    """The plain layers (not split into workers) in front of a worker layer or the output layer.
-
-    They belong to that layer's block: under the ``local`` gradient path the block's input — the
-    first plain layer's input — is detached, and the gradient flows freely inside the block, so the
-    block's losses train them and nothing crosses the block boundary.
-    """
-
-    def __init__(self, activation) -> None:
-        super().__init__()
-        self.act = activation
-        self.layers, self.norms, self.post = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
-
-    def append(self, layer: nn.Module, norm: nn.Module, post: nn.Module) -> None:
-        self.layers.append(layer)
-        self.norms.append(norm)
-        self.post.append(post)
-
-    def __len__(self) -> int:
-        return len(self.layers)
-
-    def reset_replica(self, r: int) -> None:
-        for layer, norm in zip(self.layers, self.norms):
-            layer.reset_replica(r)
-            if isinstance(norm, ReplicaNorm):
-                norm.reset_replica(r)
-
-    def forward(self, x: Tensor) -> Tensor:
-        for layer, norm, post in zip(self.layers, self.norms, self.post):
-            x = post(self.act(norm(layer(x))))
-        return x
-
-    def enter_block(self, x: Tensor, path: GradientPath) -> tuple[Tensor, GradientPath]:
-        """Run the plain layers on a block's input ``x``; returns their output and the gradient path
-        for the block's worker (or output) layer. ``local`` detaches the block's input here, so
-        inside the block the gradient flows (``global``); ``split`` keeps the worker layer's own
-        split (plain layers then learn from the global loss only, as BP would train them)."""
-        if not len(self):
-            return x, path
-        if path == "local":
-            return self(x.detach()), "global"
-        return self(x), path
-
-
-def _unit_gate(leaders: Tensor, layer: nn.Module, h: Tensor) -> Tensor:
-    """Leader mask ``(R, W)`` or ``(R, B, W)`` expanded over each worker's units, broadcastable to
-    the layer's activation ``h`` (``(R, B, n)``, or channel-folded ``(B, R*n, H, W)``)."""
-    units = leaders.repeat_interleave(layer.worker_size, dim=-1)  # (R, n) or (R, B, n)
-    if not layer.folded:
-        return units if units.dim() == 3 else units.unsqueeze(1)
-    if units.dim() == 2:
-        return units.reshape(1, -1, 1, 1)
-    return units.transpose(0, 1).reshape(units.shape[1], -1, 1, 1)
 
 
 def worker_graph(
@@ -481,7 +359,7 @@ def worker_graph(
     return graph
 
 
-def _plain_node(graph: nx.DiGraph, stem: _PlainLayers, block: int, previous: list[str], replicas: int) -> list[str]:
+def _plain_node(graph: nx.DiGraph, stem: PlainLayers, block: int, previous: list[str], replicas: int) -> list[str]:
     """A block's plain layers as one node ``plain_<block>`` (edges: the first plain weight's norm,
     replica 0); returns the nodes that feed the block's worker layer."""
     if not len(stem):

@@ -11,16 +11,31 @@ Register a new one with :func:`agentnet.registry.register_strategy`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import ClassVar, Protocol
 
 import torch
 from torch import Tensor
 
 from agentnet.config import StrategyConfig
-from agentnet.network import ForwardRecord, WorkerNetwork
-from agentnet.workers import LeaderSelection
+from agentnet.blocks import ForwardRecord
+from agentnet.network import WorkerNetwork
 
-__all__ = ["StepResult", "Strategy"]
+__all__ = ["Leadership", "StepResult", "Strategy"]
+
+
+class Leadership(Protocol):
+    """What the trainer, results and plots read of a rule's leader selection (the LFNN rules'
+    :class:`strategies.leaders.LeaderSelection`): per layer, how often each worker led ``(R, W)``,
+    in total and per epoch; closed per epoch and checkpointed."""
+
+    counts: list[Tensor]
+    epoch_counts: list[list[Tensor]]
+
+    def end_epoch(self) -> None: ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
 
 
 @dataclass
@@ -50,7 +65,7 @@ class StepResult:
 class Strategy:
     """Base class of all strategies. Subclasses set ``Config`` and implement :meth:`compute`.
 
-    Every tensor carries the model's replica dimension first (see :mod:`agentnet.workers`);
+    Every tensor carries the model's replica dimension first (see :mod:`agentnet.replica`);
     a strategy that reads a config field through :meth:`per_replica` and lists it in
     ``replica_fields`` lets a population give each replica its own value of it.
     """
@@ -83,7 +98,7 @@ class Strategy:
         return torch.tensor(self.variants[field], device=param.device, dtype=param.dtype).view(-1, 1, 1)
 
     @property
-    def selection(self) -> LeaderSelection | None:
+    def selection(self) -> Leadership | None:
         """The leader selection this strategy keeps, if any (for leadership counts and plots)."""
         return None
 

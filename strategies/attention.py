@@ -26,12 +26,13 @@ import math
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from agentnet.config import StrategyConfig, check
 from agentnet.network import WorkerNetwork
 from agentnet.registry import register_strategy
 from agentnet.strategy import StepResult, Strategy
+from agentnet.workers import WorkerLinear
 
 MODES = ("exact", "normalized", "topk", "protect")
 
@@ -82,6 +83,29 @@ def attention_weights(weight: Tensor, mode: str) -> Tensor:
     return weight
 
 
+def is_mlp(model: WorkerNetwork) -> bool:
+    """True when every block is a bare fully connected worker layer: no plain layers,
+    normalisation or dropout (what message passing through ``alpha = W`` needs)."""
+    blocks = model.blocks()
+    return (all(isinstance(b.layer, WorkerLinear) and isinstance(b.norm, nn.Identity) and isinstance(b.post, nn.Identity)
+                and not len(b.stem) for b in blocks) and not len(model.head.stem))
+
+
+def unit_layers(model: WorkerNetwork) -> list[nn.Module]:
+    """The layers whose units send and receive messages, from the input: worker layers, then the output."""
+    return [*(b.layer for b in model.blocks()), model.head.layer]
+
+
+def activation_derivative(name: str, z: Tensor, a: Tensor) -> Tensor:
+    """``f'(z)`` of the hidden activation ``name`` (``model.activation``), from the pre-activation
+    ``z`` and ``a = f(z)``."""
+    if name == "relu":
+        return (z > 0).to(z.dtype)
+    if name == "tanh":
+        return 1 - a * a
+    return a * (1 - a)  # sigmoid
+
+
 @register_strategy("attention")
 class AttentionSeeking(Strategy):
     """Self-interested neurons maximising the attention-weighted help they give the next layer."""
@@ -91,7 +115,7 @@ class AttentionSeeking(Strategy):
     replica_fields = ("protect_lambda", "protect_c")
 
     def __init__(self, cfg: AttentionConfig, model: WorkerNetwork, variants: dict[str, list[float]] | None = None) -> None:
-        if not model.is_mlp:
+        if not is_mlp(model):
             raise ValueError(
                 "strategy=attention passes messages through fully connected weights (alpha = W); "
                 "it does not support conv or block worker layers yet (use a model with model.conv=[])"
@@ -103,18 +127,18 @@ class AttentionSeeking(Strategy):
         """Forward pass with every layer's input detached; keeps inputs and pre-activations."""
         inputs, preacts = [], []
         with torch.no_grad():
-            a = self.model._input(x)
-            for layer in self.model.hidden:
+            a = self.model.inputs(x)
+            for layer in unit_layers(self.model)[:-1]:
                 inputs.append(a)
                 z = layer(a)
                 preacts.append(z)
                 a = self.model.act(z)
             inputs.append(a)
-            logits = self.model.output(a)
+            logits = self.model.head.layer(a)
         # The only graph of the step: the task loss over the output logits, for the output need.
         logits.requires_grad_()
         with torch.enable_grad():
-            loss = self.model.global_loss(logits, y)
+            loss = self.model.head.global_loss(logits, y)
         return StepResult(loss=loss, logits=logits, cache={"inputs": inputs, "preacts": preacts})
 
     def backward(self, result: StepResult) -> None:
@@ -122,7 +146,7 @@ class AttentionSeeking(Strategy):
         cache, model = result.cache, self.model
         (grad_out,) = torch.autograd.grad(result.loss.sum(), result.logits)
         need = grad_out.neg_()  # g_j = -dJ/dz_j of the output neurons, (R, B, n_next)
-        layers = [*model.hidden, model.output]
+        layers = unit_layers(model)
         received_all, objective_all, scales = [], [], []
         R = model.replicas
         for index in range(len(layers) - 1, -1, -1):
@@ -137,7 +161,7 @@ class AttentionSeeking(Strategy):
             weight = layer.weight.detach().view(R, -1, layer.weight.shape[1])
             message = torch.bmm(need, attention_weights(weight, self.cfg.mode))  # sum_j alpha_ji g_j
             a = cache["inputs"][index]  # this layer's input is the lower layer's activation
-            need = message * model.activation_derivative(cache["preacts"][index - 1], a)  # g_i = f'(z_i) * message_i
+            need = message * activation_derivative(model.cfg.activation, cache["preacts"][index - 1], a)  # g_i = f'(z_i) * message_i
             received = message.abs().mean(1)  # (R, n)
             received_all.append(received)
             objective_all.append((a * message).mean(1))
@@ -186,7 +210,7 @@ class _Protection:
     def __init__(self, model: WorkerNetwork, protect_output: bool) -> None:
         self.model = model
         self.R = model.replicas
-        layers = [*model.hidden, model.output]
+        layers = unit_layers(model)
         self.protected = list(range(len(layers) if protect_output else len(layers) - 1))
         p = layers[0].weight
         zeros = lambda *shape: torch.zeros(*shape, device=p.device, dtype=p.dtype)  # noqa: E731
@@ -202,7 +226,7 @@ class _Protection:
 
     @property
     def layers(self) -> list:
-        return [*self.model.hidden, self.model.output]
+        return unit_layers(self.model)
 
     @torch.no_grad()
     def observe(self, index: int, need: Tensor, a_in: Tensor) -> None:

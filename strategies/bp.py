@@ -14,4 +14,4 @@ class Backprop(Strategy):
 
     def compute(self, x: Tensor, y: Tensor) -> StepResult:
         logits = self.model(x)
-        return StepResult(loss=self.model.global_loss(logits, y), logits=logits)
+        return StepResult(loss=self.model.head.global_loss(logits, y), logits=logits)

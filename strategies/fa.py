@@ -25,7 +25,8 @@ from agentnet.config import ConfigError, StrategyConfig, check
 from agentnet.network import WorkerNetwork
 from agentnet.registry import register_strategy
 from agentnet.strategy import StepResult, Strategy
-from agentnet.workers import ReplicaLinear, WorkerConv2d
+from agentnet.replica import ReplicaLinear
+from agentnet.workers import WorkerConv2d
 
 
 @dataclass
@@ -43,9 +44,9 @@ def weight_layers(model: WorkerNetwork) -> list[nn.Module]:
     """Every layer with a weight matrix that reads the layer below, in forward order (plain layers,
     worker layers, output layer)."""
     layers: list[nn.Module] = []
-    for stem, layer in zip(model.stems, [*model.hidden, model.output]):
-        layers += list(stem.layers)
-        layers.append(layer)
+    for block in [*model.blocks(), model.head]:
+        layers += list(block.stem.layers)
+        layers.append(block.layer)
     return layers
 
 
@@ -113,7 +114,7 @@ class FeedbackAlignment(Strategy):
         except BaseException:
             self._remove_hooks()
             raise
-        return StepResult(loss=self.model.global_loss(logits, y), logits=logits)
+        return StepResult(loss=self.model.head.global_loss(logits, y), logits=logits)
 
     def backward(self, result: StepResult) -> None:
         try:

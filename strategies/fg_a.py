@@ -25,9 +25,10 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
+from agentnet.blocks import Block, BlockHook
 from agentnet.network import WorkerNetwork
 from agentnet.registry import register_strategy
-from agentnet.workers import replica_randn
+from agentnet.replica import replica_randn
 from agentnet.strategy import StepResult
 from strategies.fg_w import ForwardGradientConfig, ForwardGradientStrategy
 from strategies.lg_bp import head_inputs, head_losses, local_heads
@@ -40,6 +41,20 @@ def per_unit(values: Tensor, h: Tensor) -> Tensor:
         return values.unsqueeze(-1)
     R, B = values.shape
     return values.t().repeat_interleave(h.shape[1] // R, dim=1).view(B, -1, 1, 1)
+
+
+class _Perturb(BlockHook):
+    """Adds a dual tangent ``u_l ~ N(0, I)`` (one chunk per replica, from its own generator) to
+    every block's activation, before it is recorded and fed forward; keeps the tangents."""
+
+    def __init__(self, generators: list[torch.Generator]) -> None:
+        self.generators = generators
+        self.tangents: list[Tensor] = []
+
+    def activation(self, block: Block, h: Tensor) -> Tensor:
+        u = replica_randn(h, self.generators, dim=0 if h.dim() == 3 else 1)  # (R, B, n) or folded (B, R*C, H, W)
+        self.tangents.append(u)
+        return h + fwAD.make_dual(torch.zeros_like(h), u)
 
 
 @register_strategy("fg_a")
@@ -58,30 +73,24 @@ class ActivityForwardGradient(ForwardGradientStrategy):
         if self.heads is not None:
             features = head_inputs(self.model, record)
             losses = head_losses(self.model, self.heads, [f.detach() if heads_detached else f for f in features], y)
-        return [*losses, self.model.sample_losses(record.logits, y)]
+        return [*losses, self.model.head.sample_losses(record.logits, y)]
 
     def _slopes(self, x: Tensor, y: Tensor) -> tuple[list[Tensor], Tensor]:
         """One perturbed forward pass: the tangents ``u_l`` and every block's per-example directional
         derivative ``(R, B, blocks)``. Leaves the model's state (batch statistics, RNG) as it found it."""
         model = self.model
         buffers = {name: b.clone() for name, b in model.named_buffers()}
-        tangents: list[Tensor] = []
-
-        def perturb(index: int, h: Tensor) -> Tensor:
-            u = replica_randn(h, self.generators, dim=0 if h.dim() == 3 else 1)  # (R, B, n) or folded (B, R*C, H, W)
-            tangents.append(u)
-            return h + fwAD.make_dual(torch.zeros_like(h), u)
-
+        perturb = _Perturb(self.generators)
         device = next(model.parameters()).device
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # the same dropout masks in both passes
             with torch.no_grad(), fwAD.dual_level():
-                record = model.forward_record(x, y, path="local" if self.local else "global", perturb=perturb)
+                record = model.forward_record(x, y, path="local" if self.local else "global", hook=perturb)
                 slopes = [fwAD.unpack_dual(loss).tangent for loss in self._sample_losses(record, y, heads_detached=False)]
         with torch.no_grad():  # the second pass updates batch statistics, once per step as every strategy does
             for name, b in model.named_buffers():
                 b.copy_(buffers[name])
         slopes = [torch.zeros_like(record.logits[..., 0]) if s is None else s for s in slopes]
-        return tangents, torch.stack(slopes, -1)
+        return perturb.tangents, torch.stack(slopes, -1)
 
     def compute(self, x: Tensor, y: Tensor) -> StepResult:
         estimates: list[Tensor] = []

@@ -27,7 +27,7 @@ from agentnet.config import StrategyConfig, check
 from agentnet.network import WorkerNetwork
 from agentnet.registry import register_strategy
 from agentnet.strategy import StepResult, Strategy
-from agentnet.workers import replica_randn, replica_rows
+from agentnet.replica import replica_randn, replica_rows
 from strategies.lg_bp import head_inputs, head_losses, local_heads
 
 
@@ -45,11 +45,12 @@ class ForwardGradientConfig(StrategyConfig):
 def block_modules(model: WorkerNetwork, local: bool) -> list[list[nn.Module]]:
     """The modules each block's loss trains: one block for the whole network, or (``local``) one per
     hidden layer (plain layers in front, the layer, its normalisation and head) plus the output block."""
+    blocks = [[block.stem, block.layer, block.norm] for block in model.blocks()]
+    output = [model.head.stem, model.head.layer]
     if not local:
-        return [[*model.stems, *model.hidden, *model.norms, model.output]]
+        return [[module for block in blocks for module in block] + output]
     heads = local_heads(model)
-    blocks = [[stem, layer, norm, head] for stem, layer, norm, head in zip(model.stems, model.hidden, model.norms, heads.heads)]
-    return [*blocks, [model.stems[-1], model.output]]
+    return [*(block + [head] for block, head in zip(blocks, heads.heads)), output]
 
 
 class _BlockObjective(nn.Module):
@@ -67,7 +68,7 @@ class _BlockObjective(nn.Module):
         losses = []
         if self.local:
             losses = [loss.mean(1) for loss in head_losses(model, model.aux["local_heads"], head_inputs(model, record), y)]
-        losses.append(model.global_loss(record.logits, y))
+        losses.append(model.head.global_loss(record.logits, y))
         return torch.stack(losses, 1), record.logits
 
 

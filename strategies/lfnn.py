@@ -4,7 +4,8 @@
 
 The global loss ``L_g`` back-propagates only into leaders (and the output layer): followers'
 activations are stop-gradient on the path to the output. Leader and follower terms are local to
-their layer (their gradient reaches only that layer's weights, via :func:`agentnet.workers.split_linear`).
+their layer (their gradient reaches only that layer's weights, via :func:`agentnet.replica.split_linear`). Leader selection and the
+local terms live in :mod:`strategies.leaders`.
 """
 
 from __future__ import annotations
@@ -15,10 +16,10 @@ from torch import Tensor
 
 from agentnet.config import StrategyConfig, check
 from agentnet.network import WorkerNetwork
-from agentnet.objectives import leader_follower_loss
 from agentnet.registry import register_strategy
+from agentnet.replica import GradientPath
 from agentnet.strategy import StepResult, Strategy
-from agentnet.workers import GradientPath, LeaderSelection
+from strategies.leaders import LeaderHook, LeaderSelection, leader_follower_loss
 
 
 @dataclass
@@ -48,6 +49,7 @@ class LeaderFollower(Strategy):
     replica_fields = ("delta", "lambda1", "lambda2")
     search_space = {"delta": {"uniform": [0.1, 1.0]}}
     path: GradientPath = "split"
+    #: Eq. 1: the global loss's gradient reaches only the leaders' units (followers' are stop-gradient).
     leaders_carry_global = True
 
     def __init__(self, cfg: LeaderFollowerConfig, model: WorkerNetwork, variants: dict[str, list[float]] | None = None) -> None:
@@ -55,6 +57,7 @@ class LeaderFollower(Strategy):
         device = next(model.parameters()).device
         delta = self.variants.get("delta", cfg.delta)
         self._selection = LeaderSelection(delta, cfg.selection, model.workers_per_layer, device, model.replicas)
+        self._hook = LeaderHook(self._selection, self.leaders_carry_global)
         self._lambda1, self._lambda2 = self.per_replica("lambda1"), self.per_replica("lambda2")
 
     @property
@@ -62,10 +65,8 @@ class LeaderFollower(Strategy):
         return self._selection
 
     def compute(self, x: Tensor, y: Tensor) -> StepResult:
-        record = self.model.forward_record(
-            x, y, path=self.path, selection=self._selection, leaders_carry_global=self.leaders_carry_global
-        )
-        loss = self.model.global_loss(record.logits, y)
+        record = self.model.forward_record(x, y, path=self.path, hook=self._hook)
+        loss = self.model.head.global_loss(record.logits, y)
         per_worker = []
         for layer in record.layers:
             local, mine = leader_follower_loss(layer, self._lambda1, self._lambda2)

@@ -20,10 +20,11 @@ import torch
 from torch import Tensor, nn
 
 from agentnet.config import StrategyConfig
-from agentnet.network import ForwardRecord, WorkerNetwork
+from agentnet.blocks import ForwardRecord
+from agentnet.network import WorkerNetwork
 from agentnet.registry import register_strategy
 from agentnet.strategy import StepResult, Strategy
-from agentnet.workers import ReplicaLinear
+from agentnet.replica import ReplicaLinear
 
 __all__ = ["LocalHeads", "local_heads", "head_inputs", "head_losses", "LocalGreedyBP"]
 
@@ -34,9 +35,9 @@ class LocalHeads(nn.Module):
 
     def __init__(self, model: WorkerNetwork) -> None:
         super().__init__()
-        out_units = model.output.out_features
+        out_units = model.head.layer.out_features
         self.heads = nn.ModuleList(
-            ReplicaLinear(layer.num_workers * layer.prediction_units, out_units, model.replicas) for layer in model.hidden
+            ReplicaLinear(block.layer.num_workers * block.layer.prediction_units, out_units, model.replicas) for block in model.blocks()
         )
         for i, head in enumerate(self.heads):
             bound = 1 / math.sqrt(head.in_features)
@@ -65,12 +66,12 @@ def local_heads(model: WorkerNetwork) -> LocalHeads:
 
 def head_inputs(model: WorkerNetwork, record: ForwardRecord) -> list[Tensor]:
     """Each hidden layer's output as its head reads it: ``(R, B, W*k)`` (conv maps average-pooled)."""
-    return [layer.workers(rec.activation).flatten(2) for layer, rec in zip(model.hidden, record.layers)]
+    return [block.layer.workers(rec.activation).flatten(2) for block, rec in zip(model.blocks(), record.layers)]
 
 
 def head_losses(model: WorkerNetwork, heads: LocalHeads, features: list[Tensor], y: Tensor) -> list[Tensor]:
     """Per hidden layer, each example's head cross-entropy ``(R, B)``."""
-    return [model.sample_losses(heads(i, f), y) for i, f in enumerate(features)]
+    return [model.head.sample_losses(heads(i, f), y) for i, f in enumerate(features)]
 
 
 @register_strategy("lg_bp")
@@ -85,6 +86,6 @@ class LocalGreedyBP(Strategy):
 
     def compute(self, x: Tensor, y: Tensor) -> StepResult:
         record = self.model.forward_record(x, y, path="local")
-        losses = [self.model.global_loss(record.logits, y)]
+        losses = [self.model.head.global_loss(record.logits, y)]
         losses += [loss.mean(1) for loss in head_losses(self.model, self.heads, head_inputs(self.model, record), y)]
         return StepResult(loss=torch.stack(losses).sum(0), logits=record.logits, record=record)

@@ -12,10 +12,11 @@ import torch.nn.functional as F
 from agentnet.composition import to_run_config
 from agentnet.config import ConfigError, ConvLayerConfig, ModelConfig
 from agentnet.network import WorkerNetwork, build_model
-from agentnet.objectives import leader_follower_loss
 from agentnet.registry import build_strategy
 from agentnet.recipes import train
-from agentnet.workers import LeaderSelection, WorkerBlock, WorkerConv2d, split_conv2d
+from agentnet.replica import split_conv2d
+from agentnet.workers import WorkerBlock, WorkerConv2d
+from strategies.leaders import LeaderHook, LeaderSelection, leader_follower_loss
 from tests.conftest import compose_config
 from tests.test_routing import reference_local_terms
 
@@ -110,10 +111,10 @@ def test_lfnn_global_loss_reaches_only_conv_leaders(block, norm):
     model = conv_model(block=block, norm=norm)
     x, y = batch()
     selection = LeaderSelection(0.5, "batch", model.workers_per_layer)
-    record = model.forward_record(x, y, path="split", selection=selection, leaders_carry_global=True)
+    record = model.forward_record(x, y, path="split", hook=LeaderHook(selection, leaders_carry_global=True))
     model.global_loss(record.logits, y).sum().backward()
-    for layer, layer_norm, rec in zip(model.hidden, model.norms, record.layers):
-        norms = worker_grad_norms(layer, layer_norm)
+    for block, rec in zip(model.blocks(), record.layers):
+        layer, norms = block.layer, worker_grad_norms(block.layer, block.norm)
         assert norms.shape == rec.leaders.shape == (1, layer.num_workers)
         assert (norms[~rec.leaders] == 0).all(), f"a follower of {type(layer).__name__} received the global error signal"
         assert (norms[rec.leaders] > 0).all(), f"a leader of {type(layer).__name__} received no global error signal"
@@ -123,7 +124,7 @@ def test_lfnn_local_losses_stay_in_their_conv_layer_or_block():
     model = conv_model()
     x, y = batch()
     selection = LeaderSelection(0.5, "batch", model.workers_per_layer)
-    record = model.forward_record(x, y, path="split", selection=selection, leaders_carry_global=True)
+    record = model.forward_record(x, y, path="split", hook=LeaderHook(selection, leaders_carry_global=True))
     for i in range(len(model.hidden)):
         model.zero_grad(set_to_none=True)
         local, _ = leader_follower_loss(record.layers[i], 1.0, 1.0)
@@ -144,18 +145,17 @@ def test_lfnn_local_no_gradient_crosses_a_conv_layer_or_block(head, norm):
     x, y = batch()
     result = build_strategy({"name": "lfnn_local", "delta": 0.5}, model).compute(x, y)
     model.global_loss(result.logits, y).backward(retain_graph=True)
-    assert not any(layer_touched(layer) for layer in [*model.hidden, *model.norms])
-    assert not any(layer_touched(r) for r in model.readouts)
+    assert not any(layer_touched(m) for b in model.blocks() for m in (b.layer, b.norm, b.readout))
     assert model.output.weight.grad.abs().sum() > 0
     for i in range(len(model.hidden)):
         model.zero_grad(set_to_none=True)
         leader_follower_loss(result.record.layers[i], 1.0, 1.0)[0].backward(retain_graph=True)
-        for j, (layer, layer_norm) in enumerate(zip(model.hidden, model.norms)):
-            assert layer_touched(layer) == (i == j), f"layer {i + 1}'s loss reached layer {j + 1}"
+        for j, block in enumerate(model.blocks()):
+            assert layer_touched(block.layer) == (i == j), f"layer {i + 1}'s loss reached layer {j + 1}"
             if norm != "none":
-                assert layer_touched(layer_norm) == (i == j), f"layer {i + 1}'s loss reached layer {j + 1}'s norm"
-        if head:  # a worker's head is trained by that worker's local loss only
-            assert [layer_touched(r) for r in model.readouts] == [j == i for j in range(len(model.hidden))]
+                assert layer_touched(block.norm) == (i == j), f"layer {i + 1}'s loss reached layer {j + 1}'s norm"
+            if head:  # a worker's head is trained by that worker's local loss only
+                assert layer_touched(block.readout) == (i == j)
 
 
 @pytest.mark.parametrize("block", ["residual", "vgg"])
@@ -175,7 +175,8 @@ def test_lfnn_conv_gradient_matches_reference_construction(block):
 
     # One replica: conv maps are (B, C, H, W) and, after the flatten, FC activations (1, B, n).
     h, inputs = x.view(-1, 1, 8, 8), []
-    for layer, post, mask in zip(model.hidden, model.post, masks):
+    for block, mask in zip(model.blocks(), masks):
+        layer, post = block.layer, block.post
         inputs.append(h)
         a = torch.relu(layer(h))
         gate = mask.repeat_interleave(layer.worker_size)

@@ -13,9 +13,10 @@ import torch
 
 from agentnet.config import ConfigError, ConvLayerConfig, ModelConfig
 from agentnet.network import WorkerNetwork, eval_mode
-from agentnet.objectives import leader_follower_loss
 from agentnet.registry import build_strategy
-from agentnet.workers import LeaderSelection, ReplicaNorm
+from agentnet.replica import ReplicaNorm
+from strategies.attention import is_mlp
+from strategies.leaders import LeaderHook, LeaderSelection, leader_follower_loss
 from tests.conftest import compose_config
 from tests.test_conv_workers import worker_grad_norms
 
@@ -53,8 +54,8 @@ def blocks(model: WorkerNetwork) -> list[list[torch.nn.Module]]:
     """Each block's modules: its plain layers (with their norms), then its worker layer and norm, and
     the workers' trained heads when the model has them."""
     heads = model.cfg.worker_head
-    return ([[model.stems[i], model.hidden[i], model.norms[i], *([model.readouts[i]] if heads else [])] for i in range(len(model.hidden))]
-            + [[model.stems[-1], model.output]])
+    return ([[b.stem, b.layer, b.norm, *([b.readout] if heads else [])] for b in model.blocks()]
+            + [[model.head.stem, model.head.layer]])
 
 
 def test_mixed_model_structure():
@@ -62,7 +63,7 @@ def test_mixed_model_structure():
     assert [len(stem) for stem in model.stems] == [1, 1, 1]
     assert model.workers_per_layer == [2, 2]
     assert [type(n).__name__ for n in model.norms] == ["ReplicaNorm", "ReplicaNorm"]
-    assert not model.is_mlp
+    assert not is_mlp(model)
     graph = model.to_networkx()
     assert {"plain_0", "plain_1", "plain_2"} <= set(graph.nodes)
     assert graph.has_edge("input", "plain_0") and graph.has_edge("plain_0", "worker_0")
@@ -94,10 +95,10 @@ def test_lfnn_followers_get_no_global_gradient_and_plain_layers_learn_from_it():
     model = mixed_model()
     x, y = batch()
     selection = LeaderSelection(0.5, "batch", model.workers_per_layer)
-    record = model.forward_record(x, y, path="split", selection=selection, leaders_carry_global=True)
+    record = model.forward_record(x, y, path="split", hook=LeaderHook(selection, leaders_carry_global=True))
     model.global_loss(record.logits, y).sum().backward()
-    for layer, norm, rec in zip(model.hidden, model.norms, record.layers):
-        per_worker = worker_grad_norms(layer, norm)
+    for block, rec in zip(model.blocks(), record.layers):
+        per_worker = worker_grad_norms(block.layer, block.norm)
         assert (per_worker[~rec.leaders] == 0).all(), "a follower (or its norm) received the global error signal"
         assert (per_worker[rec.leaders] > 0).all()
     # A plain layer in front of a worker layer learns from the global loss through the leaders.
@@ -121,7 +122,7 @@ def test_group_norm_keeps_workers_apart():
     """One worker's prediction loss reaches its own filters and norm parameters, no other worker's."""
     model = mixed_model()
     x, y = batch()
-    record = model.forward_record(x, y, path="local", selection=LeaderSelection(1.0, "batch", model.workers_per_layer))
+    record = model.forward_record(x, y, path="local", hook=LeaderHook(LeaderSelection(1.0, "batch", model.workers_per_layer)))
     record.layers[0].worker_loss[..., 0].sum().backward()  # worker 0 of the conv layer
     for p in [*model.hidden[0].parameters(), *model.norms[0].parameters()]:
         per_worker = p.grad.reshape(2, -1).norm(dim=1)
@@ -132,7 +133,7 @@ def test_batch_norm_statistics_update_once_per_step_and_never_in_evaluation():
     model = mixed_model()
     x, y = batch()
     norm = model.stems[0].norms[0]
-    model.forward_record(x, y, path="split", selection=LeaderSelection(0.5, "batch", model.workers_per_layer))
+    model.forward_record(x, y, path="split", hook=LeaderHook(LeaderSelection(0.5, "batch", model.workers_per_layer)))
     once = norm.running_mean.clone()
     fresh = mixed_model()
     fresh.forward_record(x, y, path="global")
@@ -173,7 +174,7 @@ def test_a_workers_head_learns_from_that_worker_alone():
     model = mixed_model(worker_pool=2, worker_head=True)  # conv workers: group norm; FC workers: batch norm
     x, y = batch()
     for layer in range(2):
-        record = model.forward_record(x, y, path="local", selection=LeaderSelection(1.0, "batch", model.workers_per_layer))
+        record = model.forward_record(x, y, path="local", hook=LeaderHook(LeaderSelection(1.0, "batch", model.workers_per_layer)))
         model.zero_grad(set_to_none=True)
         record.layers[layer].worker_loss[..., 0].sum().backward()
         head = model.readouts[layer]

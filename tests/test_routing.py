@@ -8,9 +8,8 @@ import torch.nn.functional as F
 
 from agentnet.config import ModelConfig
 from agentnet.network import WorkerNetwork
-from agentnet.objectives import leader_follower_loss
 from agentnet.registry import build_strategy
-from agentnet.workers import LeaderSelection
+from strategies.leaders import LeaderHook, LeaderSelection, leader_follower_loss
 
 
 def small_model(seed: int = 0, activation: str = "relu", predict_from: str = "activation") -> WorkerNetwork:
@@ -46,7 +45,7 @@ def test_lfnn_global_loss_reaches_only_leaders():
     model = small_model()
     x, y = batch()
     selection = LeaderSelection(0.5, "batch", model.workers_per_layer)
-    record = model.forward_record(x, y, path="split", selection=selection, leaders_carry_global=True)
+    record = model.forward_record(x, y, path="split", hook=LeaderHook(selection, leaders_carry_global=True))
     model.global_loss(record.logits, y).sum().backward()
     for layer, rec in zip(model.hidden, record.layers):
         norms = row_norms(layer)
@@ -60,7 +59,7 @@ def test_lfnn_local_losses_stay_in_their_layer():
     model = small_model()
     x, y = batch()
     selection = LeaderSelection(0.5, "batch", model.workers_per_layer)
-    record = model.forward_record(x, y, path="split", selection=selection, leaders_carry_global=True)
+    record = model.forward_record(x, y, path="split", hook=LeaderHook(selection, leaders_carry_global=True))
     local, _ = leader_follower_loss(record.layers[1], 1.0, 1.0)
     local.backward()
     assert model.hidden[0].weight.grad is None or model.hidden[0].weight.grad.abs().sum() == 0

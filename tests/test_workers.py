@@ -10,13 +10,14 @@ import torch.nn.functional as F
 
 from agentnet.config import ModelConfig
 from agentnet.network import WorkerNetwork
-from agentnet.workers import (
-    LeaderSelection,
-    WorkerLinear,
-    WorkerPredictor,
-    WorkerReadout,
-    split_linear,
-)
+from agentnet.blocks import OutputHead, PlainLayers
+from agentnet.replica import ReplicaLinear, split_linear
+from agentnet.workers import WorkerLinear, WorkerReadout
+from strategies.leaders import LeaderSelection
+
+
+def output_head(activation: str) -> OutputHead:
+    return OutputHead(PlainLayers(torch.relu), ReplicaLinear(4, 10 if activation == "softmax" else 1), activation, replicas=1)
 
 
 def test_worker_view_maps_rows_to_workers():
@@ -37,22 +38,22 @@ def test_presets_parameter_counts():
 
 
 def test_worker_prediction_is_cross_entropy_of_its_units():
-    predictor = WorkerPredictor("softmax")
+    predictor = output_head("softmax")
     readout = WorkerReadout(6, 10, 10, projection=False, head=False)
     workers = torch.randn(1, 4, 6, 10)
     y = torch.tensor([[1, 3, 9, 0]])
-    e = predictor.loss(readout(workers), y)
+    e = predictor.worker_losses(readout(workers), y)
     assert e.shape == (1, 4, 6)
     for w in range(6):
         torch.testing.assert_close(e[0, :, w], F.cross_entropy(workers[0, :, w], y[0], reduction="none"))
-    assert not list(predictor.parameters()) and not list(readout.parameters())  # predictions add no parameters
+    assert not list(readout.parameters())  # predictions add no parameters
 
 
 def test_binary_worker_prediction_projection_and_head():
-    binary = WorkerPredictor("sigmoid")
+    binary = output_head("sigmoid")
     workers, y = torch.randn(1, 3, 5, 1), torch.tensor([[0, 1, 1]])
     torch.testing.assert_close(
-        binary.loss(workers, y),
+        binary.worker_losses(workers, y),
         F.binary_cross_entropy_with_logits(workers[..., 0], y.float()[..., None].expand(1, 3, 5), reduction="none"),
     )
     with pytest.raises(ValueError, match="worker_projection"):

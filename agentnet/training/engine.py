@@ -39,7 +39,7 @@ from agentnet.training.checkpoint import (
 )
 from agentnet.training.plugins import TrainerPlugin, progress_bar
 from agentnet.population import population_of
-from agentnet.workers import lerp_update, replica_rows
+from agentnet.replica import lerp_update, replica_rows
 
 __all__ = ["NonFiniteLossError", "BatchStream", "Trainer", "Update", "ScaledUpdate", "ExternalUpdate",
            "build_optimizer", "build_scheduler"]
@@ -249,7 +249,7 @@ class Trainer:
         """
         if x.dim() == 2:  # one batch shared by every replica
             x = x.unsqueeze(0).expand(self.replicas, *x.shape)
-        y = self.model.per_replica_labels(y)
+        y = self.model.head.labels(y)
         fresh = y.shape[1]
         for plugin in self.plugins:
             x, y = plugin.adapt_batch(self, x, y)
@@ -275,12 +275,12 @@ class Trainer:
         return result
 
     def optimizer_step(self, scales: list[Tensor | None] | None) -> None:
-        """Optimiser step; then each unit's update scaled (see :func:`agentnet.workers.lerp_update`)
+        """Optimiser step; then each unit's update scaled (see :func:`agentnet.replica.lerp_update`)
         and each replica's update scaled by its own learning rate's ratio to ``trainer.lr``."""
         if scales is None and self.lr_scale is None:
             self.optimizer.step()
             return
-        layers = [] if scales is None else [(l, s) for l, s in zip([*self.model.hidden, self.model.output], scales) if s is not None]
+        layers = [] if scales is None else [(l, s) for l, s in zip([*(b.layer for b in self.model.blocks()), self.model.head.layer], scales) if s is not None]
         params = list(self.model.parameters()) if self.lr_scale is not None else [p for l, _ in layers for p in l.parameters()]
         before = {p: p.detach().clone() for p in params}
         self.optimizer.step()

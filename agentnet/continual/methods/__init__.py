@@ -17,7 +17,7 @@ import torch
 from agentnet.config import CLConfig
 from agentnet.registry import CL_METHODS
 from agentnet.training.plugins import TrainerPlugin
-from agentnet.workers import replica_rows
+from agentnet.replica import replica_rows
 
 __all__ = ["CL_METHODS", "CLMethod", "build_cl_method"]
 

@@ -33,7 +33,8 @@ from torch.func import functional_call, grad, vmap
 from agentnet.config import CLConfig, check
 from agentnet.continual.methods import CL_METHODS, CLMethod
 from agentnet.network import eval_mode
-from agentnet.workers import ReplicaLinear, WorkerReadout
+from agentnet.replica import ReplicaLinear
+from agentnet.workers import WorkerReadout
 
 
 @dataclass
@@ -101,10 +102,10 @@ def _class_losses(model: torch.nn.Module, logits: torch.Tensor, labels: str, y: 
     classes a logit mask excludes contribute nothing), one for ``pred`` / ``true``."""
     R, N = logits.shape[:2]
     if labels != "all":
-        label = model.predict(logits).detach() if labels == "pred" else model.per_replica_labels(y)
-        return [model.sample_losses(logits, label).sum()]
-    classes = 2 if getattr(model, "output_activation", "softmax") == "sigmoid" else logits.shape[-1]
-    return [_sqrt_p_weighted(model.sample_losses(logits, torch.full((R, N), c, dtype=torch.long, device=logits.device)))
+        label = model.head.predict(logits).detach() if labels == "pred" else model.head.labels(y)
+        return [model.head.sample_losses(logits, label).sum()]
+    classes = 2 if model.head.activation == "sigmoid" else logits.shape[-1]
+    return [_sqrt_p_weighted(model.head.sample_losses(logits, torch.full((R, N), c, dtype=torch.long, device=logits.device)))
             for c in range(classes)]
 
 
@@ -143,7 +144,7 @@ def _linear_fisher(
                 if len({id(mod) for mod, _, _ in records}) != len(records):
                     return None
                 outputs = [out for _, _, out in records]
-                yi = None if y is None else model.per_replica_labels(y)[:, start : start + chunk]
+                yi = None if y is None else model.head.labels(y)[:, start : start + chunk]
                 losses = _class_losses(model, logits, labels, yi)
                 for loss in losses:
                     deltas = torch.autograd.grad(loss, outputs, retain_graph=True, allow_unused=True)
@@ -170,16 +171,16 @@ def _per_sample_fisher(
     """The general path: per-sample gradients with ``torch.func`` for any network."""
     params = {k: v.detach() for k, v in model.named_parameters()}
     R, n = x.shape[:2]
-    classes = 2 if getattr(model, "output_activation", "softmax") == "sigmoid" else None
+    classes = 2 if model.head.activation == "sigmoid" else None
 
     def nll(p, xi, yi):  # xi: (R, D), one sample per replica; yi: (R,) its labels (pred / true)
         logits = functional_call(model, p, (xi.unsqueeze(1),))
-        label = model.predict(logits).detach() if yi is None else yi.unsqueeze(1)
-        return model.global_loss(logits, label).sum()
+        label = model.head.predict(logits).detach() if yi is None else yi.unsqueeze(1)
+        return model.head.global_loss(logits, label).sum()
 
     def weighted_nll(p, xi, c):  # sqrt(p_c) * -log p_c: its squared gradient is p_c (d log p_c)^2
         logits = functional_call(model, p, (xi.unsqueeze(1),))
-        return _sqrt_p_weighted(model.sample_losses(logits, c.reshape(1, 1).expand(R, 1)))
+        return _sqrt_p_weighted(model.head.sample_losses(logits, c.reshape(1, 1).expand(R, 1)))
 
     total = {k: torch.zeros_like(v) for k, v in params.items()}
     with eval_mode(model):  # one sample per call: batch norms use their running statistics
@@ -221,7 +222,7 @@ class EWC(CLMethod):
         n = min(self.cfg.fisher_samples, task.train_size)
         pick = torch.randperm(task.train_size, generator=gen)[:n].to(task.train_idx.device)
         x, y = stream.batch(task, pick)
-        with self.model.logit_mask_as(stream.logit_mask(task)):
+        with self.model.head.logit_mask_as(stream.logit_mask(task)):
             fisher = diagonal_fisher(self.model, x, self.cfg.fisher_labels, y)
         theta = {k: v.detach().clone() for k, v in self.model.named_parameters()}
         if self.cfg.online and self.anchors:

@@ -85,7 +85,7 @@ class LwF(CLMethod):
 
     def _frozen_copy(self) -> nn.Module:
         old = copy.deepcopy(self.model)
-        old.logit_mask = None
+        old.head.logit_mask = None
         old.eval()
         old.requires_grad_(False)
         return old
@@ -105,11 +105,11 @@ class LwF(CLMethod):
 
     def _outputs(self, model: nn.Module, x: Tensor) -> list[Tensor]:
         """The logits distilled: the output's, plus (local) every hidden layer's worker predictions."""
-        with model.logit_mask_as(None):
+        with model.head.logit_mask_as(None):
             if not self.cfg.lwf_local:
                 return [model(x)]
             record = model.forward_record(x, path="local")
-            return [record.logits, *(readout(layer.workers) for readout, layer in zip(model.readouts, record.layers))]
+            return [record.logits, *(block.readout(rec.workers) for block, rec in zip(model.blocks(), record.layers))]
 
     def distillation(self, x: Tensor) -> Tensor:
         """The distillation term per replica ``(R,)`` on batch ``x``, with a graph to the current

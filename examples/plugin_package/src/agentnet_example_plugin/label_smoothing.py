@@ -47,11 +47,11 @@ def smoothed_loss(model: WorkerNetwork, logits: Tensor, y: Tensor, smoothing: fl
 
     ``smoothing`` is a float or a per-replica ``(R, 1)`` tensor.
     """
-    y = model.per_replica_labels(y)
-    if model.output_activation == "sigmoid":
+    y = model.head.labels(y)
+    if model.head.activation == "sigmoid":
         target = y.to(logits.dtype) * (1 - smoothing) + 0.5 * smoothing
         return F.binary_cross_entropy_with_logits(logits[..., 0], target, reduction="none").mean(1)
-    mask = model.logit_mask
+    mask = model.head.logit_mask
     allowed = torch.ones_like(logits, dtype=torch.bool) if mask is None else mask.expand_as(logits)
     # Classes outside the active task get -inf: zero probability, and no gradient.
     logp = logits.masked_fill(~allowed, float("-inf")).log_softmax(-1)
