@@ -1,4 +1,4 @@
-"""neural_collective_v0 hosting the continual benchmark (issue #14, item 6): one episode is a whole
+"""neural_collective_v0 hosting the continual benchmark: one episode is a whole
 task sequence run by the continual runner's own :class:`~agentnet.continual.runner.TaskSequence`;
 ``infos`` carry the task index and the accuracy matrix so far; a cooperative reward option.
 

@@ -1,5 +1,5 @@
 """neural_collective_v0 as MARL libraries use it: own random generators, seeding, pickling, errors,
-spaces and scales (issue #14). The libraries themselves are exercised in tests/test_env_marl.py."""
+spaces and scales. The libraries themselves are exercised in tests/test_env_marl.py."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""neural_collective_v0 inside the MARL libraries that consume PettingZoo envs (issue #14):
+"""neural_collective_v0 inside the MARL libraries that consume PettingZoo envs:
 SuperSuit's vector envs feeding Stable-Baselines3's PPO, and TorchRL's ``PettingZooWrapper``.
 
 The libraries come with the ``marl`` extra (``pip install -e ".[dev,marl]"``, what ``make setup``
@@ -97,7 +97,7 @@ def test_torchrl_wrapper_specs_and_rollout(action_mode):
     assert rollout["next", "done"].any()  # max_cycles=4 within 10 steps
 
 
-#: A benchmark episode of 2 permuted tasks of 3 steps (issue #14 item 6): task ends inside a rollout.
+#: A benchmark episode of 2 permuted tasks of 3 steps: task ends inside a rollout.
 BENCH = dict(TINY, benchmark={"name": "pmnist_quick", "num_tasks": 2, "iterations_per_task": 3})
 
 
