@@ -89,6 +89,7 @@ class DeltaCodec:
     mode = "delta"
 
     def __init__(self, layout: AgentLayout, agents: list[str], max_delta: float, device: torch.device) -> None:
+        self.check_model(layout)
         self.layout, self.agents, self.max_delta, self.device = layout, agents, max_delta, device
         sizes = np.concatenate([[l.weight[0].numel() + 1] * n for l, n in zip(layout.layers, layout.agents_per_layer)])
         units = np.concatenate([[layout.units[i]] * n for i, n in enumerate(layout.agents_per_layer)])
@@ -97,9 +98,9 @@ class DeltaCodec:
         }
 
     @staticmethod
-    def check_model(model: WorkerNetwork, layout: AgentLayout) -> None:
+    def check_model(layout: AgentLayout) -> None:
         """Refuse models whose agents own more than one weight and bias per unit."""
-        if any(isinstance(l, WorkerBlock) for l in model.hidden):
+        if any(isinstance(l, WorkerBlock) for l in layout.layers):
             raise ConfigError("action_mode='delta': an agent's delta is its units' weights and biases, which block-wise "
                               "workers do not have (several convs per block); use 'scale' or 'scale_centered'")
         if layout.has_extra_params:

@@ -19,7 +19,7 @@ from agentnet.training import resolve_device
 from agentnet.workers import WorkerBlock
 
 from . import scenario
-from .actions import ACTION_MODES, DeltaCodec, make_codec
+from .actions import ACTION_MODES, make_codec
 from .agents import AgentLayout, BlockScale
 from .engine import build, dataset, run_config
 from .graph import draw, worker_graph
@@ -159,8 +159,6 @@ class NeuralCollectiveEnv(ParallelEnv):
             self._layout = AgentLayout(self.model)
             agents = [f"worker_{i}" for i in range(self._layout.num_agents)]
             self._codec = make_codec(self.action_mode, self._layout, agents, self.max_scale, self.max_delta, self.device)
-            if isinstance(self._codec, DeltaCodec):
-                self._codec.check_model(self.model, self._layout)
             self._reward = REWARD_CLASSES[self.reward](self.reward_scale, self._layout.agents_per_layer)
             self.sequence.begin()  # before_run binds the plugins to the model
         self._last_params = self._layout.snapshot()
