@@ -26,7 +26,6 @@ import contextlib
 import math
 from typing import Iterator
 
-import networkx as nx
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -175,12 +174,6 @@ class WorkerNetwork(nn.Module):
     def workers_per_layer(self) -> list[int]:
         return [layer.num_workers for layer in self.hidden]
 
-    def to_networkx(self, roles: list[list[str]] | None = None, leadership: list[Tensor] | None = None) -> nx.DiGraph:
-        """Workers as nodes (``layer``, ``index``, ``role``, ``leadership`` count), plus ``input`` and the
-        output group; edges carry the Frobenius norm of the weight block connecting two workers.
-        Node names match the PettingZoo agents (``worker_<i>``, output last)."""
-        return worker_graph(self, roles, leadership)
-
     def inputs(self, x: Tensor) -> Tensor:
         """Flat ``(R, B, D)`` inputs (``(B, D)``: the same batch for every replica); for conv models
         channel-folded images ``(B, R*C, s, s)`` (channels-last when the model is)."""
@@ -313,63 +306,6 @@ def _normalize(norm: nn.Module, z: Tensor, z_local: Tensor) -> tuple[Tensor, Ten
         z = norm(z)
         return z, z
     return norm(z), norm(z_local, update_stats=False)
-
-
-def worker_graph(
-    model: WorkerNetwork, roles: list[list[str]] | None = None, leadership: list[Tensor] | None = None
-) -> nx.DiGraph:
-    """The network as a graph of workers (see :meth:`WorkerNetwork.to_networkx`); the first replica's."""
-    R = model.replicas
-    graph = nx.DiGraph()
-    graph.add_node("input", layer=0, index=0, role="input", leadership=0.0)
-    previous = ["input"]
-    agent = 0
-    with torch.no_grad():
-        for li, layer in enumerate(model.hidden):
-            previous = _plain_node(graph, model.stems[li], li, previous, R)
-            names = []
-            for w in range(layer.num_workers):
-                name = f"worker_{agent}"
-                agent += 1
-                role = roles[li][w] if roles else "worker"
-                lead = float(leadership[li].reshape(-1, layer.num_workers)[0, w]) if leadership is not None else 0.0
-                graph.add_node(name, layer=li + 1, index=w, role=role, leadership=lead)
-                names.append(name)
-            # The weight reading the layer's input, rows grouped by worker and input columns by the
-            # previous layer's workers (FC, conv channels and flattened maps are all worker-major).
-            weight = layer.input_weight
-            weight = weight[: weight.shape[0] // R]
-            if previous[0].startswith(("input", "plain")):  # no worker structure in the columns
-                norms = weight.reshape(layer.num_workers, -1).norm(dim=1).view(-1, 1).expand(-1, len(previous))
-            else:
-                norms = weight.reshape(layer.num_workers, weight.shape[0] // layer.num_workers, len(previous), -1).norm(dim=(1, 3))
-            for j, dst in enumerate(names):
-                for i, src in enumerate(previous):
-                    graph.add_edge(src, dst, weight=float(norms[j, i]))
-            previous = names
-        previous = _plain_node(graph, model.stems[-1], len(model.hidden), previous, R)
-        out = model.output
-        graph.add_node(f"worker_{agent}", layer=len(model.hidden) + 1, index=0, role="output", leadership=0.0)
-        if previous[0].startswith("plain"):
-            norms = out.weight[: out.out_features].norm().view(1)
-        else:
-            norms = out.weight[: out.out_features].view(out.out_features, len(previous), -1).norm(dim=(0, 2))
-        for i, src in enumerate(previous):
-            graph.add_edge(src, f"worker_{agent}", weight=float(norms[i]))
-    return graph
-
-
-def _plain_node(graph: nx.DiGraph, stem: PlainLayers, block: int, previous: list[str], replicas: int) -> list[str]:
-    """A block's plain layers as one node ``plain_<block>`` (edges: the first plain weight's norm,
-    replica 0); returns the nodes that feed the block's worker layer."""
-    if not len(stem):
-        return previous
-    name = f"plain_{block}"
-    weight = stem.layers[0].input_weight
-    graph.add_node(name, layer=block + 0.5, index=0, role="plain", leadership=0.0)
-    for src in previous:
-        graph.add_edge(src, name, weight=float(weight[: weight.shape[0] // replicas].norm()) / len(previous))
-    return [name]
 
 
 def build_model(cfg: ModelConfig, input_dim: int, num_classes: int, seeds: int | list[int] = 0) -> WorkerNetwork:

@@ -1,4 +1,4 @@
-"""Learn every worker's plasticity on a continual task stream with parameter-shared PPO (issue #14).
+"""Learn every worker's plasticity on a continual task stream with parameter-shared PPO.
 
 Each worker of the network is an agent of ``neural_collective_v0``; at every mini-batch it chooses
 how much of its strategy's proposed update to apply (``action_mode="scale_centered"``: ``u`` in

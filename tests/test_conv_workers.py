@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from envs.neural_collective.graph import worker_graph
 from agentnet.composition import to_run_config
 from agentnet.config import ConfigError, ConvLayerConfig, ModelConfig
 from agentnet.network import WorkerNetwork, build_model
@@ -218,7 +219,7 @@ def test_conv_presets_parameter_counts(preset, input_dim, channels, expected):
     assert sum(p.numel() for p in model.parameters()) == expected
     logits = model(torch.randn(2, input_dim))
     assert logits.shape == (1, 2, 10)  # (R, B, C)
-    graph = model.to_networkx()  # input, one node per worker, the output
+    graph = worker_graph(model)  # input, one node per worker, the output
     assert graph.number_of_nodes() == 2 + sum(model.workers_per_layer)
 
 

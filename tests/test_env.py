@@ -144,9 +144,9 @@ def test_activation_and_parameter_observations_match_their_definitions(strategy)
     for _ in range(2):
         before = copy.deepcopy(par.model)
         obs, *_ = par.step_batched(torch.ones(par.num_workers))
-        x = par._step_inputs.x
+        x, y = par.last_step_inputs
         with torch.no_grad():
-            record = before.forward_record(x, par._step_inputs.y)
+            record = before.forward_record(x, y)
         row = 0
         for li, (new, old) in enumerate(zip(layers(par.model), layers(before))):
             agents = par.model.hidden[li].num_workers if li < len(par.model.hidden) else 1
@@ -168,7 +168,7 @@ def test_to_networkx_graph_view():
     par = neural_collective_v0.parallel_env(strategy="lfnn", **SMALL)
     par.reset(seed=0)
     par.step_batched(torch.ones(par.num_workers))
-    graph = par.model.to_networkx(par._roles(), par.strategy.selection.counts)
+    graph = par.to_networkx()
     assert isinstance(graph, nx.DiGraph)
     assert set(par.possible_agents) <= set(graph.nodes) and "input" in graph.nodes
     assert graph.number_of_edges() == 2 + 2 * 2 + 2  # input->2, 2x2 hidden blocks, 2->output
@@ -215,3 +215,28 @@ def test_a_strategy_declares_the_signal_the_env_observes():
     plain.reset(seed=0)
     obs, rewards, *_ = plain.step_batched(torch.ones(plain.num_workers))
     assert torch.all(obs[:, 5] == 0) and torch.all(rewards[:-1] == rewards[-1])  # bp: everyone gets minus the task loss
+
+
+#: A shipped batch-normed CNN preset on a small subset (4 steps per epoch).
+CNN = dict(model="cnn_mnist_275k", data_subset=128, batch_size=32, data_root=str(data_root()))
+
+
+def test_pettingzoo_api_suite_on_a_cnn_preset():
+    par = neural_collective_v0.parallel_env(strategy="lfnn_local", max_cycles=4, **CNN)
+    assert par.num_workers == 2 + 6 + 9 + 1
+    parallel_api_test(par, num_cycles=6)
+
+
+def test_all_ones_reproduces_the_trainer_bit_for_bit_on_a_cnn_preset():
+    from agentnet.session import build_session
+
+    par = neural_collective_v0.parallel_env(strategy="lfnn_local", max_cycles=10_000, **CNN)
+    par.reset(seed=3)
+    while par.agents:
+        par.step({a: np.ones(1, np.float32) for a in par.agents})
+    run = neural_collective_v0.run_config(strategy="lfnn_local", model="cnn_mnist_275k", data_subset=128, batch_size=32,
+                                          data_root=CNN["data_root"], seed=3)
+    session = build_session(run, par.data)
+    session.run_all()
+    for (name, p), q in zip(session.model.state_dict().items(), par.model.state_dict().values()):
+        assert torch.equal(p, q), name  # parameters and batch-norm statistics

@@ -1,5 +1,5 @@
-"""neural_collective_v0 hosting the continual benchmark (issue #14, item 6): one episode is a whole
-task sequence run by the continual runner's own :class:`~agentnet.session.Session`;
+"""neural_collective_v0 hosting the continual benchmark: one episode is a whole
+task stream run by the CLI's own :class:`~agentnet.session.Session`;
 ``infos`` carry the task index and the accuracy matrix so far; a cooperative reward option.
 
 Tiny real-MNIST streams (320 training examples, 5 steps a task, 2000 test examples per task).

@@ -1,10 +1,9 @@
 """neural_collective_v0 as MARL libraries use it: own random generators, seeding, pickling, errors,
-spaces and scales (issue #14). The libraries themselves are exercised in tests/test_env_marl.py."""
+spaces and scales. The libraries themselves are exercised in tests/test_env_marl.py."""
 
 from __future__ import annotations
 
 import random
-import re
 
 import numpy as np
 import pytest
@@ -260,7 +259,7 @@ def test_output_reward_is_minus_the_global_loss_not_the_strategy_objective():
     env.reset(seed=0)
     before = copy.deepcopy(env.model)
     _, rewards, _, _, infos = env.step(ones(env))
-    x, y = env._step_inputs.x, env._step_inputs.y
+    x, y = env.last_step_inputs
     with torch.no_grad():
         ce = float(torch.nn.functional.cross_entropy(before(x)[0], y))
     out = env.possible_agents[-1]
@@ -419,10 +418,26 @@ def test_conv_block_workers_are_agents(block):
         neural_collective_v0.parallel_env(**{**kwargs, "action_mode": "delta"})
 
 
-@pytest.mark.parametrize(("spec", "field"), [({"channels": 20, "plain": True}, "conv[0].plain"),
-                                             ({"channels": 20, "norm": "batch"}, "conv[0].norm")])
-def test_conv_layers_without_agents_for_every_parameter_are_refused(spec, field):
+def test_plain_and_normalisation_layers_belong_to_the_agents_of_the_block_they_feed():
+    """A plain conv in front of the FC worker layer and the conv workers' batch norm: each agent owns
+    its rows of them, as gradient routing groups a block (``model.stems``, ``model.hidden``, ``model.norms``)."""
     from agentnet.config import ConfigError
 
-    with pytest.raises(ConfigError, match=rf"^{re.escape(field)}="):
-        neural_collective_v0.parallel_env(**{**CONV, "conv": [spec]})
+    conv = [{"channels": 20, "pool": 2, "norm": "batch"}, {"channels": 20, "plain": True, "norm": "batch"}]
+    env = neural_collective_v0.parallel_env(**{**CONV, "conv": conv, "strategy": "bp", "observation_mode": "raw"})
+    env.reset(seed=0)
+    norm, stem = env.model.norms[0], env.model.stems[1]  # conv workers' norm; plain layers in front of the FC workers
+    owned = [*norm.parameters(), *stem.parameters()]
+    before = [p.detach().clone() for p in owned]
+    actions = torch.ones(env.num_workers)
+    actions[[0, 2]] = 0.0  # worker_0 (conv layer), worker_2 (FC layer)
+    obs, *_ = env.step_batched(actions)
+    for p, q in zip(owned, before):
+        assert torch.equal(p[:10], q[:10]) and not torch.equal(p[10:], q[10:])  # rows of agent 0 of each block frozen
+    assert obs[0, 9] == 0 and obs[2, 9] == 0 and obs[1, 9] > 0 and obs[3, 9] > 0
+    fc = [*env.model.hidden[1].parameters(), *stem.parameters()]
+    torch.testing.assert_close(obs[3, 8], torch.cat([p.detach().reshape(2, -1)[1] for p in fc]).norm())
+    with pytest.raises(ConfigError, match=r"^action_mode='delta'"):
+        neural_collective_v0.parallel_env(**{**CONV, "conv": conv, "action_mode": "delta"})
+    with pytest.raises(ConfigError, match=r"^model: a plain layer .* 15 channels"):
+        neural_collective_v0.parallel_env(**{**CONV, "conv": [{"channels": 15, "plain": True}]})

@@ -1,4 +1,4 @@
-"""neural_collective_v0 inside the MARL libraries that consume PettingZoo envs (issue #14):
+"""neural_collective_v0 inside the MARL libraries that consume PettingZoo envs:
 SuperSuit's vector envs feeding Stable-Baselines3's PPO, and TorchRL's ``PettingZooWrapper``.
 
 The libraries come with the ``marl`` extra (``pip install -e ".[dev,marl]"``, what ``make setup``
@@ -18,6 +18,29 @@ from tests.conftest import data_root
 TINY = dict(hidden=(20, 20), data_subset=320, batch_size=32, data_root=str(data_root()))
 
 
+def ObservationLog(venv):
+    """An SB3 vector-env wrapper counting the vector steps taken and keeping every observation handed on."""
+    from stable_baselines3.common.vec_env import VecEnvWrapper
+
+    class Log(VecEnvWrapper):
+        def __init__(self, venv) -> None:
+            super().__init__(venv)
+            self.steps, self.observations = 0, []
+
+        def reset(self):
+            obs = self.venv.reset()
+            self.observations.append(obs.copy())
+            return obs
+
+        def step_wait(self):
+            obs, rewards, dones, infos = self.venv.step_wait()
+            self.steps += 1
+            self.observations.append(obs.copy())
+            return obs, rewards, dones, infos
+
+    return Log(venv)
+
+
 def test_supersuit_vector_env_feeds_sb3_ppo():
     ss = pytest.importorskip("supersuit")
     sb3 = pytest.importorskip("stable_baselines3")
@@ -30,9 +53,18 @@ def test_supersuit_vector_env_feeds_sb3_ppo():
     # and every later (unseeded) reset draws from its own stream. SB3's seed=... cannot reach them:
     # SuperSuit's SB3 wrapper forwards VecEnv.seed to a ConcatVecEnv that has none (a library gap).
     vec.venv.reset(seed=0)
-    model = sb3.PPO("MlpPolicy", vec, n_steps=8, batch_size=40, n_epochs=1, device="cpu", policy_kwargs=dict(net_arch=[16]))
-    model.learn(total_timesteps=240)  # 24 env steps per copy: four auto-resets each
-    assert model.num_timesteps >= 240
+    seen = ObservationLog(vec)
+    model = sb3.PPO("MlpPolicy", seen, n_steps=8, batch_size=40, n_epochs=1, device="cpu", policy_kwargs=dict(net_arch=[16]))
+    initial = [p.detach().clone() for p in model.policy.parameters()]
+    model.learn(total_timesteps=240)  # 3 rollouts of 8 vector steps, 24 env steps per copy: four auto-resets each
+    # What SB3 consumed: exactly the env's steps (24 of the 10-slot vector env: 240 agent transitions) ...
+    assert seen.steps == 24 and len(seen.observations) == 1 + 24
+    # ... its last rollout holds the observations the env returned before each of steps 17-24 (the
+    # buffer keeps them env-major after training: SB3's swap_and_flatten) ...
+    rollout = np.stack(seen.observations[16:24]).swapaxes(0, 1).reshape(-1, neural_collective_v0.OBS_DIM)
+    assert np.array_equal(model.rollout_buffer.observations.reshape(rollout.shape), rollout)
+    # ... and what it learned from them: PPO's update moved the policy.
+    assert any(not torch.equal(a, b) for a, b in zip(initial, model.policy.parameters()))
     # Auto-resets draw new episodes from each copy's own seed stream, and the copies differ.
     copies = vec.venv.vec_envs
     seeds = [c.par_env.unwrapped.episode_seed for c in copies]
@@ -65,7 +97,7 @@ def test_torchrl_wrapper_specs_and_rollout(action_mode):
     assert rollout["next", "done"].any()  # max_cycles=4 within 10 steps
 
 
-#: A benchmark episode of 2 permuted tasks of 3 steps (issue #14 item 6): task ends inside a rollout.
+#: A benchmark episode of 2 permuted tasks of 3 steps: task ends inside a rollout.
 BENCH = dict(TINY, benchmark={"name": "pmnist_quick", "num_tasks": 2, "iterations_per_task": 3})
 
 

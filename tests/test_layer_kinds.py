@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from envs.neural_collective.graph import worker_graph
 from agentnet.config import ConfigError, ConvLayerConfig, ModelConfig
 from agentnet.network import WorkerNetwork, eval_mode
 from agentnet.registry import build_strategy
@@ -64,7 +65,7 @@ def test_mixed_model_structure():
     assert model.workers_per_layer == [2, 2]
     assert [type(n).__name__ for n in model.norms] == ["ReplicaNorm", "ReplicaNorm"]
     assert not is_mlp(model)
-    graph = model.to_networkx()
+    graph = worker_graph(model)
     assert {"plain_0", "plain_1", "plain_2"} <= set(graph.nodes)
     assert graph.has_edge("input", "plain_0") and graph.has_edge("plain_0", "worker_0")
 
