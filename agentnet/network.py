@@ -74,6 +74,8 @@ class LayerRecord:
     """Index of the best leader, ``(R,)`` or ``(R, B)``."""
     activation: Tensor | None = None
     """The layer's activation ``(R, B, n)`` (channel-folded ``(B, R*n, H, W)`` for conv layers), before any pooling."""
+    aligned: Tensor | None = None
+    """Worker outputs ``(R, B, W, k)`` that followers align, when not :attr:`workers` (``model.align_from``)."""
 
 
 @dataclass
@@ -352,6 +354,9 @@ class WorkerNetwork(nn.Module):
             else:
                 local = z_local
             record = LayerRecord(workers=self._normalized(layer.workers(local)))
+            if self.cfg.align_from not in (None, self.cfg.predict_from):
+                aligned = self.act(z_local) if self.cfg.align_from == "activation" else z_local
+                record.aligned = self._normalized(layer.workers(aligned))
             if y is not None and selection is not None:
                 record.worker_loss = self.worker_loss(index, record.workers, y)
                 record.leaders, record.best = selection.select(index, record.worker_loss)
