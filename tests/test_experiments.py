@@ -5,10 +5,13 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from agentnet.experiments import EXPERIMENTS, run_experiment
 from agentnet.config import RunConfig, TrainerConfig
-from agentnet.experiments.one_vs_all import Setting, train_one_vs_all
+from agentnet.experiments.one_vs_all import Setting, one_vs_all_model, train_one_vs_all
+from agentnet.network import build_model
+from agentnet.workers import LeaderSelection
 from agentnet.registry import STRATEGIES, to_run_config
 from tests.conftest import REPO, compose_config
 
@@ -34,6 +37,15 @@ def test_online_population_learns_and_bp_replicas_are_plain_bp(mnist):
     assert result.activity.shape == (300, 16) and result.activity_leaders.sum(1).eq(5).all()  # ceil(0.3*16) leaders
     assert len(result.curves) == 3 and len(result.curves[0]) == len(result.curve_steps) and result.curve_steps[-1] == 300
     assert Setting("BP", bp=True).strategy_values() == {"delta": 1.0, "lambda1": 0.0, "lambda2": 0.0}
+
+
+def test_online_workers_predict_from_the_logit_and_align_their_sigmoid_output(mnist):
+    """The paper's online nets: BCE on a worker's logit z, followers' MSE on its output f(z)."""
+    model = build_model(one_vs_all_model(8), mnist.input_dim, 2, [0, 1])
+    x, y = mnist.train.x[:20], (mnist.train.y[:20] == 3).long()
+    record = model.forward_record(x, y, path="split", selection=LeaderSelection(0.25, "batch", [8], replicas=2)).layers[0]
+    torch.testing.assert_close(record.aligned, torch.sigmoid(record.workers))
+    assert record.workers.shape == (2, 20, 8, 1) and record.leaders.sum(1).eq(2).all()
 
 
 def test_online_experiment_config_refuses_a_removed_field():
