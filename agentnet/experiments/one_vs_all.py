@@ -28,7 +28,7 @@ from agentnet.registry import STRATEGIES, build_strategy
 from agentnet.strategy import StepResult
 from agentnet.training import Trainer, TrainerPlugin
 
-__all__ = ["Setting", "OnlineResult", "PrequentialAccuracy", "OutputChange", "one_vs_all_model", "train_one_vs_all"]
+__all__ = ["Setting", "OnlineResult", "PrequentialAccuracy", "OutputChange", "one_vs_all_model", "one_vs_all_accuracy", "train_one_vs_all"]
 
 
 @dataclass

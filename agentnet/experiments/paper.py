@@ -101,6 +101,9 @@ class OnlineConfig(ExperimentConfig):
 
 
 class OnlineExperiment(Experiment):
+    """Base of Fig. 3a / 3b / 5: each trains its one-vs-all classifiers as one population of the
+    engine's ``lfnn`` (:func:`agentnet.experiments.one_vs_all.train_one_vs_all`)."""
+
     Config = OnlineConfig
 
     def _train(self, data: ImageData, settings: list[Setting], width: int, label: str, **kw):
