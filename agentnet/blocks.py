@@ -41,6 +41,8 @@ class LayerRecord:
     """Index of the best leader, ``(R,)`` or ``(R, B)``."""
     activation: Tensor | None = None
     """The layer's activation ``(R, B, n)`` (channel-folded ``(B, R*n, H, W)`` for conv layers), before any pooling."""
+    aligned: Tensor | None = None
+    """Worker outputs ``(R, B, W, k)`` that followers align, when not :attr:`workers` (``model.align_from``)."""
 
 
 @dataclass

@@ -182,6 +182,11 @@ class ModelConfig:
     """Output (and worker prediction) activation: softmax (C-way) or sigmoid (binary, k = 1)."""
     predict_from: str = "activation"
     """Which worker output predicts (and is aligned): ``preactivation`` z or ``activation`` f(z)."""
+    align_from: Optional[str] = None
+    """Which worker output followers align to their best leader's: ``None`` (the one that predicts,
+    ``predict_from``), ``preactivation`` or ``activation``. The LFNN paper's online nets predict from
+    the logit z (BCE) but align the sigmoid outputs f(z) (MSE): ``predict_from=preactivation,
+    align_from=activation``."""
     worker_projection: bool = False
     """For ``k != C``: predict through a fixed random k->C projection instead of failing."""
     hidden_plain: list[int] = field(default_factory=list)
@@ -231,6 +236,8 @@ class ModelConfig:
             self.predict_from,
             "choose preactivation or activation",
         )
+        check(self.align_from in (None, "preactivation", "activation"), "model.align_from", self.align_from,
+              "choose preactivation, activation or null (as predict_from)")
         for index in self.hidden_plain:
             check(0 <= index < len(self.hidden), "model.hidden_plain", self.hidden_plain,
                   f"indices into model.hidden (0..{len(self.hidden) - 1})")

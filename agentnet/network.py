@@ -215,6 +215,9 @@ class WorkerNetwork(nn.Module):
             else:
                 local = z_local
             record = LayerRecord(workers=self._normalized(block.layer.workers(local)))
+            if self.cfg.align_from not in (None, self.cfg.predict_from):
+                aligned = self.act(z_local) if self.cfg.align_from == "activation" else z_local
+                record.aligned = self._normalized(block.layer.workers(aligned))
             record.activation = h = hook.recorded(block, record, h, y)
             records.append(record)
             x = block.post(h)

@@ -151,8 +151,10 @@ def _unit_gate(leaders: Tensor, layer: nn.Module, h: Tensor) -> Tensor:
 
 
 def alignment_loss(record: LayerRecord) -> Tensor:
-    """Per-sample MSE of every worker's output to the stop-gradient output of its best leader, ``(R, B, W)``."""
-    workers, best = record.workers, record.best  # (R, B, W, k); (R,) or (R, B)
+    """Per-sample MSE of every worker's output (:attr:`LayerRecord.aligned` when the model sets one)
+    to the stop-gradient output of its best leader, ``(R, B, W)``."""
+    workers = record.workers if record.aligned is None else record.aligned  # (R, B, W, k)
+    best = record.best  # (R,) or (R, B)
     R, B, _, k = workers.shape
     index = best.view(R, -1, 1, 1).expand(R, B, 1, k)
     target = workers.detach().gather(2, index)  # (R, B, 1, k)

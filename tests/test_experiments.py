@@ -5,10 +5,15 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from agentnet.experiments import EXPERIMENTS, run_experiment
-from agentnet.experiments.online import Setting, train_online
 from agentnet.composition import to_run_config
+from agentnet.config import RunConfig, TrainerConfig
+from agentnet.experiments.one_vs_all import Setting, one_vs_all_model, train_one_vs_all
+from agentnet.network import build_model
+from agentnet.registry import STRATEGIES
+from strategies.leaders import LeaderHook, LeaderSelection
 from tests.conftest import REPO, compose_config
 
 NAMES = sorted(p.stem for p in (REPO / "configs" / "experiment").glob("*.yaml"))
@@ -23,13 +28,31 @@ def test_experiment_configs_registered_and_valid():
         to_run_config(compose_config("experiment=lfnn_online_pmnist", "experiment.leadership=[0.0]"))
 
 
-def test_online_ensemble_learns_and_bp_member_is_plain_bp(mnist):
+def test_online_population_learns_and_bp_replicas_are_plain_bp(mnist):
+    """Fig. 3's one-vs-all classifiers as one population through the engine, on real MNIST."""
     x, y = mnist.train.x[:3000], mnist.train.y[:3000]
     settings = [Setting("30%", delta=0.3), Setting("BP", bp=True), Setting("global only", delta=0.3, lambda1=0, lambda2=0)]
-    result = train_online(x, y, mnist.test.x[:1000], mnist.test.y[:1000], settings, width=16, record_activity_of=0)
-    assert all(a > 0.6 for a in result.test_acc[:2]), result.test_acc  # one pass over 3000 images, 10 one-vs-all nets
+    base = RunConfig(strategy=STRATEGIES.config("lfnn"), trainer=TrainerConfig(progress=False))
+    result = train_one_vs_all(base, x, y, mnist.test.x[:1000], mnist.test.y[:1000], settings, width=16, record_activity=True)
+    assert all(a > 0.6 for a in result.test_acc), result.test_acc  # one pass over 3000 images, 10 one-vs-all nets
     assert result.activity.shape == (300, 16) and result.activity_leaders.sum(1).eq(5).all()  # ceil(0.3*16) leaders
-    assert len(result.curves) == 3 and len(result.curves[0]) == len(result.curve_steps)
+    assert len(result.curves) == 3 and len(result.curves[0]) == len(result.curve_steps) and result.curve_steps[-1] == 300
+    assert Setting("BP", bp=True).strategy_values() == {"delta": 1.0, "lambda1": 0.0, "lambda2": 0.0}
+
+
+def test_online_workers_predict_from_the_logit_and_align_their_sigmoid_output(mnist):
+    """The paper's online nets: BCE on a worker's logit z, followers' MSE on its output f(z)."""
+    model = build_model(one_vs_all_model(8), mnist.input_dim, 2, [0, 1])
+    x, y = mnist.train.x[:20], (mnist.train.y[:20] == 3).long()
+    hook = LeaderHook(LeaderSelection(0.25, "batch", [8], replicas=2))
+    record = model.forward_record(x, y, path="split", hook=hook).layers[0]
+    torch.testing.assert_close(record.aligned, torch.sigmoid(record.workers))
+    assert record.workers.shape == (2, 20, 8, 1) and record.leaders.sum(1).eq(2).all()
+
+
+def test_online_experiment_config_refuses_a_removed_field():
+    with pytest.raises(Exception, match="experiment.no_such_field"):
+        to_run_config(compose_config("experiment=lfnn_online_pmnist", "experiment.no_such_field=1"))
 
 
 @pytest.mark.slow

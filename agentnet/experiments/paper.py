@@ -27,10 +27,9 @@ import torch  # noqa: E402
 from agentnet.config import ExperimentConfig, check  # noqa: E402
 from agentnet.data import ImageData  # noqa: E402
 from agentnet.experiments import EXPERIMENTS, Experiment, preset  # noqa: E402
-from agentnet.experiments.online import Setting, train_online  # noqa: E402
+from agentnet.experiments.one_vs_all import Setting, train_one_vs_all  # noqa: E402
 from agentnet.tables import markdown_table  # noqa: E402
 from agentnet.recipes import train  # noqa: E402
-from agentnet.training import progress_bar  # noqa: E402
 
 #: Test / train error (%) of the paper's Table 1, MNIST columns.
 TABLE1 = {
@@ -77,16 +76,6 @@ def _permuted(data: ImageData, run, seed: int) -> tuple[torch.Tensor, torch.Tens
     return train.x[:, perm], train.y, test.x[:, perm], test.y
 
 
-def _bar(total: int, desc: str, enabled: bool):
-    """A progress bar and the ``progress(done, total)`` callback that advances it."""
-    bar = progress_bar(total, desc, enabled)
-
-    def update(done: int, _total: int) -> None:
-        bar.update(done - bar.n)
-
-    return bar, update
-
-
 @dataclass
 class OnlineConfig(ExperimentConfig):
     """Shared settings of the online one-vs-all experiments (paper Sec. 3.1)."""
@@ -112,17 +101,16 @@ class OnlineConfig(ExperimentConfig):
 
 
 class OnlineExperiment(Experiment):
+    """Base of Fig. 3a / 3b / 5: each trains its one-vs-all classifiers as one population of the
+    engine's ``lfnn`` (:func:`agentnet.experiments.one_vs_all.train_one_vs_all`)."""
+
     Config = OnlineConfig
 
     def _train(self, data: ImageData, settings: list[Setting], width: int, label: str, **kw):
         cfg, run = self.cfg, self.run_cfg
         x, y, xt, yt = _permuted(data, run, cfg.seed)
-        bar, update = _bar(len(x) // cfg.batch_size, label, run.trainer.progress)
-        try:
-            return train_online(x, y, xt, yt, settings, width, lr=cfg.lr, batch_size=cfg.batch_size, seed=cfg.seed,
-                                curve_every=cfg.curve_every, progress=update, max_steps=run.trainer.max_steps, **kw)
-        finally:
-            bar.close()
+        return train_one_vs_all(run, x, y, xt, yt, settings, width, num_classes=data.num_classes, lr=cfg.lr,
+                                batch_size=cfg.batch_size, seed=cfg.seed, curve_every=cfg.curve_every, label=label, **kw)
 
 
 @EXPERIMENTS.register("lfnn_online_pmnist")
@@ -212,7 +200,7 @@ class WorkerActivityFigure(OnlineExperiment):
         cfg = self.cfg
         delta = cfg.leadership[0] if len(cfg.leadership) == 1 else 0.3
         width = cfg.widths[0]
-        result = self._train(data, [Setting("LFNN", delta, cfg.lambda1, cfg.lambda2)], width, "worker activity", record_activity_of=0)
+        result = self._train(data, [Setting("LFNN", delta, cfg.lambda1, cfg.lambda2)], width, "worker activity", record_activity=True)
         act, lead = result.activity.numpy(), result.activity_leaders.numpy()
         np.savez_compressed(out / "worker_activity.npz", activity=act, leaders=lead)
         fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 6.5))
