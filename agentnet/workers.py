@@ -28,7 +28,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from agentnet.replica import GradientPath, ReplicaLinear, reset_conv_rows, split_conv2d
-from agentnet.replica import replica_rows  # noqa: F401  (re-exported for agentnet.training.plugins)
 
 __all__ = ["WorkerLinear", "WorkerConv2d", "WorkerBlock", "WorkerReadout"]
 

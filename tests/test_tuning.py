@@ -18,7 +18,7 @@ import torch
 import yaml
 
 from agentnet.composition import compose, to_run_config
-from agentnet.config import ConfigError, DataConfig, TuneConfig
+from agentnet.config import ConfigError, TuneConfig
 from agentnet.recipes import run_continual, train
 from agentnet.data import Split, holdout
 from agentnet.session import prepare_run

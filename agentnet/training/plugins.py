@@ -28,7 +28,7 @@ from tqdm import tqdm
 from agentnet.data import Split
 from agentnet.network import eval_mode
 from agentnet.strategy import StepResult
-from agentnet.workers import replica_rows
+from agentnet.replica import replica_rows
 
 # Hooks receive the agentnet.training.engine.Trainer that calls them; annotated by name only, so
 # this module does not import the engine that imports it.
