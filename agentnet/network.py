@@ -148,28 +148,6 @@ class WorkerNetwork(nn.Module):
             for i, (stem, layer, norm, post, readout) in enumerate(zip(self.stems, self.hidden, self.norms, self.post, self.readouts))
         ]
 
-    # The head's members that code outside the network's modules (env, continual runner, trainer) reads.
-    @property
-    def logit_mask(self) -> Tensor | None:
-        """:attr:`OutputHead.logit_mask <agentnet.blocks.OutputHead.logit_mask>`."""
-        return self.head.logit_mask
-
-    @logit_mask.setter
-    def logit_mask(self, mask: Tensor | None) -> None:
-        self.head.logit_mask = mask
-
-    def logit_mask_as(self, mask: Tensor | None) -> contextlib.AbstractContextManager[None]:
-        """:meth:`OutputHead.logit_mask_as <agentnet.blocks.OutputHead.logit_mask_as>`."""
-        return self.head.logit_mask_as(mask)
-
-    def global_loss(self, logits: Tensor, y: Tensor) -> Tensor:
-        """:meth:`OutputHead.global_loss <agentnet.blocks.OutputHead.global_loss>`."""
-        return self.head.global_loss(logits, y)
-
-    def predict(self, logits: Tensor) -> Tensor:
-        """:meth:`OutputHead.predict <agentnet.blocks.OutputHead.predict>`."""
-        return self.head.predict(logits)
-
     @property
     def workers_per_layer(self) -> list[int]:
         return [layer.num_workers for layer in self.hidden]

@@ -111,7 +111,7 @@ def test_penalties_zero_at_anchor_and_grow(name, mnist):
         for i in range(5):
             x, y = stream.batch(stream.tasks[0], torch.arange(64 * i, 64 * (i + 1)))
             opt.zero_grad()
-            model.global_loss(model(x), y).backward()
+            model.head.global_loss(model(x), y).backward()
             method.after_backward(None, None)
             opt.step()
             method.after_step(None, x, y, None)
@@ -167,7 +167,7 @@ def test_state_before_the_first_task_ends_round_trips(name, mnist):
     grads = []
     for m in (method, restored):
         model.zero_grad()
-        model.global_loss(model(x), y).backward()
+        model.head.global_loss(model(x), y).backward()
         m.after_backward(None, None)
         grads.append([p.grad.clone() for p in model.parameters()])
     for a, b in zip(*grads):
@@ -337,7 +337,7 @@ def test_diagonal_fisher_matches_a_per_sample_loop(labels, masked, path):
                 for (k, _), g in zip(model.named_parameters(), grads):
                     if g is not None:
                         expected[k] += weight * g**2 / 7
-    with model.logit_mask_as(mask if masked else None):
+    with model.head.logit_mask_as(mask if masked else None):
         fisher = diagonal_fisher(model, x, labels, y)
     for k in expected:
         assert torch.allclose(fisher[k], expected[k], rtol=1e-4, atol=1e-9), k

@@ -135,7 +135,7 @@ def test_reference_step_leaves_the_training_step_alone(mnist):
     assert torch.equal(rng, torch.get_rng_state())
     after = rule.state_dict()["selection"]
     assert all(torch.equal(a, b) for a, b in zip(selection["selection"]["counts"], after["counts"]))
-    assert model.logit_mask is None
+    assert model.head.logit_mask is None
 
 
 @pytest.mark.parametrize("strategy", ["bp", "fa"])
@@ -207,7 +207,7 @@ def test_lwf_distillation_zero_before_first_task_end_positive_after(local, mnist
     for i in range(3):
         xb, yb = stream.batch(stream.tasks[1], torch.arange(64 * i, 64 * (i + 1)))
         opt.zero_grad()
-        model.global_loss(model(xb), yb).sum().backward()
+        model.head.global_loss(model(xb), yb).sum().backward()
         opt.step()
     term = method.distillation(x)
     assert term.shape == (2,) and (term > 0).all()

@@ -113,7 +113,7 @@ def test_lfnn_global_loss_reaches_only_conv_leaders(block, norm):
     x, y = batch()
     selection = LeaderSelection(0.5, "batch", model.workers_per_layer)
     record = model.forward_record(x, y, path="split", hook=LeaderHook(selection, leaders_carry_global=True))
-    model.global_loss(record.logits, y).sum().backward()
+    model.head.global_loss(record.logits, y).sum().backward()
     for block, rec in zip(model.blocks(), record.layers):
         layer, norms = block.layer, worker_grad_norms(block.layer, block.norm)
         assert norms.shape == rec.leaders.shape == (1, layer.num_workers)
@@ -145,7 +145,7 @@ def test_lfnn_local_no_gradient_crosses_a_conv_layer_or_block(head, norm):
     model = conv_model(head=head, norm=norm)
     x, y = batch()
     result = build_strategy({"name": "lfnn_local", "delta": 0.5}, model).compute(x, y)
-    model.global_loss(result.logits, y).backward(retain_graph=True)
+    model.head.global_loss(result.logits, y).backward(retain_graph=True)
     assert not any(layer_touched(m) for b in model.blocks() for m in (b.layer, b.norm, b.readout))
     assert model.output.weight.grad.abs().sum() > 0
     for i in range(len(model.hidden)):

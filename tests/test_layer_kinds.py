@@ -80,7 +80,7 @@ def test_lfnn_local_no_gradient_crosses_a_block_boundary(worker_norm, extra):
     result = build_strategy({"name": "lfnn_local", "delta": 0.5}, model).compute(x, y)
     units = blocks(model)
     losses = [leader_follower_loss(layer, 1.0, 1.0)[0].sum() for layer in result.record.layers]
-    losses.append(model.global_loss(result.logits, y).sum())  # the output block's own loss
+    losses.append(model.head.global_loss(result.logits, y).sum())  # the output block's own loss
     for i, loss in enumerate(losses):
         model.zero_grad(set_to_none=True)
         loss.backward(retain_graph=True)
@@ -97,7 +97,7 @@ def test_lfnn_followers_get_no_global_gradient_and_plain_layers_learn_from_it():
     x, y = batch()
     selection = LeaderSelection(0.5, "batch", model.workers_per_layer)
     record = model.forward_record(x, y, path="split", hook=LeaderHook(selection, leaders_carry_global=True))
-    model.global_loss(record.logits, y).sum().backward()
+    model.head.global_loss(record.logits, y).sum().backward()
     for block, rec in zip(model.blocks(), record.layers):
         per_worker = worker_grad_norms(block.layer, block.norm)
         assert (per_worker[~rec.leaders] == 0).all(), "a follower (or its norm) received the global error signal"

@@ -82,7 +82,7 @@ def test_fa_sends_the_error_down_through_fixed_feedback_matrices():
     strategy.backward(strategy.compute(x, y))
     assert all(torch.equal(a, b) for a, b in zip(before, strategy.feedback))
     model.zero_grad(set_to_none=True)
-    model.global_loss(model(x), y).sum().backward()
+    model.head.global_loss(model(x), y).sum().backward()
     torch.testing.assert_close(W1.grad, d1_bp.T @ x)
 
 
@@ -141,7 +141,7 @@ def test_local_greedy_no_gradient_crosses_a_block_boundary(name):
     heads = local_heads(model)
     result = build_strategy(name, model).compute(x, y)
     losses = [loss.sum() for loss in head_losses(model, heads, head_inputs(model, result.record), y)]
-    losses.append(model.global_loss(result.logits, y).sum())
+    losses.append(model.head.global_loss(result.logits, y).sum())
     units = [[*block, head] for block, head in zip(blocks(model), heads.heads)] + [blocks(model)[-1]]
     for i, loss in enumerate(losses):
         model.zero_grad(set_to_none=True)

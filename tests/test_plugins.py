@@ -133,11 +133,11 @@ def test_plugin_api_env_and_hooks(plugin_site, tmp_path):
     result = strategy.compute(x, y)
     reference = F.cross_entropy(result.logits[0], y, label_smoothing=0.3)
     res["loss_vs_torch"] = [result.loss.item(), reference.item()]
-    model.logit_mask = torch.tensor([True, True] + [False] * 8)  # a two-class task head
+    model.head.logit_mask = torch.tensor([True, True] + [False] * 8)  # a two-class task head
     masked = smoothed_loss(model, result.logits, y % 2, 0.3)
     reference = F.cross_entropy(result.logits[0, :, :2], y % 2, label_smoothing=0.3)
     res["masked_vs_torch"] = [masked.item(), reference.item()]
-    model.logit_mask = None
+    model.head.logit_mask = None
 
     method = build_cl_method({{"name": "l2_anchor", "strength": 2.0}}, model)
     method.after_task(None, None, None)

@@ -46,7 +46,7 @@ def test_lfnn_global_loss_reaches_only_leaders():
     x, y = batch()
     selection = LeaderSelection(0.5, "batch", model.workers_per_layer)
     record = model.forward_record(x, y, path="split", hook=LeaderHook(selection, leaders_carry_global=True))
-    model.global_loss(record.logits, y).sum().backward()
+    model.head.global_loss(record.logits, y).sum().backward()
     for layer, rec in zip(model.hidden, record.layers):
         norms = row_norms(layer)
         assert norms.shape == rec.leaders.shape == (1, layer.num_workers)
@@ -106,7 +106,7 @@ def test_lfnn_local_no_gradient_crosses_a_layer():
     strategy = build_strategy({"name": "lfnn_local", "delta": 0.5}, model)
     result = strategy.compute(x, y)
     # The output loss trains the output layer only.
-    model.global_loss(result.logits, y).backward(retain_graph=True)
+    model.head.global_loss(result.logits, y).backward(retain_graph=True)
     assert all(layer.weight.grad is None for layer in model.hidden)
     assert model.output.weight.grad.abs().sum() > 0
     # Each hidden layer's local loss leaves every earlier layer untouched.

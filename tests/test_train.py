@@ -76,7 +76,7 @@ class Poison(Strategy):
     def compute(self, x, y):
         self.calls += 1
         logits = self.model(x)
-        loss = self.model.global_loss(logits, y)
+        loss = self.model.head.global_loss(logits, y)
         if self.calls > self.cfg.poison_at_step:
             loss = loss * float("nan")
         return StepResult(loss=loss, logits=logits)

@@ -25,7 +25,7 @@ def evaluate_all(trainer: Trainer, stream: TaskStream, split_name: str = "test")
     examples (task-incremental heads masked per task)."""
     per_task = []
     for task in stream.tasks:
-        with trainer.model.logit_mask_as(stream.logit_mask(task)):
+        with trainer.model.head.logit_mask_as(stream.logit_mask(task)):
             split, transform = stream.val_split(task) if split_name == "val" else stream.test_split(task)
             per_task.append(trainer.evaluate(split, transform)["acc"])
     return [list(accs) for accs in zip(*per_task)]
@@ -48,11 +48,11 @@ class TaskHeadMask(TrainerPlugin):
 
     def before_step(self, trainer: Trainer, x, y) -> None:
         if self.table is not None:
-            trainer.model.logit_mask = self.table[y]
+            trainer.model.head.logit_mask = self.table[y]
 
     def after_step(self, trainer: Trainer, x, y, result) -> None:
         if self.table is not None:
-            trainer.model.logit_mask = None
+            trainer.model.head.logit_mask = None
 
 
 class AccuracyMatrix(TrainerPlugin):
@@ -85,7 +85,7 @@ class AccuracyMatrix(TrainerPlugin):
 
     def after_step(self, trainer: Trainer, x, y, result) -> None:
         if self.eval_every and self.test and trainer.step % self.eval_every == 0:
-            with trainer.model.logit_mask_as(None):
+            with trainer.model.head.logit_mask_as(None):
                 self.curves.append({"step": trainer.step, "acc": evaluate_all(trainer, self.stream)})
 
     def state_dict(self) -> dict:

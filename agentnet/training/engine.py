@@ -267,8 +267,8 @@ class Trainer:
             self.scheduler.step()
         self.step += 1
         self._loss_sum += result.loss.detach() * fresh
-        with self.model.logit_mask_as(None):  # the fresh examples' accuracy over every class, as evaluation counts it
-            self._correct += (self.model.predict(result.logits.detach()[:, :fresh]) == y[:, :fresh]).sum(1)
+        with self.model.head.logit_mask_as(None):  # the fresh examples' accuracy over every class, as evaluation counts it
+            self._correct += (self.model.head.predict(result.logits.detach()[:, :fresh]) == y[:, :fresh]).sum(1)
         self._seen += fresh
         for plugin in self.plugins:
             plugin.after_step(self, x, y, result)
@@ -415,8 +415,8 @@ class Trainer:
                     x = transform(x)
                 with self._autocast():
                     logits = self.model(x)
-                loss += self.model.global_loss(logits, y) * len(y)
-                correct += (self.model.predict(logits) == y).sum(1)
+                loss += self.model.head.global_loss(logits, y) * len(y)
+                correct += (self.model.head.predict(logits) == y).sum(1)
         n = max(len(split), 1)
         return {"acc": (correct / n).tolist(), "loss": (loss / n).tolist()}
 

@@ -291,7 +291,7 @@ class NeuralCollectiveEnv(ParallelEnv):
         info = {
             "cycle": self.cycles,
             "batch_loss": float(loss),
-            "batch_acc": float((self.model.predict(result.logits.detach()[:, : len(y)])[0] == y).float().mean()),
+            "batch_acc": float((self.model.head.predict(result.logits.detach()[:, : len(y)])[0] == y).float().mean()),
             **self._task_info(task),
         }
         terminated = sequence.done

@@ -108,7 +108,7 @@ def global_loss(model: WorkerNetwork, result: StepResult, y: torch.Tensor) -> to
     """The task (prediction) loss of the step's forward pass on the batch it consumed, a scalar (not
     ``result.loss``, the strategy's whole objective, e.g. LFNN's sum of every worker's terms)."""
     with torch.no_grad():
-        return model.global_loss(result.logits.detach()[:, : len(y)], y.unsqueeze(0))[0]
+        return model.head.global_loss(result.logits.detach()[:, : len(y)], y.unsqueeze(0))[0]
 
 
 def observe(

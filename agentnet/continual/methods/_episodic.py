@@ -161,7 +161,7 @@ def preserved_step_state(model: nn.Module, strategy) -> Iterator[None]:
         if strategy is not None:
             strategy.load_state_dict(strategy_state)
         if hasattr(model, "logit_mask"):
-            model.logit_mask = mask
+            model.head.logit_mask = mask
         for p, g in zip(params, grads):
             p.grad = g
 
@@ -175,7 +175,7 @@ def strategy_gradient(trainer, x: Tensor, y: Tensor, mask: Tensor | None, params
     """The strategy's gradient on ``(x, y)`` for ``params`` (call inside :func:`preserved_step_state`);
     ``.grad`` is empty again afterwards."""
     model, strategy = trainer.model, trainer.strategy
-    with model.logit_mask_as(mask):
+    with model.head.logit_mask_as(mask):
         with autocast_of(trainer):
             result = strategy.compute(x, y)
         strategy.backward(result)
