@@ -8,7 +8,7 @@ whether two such directories are identical (and where they first differ).
 
     python benchmarks/equivalence.py --repo /tmp/before --out /tmp/eq/before
     python benchmarks/equivalence.py --out /tmp/eq/after
-    python benchmarks/equivalence.py --compare /tmp/eq/before /tmp/eq/after
+    python benchmarks/equivalence.py --compare /tmp/eq/before /tmp/eq/after [--new-fields model.align_from]
 
 Exact figures differ between CPU models: compare two directories written on the same machine.
 """
@@ -91,31 +91,28 @@ def run_cases(repo: Path, out: Path, data: str, only: list[str] | None) -> None:
         (out / "env_all_ones.json").write_text(json.dumps(json.loads(proc.stdout.splitlines()[-1]), indent=1, sort_keys=True))
 
 
-def first_difference(a, b, path: str = "") -> str | None:
-    """Where two JSON values first differ (``None`` when equal)."""
+def differences(a, b, path: str = "") -> list[str]:
+    """Every place two JSON values differ (empty when equal)."""
     if type(a) is not type(b):
-        return f"{path}: {a!r} vs {b!r}"
+        return [f"{path}: {a!r} vs {b!r}"]
     if isinstance(a, dict):
+        found = []
         for key in sorted(set(a) | set(b)):
             if key not in a or key not in b:
-                return f"{path}.{key}: only in {'after' if key in b else 'before'}"
-            diff = first_difference(a[key], b[key], f"{path}.{key}")
-            if diff:
-                return diff
-        return None
+                found.append(f"{path}.{key}: only {'after' if key in b else 'before'}")
+            else:
+                found += differences(a[key], b[key], f"{path}.{key}")
+        return found
     if isinstance(a, list):
         if len(a) != len(b):
-            return f"{path}: length {len(a)} vs {len(b)}"
-        for i, (x, y) in enumerate(zip(a, b)):
-            diff = first_difference(x, y, f"{path}[{i}]")
-            if diff:
-                return diff
-        return None
-    return None if a == b or (a != a and b != b) else f"{path}: {a!r} vs {b!r}"
+            return [f"{path}: length {len(a)} vs {len(b)}"]
+        return [d for i, (x, y) in enumerate(zip(a, b)) for d in differences(x, y, f"{path}[{i}]")]
+    return [] if a == b or (a != a and b != b) else [f"{path}: {a!r} vs {b!r}"]
 
 
-def compare(before: Path, after: Path) -> bool:
-    """Print one line per case; ``True`` when every case is identical."""
+def compare(before: Path, after: Path, new_fields: list[str] = ()) -> bool:
+    """Print one line per case; ``True`` when every case is identical, apart from the config echo of
+    ``new_fields`` (e.g. ``model.align_from``: a field added with a default that changes nothing)."""
     same = True
     print(f"| case | {before} vs {after} |\n|---|---|")
     for path in sorted(before.glob("*.json")):
@@ -124,9 +121,12 @@ def compare(before: Path, after: Path) -> bool:
             print(f"| {path.stem} | missing after |")
             same = False
             continue
-        diff = first_difference(json.loads(path.read_text()), json.loads(other.read_text()))
-        print(f"| {path.stem} | {'identical' if diff is None else 'DIFFERS at ' + diff} |")
-        same &= diff is None
+        found = [d for d in differences(json.loads(path.read_text()), json.loads(other.read_text()))
+                 if not any(d.startswith(f".config.{field}:") for field in new_fields)]
+        ignored = f" (config fields new after: {', '.join(new_fields)})" if new_fields else ""
+        shown = "; ".join(found[:3]) + (f" (+{len(found) - 3} more)" if len(found) > 3 else "")
+        print(f"| {path.stem} | {'identical' + ignored if not found else 'DIFFERS at ' + shown} |")
+        same &= not found
     return same
 
 
@@ -137,9 +137,10 @@ def main() -> None:
     parser.add_argument("--data", default=os.environ.get("AGENTNET_DATA", str(REPO.parent / "shared" / "data")))
     parser.add_argument("--only", nargs="*", help="run only these cases")
     parser.add_argument("--compare", nargs=2, type=Path, metavar=("BEFORE", "AFTER"))
+    parser.add_argument("--new-fields", nargs="*", default=[], help="config fields added after BEFORE (e.g. model.align_from)")
     args = parser.parse_args()
     if args.compare:
-        sys.exit(0 if compare(*args.compare) else 1)
+        sys.exit(0 if compare(*args.compare, args.new_fields) else 1)
     if args.out is None:
         parser.error("--out is required unless --compare is given")
     run_cases(args.repo.resolve(), args.out, args.data, args.only)
