@@ -32,6 +32,7 @@ __all__ = [
     "replica_rows",
     "replica_randn",
     "lerp_update",
+    "lerp_rows",
 ]
 
 #: How a layer's gradients may travel:
@@ -281,10 +282,16 @@ def lerp_update(layer: nn.Module, olds: list[Tensor], scale: Tensor) -> None:
     worker's first unit, so a 0 freezes a whole block bit-exactly. ``olds`` are the parameters
     before the step, in ``layer.parameters()`` order.
     """
-    groups = getattr(layer, "num_workers", 1) * getattr(layer, "replicas", 1)
+    lerp_rows(layer.parameters(), olds, scale, getattr(layer, "num_workers", 1) * getattr(layer, "replicas", 1))
+
+
+def lerp_rows(params, olds: list[Tensor], scale: Tensor, groups: int) -> None:
+    """``p <- lerp(p_old, p_new, s)`` row by row for parameters whose rows (dim 0) fall into
+    ``groups`` equal groups (workers, agents): a parameter with one row per entry of ``scale`` takes
+    it as is, any other each group's first value."""
     scale = scale.reshape(-1)
     with torch.no_grad():
-        for p, old in zip(layer.parameters(), olds):
+        for p, old in zip(params, olds):
             rows = p.shape[0]
             s = scale if rows == scale.numel() else scale.view(groups, -1)[:, 0].repeat_interleave(rows // groups)
             p.copy_(torch.lerp(old, p, s.view(-1, *([1] * (p.dim() - 1))).to(old.dtype)))

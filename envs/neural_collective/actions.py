@@ -11,6 +11,7 @@ from gymnasium import spaces
 
 from agentnet.config import ConfigError
 from agentnet.network import WorkerNetwork
+from agentnet.replica import lerp_rows
 from agentnet.training import ExternalUpdate, ScaledUpdate, Update
 from agentnet.workers import WorkerBlock
 
@@ -76,10 +77,28 @@ class ScaleCodec:
         return list(torch.split(actions, self.layout.agents_per_layer))
 
     def update(self, actions: Any, per_agent_scales: list[torch.Tensor] | None) -> Update:
-        """The trainer's update: the optimiser's step scaled per layer, per unit."""
+        """The trainer's update: the optimiser's step scaled per layer, per unit, and on whatever else
+        each agent owns (its rows of the plain and normalisation layers of its block)."""
         if per_agent_scales is None:
             return Update()
-        return ScaledUpdate([c.repeat_interleave(k) for c, k in zip(per_agent_scales, self.layout.units)])
+        return AgentScaledUpdate([c.repeat_interleave(k) for c, k in zip(per_agent_scales, self.layout.units)],
+                                 list(zip(self.layout.extra_params, per_agent_scales)))
+
+
+class AgentScaledUpdate(ScaledUpdate):
+    """:class:`ScaledUpdate` on the worker and output layers, plus each agent's scale on the rows it
+    owns of its block's plain and normalisation layers (``owned``: per block, its parameters outside
+    the worker layer and one multiplier per agent), applied in the same update."""
+
+    def __init__(self, scales: list[torch.Tensor], owned: list[tuple[list[torch.Tensor], torch.Tensor]]) -> None:
+        super().__init__(scales)
+        self.owned = [(params, scale) for params, scale in owned if params]
+
+    def apply(self, trainer, result) -> None:
+        olds = [[p.detach().clone() for p in params] for params, _ in self.owned]
+        super().apply(trainer, result)
+        for (params, scale), old in zip(self.owned, olds):
+            lerp_rows(params, old, scale, scale.numel())
 
 
 class DeltaCodec:

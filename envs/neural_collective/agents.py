@@ -13,10 +13,8 @@ import torch
 
 from agentnet.config import ConfigError
 from agentnet.network import WorkerNetwork
-from agentnet.strategy import StepResult
-from agentnet.training import TrainerPlugin
 
-__all__ = ["AgentLayout", "BlockScale"]
+__all__ = ["AgentLayout"]
 
 
 class AgentLayout:
@@ -68,31 +66,3 @@ class AgentLayout:
             norms = [norm(p.reshape(n, -1), dim=1) for p in block]
             out.append(torch.hypot(*norms) if len(norms) == 2 else norm(torch.stack(norms), dim=0))
         return torch.cat(out)
-
-
-class BlockScale(TrainerPlugin):
-    """Scales the update of the parameters an agent owns outside its worker layer (the trainer's
-    ``update_scale`` reaches worker layers only): ``p <- lerp(p_old, p_new, s)`` over the agent's
-    rows, as :func:`agentnet.workers.lerp_update` does for its layer. ``scales`` (per block, one
-    multiplier per agent; ``None``: the optimiser's own step) are the step's, set by the env with
-    the step's action before it advances the sequence."""
-
-    scales: list[torch.Tensor] | None = None
-    _before: list[list[torch.Tensor]] | None = None
-
-    def before_run(self, trainer) -> None:
-        self.extra_params = AgentLayout(trainer.model).extra_params
-
-    def after_backward(self, trainer, result: StepResult) -> None:
-        if self.scales is not None:
-            self._before = [[p.detach().clone() for p in block] for block in self.extra_params]
-
-    def after_step(self, trainer, x: torch.Tensor, y: torch.Tensor, result: StepResult) -> None:
-        if self._before is None:
-            return
-        with torch.no_grad():
-            for params, olds, scale in zip(self.extra_params, self._before, self.scales):
-                for p, old in zip(params, olds):
-                    rows = scale.repeat_interleave(p.shape[0] // scale.numel())
-                    p.copy_(torch.lerp(old, p, rows.view(-1, *([1] * (p.dim() - 1))).to(old.dtype)))
-        self._before = None

@@ -20,7 +20,7 @@ from agentnet.workers import WorkerBlock
 
 from . import scenario
 from .actions import ACTION_MODES, make_codec
-from .agents import AgentLayout, BlockScale
+from .agents import AgentLayout
 from .engine import build, dataset, run_config
 from .graph import draw, worker_graph
 from .scenario import OBSERVATION_MODES, REWARD_CLASSES, REWARDS, ROLE_FOLLOWER, ROLE_LEADER, StepRecord
@@ -153,8 +153,8 @@ class NeuralCollectiveEnv(ParallelEnv):
             run.seed = seed
             self.episode_seed = seed
             self.data = run_splits(self._base_data, run.data)  # the splits train() uses: the same for every seed
-            self._step_record, self._block_scale = StepRecord(), BlockScale()
-            self.sequence = build(run, self.data, [self._step_record, self._block_scale])
+            self._step_record = StepRecord()
+            self.sequence = build(run, self.data, [self._step_record])
             self.model, self.strategy, self.trainer = self.sequence.model, self.sequence.strategy, self.sequence.trainer
             self._layout = AgentLayout(self.model)
             agents = [f"worker_{i}" for i in range(self._layout.num_agents)]
@@ -270,7 +270,6 @@ class NeuralCollectiveEnv(ParallelEnv):
         sequence = self.sequence
         with self._own_rng(python_and_numpy=False):
             scales = self._codec.scales(actions)
-            self._block_scale.scales = scales if self._layout.has_extra_params else None
             task = sequence.task  # the batch's task; sequence.task moves on when this step ends it
             self.trainer.update = self._codec.update(actions, scales)
             result = sequence.advance(1)
