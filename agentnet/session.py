@@ -28,6 +28,7 @@ from agentnet.continual.methods import CLMethod, build_cl_method
 from agentnet.continual.plugins import AccuracyMatrix, TaskHeadMask
 from agentnet.continual.streams import TaskStream, build_stream
 from agentnet.data import ImageData, load_dataset, run_splits
+from agentnet.devices import resolve_device
 from agentnet.network import WorkerNetwork, build_model
 from agentnet.paths import output_dir_of
 from agentnet.population import Population, population_of
@@ -46,18 +47,9 @@ from agentnet.training import (
     WorkerActivity,
 )
 
-__all__ = ["Session", "StreamProgress", "build_session", "prepare_run", "load_run_data", "resolve_device", "seed_everything"]
+__all__ = ["Session", "StreamProgress", "build_session", "prepare_run", "load_run_data", "seed_everything"]
 
 log = logging.getLogger(__name__)
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` picks CUDA when available; ``cuda`` without a GPU is a clear error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device={name!r}: CUDA is not available on this machine; use device=cpu or auto")
-    return torch.device(name)
 
 
 def seed_everything(seed: int) -> None:

@@ -28,7 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from agentnet.data import load_mnist  # noqa: E402
 from agentnet.composition import compose, to_run_config  # noqa: E402
-from agentnet.session import build_session, resolve_device  # noqa: E402
+from agentnet.devices import resolve_device  # noqa: E402
+from agentnet.session import build_session  # noqa: E402
 
 #: label -> strategy overrides
 VARIANTS = {

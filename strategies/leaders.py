@@ -100,13 +100,15 @@ class LeaderSelection:
 
     def state_dict(self) -> dict:
         """Everything needed to resume selection exactly."""
+        # On the model's device, as copies: A-GEM/GEM snapshot this inside every step, and a copy
+        # to the host would wait for the device (a checkpoint loads onto the CPU either way).
         return {
-            "counts": [c.cpu() for c in self.counts],
+            "counts": [c.clone() for c in self.counts],
             "epoch_counts": self.epoch_counts,
-            "epoch_start": [c.cpu() for c in self._epoch_start],
-            "loss_sum": [c.cpu() for c in self._loss_sum],
+            "epoch_start": [c.clone() for c in self._epoch_start],
+            "loss_sum": [c.clone() for c in self._loss_sum],
             "loss_batches": self._loss_batches,
-            "fixed": [None if f is None else f.cpu() for f in self._fixed],
+            "fixed": [None if f is None else f.clone() for f in self._fixed],
         }
 
     def load_state_dict(self, state: dict) -> None:

@@ -26,6 +26,7 @@ from torch import Tensor
 
 from agentnet.config import ConfigError, RunConfig
 from agentnet.data import Split
+from agentnet.devices import to_device
 from agentnet.network import WorkerNetwork, eval_mode
 from agentnet.strategy import StepResult, Strategy
 from agentnet.training.checkpoint import (
@@ -141,7 +142,7 @@ class BatchStream:
         return self._perm is not None and self.position == self.steps_per_epoch
 
     def _draw(self) -> None:
-        self._perm = torch.stack([torch.randperm(self.size, generator=g) for g in self.generators]).to(self.device)
+        self._perm = to_device(torch.stack([torch.randperm(self.size, generator=g) for g in self.generators]), self.device)
 
     def next(self) -> tuple[Tensor, Tensor]:
         """The next mini-batch, starting a new pass when the last one is exhausted."""

@@ -160,9 +160,11 @@ class WorkerActivity(TrainerPlugin):
     def after_step(self, trainer: "Trainer", x: torch.Tensor, y: torch.Tensor, result: StepResult) -> None:
         with eval_mode(trainer.model):
             after = trainer.model.forward_record(x)
-        self.steps.append([(a.workers[0] - b.workers[0]).abs().mean((0, 2)).cpu() for a, b in zip(after.layers, self._before.layers)])
+        # Kept on the model's device (a copy to the host would wait for it every step); the
+        # series and checkpoints read them on the host.
+        self.steps.append([(a.workers[0] - b.workers[0]).abs().mean((0, 2)) for a, b in zip(after.layers, self._before.layers)])
         layers = result.record.layers if result.record is not None else [None] * len(after.layers)
-        self.leaders.append([None if r is None or r.leaders is None else r.leaders[0].cpu() for r in layers])
+        self.leaders.append([None if r is None or r.leaders is None else r.leaders[0].detach().clone() for r in layers])
 
     def series(self, layer: int = 0) -> tuple[np.ndarray, np.ndarray | None]:
         """``(changes, leaders)`` of hidden layer ``layer`` as plain arrays (what
@@ -170,11 +172,11 @@ class WorkerActivity(TrainerPlugin):
         leader masks, ``None`` where the strategy has no per-worker leaders."""
         if not self.steps:
             return np.zeros((0, 0)), None
-        changes = np.stack([step[layer].numpy() for step in self.steps])
+        changes = np.stack([step[layer].cpu().numpy() for step in self.steps])
         first = self.leaders[0][layer] if self.leaders else None
         if first is None or first.dim() != 1:
             return changes, None
-        return changes, np.stack([step[layer].numpy() for step in self.leaders])
+        return changes, np.stack([step[layer].cpu().numpy() for step in self.leaders])
 
     def state_dict(self) -> dict:
         return {"steps": self.steps, "leaders": self.leaders}

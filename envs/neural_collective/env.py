@@ -15,7 +15,7 @@ from pettingzoo import ParallelEnv
 
 from agentnet.config import ConfigError, check
 from agentnet.data import run_splits
-from agentnet.session import resolve_device
+from agentnet.devices import resolve_device
 from agentnet.workers import WorkerBlock
 
 from . import scenario

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from agentnet.config import CLConfig, check
 from agentnet.continual.methods import CLMethod
+from agentnet.devices import to_device
 
 PROJECTIONS = ("global", "layer")
 
@@ -74,7 +75,7 @@ class EpisodicMemory:
         if not self.masks or self.masks[0] is None:
             return None
         table = torch.stack(self.masks)  # (T, C)
-        return table[tasks.to(table.device)].unsqueeze(0).expand(like.shape[0], -1, -1)
+        return table[to_device(tasks, table.device)].unsqueeze(0).expand(like.shape[0], -1, -1)
 
     def task_batch(self, t: int) -> tuple[Tensor, Tensor, Tensor | None]:
         """The whole memory of task ``t``: ``x`` ``(R, m, D)``, ``y`` ``(R, m)``, its logit mask."""
@@ -89,7 +90,7 @@ class EpisodicMemory:
         if n < y.shape[1]:
             idx = torch.randperm(y.shape[1], generator=gen)[:n]
             tasks = tasks[idx]
-            idx = idx.to(y.device)
+            idx = to_device(idx, y.device)
             x, y = x[:, idx], y[:, idx]
         return x, y, self._mask(tasks, y)
 
@@ -233,7 +234,7 @@ class EpisodicProjection(CLMethod):
         super().__init__(cfg, model, variants)
         self.memory = EpisodicMemory(cfg.memory_per_task, cfg.seed)
         replicas = getattr(model, "replicas", 1)
-        self.projections = torch.zeros(replicas, dtype=torch.long)
+        self.projections = torch.zeros(replicas, dtype=torch.long, device=next(model.parameters()).device)
         """Per replica, how many (step, group) updates were projected so far."""
         self.last: dict[str, list[Tensor]] = {}
         """The last step's per-group dot products with the memory gradients (``before``/``after``
@@ -259,10 +260,11 @@ class EpisodicProjection(CLMethod):
             new, projected = self.project(g, G, before)
             self.last["before"].append(before.detach())
             self.last["after"].append(torch.einsum("rkp,rp->rk", G, new).detach())
-            if bool(projected.any()):
-                self.projections += projected.cpu().long()
-                with torch.no_grad():
-                    write_flat(new, group)
+            # Written back whether or not a replica was projected (``new`` is ``g`` where it was
+            # not): testing first would wait for the device every step.
+            self.projections += projected.long()
+            with torch.no_grad():
+                write_flat(new, group)
 
     def reference_batches(self) -> list[tuple[Tensor, Tensor, Tensor | None]]:
         """The memory batches whose strategy gradients constrain the update."""
@@ -278,4 +280,4 @@ class EpisodicProjection(CLMethod):
 
     def load_state_dict(self, state: dict) -> None:
         self.memory.load_state_dict(state["memory"], next(self.model.parameters()).device)
-        self.projections = state["projections"].clone()
+        self.projections = state["projections"].to(self.projections.device, copy=True)

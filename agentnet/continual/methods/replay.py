@@ -13,6 +13,7 @@ import torch
 
 from agentnet.config import CLConfig, check
 from agentnet.continual.methods import CL_METHODS, CLMethod
+from agentnet.devices import to_device
 
 
 @dataclass
@@ -62,8 +63,8 @@ class ReservoirBuffer:
         kept = torch.nonzero(slots < self.capacity).view(-1)
         unique, inverse = torch.unique(slots[kept], return_inverse=True)
         last = torch.full((len(unique),), -1, dtype=torch.long).scatter_reduce(0, inverse, torch.arange(len(kept)), "amax")
-        source = kept[last].to(x.device)
-        unique = unique.to(x.device)
+        # The slots are drawn on the host (the same on every device); moved without a stall.
+        source, unique = to_device(kept[last], x.device), to_device(unique, x.device)
         self.x[:, unique] = x[:, source]
         self.y[:, unique] = y[:, source]
         self.seen += n
@@ -76,7 +77,7 @@ class ReservoirBuffer:
         self.gen.set_state(state["gen"].cpu())
 
     def sample(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        idx = torch.randint(0, len(self), (n,), generator=self.gen).to(self.x.device)
+        idx = to_device(torch.randint(0, len(self), (n,), generator=self.gen), self.x.device)
         return self.x[:, idx], self.y[:, idx]
 
 
