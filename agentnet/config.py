@@ -305,6 +305,12 @@ class TrainerConfig:
     the strategies' custom backward stay fp32-safe); ``none`` is full fp32. Meant for CUDA (Ampere+)."""
     channels_last: bool = False
     """Store conv weights and inputs channels-last (NHWC), the fast layout for conv models on CUDA."""
+    compile: bool = False
+    """Compile what a step computes (the strategy's forward and losses, and through them its
+    backward) with ``torch.compile``: ``mode="reduce-overhead"`` (CUDA graphs) on CUDA, the default
+    mode elsewhere. The first steps pay the compilation; graph breaks are logged with their reasons
+    and a step that cannot compile runs eagerly after a warning. Updates, CL methods and evaluation
+    stay eager."""
     test: bool = True
     """Evaluate the test set. ``agentnet-tune`` turns it off in its trials: they select on
     validation data and never look at the test set (nor pay for evaluating it)."""

@@ -6,6 +6,10 @@ medians over ``--repeats`` and the ratios the targets are stated in::
 
     python benchmarks/step_time.py [--models mlp_275k,mlp_400x2,cnn_mnist_438k] [--variants bp,fa,fg_w] [--json out.json] [--device cpu]
         [--amp bf16 --channels-last]   # the GPU path options (CUDA)
+        [--compile]                     # also time every variant with trainer.compile=true ("<variant>+c")
+
+With ``--compile`` the table also gives each compiled variant's compile time (its first step, s)
+and its ratio to the eager one.
 
 Conv models get a hand-written ``nn.Sequential`` reference of the same layers (none for block-wise
 models, whose grouped blocks have no plain-PyTorch twin here); attention rows are MLP-only.
@@ -111,6 +115,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
     parser.add_argument("--amp", default="none", choices=["none", "bf16"], help="trainer.amp for every variant")
     parser.add_argument("--channels-last", action="store_true", help="trainer.channels_last for every variant")
+    parser.add_argument("--compile", action="store_true", help="also time each framework variant with trainer.compile=true")
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"which of {', '.join(VARIANTS)} (bp is always timed)")
     parser.add_argument("--json", default=None, help='write {"<model>": {"raw_torch": ms, "bp": ms, ...}} here')
     args = parser.parse_args(argv)
@@ -128,6 +133,7 @@ def main(argv=None) -> dict:
 
     gpu_overrides = [f"trainer.amp={args.amp}", f"trainer.channels_last={str(args.channels_last).lower()}"]
     results: dict[str, dict[str, float]] = {}
+    compile_s: dict[str, float] = {}
     for model in args.models.split(","):
         variants = {}
         for label in chosen:
@@ -136,11 +142,19 @@ def main(argv=None) -> dict:
                 continue  # message passing is defined for fully connected layers
             step, model_cfg = framework_step(overrides, model, device, data, gpu_overrides)
             variants[label] = step
+            if args.compile:
+                variants[f"{label}+c"] = framework_step(overrides, model, device, data, [*gpu_overrides, "trainer.compile=true"])[0]
         raw = raw_torch_step(model_cfg, device, args.channels_last, args.amp == "bf16")
         variants = {**({"raw_torch": raw} if raw is not None else {}), **variants}
         times: dict[str, list[float]] = {k: [] for k in variants}
-        for name, step in variants.items():  # warm-up
-            for x, y in batches[:10]:
+        for name, step in variants.items():  # warm-up (a compiled variant's first step compiles it)
+            sync(device)
+            start = time.perf_counter()
+            step(*batches[0])
+            sync(device)
+            if name.endswith("+c"):
+                compile_s[f"{model}/{name}"] = time.perf_counter() - start
+            for x, y in batches[1:10]:
                 step(x, y)
         for _ in range(args.repeats):
             for name, step in variants.items():
@@ -154,16 +168,22 @@ def main(argv=None) -> dict:
 
     print(f"\nmedian ms/step, batch {args.batch}, device {device}, torch threads {torch.get_num_threads()}, "
           f"amp {args.amp}, channels_last {args.channels_last}, {args.repeats} repeats x {args.steps} steps\n")
-    labels = [k for k in ["raw_torch", *VARIANTS] if any(k in r for r in results.values())]
-    ratios = [("bp", "raw_torch"), *[(k, "bp") for k in labels if k not in ("raw_torch", "bp")]]
+    names = ["raw_torch", *[v for k in VARIANTS for v in (k, f"{k}+c")]]
+    labels = [k for k in names if any(k in r for r in results.values())]
+    ratios = [("bp", "raw_torch"), *[(k, "bp") for k in labels if k not in ("raw_torch", "bp") and not k.endswith("+c")],
+              *[(k, "raw_torch") for k in labels if k == "bp+c"],
+              *[(f"{k}+c", "bp+c") for k in labels if k not in ("raw_torch", "bp") and not k.endswith("+c") and f"{k}+c" in labels],
+              *[(k, k[:-2]) for k in labels if k.endswith("+c")]]
     print("| model | " + " | ".join(labels) + " | " + " | ".join(f"{a}/{b}" for a, b in ratios) + " |")
     print("|---" * (len(labels) + len(ratios) + 1) + "|")
     for model, r in results.items():
         cells = " | ".join(f"{r[k]:.3f}" if k in r else "-" for k in labels)
         quotients = " | ".join(f"{r[a] / r[b]:.3f}" if a in r and b in r else "-" for a, b in ratios)
         print(f"| {model} | {cells} | {quotients} |")
+    if compile_s:
+        print("\ncompile time (first step, s): " + ", ".join(f"{k} {v:.1f}" for k, v in compile_s.items()))
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
+        Path(args.json).write_text(json.dumps({**results, **({"compile_s": compile_s} if compile_s else {})}, indent=2))
     return results
 
 

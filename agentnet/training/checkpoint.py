@@ -43,6 +43,7 @@ LOCK = ".agentnet.lock"
 #: Config keys that may differ on resume: they do not change what is trained, or only extend it.
 RESUMABLE_KEYS = {
     "trainer.epochs",
+    "trainer.compile",  # the same step, compiled or not
     "trainer.max_steps",
     "trainer.progress",
     "trainer.log_every",

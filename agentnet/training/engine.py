@@ -42,7 +42,7 @@ from agentnet.training.plugins import TrainerPlugin, progress_bar
 from agentnet.population import population_of
 from agentnet.replica import lerp_update, replica_rows
 
-__all__ = ["NonFiniteLossError", "BatchStream", "Trainer", "Update", "ScaledUpdate", "ExternalUpdate",
+__all__ = ["NonFiniteLossError", "BatchStream", "CompiledCompute", "Trainer", "Update", "ScaledUpdate", "ExternalUpdate",
            "build_optimizer", "build_scheduler"]
 
 log = logging.getLogger(__name__)
@@ -176,6 +176,49 @@ class BatchStream:
             self.end_pass()
 
 
+class CompiledCompute:
+    """``strategy.compute`` through ``torch.compile`` (``trainer.compile=true``), never silently.
+
+    On CUDA the mode is ``reduce-overhead`` (CUDA graphs replay the step's kernels in one launch),
+    elsewhere the default. After the first call the graph breaks dynamo met are logged with their
+    reasons (those parts run eagerly between the compiled graphs); if compilation fails, a warning
+    names the strategy and the error and every later step runs the eager ``compute``.
+    """
+
+    def __init__(self, strategy: Strategy, device: torch.device) -> None:
+        self.strategy = strategy
+        self.mode = "reduce-overhead" if device.type == "cuda" else "default"
+        self.compiled: Callable[[Tensor, Tensor], StepResult] | None = torch.compile(strategy.compute, mode=self.mode)
+        self.calls = 0
+        self.breaks: list[str] = []
+        """The graph breaks of the first compiled call (reasons, deduplicated)."""
+
+    def __call__(self, x: Tensor, y: Tensor) -> StepResult:
+        if self.compiled is None:
+            return self.strategy.compute(x, y)
+        if self.calls:
+            self.calls += 1
+            return self.compiled(x, y)
+        from torch._dynamo.utils import counters
+
+        before = dict(counters["graph_break"])
+        start = time.perf_counter()
+        try:
+            result = self.compiled(x, y)
+        except Exception as error:  # any failure to trace or compile: run the step as written
+            log.warning("trainer.compile: the %s step could not be compiled (%s: %s); running it eagerly",
+                        self.strategy.name, type(error).__name__, str(error).splitlines()[0] if str(error) else "")
+            self.compiled = None
+            return self.strategy.compute(x, y)
+        self.calls = 1
+        self.breaks = [reason for reason, n in counters["graph_break"].items() if n > before.get(reason, 0)]
+        log.info("trainer.compile: the %s step compiled in %.1f s (mode %s)", self.strategy.name, time.perf_counter() - start, self.mode)
+        if self.breaks:
+            log.warning("trainer.compile: the %s step has %d graph break(s), run eagerly between compiled graphs: %s",
+                        self.strategy.name, len(self.breaks), "; ".join(self.breaks))
+        return result
+
+
 class Trainer:
     """Runs a strategy: draw a batch, step, account — calling plugin hooks.
 
@@ -217,6 +260,8 @@ class Trainer:
         self._autocast = (
             functools.partial(torch.autocast, self.device.type, torch.bfloat16) if tcfg.amp == "bf16" else contextlib.nullcontext
         )
+        self.compute: Callable[[Tensor, Tensor], StepResult] = CompiledCompute(strategy, self.device) if tcfg.compile else strategy.compute
+        """What a step computes (``strategy.compute``, compiled when ``trainer.compile``)."""
         self.shuffles = [torch.Generator().manual_seed(seed) for seed in self.population.seeds]
         self.stream: BatchStream | None = None
         """The batch stream being trained on (``None`` between continual tasks)."""
@@ -258,7 +303,7 @@ class Trainer:
             plugin.before_step(self, x, y)
         self.optimizer.zero_grad(set_to_none=True)
         with self._autocast():  # forward (and the strategy's losses) in bf16 when trainer.amp=bf16
-            result = self.strategy.compute(x, y)
+            result = self.compute(x, y)
         self.strategy.backward(result)
         result.fresh = fresh
         for plugin in self.plugins:
