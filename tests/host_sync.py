@@ -81,7 +81,8 @@ class HostSyncCounter:
                 host = [counter.is_host(t) for t in inputs]
                 if counter.active and inputs:
                     op = func.__name__.split(".")[0]
-                    if op in SYNC_OPS and not host[0]:
+                    sized_by_values = op != "repeat_interleave" or _tensor_repeats(func, args)
+                    if op in SYNC_OPS and sized_by_values and not host[0]:
                         counter.record(op)
                     elif op in ("index", "index_put", "index_put_") and not host[0] and _has_mask_index(args):
                         counter.record(f"{op} with a boolean mask")
@@ -147,6 +148,13 @@ class HostSyncCounter:
 
 def _device_argument(args: tuple, kwargs: dict) -> bool:
     return kwargs.get("device") is not None or any(isinstance(a, (torch.device, str)) for a in args)
+
+
+def _tensor_repeats(func, args: tuple) -> bool:
+    """``repeat_interleave`` sizes its output by values only when the repeats are a tensor."""
+    if func.__name__.endswith(".Tensor"):  # repeat_interleave(repeats): the counts are the input
+        return True
+    return len(args) > 1 and isinstance(args[1], torch.Tensor) and args[1].dim() > 0
 
 
 def _has_mask_index(args: tuple) -> bool:

@@ -118,6 +118,7 @@ def test_the_counter_sees_every_kind_of_synchronisation():
         host[host > 2].tolist()
         torch.unique(host)
         device_tensor * torch.tensor(2.0)  # a 0-dim host scalar is passed by value
+        device_tensor.repeat_interleave(2)  # sized by an int, not by values
     kinds = sorted(kind for (kind, _), n in counter.events.items() for _ in range(n))
     assert kinds == sorted(["item()", "_local_scalar_dense", "_local_scalar_dense", "index with a boolean mask", "tolist()",
                             "index: host tensor used on the device", "blocking host-to-device copy", "nonzero", "cpu()"]), counter.report()
