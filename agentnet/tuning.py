@@ -40,7 +40,7 @@ from agentnet.registry import CL_METHODS, STRATEGIES
 from agentnet.tables import direction
 from agentnet.recipes import run_continual, train
 from agentnet.session import load_run_data
-from agentnet.training import NonFiniteLossError, RunDirectoryLockedError, atomic_write_json
+from agentnet.training import NonFiniteLossError, RunDirectoryLockedError, atomic_write_json, remove_checkpoints
 
 __all__ = ["DEFAULT_LR", "default_space", "Dimension", "parse_space", "objective_of", "run_study", "JOURNAL"]
 
@@ -445,7 +445,7 @@ def _final(run: RunConfig, tune: TuneConfig, overrides: dict[str, Any], data: Im
             bad = [seeds[r] for r in (exc.replicas or range(len(seeds)))]
             diverged += bad
             seeds = [s for s in seeds if s not in bad]
-            (out / "checkpoint.pt").unlink(missing_ok=True)  # it holds the diverged seeds' population
+            remove_checkpoints(out)  # they hold the diverged seeds' population
             if not seeds:
                 raise NonFiniteLossError(f"final stage: every seed ({diverged}) diverged at the best setting {overrides}") from None
             log.warning("final stage: seed(s) %s diverged at the best setting; %s trained again without them", bad, seeds)

@@ -3,12 +3,16 @@
 
 from agentnet.training.checkpoint import (
     CHECKPOINT,
+    PREVIOUS,
     CheckpointError,
     RunDirectoryLockedError,
     RunLock,
     atomic_save,
     atomic_write_json,
     load_checkpoint,
+    load_verified,
+    remove_checkpoints,
+    save_checkpoint,
 )
 from agentnet.training.engine import (
     BatchStream,
@@ -35,6 +39,7 @@ __all__ = [
     "BatchStream",
     "BestValidation",
     "CHECKPOINT",
+    "PREVIOUS",
     "CheckpointError",
     "Checkpointing",
     "EpochEvaluation",
@@ -54,5 +59,8 @@ __all__ = [
     "build_optimizer",
     "build_scheduler",
     "load_checkpoint",
+    "load_verified",
     "progress_bar",
+    "remove_checkpoints",
+    "save_checkpoint",
 ]

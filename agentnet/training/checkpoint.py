@@ -2,6 +2,10 @@
 
 * :func:`atomic_save` / :func:`atomic_write_json`: a unique temporary file per writer, then a rename,
   so readers and concurrent writers never see half a file.
+* :func:`save_checkpoint` / :func:`load_verified`: two generations (``checkpoint.pt`` and the one
+  before it, ``checkpoint.prev.pt``), each with its SHA-256 beside it (``<file>.sha256``, in
+  ``sha256sum`` format); loading verifies size, checksum and structure and falls back to the previous
+  generation, with a warning, when the newest is damaged (a node dying mid-copy, a bit flip).
 * :func:`load_checkpoint`: ``torch.load(weights_only=True)``; state is tensors and plain containers.
 * :func:`config_differences`: the keys that would change training, checkpoint vs current config.
 * :class:`RunLock`: a run refuses a directory that a live run holds (an ``flock``; the file names its PID).
@@ -11,7 +15,9 @@
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
+import logging
 import os
 import pickle
 import random
@@ -26,11 +32,15 @@ from agentnet.config import ConfigError
 
 __all__ = [
     "CHECKPOINT",
+    "PREVIOUS",
     "CheckpointError",
     "RunDirectoryLockedError",
     "atomic_save",
     "atomic_write_json",
     "load_checkpoint",
+    "save_checkpoint",
+    "load_verified",
+    "remove_checkpoints",
     "config_differences",
     "RunLock",
     "rng_state",
@@ -38,7 +48,13 @@ __all__ = [
 ]
 
 CHECKPOINT = "checkpoint.pt"
+PREVIOUS = "checkpoint.prev.pt"
+"""The generation before ``checkpoint.pt``, kept so a damaged newest one loses one interval, not the run."""
 LOCK = ".agentnet.lock"
+#: The checkpoint format this version writes and reads.
+FORMAT = 4
+
+log = logging.getLogger(__name__)
 
 #: Config keys that may differ on resume: they do not change what is trained, or only extend it.
 RESUMABLE_KEYS = {
@@ -104,6 +120,107 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict:
         ) from None
     except (RuntimeError, EOFError, OSError) as exc:
         raise CheckpointError(f"{path}: not a readable agentnet checkpoint ({exc})") from None
+
+
+def _digest_path(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def save_checkpoint(state: dict, directory: Path, rotate: bool = True) -> Path:
+    """Write ``state`` as ``<directory>/checkpoint.pt`` with its checksum, keeping the generation
+    before as ``checkpoint.prev.pt`` (``rotate=False``: replace the current one, keeping the
+    previous generation — a second save of the same step, e.g. at a task's end after its epoch's).
+
+    The new file is written and synced under a temporary name first, so a failed write (a full disk)
+    raises with both generations untouched; only then does the current one become the previous one
+    and the new one take its place. A crash between those renames leaves a verifiable previous one.
+    """
+    path, previous = directory / CHECKPOINT, directory / PREVIOUS
+    tmp = _temporary(path)
+    try:
+        torch.save(state, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        line = f"{_sha256(tmp)}  {CHECKPOINT}\n"
+        if rotate and path.exists():
+            os.replace(path, previous)
+            digest = _digest_path(path)
+            if digest.exists():
+                atomic_write_text(digest.read_text().replace(f"  {CHECKPOINT}", f"  {PREVIOUS}"), _digest_path(previous))
+            else:
+                _digest_path(previous).unlink(missing_ok=True)
+        os.replace(tmp, path)
+        atomic_write_text(line, _digest_path(path))
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def atomic_write_text(text: str, path: Path) -> None:
+    """Write text via a temporary file and a rename."""
+    tmp = _temporary(path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _verify(path: Path) -> dict:
+    """Load ``path`` if its size, checksum and structure verify; :class:`CheckpointError` saying why not."""
+    size = path.stat().st_size
+    if size == 0:
+        raise CheckpointError(f"{path}: empty (0 bytes)")
+    digest = _digest_path(path)
+    if digest.is_file():
+        expected = digest.read_text().split()[0] if digest.read_text().split() else ""
+        actual = _sha256(path)
+        if expected != actual:
+            raise CheckpointError(f"{path}: checksum mismatch (recorded {expected[:12]}..., the file has {actual[:12]}...; "
+                                  f"{size} bytes): damaged or truncated")
+    state = load_checkpoint(path, "cpu")  # generator states must stay on the CPU; tensors move on load
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not an agentnet checkpoint of this version (no format {FORMAT} marker)")
+    return state
+
+
+def load_verified(directory: Path) -> tuple[dict, Path] | None:
+    """The newest checkpoint in ``directory`` that verifies, and its path; ``None`` when there is none.
+
+    A damaged ``checkpoint.pt`` is reported (path and reason) and ``checkpoint.prev.pt`` used
+    instead; when checkpoints exist but none verifies, :class:`CheckpointError` lists each and why.
+    """
+    problems = []
+    for path in (directory / CHECKPOINT, directory / PREVIOUS):
+        if not path.is_file():
+            continue
+        try:
+            state = _verify(path)
+        except CheckpointError as exc:
+            problems.append(str(exc))
+            log.warning("%s; trying the previous checkpoint", exc)
+            continue
+        if problems:
+            log.warning("resuming from the previous checkpoint %s (one interval of training is redone)", path)
+        return state, path
+    if problems:
+        raise CheckpointError("no checkpoint verifies: " + "; ".join(problems))
+    return None
+
+
+def remove_checkpoints(directory: Path) -> None:
+    """Delete both generations and their checksums (a run that must start over)."""
+    for name in (CHECKPOINT, PREVIOUS):
+        (directory / name).unlink(missing_ok=True)
+        _digest_path(directory / name).unlink(missing_ok=True)
 
 
 def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:

@@ -31,11 +31,11 @@ from agentnet.network import WorkerNetwork, eval_mode
 from agentnet.strategy import StepResult, Strategy
 from agentnet.training.checkpoint import (
     CHECKPOINT,
-    CheckpointError,
-    atomic_save,
+    FORMAT,
     check_resumable,
-    load_checkpoint,
+    load_verified,
     rng_state,
+    save_checkpoint,
     set_rng_state,
 )
 from agentnet.training.plugins import TrainerPlugin, progress_bar
@@ -283,6 +283,7 @@ class Trainer:
         self.train_seconds = 0.0
         self.samples_seen = 0
         self.resumed_from: str | None = None
+        self._saved_step: int | None = None  # the step of the newest checkpoint written or loaded
         self._reset_running()
 
     # -- the step ------------------------------------------------------------------------------
@@ -474,7 +475,7 @@ class Trainer:
     def state_dict(self) -> dict:
         """Everything a resumed run needs to continue exactly: tensors and plain containers only."""
         return {
-            "format": 4,
+            "format": FORMAT,
             "config": dataclasses.asdict(self.cfg),
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -519,7 +520,10 @@ class Trainer:
         if not self.cfg.trainer.checkpoint or self.output_dir is None:
             return
         self.check_finite(f"before the checkpoint at step {self.step}")
-        atomic_save(self.state_dict(), self.checkpoint_path)
+        # The same step saved again (an epoch's end, then its task's) replaces the newest generation
+        # instead of pushing out the previous one.
+        save_checkpoint(self.state_dict(), self.output_dir, rotate=self._saved_step != self.step)
+        self._saved_step = self.step
 
     def resume(self, directory: Path) -> bool:
         """Continue from ``<directory>/checkpoint.pt`` if it exists; ``False`` (and a warning) if not.
@@ -527,15 +531,20 @@ class Trainer:
         The checkpoint is loaded without executing code and refused if its config differs from this
         run's in a key that changes training (growing ``trainer.epochs`` / ``max_steps`` is fine).
         """
-        path = Path(directory) / CHECKPOINT
-        if not path.is_file():
-            log.warning("resume=true but there is no checkpoint at %s; starting from scratch", path)
+        found = load_verified(Path(directory))
+        if found is None:
+            log.warning("resume=true but there is no checkpoint at %s; starting from scratch", Path(directory) / CHECKPOINT)
             return False
-        state = load_checkpoint(path, "cpu")  # generator states must stay on the CPU; tensors move on load
-        if not isinstance(state, dict) or state.get("format") != 4:
-            raise CheckpointError(f"{path}: not an agentnet checkpoint of this version (no format 4 marker)")
+        state, path = found
         check_resumable(state["config"], dataclasses.asdict(self.cfg), path)
+        newest = Path(directory) / CHECKPOINT
+        if path.name != CHECKPOINT and newest.exists():
+            # Kept for inspection, out of the rotation: the next checkpoint must not push the good
+            # previous generation out in favour of the damaged one.
+            newest.replace(newest.with_name(CHECKPOINT + ".damaged"))
+            log.warning("the damaged %s was renamed %s.damaged", newest, CHECKPOINT)
         self.load_state_dict(state)
+        self._saved_step = self.step
         self.resumed_from = str(path)
         log.info("resumed from %s at epoch %d, step %d", path, self.epoch, self.step)
         return True
