@@ -27,7 +27,11 @@ from agentnet.experiments import run_experiment
 from agentnet.hydra_setup import register_all
 from agentnet.paths import CONFIG_DIR, output_dir_of
 from agentnet.recipes import run_continual, train
-from agentnet.training import CheckpointError, NonFiniteLossError, RunDirectoryLockedError
+from agentnet.training import CheckpointError, NonFiniteLossError, RunDirectoryLockedError, atomic_write_json
+from agentnet.training.preemption import EXIT_PREEMPTED, Preempted
+
+#: What a job stopped by a preemption signal writes into its directory (see agentnet.training.preemption).
+STOPPED = "stopped.json"
 from agentnet.tuning import run_study
 
 log = logging.getLogger("agentnet")
@@ -44,10 +48,13 @@ class SweepStatus(Callback):
     """Counts a multirun's failed jobs (those that wrote ``error.txt``) once every job has ended."""
 
     failed: list[str] = []
+    stopped: list[str] = []
+    """Jobs a preemption signal stopped (``stopped.json``): resumable with ``resume=true``."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep = Path(config.hydra.sweep.dir)
         SweepStatus.failed = sorted(str(p.parent) for p in sweep.glob("**/error.txt"))
+        SweepStatus.stopped = sorted(str(p.parent) for p in sweep.glob(f"**/{STOPPED}"))
 
 
 def run_task(cfg: DictConfig) -> float | None:
@@ -97,6 +104,14 @@ def _guarded(task, cfg: DictConfig) -> float | None:
 
     try:
         result = task(cfg)
+    except Preempted as stop:  # not a failure: the run checkpointed and can resume
+        log.warning("%s", stop)
+        out = Path(cfg.get("output_dir") or HydraConfig.get().runtime.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(stop.record(), out / STOPPED)
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            return None  # main() exits with EXIT_PREEMPTED at the end
+        sys.exit(EXIT_PREEMPTED)
     except Exception as exc:  # every failure leaves error.txt; expected ones without a traceback
         message = f"{type(exc).__name__}: {exc}"
         if isinstance(exc, EXPECTED):
@@ -115,8 +130,9 @@ def _guarded(task, cfg: DictConfig) -> float | None:
         sys.exit(1)
     # error.txt tells why the last attempt failed: a job that now succeeded (resumed, or a study
     # continued) is no longer failed
-    stale = Path(cfg.get("output_dir") or HydraConfig.get().runtime.output_dir) / "error.txt"
-    stale.unlink(missing_ok=True)
+    job = Path(cfg.get("output_dir") or HydraConfig.get().runtime.output_dir)
+    (job / "error.txt").unlink(missing_ok=True)
+    (job / STOPPED).unlink(missing_ok=True)
     return result
 
 
@@ -136,11 +152,17 @@ def _finish() -> None:
         for job in SweepStatus.failed:
             print(f"  {job}", file=sys.stderr)
         sys.exit(1)
+    if SweepStatus.stopped:
+        print(f"agentnet: {len(SweepStatus.stopped)} job(s) of the sweep were stopped by a signal (see {STOPPED}); "
+              "rerun the command with resume=true:", file=sys.stderr)
+        for job in SweepStatus.stopped:
+            print(f"  {job}", file=sys.stderr)
+        sys.exit(EXIT_PREEMPTED)
 
 
 def main() -> None:
     """Console script ``agentnet``."""
-    SweepStatus.failed = []
+    SweepStatus.failed, SweepStatus.stopped = [], []
     _app()
     _finish()
 
@@ -148,7 +170,7 @@ def main() -> None:
 def tune_main() -> None:
     """Console script ``agentnet-tune``: tune a run's hyperparameters on validation data (Optuna),
     then retrain the best setting with fresh seeds and evaluate it on the test set once."""
-    SweepStatus.failed = []
+    SweepStatus.failed, SweepStatus.stopped = [], []
     _tune_app()
     _finish()
 

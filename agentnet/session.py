@@ -35,6 +35,7 @@ from agentnet.population import Population, population_of
 from agentnet.composition import to_run_config
 from agentnet.registry import build_strategy
 from agentnet.strategy import StepResult, Strategy
+from agentnet.training.preemption import preemption_signals
 from agentnet.training import (
     BatchStream,
     BestValidation,
@@ -260,11 +261,13 @@ class Session:
         self.trainer.end_run()
 
     def run_all(self) -> None:
-        """Train the whole stream, task after task (continuing where a resumed run stopped)."""
-        self.begin()
-        while not self.done:
-            self.advance()
-        self.end()
+        """Train the whole stream, task after task (continuing where a resumed run stopped). A
+        preemption signal stops it at the next step with a checkpoint (:class:`Preempted`)."""
+        with preemption_signals(self.trainer):
+            self.begin()
+            while not self.done:
+                self.advance()
+            self.end()
 
 
 def build_session(run: RunConfig, data: ImageData, out: Path | None = None, plugins: Sequence[TrainerPlugin] = ()) -> Session:

@@ -39,6 +39,7 @@ from agentnet.training.checkpoint import (
     set_rng_state,
 )
 from agentnet.training.plugins import TrainerPlugin, progress_bar
+from agentnet.training.preemption import Preempted
 from agentnet.population import population_of
 from agentnet.replica import lerp_update, replica_rows
 
@@ -284,6 +285,9 @@ class Trainer:
         self.samples_seen = 0
         self.resumed_from: str | None = None
         self._saved_step: int | None = None  # the step of the newest checkpoint written or loaded
+        self.stop_requested: str | None = None
+        """Set (to a signal's name) to stop at the next step boundary with a checkpoint
+        (:func:`agentnet.training.preemption.preemption_signals`)."""
         self._reset_running()
 
     # -- the step ------------------------------------------------------------------------------
@@ -356,6 +360,10 @@ class Trainer:
         result = None
         start = time.perf_counter()
         for _ in range(steps):
+            if self.stop_requested:
+                if bar is not None:
+                    bar.close()
+                self._stop()
             if stream.at_epoch_start or stream.at_epoch_end:
                 self._begin_epoch()
             result = self.train_step(*stream.next())
@@ -374,6 +382,13 @@ class Trainer:
         if bar is not None:
             bar.close()
         return result
+
+    def _stop(self) -> None:
+        """Checkpoint where the loop stands and raise :class:`Preempted` (a stop was requested)."""
+        self.save_checkpoint()
+        path = self.checkpoint_path if self.cfg.trainer.checkpoint and self.output_dir is not None else None
+        log.warning("%s: stopping after step %d with a checkpoint", self.stop_requested, self.step)
+        raise Preempted(self.stop_requested or "a stop request", self.step, self.epoch, path)
 
     def close_epoch(self) -> None:
         """End a pass cut short (``max_steps``, a continual task's step budget) as an epoch."""
