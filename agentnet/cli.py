@@ -41,7 +41,8 @@ register_all()  # the group schemas and every plugin's <name>_schema, before Hyd
 SUMMARY_KEYS = ("strategy", "model", "test_error", "train_error", "num_params", "samples_per_s", "wall_s")
 CL_SUMMARY_KEYS = ("strategy", "cl", "benchmark", "ACC", "BWT", "FWT", "forgetting", "wall_s")
 #: Failures with a message that says everything; anything else is logged with its traceback.
-EXPECTED = (ConfigError, DataError, NonFiniteLossError, CheckpointError, RunDirectoryLockedError, FileNotFoundError)
+#: Failures reported by their message alone (an OSError names its file and cause: a full disk, a missing path).
+EXPECTED = (ConfigError, DataError, NonFiniteLossError, CheckpointError, RunDirectoryLockedError, OSError)
 
 
 class SweepStatus(Callback):
@@ -123,8 +124,11 @@ def _guarded(task, cfg: DictConfig) -> float | None:
         hydra_cfg = HydraConfig.get()
         if not isinstance(exc, RunDirectoryLockedError):  # that directory belongs to the live run
             out = Path(cfg.get("output_dir") or hydra_cfg.runtime.output_dir)
-            out.mkdir(parents=True, exist_ok=True)
-            (out / "error.txt").write_text(detail.rstrip() + "\n")
+            try:
+                out.mkdir(parents=True, exist_ok=True)
+                (out / "error.txt").write_text(detail.rstrip() + "\n")
+            except OSError as write_error:  # a full disk may refuse this too; the log has the message
+                log.error("could not write %s: %s", out / "error.txt", write_error.strerror or write_error)
         if hydra_cfg.mode == RunMode.MULTIRUN:
             return None  # the sweep's other jobs go on; main() exits non-zero at the end
         sys.exit(1)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import io
 import json
 import logging
 import os
@@ -146,10 +147,18 @@ def save_checkpoint(state: dict, directory: Path, rotate: bool = True) -> Path:
     path, previous = directory / CHECKPOINT, directory / PREVIOUS
     tmp = _temporary(path)
     try:
-        torch.save(state, tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        line = f"{_sha256(tmp)}  {CHECKPOINT}\n"
+        buffer = io.BytesIO()  # serialised in memory, so a failed write is the OS's own error (ENOSPC, EIO, EFBIG)
+        torch.save(state, buffer)
+        try:
+            with open(tmp, "wb") as f:
+                f.write(buffer.getbuffer())
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as exc:
+            kept = "the previous checkpoints are intact" if path.exists() else "no earlier checkpoint exists"
+            raise CheckpointError(f"{path}: could not be written ({exc.strerror or exc}); {kept}. Free space (or fix the disk) "
+                                  "and continue with resume=true") from None
+        line = f"{hashlib.sha256(buffer.getbuffer()).hexdigest()}  {CHECKPOINT}\n"
         if rotate and path.exists():
             os.replace(path, previous)
             digest = _digest_path(path)
