@@ -26,7 +26,7 @@ from agentnet.data import DataError
 from agentnet.experiments import run_experiment
 from agentnet.hydra_setup import register_all
 from agentnet.paths import CONFIG_DIR, output_dir_of
-from agentnet.recipes import run_continual, train
+from agentnet.recipes import finished, run_continual, train
 from agentnet.training import CheckpointError, NonFiniteLossError, RunDirectoryLockedError, atomic_write_json
 from agentnet.training.preemption import EXIT_PREEMPTED, Preempted
 
@@ -71,6 +71,10 @@ def run_task(cfg: DictConfig) -> float | None:
     if restarts and not run.resume:
         log.warning("SLURM requeued this job (restart %d): resuming from its checkpoint", restarts)
         run.resume = True
+    done = finished(run) if run.resume and run.experiment is None else None
+    if done is not None:  # a resumed sweep: this job finished before the interruption
+        log.info("%s finished already; resume=true keeps its results", output_dir_of(run.output_dir))
+        return done.get("ACC") if run.benchmark is not None else done.get("test_error")
     if run.experiment is not None:
         result = run_experiment(run, output_dir_of(run.output_dir))
         return None if not result["summary"] else float(next(iter(result["summary"].values())))

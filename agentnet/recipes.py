@@ -9,6 +9,7 @@ learning benchmark (``cl_metrics.json``, ``acc_matrix.csv``). Both build the run
 from __future__ import annotations
 
 import csv
+import json
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -20,11 +21,34 @@ from agentnet import plots
 from agentnet.config import ConfigError, RunConfig
 from agentnet.continual.metrics import summarize as summarize_matrix
 from agentnet.data import ImageData
+from agentnet.paths import output_dir_of
 from agentnet.population import summarize
 from agentnet.session import Session, build_session, prepare_run
 from agentnet.training import RunLock, atomic_write_json
+from agentnet.training.checkpoint import config_differences
 
-__all__ = ["train", "run_continual", "results"]
+__all__ = ["train", "run_continual", "results", "finished"]
+
+
+def finished(run: RunConfig) -> dict[str, Any] | None:
+    """The results a finished run left in its output directory, if they are this run's: what a
+    rerun with ``resume=true`` (a resumed sweep) returns instead of training again. ``None`` when
+    there are none, or when they were written with a different seed or a config that changes
+    training (the rerun then resumes or refuses as usual)."""
+    out = output_dir_of(run.output_dir)
+    path = out / ("cl_metrics.json" if run.benchmark is not None else "metrics.json")
+    if not path.is_file():
+        return None
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None  # unreadable: train (or resume) and write it again
+    current = asdict(run)
+    mine = {"strategy": current["strategy"], "model": current["model"], "trainer": current["trainer"],
+            **({"cl": current["cl"], "benchmark": current["benchmark"]} if run.benchmark is not None else {})}
+    if saved.get("seed") != run.seed or config_differences(saved.get("config", {}), mine):
+        return None
+    return saved
 
 
 def _trained(run: RunConfig, data: ImageData, out: Path) -> tuple[Session, dict | None]:

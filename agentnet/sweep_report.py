@@ -44,7 +44,7 @@ TRAIN_COLUMNS = ("test_error", "train_error", "samples_per_s", "wall_s")
 # Validation metrics exist only when the runs held out a validation split: a column when any job has one.
 VALIDATION_COLUMNS = {"cl": ("val_ACC",), "train": ("val_error", "val_acc")}
 PERCENT = {"ACC", "BWT", "FWT", "forgetting", "val_ACC"}
-IGNORED_KEYS = ("seed", "output_dir", "hydra.", "trainer.progress")
+IGNORED_KEYS = ("seed", "output_dir", "hydra.", "trainer.progress", "resume")
 ALPHA = 0.05
 """Significance level of the comparisons with the best group (after Holm's correction)."""
 
