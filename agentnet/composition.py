@@ -87,9 +87,24 @@ def compose(overrides: Sequence[str] = (), config_name: str = "config") -> DictC
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
     register_all()
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return hydra_compose(config_name, overrides=list(overrides))
+        try:
+            return hydra_compose(config_name, overrides=list(overrides))
+        # Hydra and OmegaConf also fail with plain errors on some overrides: an assertion for a field
+        # of a null group (``benchmark.num_tasks=3`` without ``benchmark=...``), a ValueError for a
+        # group set to a number (``experiment=0``).
+        except (HydraException, OmegaConfBaseException, AssertionError, ValueError, TypeError, KeyError) as exc:
+            # Hydra names the override (or the group option it could not find); its cause says why.
+            cause = f" ({str(exc.__cause__).splitlines()[0]})" if exc.__cause__ is not None and str(exc.__cause__) else ""
+            message = " ".join(str(exc).split()) + cause
+            keys = [o.split("=")[0].lstrip("+~") for o in overrides]
+            if not any(key and key in message for key in keys):  # a grammar error names no field: name the overrides
+                message = f"overrides {list(overrides)}: {message}"
+            raise ConfigError(message) from None
 
 
 def protocol_names() -> list[str]:
@@ -107,11 +122,9 @@ def protocol_names() -> list[str]:
 @functools.lru_cache(maxsize=None)
 def _protocol(name: str) -> dict:
     """The ``benchmark`` node ``agentnet benchmark=<name>`` composes (cached: composing takes ~0.1 s)."""
-    from hydra.errors import MissingConfigException
-
     try:
         cfg = compose([f"benchmark={name}"])
-    except MissingConfigException:
+    except ConfigError:
         raise ConfigError(f"benchmark={name!r}: no such protocol; choose one of {protocol_names()}") from None
     return OmegaConf.to_container(cfg.benchmark, resolve=True)
 

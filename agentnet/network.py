@@ -92,6 +92,8 @@ class WorkerNetwork(nn.Module):
         if cfg.output_activation == "sigmoid" and num_classes != 2:
             raise ValueError(f"model.output_activation='sigmoid' needs a binary task, got {num_classes} classes")
         self.image_shape = image_shape(input_dim, cfg.in_channels) if cfg.conv else None
+        self.channels_last = False
+        """Conv inputs are made channels-last (set with the weights' layout, ``trainer.channels_last``)."""
         layers, features = _conv_layers(cfg, self.image_shape, self.act, R) if self.image_shape else ([], input_dim)
         features = _fc_layers(cfg, features, R, layers)
         hidden, norms, post, stems = _into_blocks(layers, self.act)
@@ -164,7 +166,7 @@ class WorkerNetwork(nn.Module):
             return x
         B = x.shape[1]
         x = x.reshape(R, B, *self.image_shape).transpose(0, 1).reshape(B, R * self.image_shape[0], *self.image_shape[1:])
-        if self.hidden[0].input_weight.is_contiguous(memory_format=torch.channels_last):
+        if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return x
 

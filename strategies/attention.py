@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from agentnet.config import StrategyConfig, check
+from agentnet.config import ConfigError, StrategyConfig, check
 from agentnet.network import WorkerNetwork
 from agentnet.registry import register_strategy
 from agentnet.strategy import StepResult, Strategy
@@ -116,7 +116,7 @@ class AttentionSeeking(Strategy):
 
     def __init__(self, cfg: AttentionConfig, model: WorkerNetwork, variants: dict[str, list[float]] | None = None) -> None:
         if not is_mlp(model):
-            raise ValueError(
+            raise ConfigError(
                 "strategy=attention passes messages through fully connected weights (alpha = W); "
                 "it does not support conv or block worker layers yet (use a model with model.conv=[])"
             )

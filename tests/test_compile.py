@@ -32,8 +32,8 @@ def test_the_compiled_step_trains_what_the_eager_step_trains(mnist, strategy, ca
     eager = _trained(mnist, strategy)
     with caplog.at_level(logging.INFO, logger="agentnet.training.engine"):
         compiled = _trained(mnist, strategy, "trainer.compile=true")
-    assert isinstance(compiled.trainer.compute, CompiledCompute) and compiled.trainer.compute.compiled is not None
-    assert compiled.trainer.compute.calls == compiled.trainer.step == 10
+    assert isinstance(compiled.trainer.compiled, CompiledCompute) and compiled.trainer.compiled.compiled is not None
+    assert compiled.trainer.compiled.calls == compiled.trainer.step == 10
     assert f"the {strategy} step compiled in" in caplog.text
     start = _trained(mnist, strategy, "trainer.max_steps=1")
     assert _max_difference(eager, start) > 1e-3  # the comparison is not vacuous: 10 steps moved the weights
@@ -51,5 +51,5 @@ def test_a_step_that_cannot_compile_runs_eagerly_with_a_warning(mnist, monkeypat
     with caplog.at_level(logging.WARNING, logger="agentnet.training.engine"):
         session = _trained(mnist, "bp", "trainer.compile=true")
     assert "the bp step could not be compiled (RuntimeError: Unsupported: a construct dynamo cannot trace); running it eagerly" in caplog.text
-    assert session.trainer.compute.compiled is None
+    assert session.trainer.compiled.compiled is None
     assert _max_difference(session, _trained(mnist, "bp")) == 0.0  # exactly the eager run

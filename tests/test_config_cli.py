@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
-from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
 from agentnet.composition import to_run_config
@@ -112,7 +111,7 @@ def test_unknown_strategy_lists_registered():
     cfg.strategy.name = "nope"
     with pytest.raises(ConfigError, match="strategy.name='nope'.*registered"):
         to_run_config(cfg)
-    with pytest.raises(ConfigCompositionException, match="Available options"):
+    with pytest.raises(ConfigError, match="Could not find 'strategy/nope' Available options"):
         compose_config("strategy=nope")
 
 
@@ -137,9 +136,8 @@ def test_bad_values_name_the_field(override, field):
 
 
 def test_wrong_types_fail_at_compose_with_the_key():
-    with pytest.raises(ConfigCompositionException) as err:
+    with pytest.raises(ConfigError, match=r"override trainer.epochs=many \(Value 'many' of type 'str' could not be converted to Integer\)"):
         compose_config("trainer.epochs=many")
-    assert "trainer.epochs" in str(err.value.__cause__) or "epochs" in str(err.value)
     with pytest.raises(ConfigError, match="model.no_such_field"):
         to_run_config(compose_config("+model.no_such_field=1"))
     with pytest.raises(ConfigError, match=r"strategy.*no_such_field"):

@@ -257,12 +257,13 @@ class Trainer:
         if tcfg.channels_last:
             # Conv weights (and, in the model, conv inputs) in NHWC: the fast layout for cuDNN/tensor cores.
             model.to(memory_format=torch.channels_last)
+            model.channels_last = True
         # A fresh autocast context per use for trainer.amp=bf16; no context at all in full precision.
         self._autocast = (
             functools.partial(torch.autocast, self.device.type, torch.bfloat16) if tcfg.amp == "bf16" else contextlib.nullcontext
         )
-        self.compute: Callable[[Tensor, Tensor], StepResult] = CompiledCompute(strategy, self.device) if tcfg.compile else strategy.compute
-        """What a step computes (``strategy.compute``, compiled when ``trainer.compile``)."""
+        self.compiled: CompiledCompute | None = CompiledCompute(strategy, self.device) if tcfg.compile else None
+        """``strategy.compute`` compiled (``trainer.compile``); ``None``: a step calls it as it is."""
         self.shuffles = [torch.Generator().manual_seed(seed) for seed in self.population.seeds]
         self.stream: BatchStream | None = None
         """The batch stream being trained on (``None`` between continual tasks)."""
@@ -308,7 +309,7 @@ class Trainer:
             plugin.before_step(self, x, y)
         self.optimizer.zero_grad(set_to_none=True)
         with self._autocast():  # forward (and the strategy's losses) in bf16 when trainer.amp=bf16
-            result = self.compute(x, y)
+            result = self.compiled(x, y) if self.compiled is not None else self.strategy.compute(x, y)
         self.strategy.backward(result)
         result.fresh = fresh
         for plugin in self.plugins:

@@ -49,11 +49,9 @@ def model_config(node: str | dict | ModelConfig) -> ModelConfig:
 @functools.lru_cache(maxsize=None)
 def _preset(name: str) -> dict:
     """The ``model`` node ``agentnet model=<name>`` composes (cached: composing takes ~0.1 s)."""
-    from hydra.errors import MissingConfigException
-
     try:
         return OmegaConf.to_container(compose([f"model={name}"]).model, resolve=True)
-    except MissingConfigException:
+    except ConfigError:
         raise ConfigError(f"model={name!r}: no such preset (configs/model/*.yaml)") from None
 
 
