@@ -40,7 +40,7 @@ def test_each_generation_is_kept_with_its_checksum(mnist, tmp_path):
     assert load_checkpoint(tmp_path / CHECKPOINT)["epoch"] == 2 and load_checkpoint(tmp_path / PREVIOUS)["epoch"] == 1
 
 
-@pytest.mark.parametrize("kind", ["truncated", "bit-flipped", "empty"])
+@pytest.mark.parametrize("kind", [pytest.param("truncated", marks=pytest.mark.slow), "bit-flipped", pytest.param("empty", marks=pytest.mark.slow)])
 def test_a_damaged_checkpoint_falls_back_to_the_previous_one(mnist, tmp_path, kind, caplog):
     whole = _run(mnist, tmp_path / "whole", 3)
     _run(mnist, tmp_path / "cut", 2)

@@ -54,8 +54,12 @@ def _synchronisations(mnist, *overrides: str, log_every: int = 1000) -> tuple[Ho
     return counter, session.trainer.step
 
 
+#: The main job's rules run in the default suite; the other Table 1 rules with the slow tests.
+CORE = ("bp", "lfnn", "lfnn_local", "attention")
+
+
 @pytest.mark.parametrize("method", list(METHODS))
-@pytest.mark.parametrize("strategy", STRATEGY_NAMES)
+@pytest.mark.parametrize("strategy", [s if s in CORE else pytest.param(s, marks=pytest.mark.slow) for s in STRATEGY_NAMES])
 def test_a_step_never_waits_for_the_device(mnist, strategy, method):
     counter, steps = _synchronisations(mnist, f"strategy={strategy}", f"cl={method}", "model.hidden=[40,40]", *METHODS[method])
     assert steps == 6

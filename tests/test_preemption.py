@@ -63,6 +63,7 @@ def test_sigterm_stops_a_single_run_with_a_checkpoint_and_resume_is_identical(tm
     assert not (stopped / "stopped.json").exists()  # the job is no longer stopped
 
 
+@pytest.mark.slow
 def test_sigusr1_stops_a_continual_run_and_resume_is_identical(tmp_path):
     overrides = ["strategy=lfnn_local", "benchmark=pmnist_quick", "benchmark.num_tasks=3", "benchmark.samples_per_task=2000",
                  "model.hidden=[40,40]", "data.test_subset=500", "trainer.checkpoint_every=5", "trainer.tensorboard=false"]
