@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import subprocess
 import sys
 import traceback
 from pathlib import Path
@@ -102,6 +103,27 @@ def tune_task(cfg: DictConfig) -> float | None:
     return final.get("ACC") if run.benchmark is not None else final.get("test_error")
 
 
+def _slurm_requeue() -> str | None:
+    """Under SLURM, put this job back in the queue (``scontrol requeue``, as submitit does at its
+    time limit): it restarts with ``SLURM_RESTART_COUNT`` > 0 and resumes from its checkpoint. The
+    job's id (``<array>_<task>`` in an array), or ``None`` outside SLURM or when SLURM refuses."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if not job:
+        return None
+    array, index = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    target = f"{array}_{index}" if array and index else job
+    try:
+        done = subprocess.run(["scontrol", "requeue", target], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        log.warning("could not requeue SLURM job %s (%s); rerun it with resume=true", target, exc)
+        return None
+    if done.returncode != 0:
+        log.warning("could not requeue SLURM job %s (%s); rerun it with resume=true", target, done.stderr.strip())
+        return None
+    log.warning("requeued SLURM job %s: it resumes from its checkpoint when it starts again", target)
+    return target
+
+
 def _guarded(task, cfg: DictConfig) -> float | None:
     """Run ``task(cfg)``; turn a failure into a clear message and ``error.txt`` in the job's directory."""
     from hydra.core.hydra_config import HydraConfig
@@ -113,7 +135,10 @@ def _guarded(task, cfg: DictConfig) -> float | None:
         log.warning("%s", stop)
         out = Path(cfg.get("output_dir") or HydraConfig.get().runtime.output_dir)
         out.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(stop.record(), out / STOPPED)
+        record = {**stop.record(), "requeued": None}
+        atomic_write_json(record, out / STOPPED)  # first: requeueing has SLURM stop this process
+        if stop.checkpoint is not None and (requeued := _slurm_requeue()) is not None:
+            atomic_write_json({**record, "requeued": requeued}, out / STOPPED)
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             return None  # main() exits with EXIT_PREEMPTED at the end
         sys.exit(EXIT_PREEMPTED)

@@ -156,6 +156,8 @@ def run_steps(device: torch.device, data: ImageData, args: argparse.Namespace) -
                         continue  # message passing is defined for fully connected layers
                     if compiled and strategy not in args.compile_strategies.split(","):
                         continue
+                    if compiled and bf16 and args.quick:
+                        continue  # the smoke run compiles once (fp32)
                     for R in [int(r) for r in args.replicas.split(",")]:
                         if compiled and args.compile_replicas and str(R) not in args.compile_replicas.split(","):
                             continue

@@ -167,13 +167,22 @@ def test_cli_bad_config_exits_nonzero_with_field(tmp_path):
 
 
 def test_cli_uncaught_exception_writes_error_txt(tmp_path):
-    """A failure nobody anticipated still leaves error.txt (with its traceback) and exits non-zero."""
+    """A failure nobody anticipated still leaves error.txt (with its traceback) and exits non-zero.
+    The fault is injected into the real CLI process: a ``sitecustomize`` makes the training recipe raise."""
+    inject = tmp_path / "inject"
+    inject.mkdir()
+    (inject / "sitecustomize.py").write_text(
+        "import agentnet.recipes\n"
+        "def broken(*args, **kwargs):\n"
+        "    raise RuntimeError('an injected fault in the recipe')\n"
+        "agentnet.recipes.train = broken\n")
     out = tmp_path / "run"
-    proc = _run_cli("model=cnn_mnist_438k", "strategy=attention", "device=cpu", f"output_dir={out}",
-                    f"hydra.run.dir={tmp_path / 'hydra'}", cwd=tmp_path)
-    assert proc.returncode == 1
+    env = dict(os.environ, AGENTNET_DATA=str(data_root()), PYTHONPATH=os.pathsep.join([str(inject), str(REPO)]))
+    proc = subprocess.run([sys.executable, "-m", "agentnet", "strategy=bp", "device=cpu", f"output_dir={out}",
+                           f"hydra.run.dir={tmp_path / 'hydra'}"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-2000:]
     error = (out / "error.txt").read_text()
-    assert "Traceback" in error and "strategy=attention" in error
+    assert "Traceback" in error and "RuntimeError: an injected fault in the recipe" in error
 
 
 def test_cli_missing_data_explains_fetch(tmp_path):

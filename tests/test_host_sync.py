@@ -66,7 +66,7 @@ def test_a_step_never_waits_for_the_device(mnist, strategy, method):
     assert not counter.events, f"{strategy}+{method}: host synchronisations inside the step:\n{counter.report()}"
 
 
-@pytest.mark.parametrize("strategy", ["bp", "lfnn", "lfnn_local", "fa", "lg_bp"])
+@pytest.mark.parametrize("strategy", ["bp", "lfnn", *[pytest.param(s, marks=pytest.mark.slow) for s in ("lfnn_local", "fa", "lg_bp")]])
 def test_a_conv_step_never_waits_for_the_device(mnist, strategy):
     counter, _ = _synchronisations(mnist, f"strategy={strategy}", "model=cnn_mnist_275k", "data.subset=2000", "benchmark.num_tasks=2")
     assert not counter.events, counter.report()

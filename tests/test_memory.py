@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import gc
 
+import pytest
+
 from agentnet.session import build_session, prepare_run
 from agentnet.training import TrainerPlugin
 from tests.conftest import compose_config
@@ -36,6 +38,7 @@ class _Resident(TrainerPlugin):
         self.after.append(_rss_mb())
 
 
+@pytest.mark.slow
 def test_fifty_tasks_keep_resident_memory_flat(mnist):
     run, _, _, data = prepare_run(compose_config(
         "strategy=lfnn", "benchmark=pmnist_quick", f"benchmark.num_tasks={TASKS}", "benchmark.samples_per_task=64",

@@ -65,7 +65,7 @@ VALUES = st.one_of(
 ).map(_literal)
 
 
-@settings(max_examples=100, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(
     groups=st.fixed_dictionaries({g: st.sampled_from([*options, "no_such_option", None]) for g, options in GROUPS.items()}),
     overrides=st.lists(st.tuples(st.sampled_from(FIELDS), VALUES), min_size=1, max_size=3),
@@ -163,7 +163,7 @@ def test_random_actions_step_or_name_the_agent_and_change_nothing(env, data):
 from agentnet.session import build_session, prepare_run  # noqa: E402
 
 
-@settings(max_examples=25, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@settings(max_examples=15, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(strategy=st.sampled_from(GROUPS["strategy"]), method=st.sampled_from(GROUPS["cl"]),
        benchmark=st.sampled_from([*GROUPS["benchmark"], None]), model=st.sampled_from(GROUPS["model"]), replicas=st.sampled_from([1, 2]))
 def test_valid_combinations_train_with_finite_losses_or_refuse_clearly(mnist, strategy, method, benchmark, model, replicas):

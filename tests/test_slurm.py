@@ -143,3 +143,45 @@ def test_population_jobs_through_slurm_train_what_local_runs_train(cluster, tmp_
                            f"hydra.run.dir={local}"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert without_timing(json.loads((local / "metrics.json").read_text())) == without_timing(jobs["lfnn_local"])
+
+
+def test_a_preemption_signal_checkpoints_and_requeues_the_job(cluster, tmp_path):
+    """``scancel --signal=USR1``: the job finishes its step, checkpoints, records ``stopped.json``,
+    requeues itself and, restarted by SLURM, resumes to the uninterrupted run's metrics."""
+    sweep = tmp_path / "sweep"
+    run_args = ["strategy=lfnn", "data.subset=20000", "data.test_subset=1000", "trainer.epochs=4", "trainer.checkpoint_every=10",
+                "trainer.tensorboard=false"]
+    proc = subprocess.Popen(_sweep_cmd(sweep, *run_args), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        signalled = None
+        while time.monotonic() < deadline and signalled is None:
+            assert proc.poll() is None, proc.stdout.read()[-3000:]
+            task = _array_task_state(0)
+            dirs = list(sweep.glob("0_*")) or list(sweep.glob("0"))
+            if task and task[1] == "RUNNING" and dirs and _checkpoint_step(dirs[0]) >= 20:
+                signalled = task[0]
+                subprocess.run(["scancel", "--signal=USR1", signalled], check=True)
+            time.sleep(0.2)
+        assert signalled, "could not catch the job running"
+        job_dir = (list(sweep.glob("0_*")) or list(sweep.glob("0")))[0]
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not (job_dir / "stopped.json").exists():
+            time.sleep(0.5)
+        stopped = json.loads((job_dir / "stopped.json").read_text())
+        assert stopped["reason"] == "SIGUSR1" and stopped["requeued"] == signalled and stopped["step"] >= 20
+        # SLURM restarts a requeued job after its BeginTime delay (~2 min); it resumes and finishes.
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline and not (job_dir / "metrics.json").exists():
+            time.sleep(2)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    resumed = json.loads((job_dir / "metrics.json").read_text())
+    assert resumed["resumed"]["step"] == stopped["step"]
+    straight = tmp_path / "straight"
+    local = subprocess.run([sys.executable, "-m", "agentnet", *run_args, "device=cpu", "threads=1", "trainer.progress=false",
+                            f"data.root={data_root()}", f"output_dir={straight}", f"hydra.run.dir={straight}"], cwd=tmp_path,
+                           capture_output=True, text=True, timeout=600)
+    assert local.returncode == 0, local.stderr[-2000:]
+    assert without_timing(json.loads((straight / "metrics.json").read_text())) == without_timing(resumed)
