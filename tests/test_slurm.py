@@ -149,22 +149,24 @@ def test_a_preemption_signal_checkpoints_and_requeues_the_job(cluster, tmp_path)
     """``scancel --signal=USR1``: the job finishes its step, checkpoints, records ``stopped.json``,
     requeues itself and, restarted by SLURM, resumes to the uninterrupted run's metrics."""
     sweep = tmp_path / "sweep"
-    run_args = ["strategy=lfnn", "data.subset=20000", "data.test_subset=1000", "trainer.epochs=4", "trainer.checkpoint_every=10",
+    run_args = ["data.subset=20000", "data.test_subset=1000", "trainer.epochs=12", "trainer.checkpoint_every=10",
                 "trainer.tensorboard=false"]
-    proc = subprocess.Popen(_sweep_cmd(sweep, *run_args), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # Two jobs (an array, as sweeps are); job 0 (lfnn) is signalled.
+    proc = subprocess.Popen(_sweep_cmd(sweep, "strategy=lfnn,bp", *run_args), cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 300
         signalled = None
         while time.monotonic() < deadline and signalled is None:
             assert proc.poll() is None, proc.stdout.read()[-3000:]
             task = _array_task_state(0)
-            dirs = list(sweep.glob("0_*")) or list(sweep.glob("0"))
+            dirs = list(sweep.glob("0_*"))
             if task and task[1] == "RUNNING" and dirs and _checkpoint_step(dirs[0]) >= 20:
                 signalled = task[0]
                 subprocess.run(["scancel", "--signal=USR1", signalled], check=True)
             time.sleep(0.2)
         assert signalled, "could not catch the job running"
-        job_dir = (list(sweep.glob("0_*")) or list(sweep.glob("0")))[0]
+        job_dir = next(sweep.glob("0_*"))
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and not (job_dir / "stopped.json").exists():
             time.sleep(0.5)
@@ -180,7 +182,7 @@ def test_a_preemption_signal_checkpoints_and_requeues_the_job(cluster, tmp_path)
     resumed = json.loads((job_dir / "metrics.json").read_text())
     assert resumed["resumed"]["step"] == stopped["step"]
     straight = tmp_path / "straight"
-    local = subprocess.run([sys.executable, "-m", "agentnet", *run_args, "device=cpu", "threads=1", "trainer.progress=false",
+    local = subprocess.run([sys.executable, "-m", "agentnet", "strategy=lfnn", *run_args, "device=cpu", "threads=1", "trainer.progress=false",
                             f"data.root={data_root()}", f"output_dir={straight}", f"hydra.run.dir={straight}"], cwd=tmp_path,
                            capture_output=True, text=True, timeout=600)
     assert local.returncode == 0, local.stderr[-2000:]
