@@ -5,43 +5,15 @@ writes a checkpoint, records why it stopped (``stopped.json``) and exits with ``
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import time
-from pathlib import Path
 
 import pytest
 
 from agentnet.session import build_session, prepare_run
-from agentnet.training import CHECKPOINT, CheckpointError, TrainerPlugin, load_checkpoint
+from agentnet.training import CHECKPOINT, TrainerPlugin, load_checkpoint
 from agentnet.training.preemption import EXIT_PREEMPTED, Preempted
-from tests.conftest import REPO, compose_config, without_timing
-from tests.test_resume import _cli, _run
-
-
-def _signal_when(cmd: list[str], checkpoint: Path, ready, sig: signal.Signals, timeout: float = 240) -> subprocess.Popen:
-    """Start ``cmd``, wait until its checkpoint satisfies ``ready(state)``, send ``sig``, wait for the exit."""
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + timeout
-    try:
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                pytest.fail(f"the run ended (rc {proc.returncode}) before the signal: {proc.stderr.read()[-2000:]}")
-            try:
-                state = load_checkpoint(checkpoint) if checkpoint.is_file() else None
-            except CheckpointError:
-                state = None  # replaced while we read it; look again
-            if state is not None and ready(state):
-                os.kill(proc.pid, sig)
-                proc.wait(timeout=120)
-                return proc
-            time.sleep(0.02)
-        pytest.fail("the checkpoint never reached the signal point")
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+from tests.conftest import compose_config, without_timing
+from tests.test_resume import _cli, _kill_when, _run
 
 
 def test_sigterm_stops_a_single_run_with_a_checkpoint_and_resume_is_identical(tmp_path):
@@ -49,7 +21,7 @@ def test_sigterm_stops_a_single_run_with_a_checkpoint_and_resume_is_identical(tm
                  "trainer.checkpoint_every=10", "trainer.tensorboard=false"]
     _run(_cli(tmp_path / "straight", *overrides))
     stopped = tmp_path / "stopped"
-    proc = _signal_when(_cli(stopped, *overrides), stopped / CHECKPOINT, lambda s: 20 <= s["step"] < 120, signal.SIGTERM)
+    proc = _kill_when(_cli(stopped, *overrides), stopped / CHECKPOINT, lambda s: 20 <= s["step"] < 120, sig=signal.SIGTERM)
     assert proc.returncode == EXIT_PREEMPTED, proc.stderr.read()[-2000:]
     record = json.loads((stopped / "stopped.json").read_text())
     assert record["reason"] == "SIGTERM" and record["checkpoint"] == str(stopped / CHECKPOINT)
@@ -70,7 +42,7 @@ def test_sigusr1_stops_a_continual_run_and_resume_is_identical(tmp_path):
     _run(_cli(tmp_path / "straight", *overrides))
     stopped = tmp_path / "stopped"
     # 16 steps per task: stop inside the second task.
-    proc = _signal_when(_cli(stopped, *overrides), stopped / CHECKPOINT, lambda s: 18 <= s["step"] < 30, signal.SIGUSR1)
+    proc = _kill_when(_cli(stopped, *overrides), stopped / CHECKPOINT, lambda s: 18 <= s["step"] < 30, sig=signal.SIGUSR1)
     assert proc.returncode == EXIT_PREEMPTED, proc.stderr.read()[-2000:]
     assert json.loads((stopped / "stopped.json").read_text())["reason"] == "SIGUSR1"
     _run(_cli(stopped, *overrides, "resume=true"))

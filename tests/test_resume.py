@@ -28,8 +28,9 @@ def _cli(out: Path, *overrides: str) -> list[str]:
             f"data.root={data_root()}", f"output_dir={out}", f"hydra.run.dir={out}"]
 
 
-def _kill_when(cmd: list[str], checkpoint: Path, ready, timeout: float = 240) -> None:
-    """Start ``cmd``, wait until its checkpoint satisfies ``ready(state)``, then ``kill -9`` it."""
+def _kill_when(cmd: list[str], checkpoint: Path, ready, timeout: float = 240, sig: signal.Signals = signal.SIGKILL) -> subprocess.Popen:
+    """Start ``cmd``, wait until its checkpoint satisfies ``ready(state)``, then send it ``sig``
+    (``kill -9`` by default) and wait for it to end."""
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + timeout
     try:
@@ -42,10 +43,10 @@ def _kill_when(cmd: list[str], checkpoint: Path, ready, timeout: float = 240) ->
                 except CheckpointError:
                     state = None  # replaced while we read it; look again
                 if state is not None and ready(state):
-                    os.kill(proc.pid, signal.SIGKILL)
-                    proc.wait()
-                    assert proc.returncode == -signal.SIGKILL
-                    return
+                    os.kill(proc.pid, sig)
+                    proc.wait(timeout=120)
+                    assert sig != signal.SIGKILL or proc.returncode == -signal.SIGKILL
+                    return proc
             time.sleep(0.02)
         pytest.fail("the checkpoint never reached the kill point")
     finally:

@@ -101,12 +101,7 @@ def atomic_save(obj: Any, path: Path) -> None:
 
 def atomic_write_json(obj: Any, path: Path) -> None:
     """Write JSON via a temporary file and a rename, so readers never see half a file."""
-    tmp = _temporary(path)
-    try:
-        tmp.write_text(json.dumps(obj, indent=2))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write_text(json.dumps(obj, indent=2), path)
 
 
 def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict:
@@ -174,7 +169,7 @@ def save_checkpoint(state: dict, directory: Path, rotate: bool = True) -> Path:
 
 
 def atomic_write_text(text: str, path: Path) -> None:
-    """Write text via a temporary file and a rename."""
+    """Write text via a temporary file and a rename, so readers never see half a file."""
     tmp = _temporary(path)
     try:
         tmp.write_text(text)
@@ -190,7 +185,7 @@ def _verify(path: Path) -> dict:
         raise CheckpointError(f"{path}: empty (0 bytes)")
     digest = _digest_path(path)
     if digest.is_file():
-        expected = digest.read_text().split()[0] if digest.read_text().split() else ""
+        expected = (digest.read_text().split() or [""])[0]
         actual = _sha256(path)
         if expected != actual:
             raise CheckpointError(f"{path}: checksum mismatch (recorded {expected[:12]}..., the file has {actual[:12]}...; "
