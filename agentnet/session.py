@@ -35,6 +35,7 @@ from agentnet.population import Population, population_of
 from agentnet.composition import to_run_config
 from agentnet.registry import build_strategy
 from agentnet.strategy import StepResult, Strategy
+from agentnet.training.console import ConsoleEvents
 from agentnet.training.preemption import preemption_signals
 from agentnet.training import (
     BatchStream,
@@ -175,7 +176,8 @@ class Session:
         ordered += [self.selector, self.activity]
         if out is not None and run.trainer.tensorboard and TensorBoardLogger.available():
             ordered.append(TensorBoardLogger(out / "tensorboard"))
-        ordered += [*plugins, self.progress]
+        epochs = math.ceil(self.stage_steps[0] / math.ceil(self.stream.tasks[0].train_size / run.trainer.batch_size))
+        ordered += [*plugins, ConsoleEvents(epochs, self.record, len(self.stream)), self.progress]
         if out is not None and run.trainer.checkpoint:
             ordered.append(Checkpointing(run.trainer.checkpoint_every))
         self.plugins = [p for p in ordered if p is not None]

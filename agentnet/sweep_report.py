@@ -662,9 +662,27 @@ def compare_report(sweep_dir: Path, selector_a: str, selector_b: str) -> str:
             "for multiple comparisons.\n")
 
 
+REPORT_HELP = """\
+agentnet-report: one table from every job of a sweep (agentnet -m ... or agentnet-tune -m ...).
+
+Jobs that differ only in their seed form one group (a job's replicas count as seeds). Each group
+gets mean ± std over its runs, the run count and a 95 % interval; the best group is tested against
+every other one (Welch's or a paired t-test, Holm-corrected): bold in summary.md = best or not
+significantly worse. Writes summary.md, summary.csv and summary.png into the sweep directory and
+prints the table; failed jobs are listed with their error."""
+
+REPORT_EXAMPLES = """\
+examples:
+  agentnet-report multirun/2026-12-06/10-00-00
+  agentnet-report                        the newest sweep under multirun/
+  agentnet-report SWEEP --compare strategy=bp strategy=lfnn
+  agentnet-report tunes/study            the final runs of agentnet-tune studies"""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Console script ``agentnet-report``."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="agentnet-report", description=REPORT_HELP, epilog=REPORT_EXAMPLES,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("sweep_dir", nargs="?", default=None, help="a multirun directory (default: the newest under multirun/)")
     parser.add_argument(
         "--allow-failed",

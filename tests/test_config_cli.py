@@ -14,6 +14,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from agentnet.composition import to_run_config
+from agentnet.fetch import main as fetch_mnist_main, main_cifar10 as fetch_cifar10_main
+from agentnet.sweep_report import main as report_main
 from agentnet.paths import CONFIG_DIR
 from agentnet.config import ConfigError
 from agentnet.config import DataConfig, ModelConfig, TrainerConfig
@@ -256,3 +258,38 @@ def test_report_plot_of_a_strategy_by_method_grid(tmp_path):
 
     with Image.open(sweep / "summary.png") as img:
         assert img.size[1] > img.size[0] * 0.6  # two stacked panels, not a 11 x 3.8 strip
+
+
+@pytest.mark.parametrize("app", ["agentnet", "agentnet-tune"])
+def test_help_says_what_the_app_is_and_how_to_start(app):
+    """``--help``: what the app does, its groups and their options (no *_schema nodes), the commands a
+    new user needs and where the docs are; no config dump."""
+    module = "agentnet" if app == "agentnet" else "agentnet.cli"
+    code = "import sys; from agentnet.cli import tune_main; sys.argv[0] = 'agentnet-tune'; tune_main()"
+    args = [sys.executable, "-m", module, "--help"] if app == "agentnet" else [sys.executable, "-c", code, "--help"]
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    text = proc.stdout
+    assert text.startswith(f"{app}: ") and "powered by Hydra" not in text and "_schema" not in text
+    assert "== Start here ==" in text and "Docs: " in text and "== Config ==" not in text
+    lines = text.splitlines()
+    strategies = lines[lines.index("  strategy: the learning rule every worker follows") + 1]
+    listed = [s.strip() for s in strategies.split(",")]
+    assert listed == sorted(listed) and set(GROUPS["strategy"]) <= set(listed)  # the presets (and any plugin's)
+    assert "  hydra/launcher: " in text and "local, local_submitit, slurm" in text
+    if app == "agentnet":
+        for command in ("agentnet strategy=lfnn", "agentnet benchmark=pmnist_quick", "agentnet -m ", "agentnet-report ", "agentnet <the same arguments> resume=true"):
+            assert f"\n  {command}" in text, command
+        assert "\n  tune:" not in text  # agentnet-tune's group
+    else:
+        assert "\n  tune: " in text and "agentnet-tune -m " in text
+
+
+@pytest.mark.parametrize("main,prog", [(report_main, "agentnet-report"), (fetch_mnist_main, "agentnet-fetch-mnist"),
+                                       (fetch_cifar10_main, "agentnet-fetch-cifar10")])
+def test_console_scripts_explain_themselves(main, prog, capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["--help"])
+    assert done.value.code == 0
+    text = capsys.readouterr().out
+    assert text.startswith(f"usage: {prog} ") and f"\n{prog}: " in text and "\nexamples:\n" in text and "``" not in text

@@ -8,7 +8,6 @@ mid-task or between tasks.
 
 from __future__ import annotations
 
-import logging
 
 import torch
 
@@ -17,7 +16,6 @@ from agentnet.training import Trainer, TrainerPlugin
 
 __all__ = ["evaluate_all", "TaskHeadMask", "AccuracyMatrix"]
 
-log = logging.getLogger(__name__)
 
 
 def evaluate_all(trainer: Trainer, stream: TaskStream, split_name: str = "test") -> list[list[float]]:
@@ -78,10 +76,7 @@ class AccuracyMatrix(TrainerPlugin):
             self.record(trainer)
 
     def after_task(self, trainer: Trainer, stream, task) -> None:
-        self.record(trainer)
-        i = task.index
-        seen = [sum(m[-1][: i + 1]) / (i + 1) for m in (self.acc_matrices if self.test else self.val_matrices)]
-        log.info("after task %d: mean acc over tasks so far %.4f", i + 1, sum(seen) / len(seen))
+        self.record(trainer)  # the console's task event (agentnet.training.console) reads this row
 
     def after_step(self, trainer: Trainer, x, y, result) -> None:
         if self.eval_every and self.test and trainer.step % self.eval_every == 0:

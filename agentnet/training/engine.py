@@ -38,6 +38,7 @@ from agentnet.training.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
+from agentnet.training.console import HISTORY
 from agentnet.training.plugins import TrainerPlugin, progress_bar
 from agentnet.training.preemption import Preempted
 from agentnet.population import population_of
@@ -442,7 +443,7 @@ class Trainer:
                  "lr": lr, "epoch_s": self._epoch_seconds}
         self.history.append(entry)
         self._reset_running()
-        log.info("epoch %d: %s", self.epoch, json.dumps({k: round(v, 5) for k, v in entry.items()}))
+        HISTORY.info("epoch %d: %s", self.epoch, json.dumps({k: round(v, 5) for k, v in entry.items()}))
         for plugin in self.plugins:
             plugin.after_epoch(self, entry)
         return entry

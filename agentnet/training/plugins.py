@@ -17,7 +17,6 @@ plugin's ``state_key``.
 from __future__ import annotations
 
 import importlib.util
-import os
 from pathlib import Path
 from typing import Any
 
@@ -219,18 +218,11 @@ class TensorBoardLogger(TrainerPlugin):
 
 
 def progress_bar(total: int, desc: str, enabled: bool) -> tqdm:
-    """The progress bar of a run. In a parallel Hydra sweep each job gets its own terminal line."""
-    position = None
-    try:
-        from hydra.core.hydra_config import HydraConfig
-        from hydra.types import RunMode
+    """The progress bar of a run; none in a Hydra multirun, whose jobs share one console and
+    report their events instead (:mod:`agentnet.training.console`)."""
+    from agentnet.training.console import in_multirun
 
-        hydra_cfg = HydraConfig.get()
-        if hydra_cfg.mode == RunMode.MULTIRUN:
-            position = int(hydra_cfg.job.num) % max(os.cpu_count() or 1, 1)
-    except (ImportError, ValueError):
-        pass
-    return tqdm(total=total, desc=desc, disable=not enabled, leave=False, dynamic_ncols=True, position=position)
+    return tqdm(total=total, desc=desc, disable=not enabled or in_multirun(), leave=False, dynamic_ncols=True)
 
 
 class BestValidation(TrainerPlugin):
