@@ -192,7 +192,7 @@ class Trained:
 
 def train(cfg: MarlConfig, algo: str, seed: int, progress: Callable[[str], None] | None = print) -> Trained:
     """Multi-agent PPO (``algo``: ippo or mappo) on the stream; ``seed`` seeds the networks, the
-    sampling and the first training episode."""
+    sampling and the env's episode seed stream (the same training episodes for both algorithms)."""
     if algo not in ALGOS:
         raise ValueError(f"algo={algo!r}: choose one of {ALGOS}")
     start = time.perf_counter()
@@ -207,8 +207,8 @@ def train(cfg: MarlConfig, algo: str, seed: int, progress: Callable[[str], None]
 
     batches = max(1, -(-cfg.timesteps // (len(agents) * cfg.frames_per_batch)))  # whole batches, rounded up
     collector = Collector(env, TensorDictSequential(*actors.values()), frames_per_batch=cfg.frames_per_batch,
-                                  total_frames=batches * cfg.frames_per_batch,
-                                  auto_register_policy_transforms=False)  # a feed-forward policy: no InitTracker needed
+                          total_frames=batches * cfg.frames_per_batch,
+                          auto_register_policy_transforms=False)  # a feed-forward policy: no InitTracker needed
     buffer = ReplayBuffer(storage=LazyTensorStorage(cfg.frames_per_batch), sampler=SamplerWithoutReplacement(),
                           batch_size=cfg.minibatch_frames)
     optimiser = torch.optim.Adam(nn.ModuleList(losses.values()).parameters(), lr=cfg.lr)

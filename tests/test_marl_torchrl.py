@@ -40,9 +40,24 @@ def tiny(ex):
     return ex.MarlConfig(stream=stream, timesteps=200, frames_per_batch=20, minibatch_frames=10, epochs=2, num_cells=16)
 
 
+@pytest.fixture(autouse=True)
+def _torch_threads():
+    """One thread (instead of conftest's 2): the networks are tiny, and a second thread only adds
+    synchronisation, tens of ms per env step on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def trained(ex, tiny):
-    return {algo: ex.train(tiny, algo, seed=0, progress=None) for algo in ex.ALGOS}
+    threads = torch.get_num_threads()  # a module fixture: set up before the function-scoped one above
+    torch.set_num_threads(1)
+    try:
+        return {algo: ex.train(tiny, algo, seed=0, progress=None) for algo in ex.ALGOS}
+    finally:
+        torch.set_num_threads(threads)
 
 
 def initial_modules(ex, tiny, algo):
