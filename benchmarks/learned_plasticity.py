@@ -19,7 +19,6 @@ import argparse
 import dataclasses
 import importlib.util
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -41,17 +40,9 @@ def load_example():
     return module
 
 
-METRICS = ("ACC", "BWT", "forgetting", "learning_acc", "return")
-#: Percent for the accuracies; the return (a sum of T stage accuracies, what PPO maximises) as it is.
-SCALE = {"ACC": 100, "BWT": 100, "forgetting": 100, "learning_acc": 100, "return": 1}
-HEADER = ["policy", "spread over", "ACC %", "BWT %", "forgetting %", "learning acc %", "return (sum of stage accuracies)"]
-
-
-def _pm(values, scale: float = 100) -> str:
-    values = [scale * v for v in values]
-    std = statistics.pstdev(values) if len(values) > 1 else 0.0
-    digits = 2 if scale == 100 else 3
-    return f"{statistics.mean(values):.{digits}f} ± {std:.{digits}f}"
+EX = load_example()
+# The table's metrics and format live with the example's evaluation (examples/marl_torchrl.py prints the same table).
+METRICS, SCALE, HEADER, _pm = EX.METRICS, EX.SCALE, EX.HEADER, EX.mean_std
 
 
 def plot(report: dict, path: Path) -> None:
@@ -101,7 +92,7 @@ def main(argv=None) -> dict:
     import torch
 
     torch.set_num_threads(args.threads)
-    ex = load_example()
+    ex = EX
     changes = {k: v for k, v in (("timesteps", args.timesteps), ("strategy", args.strategy)) if v is not None}
     cfg = dataclasses.replace(ex.PlasticityConfig(), **changes)
     seeds = ex.held_out_seeds(args.eval_sequences)

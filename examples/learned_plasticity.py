@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import statistics
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -104,8 +105,10 @@ class TaskClock(BaseParallelWrapper):
     """Appends ``[fraction of the current task done, fraction of the episode done]`` to every observation.
 
     Both come from the step counter and the benchmark's stage length (every task of the stream has
-    the same number of steps). It also records every episode seed it starts, so evaluation can
-    check that held-out sequences were never trained on.
+    the same number of steps). The global ``state()`` (centralised critics: the TorchRL example
+    ``examples/marl_torchrl.py``) gets the same two entries after the env's own state. It also
+    records every episode seed it starts, so evaluation can check that held-out sequences were
+    never trained on.
     """
 
     def __init__(self, env) -> None:
@@ -114,6 +117,9 @@ class TaskClock(BaseParallelWrapper):
         low = np.concatenate([base.low, np.zeros(2, np.float32)])
         high = np.concatenate([base.high, np.ones(2, np.float32)])
         self._spaces = {a: spaces.Box(low, high, dtype=np.float32) for a in env.possible_agents}
+        state = env.unwrapped.state_space
+        self.state_space = spaces.Box(np.concatenate([state.low, np.zeros(2, np.float32)]),
+                                      np.concatenate([state.high, np.ones(2, np.float32)]), dtype=np.float32)
         self.episode_seeds: list[int] = []
 
     def observation_space(self, agent):
@@ -136,6 +142,10 @@ class TaskClock(BaseParallelWrapper):
     def step(self, actions):
         obs, rewards, terms, truncs, infos = self.env.step(actions)
         return self._extend(obs, self.env.unwrapped.cycles), rewards, terms, truncs, infos
+
+    def state(self) -> np.ndarray:
+        """The env's global state (every agent's 11 signals) and the clock."""
+        return np.concatenate([self.env.state(), self._clock(self.env.unwrapped.cycles)])
 
 
 def make_env(cfg: PlasticityConfig) -> TaskClock:
@@ -263,6 +273,21 @@ def run_episode(cfg: PlasticityConfig, policy: Policy, seed: int) -> dict[str, A
         "return": episode_return(matrix),
         "multiplier_by_layer": {int(l): float(mean_multiplier[layer == l].mean()) for l in np.unique(layer)},
     }
+
+
+#: The metrics reported for every policy (``run_episode``'s keys), their scale in the tables and the tables' header.
+METRICS = ("ACC", "BWT", "forgetting", "learning_acc", "return")
+#: Percent for the accuracies; the return (a sum of T stage accuracies, what PPO maximises) as it is.
+SCALE = {"ACC": 100, "BWT": 100, "forgetting": 100, "learning_acc": 100, "return": 1}
+HEADER = ["policy", "spread over", "ACC %", "BWT %", "forgetting %", "learning acc %", "return (sum of stage accuracies)"]
+
+
+def mean_std(values: Sequence[float], scale: float = 100) -> str:
+    """``"mean ± std"`` of ``scale * values`` (population std; 0 for one value), as the tables print it."""
+    values = [scale * v for v in values]
+    std = statistics.pstdev(values) if len(values) > 1 else 0.0
+    digits = 2 if scale == 100 else 3
+    return f"{statistics.mean(values):.{digits}f} ± {std:.{digits}f}"
 
 
 def held_out_seeds(count: int) -> list[int]:

@@ -133,3 +133,20 @@ def test_supersuit_vector_env_with_a_benchmark():
     assert all(i["tasks_done"] == 0 and i["acc_matrix"].shape == (3, 2) and "terminal_observation" in i for i in infos)
     a, b = (c.par_env.unwrapped.last_acc_matrix for c in vec.venv.vec_envs)
     assert a.shape == (3, 2) and np.all(a >= 0) and not np.array_equal(a, b)  # copies seeded apart
+
+
+def test_steps_under_a_callers_no_grad_train_as_usual():
+    # TorchRL's collectors step the env inside torch.no_grad(); the step trains the network all the same.
+    envs = [neural_collective_v0.parallel_env(max_cycles=4, **TINY) for _ in range(2)]
+    for env in envs:
+        env.reset(seed=0)
+    actions = {a: np.full(1, 0.5, np.float32) for a in envs[0].possible_agents}
+    before = [p.detach().clone() for p in envs[1].model.parameters()]
+    for _ in range(3):
+        plain = envs[0].step(actions)
+        with torch.no_grad():
+            quiet = envs[1].step(actions)
+        for a in actions:
+            assert np.array_equal(plain[0][a], quiet[0][a]) and plain[1][a] == quiet[1][a]
+    assert all(torch.equal(p, q) for p, q in zip(envs[0].model.parameters(), envs[1].model.parameters()))
+    assert any(not torch.equal(p, q) for p, q in zip(before, envs[1].model.parameters()))

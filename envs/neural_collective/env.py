@@ -272,7 +272,8 @@ class NeuralCollectiveEnv(ParallelEnv):
             scales = self._codec.scales(actions)
             task = sequence.task  # the batch's task; sequence.task moves on when this step ends it
             self.trainer.update = self._codec.update(actions, scales)
-            result = sequence.advance(1)
+            with torch.enable_grad():  # the step trains the network, also under a caller's no_grad (TorchRL's collectors)
+                result = sequence.advance(1)
             with torch.no_grad():
                 params = [[p.detach() for p in block] for block in self._layout.params]
                 self._last_update = self._layout.agent_norms([[p - q for p, q in zip(now, then)] for now, then in zip(params, self._last_params)])
