@@ -65,7 +65,11 @@ def to_run_config(cfg: DictConfig | RunConfig | dict) -> RunConfig:
 
 
 def check_combinations(run: RunConfig) -> None:
-    """Refuse settings that would silently do nothing together (a CL method without a benchmark)."""
+    """Refuse settings that would silently do nothing together (a CL method without a benchmark),
+    and networks the rule cannot train (worker layers that do not split into predicting workers)."""
+    name = getattr(run.strategy, "name", None)
+    if name in STRATEGIES.names():
+        run.model.check_workers(STRATEGIES.get(name).worker_predictions, f"strategy={name}")
     cl_name = getattr(run.cl, "name", None) if not isinstance(run.cl, dict) else run.cl.get("name")
     if cl_name not in (None, "none") and run.benchmark is None and run.experiment is None:
         raise ConfigError(

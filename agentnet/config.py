@@ -175,7 +175,10 @@ class ModelConfig:
     """Predict through a small trained linear head per worker (extra parameters, trained only by
     local losses) instead of the parameter-free ``k = C`` read-out."""
     worker_size: int = 10
-    """Units per worker ``k``; must divide every hidden width. ``k = C`` gives parameter-free predictions."""
+    """Units per worker ``k`` of every worker layer; ``k = C`` gives parameter-free predictions. It
+    must divide the width of every worker layer for a rule that reads worker predictions (``lfnn``,
+    ``lfnn_local``); for any other rule a layer it does not divide is one worker. Plain layers
+    (``hidden_plain``, ``conv[*].plain``) may have any width."""
     activation: str = "relu"
     """Hidden activation: relu, tanh or sigmoid."""
     output_activation: str = "softmax"
@@ -210,25 +213,43 @@ class ModelConfig:
     """With ``worker_norm=standardize``: the fixed scale of a worker's standardised output, i.e. the
     inverse softmax temperature of its prediction (bounds how confident a worker can be)."""
 
+    def units_per_worker(self, width: int, predictions: bool = True, where: str = "hidden width", rule: str = "") -> int:
+        """Units (filters) per worker of a filter-wise or fully connected worker layer ``width``
+        wide: ``worker_size`` where it divides the width; otherwise one worker of the whole layer if
+        the rule reads no worker predictions (``predictions=False``), else a :class:`ConfigError`
+        that says which setting to change."""
+        if width % self.worker_size == 0:
+            return self.worker_size
+        check(not predictions, "model.worker_size", self.worker_size,
+              f"must divide every worker layer's width ({where} {width} is not a multiple): {rule or 'the rule'} reads worker "
+              "predictions, so each layer splits into workers of worker_size units; choose a worker_size that "
+              "divides every width, or make the layer plain (model.hidden_plain / model.conv[*].plain)")
+        return width
+
+    def check_workers(self, predictions: bool, rule: str = "") -> None:
+        """Refuse worker layers that cannot split into workers for a rule that reads worker
+        predictions (``predictions``; ``rule`` names it in the message); any widths build for a rule
+        that reads none."""
+        for layer in self.conv:
+            if layer.block == "none" and not layer.plain:
+                self.units_per_worker(layer.channels, predictions, "conv channels", rule)
+        for index, width in enumerate(self.hidden):
+            if index not in self.hidden_plain:
+                self.units_per_worker(width, predictions, rule=rule)
+
     def __post_init__(self) -> None:
         check(len(self.hidden) + len(self.conv) > 0, "model.hidden", self.hidden, "needs at least one hidden layer")
         check(self.worker_size > 0, "model.worker_size", self.worker_size, "must be positive")
         check(self.in_channels > 0, "model.in_channels", self.in_channels, "must be positive")
         for layer in self.conv:
-            if layer.block == "none" and (not layer.plain or layer.norm == "group"):
-                check(
-                    layer.channels % self.worker_size == 0,
-                    "model.worker_size",
-                    self.worker_size,
-                    f"must divide every filter-wise conv layer's channels; {layer.channels} is not a multiple",
-                )
-        for width in self.hidden:
-            check(
-                width > 0 and width % self.worker_size == 0,
-                "model.worker_size",
-                self.worker_size,
-                f"must divide every hidden width; {width} is not a multiple",
-            )
+            if layer.plain and layer.norm == "group":  # a plain layer's groups are worker_size filters
+                check(layer.channels % self.worker_size == 0, "model.worker_size", self.worker_size,
+                      f"must divide the channels of a plain conv layer with group norm; {layer.channels} is not a multiple")
+        for index, width in enumerate(self.hidden):
+            check(width > 0, "model.hidden", self.hidden, "widths must be positive")
+            if index in self.hidden_plain and self.hidden_norm == "group":
+                check(width % self.worker_size == 0, "model.worker_size", self.worker_size,
+                      f"must divide the width of a plain layer with group norm; {width} is not a multiple")
         check(self.activation in ACTIVATIONS, "model.activation", self.activation, f"choose one of {ACTIVATIONS}")
         check(
             self.predict_from in ("preactivation", "activation"),

@@ -8,7 +8,8 @@
   ``<group>/<name>`` itself (so ``<group>=<name>`` composes without any YAML);
 * a search-path plugin that appends the YAML directories installed packages declare in the
   ``agentnet.config_paths`` entry-point group (:func:`config_search_paths`);
-* the resolver ``agentnet.groups`` that ``--help`` (``configs/hydra/help/``) lists the groups with.
+* the resolvers ``agentnet.groups``, with which ``--help`` (``configs/hydra/help/``) lists the groups,
+  and ``agentnet.dirname``, which keeps a sweep job's directory name short enough for the file system.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from agentnet.paths import CONFIG_DIR
 from agentnet.registry import CL_METHODS, EXPERIMENTS, STRATEGIES, PluginError, Registry, describe_entry_point
 
 __all__ = ["register_all", "store_plugin_configs", "CONFIG_PATH_GROUP", "config_search_paths", "register_search_path_plugin",
-           "GROUP_HELP", "help_groups"]
+           "GROUP_HELP", "help_groups", "short_dirname"]
 
 #: Entry-point group through which an installed package adds YAML presets to the config search path.
 CONFIG_PATH_GROUP = "agentnet.config_paths"
@@ -40,6 +41,23 @@ def register_all() -> None:
     from omegaconf import OmegaConf
 
     OmegaConf.register_new_resolver("agentnet.groups", help_groups, replace=True)
+    OmegaConf.register_new_resolver("agentnet.dirname", short_dirname, replace=True)
+
+
+#: The longest job directory name a sweep makes from its overrides (file systems allow 255 bytes).
+MAX_DIRNAME = 200
+
+
+def short_dirname(name: str) -> str:
+    """A sweep job's directory name from its overrides (``hydra.job.override_dirname``): as it is
+    when short, else its first characters and a hash of the whole, so many overrides never make a
+    name the file system refuses. The job's overrides are always in its ``.hydra/overrides.yaml``."""
+    import hashlib
+
+    if len(name.encode()) <= MAX_DIRNAME:
+        return name
+    digest = hashlib.sha1(name.encode()).hexdigest()[:10]
+    return f"{name.encode()[: MAX_DIRNAME - 12].decode(errors='ignore')}_{digest}"
 
 
 #: What each config group chooses, as ``--help`` explains it (a group a plugin adds is listed bare).

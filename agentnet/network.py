@@ -78,7 +78,8 @@ class WorkerNetwork(nn.Module):
     """A network whose hidden layers (conv, block and fully connected) are split into workers,
     held as ``len(seeds)`` independent replicas."""
 
-    def __init__(self, input_dim: int, num_classes: int, cfg: ModelConfig, seeds: int | list[int] = 0) -> None:
+    def __init__(self, input_dim: int, num_classes: int, cfg: ModelConfig, seeds: int | list[int] = 0,
+                 predictions: bool = True) -> None:
         super().__init__()
         seeds = [seeds] if isinstance(seeds, int) else list(seeds)
         if not seeds:
@@ -92,10 +93,14 @@ class WorkerNetwork(nn.Module):
         if cfg.output_activation == "sigmoid" and num_classes != 2:
             raise ValueError(f"model.output_activation='sigmoid' needs a binary task, got {num_classes} classes")
         self.image_shape = image_shape(input_dim, cfg.in_channels) if cfg.conv else None
+        cfg.check_workers(predictions)
+        self.predictions = predictions
+        """Whether every worker can predict (``False``: built for a rule that reads no worker
+        predictions, whose layers may be single workers of any width without a read-out)."""
         self.channels_last = False
         """Conv inputs are made channels-last (set with the weights' layout, ``trainer.channels_last``)."""
-        layers, features = _conv_layers(cfg, self.image_shape, self.act, R) if self.image_shape else ([], input_dim)
-        features = _fc_layers(cfg, features, R, layers)
+        layers, features = _conv_layers(cfg, self.image_shape, self.act, R, predictions) if self.image_shape else ([], input_dim)
+        features = _fc_layers(cfg, features, R, layers, predictions)
         hidden, norms, post, stems = _into_blocks(layers, self.act)
         # Where the modules are registered (their names are the state-dict keys); read them
         # through blocks() and head.
@@ -113,7 +118,7 @@ class WorkerNetwork(nn.Module):
                 layer.pool = cfg.worker_pool
         self.readouts = nn.ModuleList(
             WorkerReadout(layer.num_workers, layer.prediction_units, out_units, projection=cfg.worker_projection, head=cfg.worker_head,
-                          seeds=[s + i for s in seeds])
+                          seeds=[s + i for s in seeds], required=predictions)
             for i, layer in enumerate(hidden)
         )
         """Per hidden layer, worker outputs ``(R, B, W, k)`` -> prediction logits ``(R, B, W, C)``."""
@@ -209,17 +214,17 @@ class WorkerNetwork(nn.Module):
 _Layer = tuple[bool, nn.Module, nn.Module, nn.Module]
 
 
-def _conv_layers(cfg: ModelConfig, shape: tuple[int, int, int], activation, R: int) -> tuple[list[_Layer], int]:
+def _conv_layers(cfg: ModelConfig, shape: tuple[int, int, int], activation, R: int, predictions: bool) -> tuple[list[_Layer], int]:
     """The conv layers of ``cfg.conv`` for images of ``shape``, the last one flattening; and the
-    number of features they output."""
+    number of features they output (``predictions``: see :meth:`ModelConfig.units_per_worker`)."""
     channels, side = shape[0], shape[1]
     layers: list[_Layer] = []
     for spec in cfg.conv:
         if spec.plain:  # one "worker" of every filter: a replica-grouped plain convolution
             layer = WorkerConv2d(channels, 1, spec.channels, spec.kernel_size, spec.stride, replicas=R)
         elif spec.block == "none":
-            layer = WorkerConv2d(channels, spec.channels // cfg.worker_size, cfg.worker_size, spec.kernel_size, spec.stride,
-                                 replicas=R)
+            k = cfg.units_per_worker(spec.channels, predictions, "conv channels")
+            layer = WorkerConv2d(channels, spec.channels // k, k, spec.kernel_size, spec.stride, replicas=R)
         else:
             layer = WorkerBlock(
                 channels,
@@ -248,13 +253,14 @@ def _conv_layers(cfg: ModelConfig, shape: tuple[int, int, int], activation, R: i
     return layers, channels * side * side
 
 
-def _fc_layers(cfg: ModelConfig, features: int, R: int, layers: list[_Layer]) -> int:
+def _fc_layers(cfg: ModelConfig, features: int, R: int, layers: list[_Layer], predictions: bool) -> int:
     """Append the fully connected layers of ``cfg.hidden`` to ``layers``; returns the last width."""
     for index, width in enumerate(cfg.hidden):
         plain = index in cfg.hidden_plain
-        layer = ReplicaLinear(features, width, R) if plain else WorkerLinear(features, width // cfg.worker_size, cfg.worker_size, R)
+        k = cfg.worker_size if plain else cfg.units_per_worker(width, predictions)
+        layer = ReplicaLinear(features, width, R) if plain else WorkerLinear(features, width // k, k, R)
         post = nn.Dropout(cfg.hidden_dropout) if cfg.hidden_dropout > 0 else nn.Identity()
-        layers.append((plain, layer, _norm(cfg.hidden_norm, width, width // cfg.worker_size, R), post))
+        layers.append((plain, layer, _norm(cfg.hidden_norm, width, width // k, R), post))
         features = width
     return features
 
@@ -291,6 +297,8 @@ def _normalize(norm: nn.Module, z: Tensor, z_local: Tensor) -> tuple[Tensor, Ten
     return norm(z), norm(z_local, update_stats=False)
 
 
-def build_model(cfg: ModelConfig, input_dim: int, num_classes: int, seeds: int | list[int] = 0) -> WorkerNetwork:
-    """Construct the model preset described by ``cfg`` for the data's dimensions, one replica per seed."""
-    return WorkerNetwork(input_dim, num_classes, cfg, seeds)
+def build_model(cfg: ModelConfig, input_dim: int, num_classes: int, seeds: int | list[int] = 0,
+                predictions: bool = True) -> WorkerNetwork:
+    """Construct the model preset described by ``cfg`` for the data's dimensions, one replica per
+    seed; ``predictions=False`` for a rule that reads no worker predictions (any widths build)."""
+    return WorkerNetwork(input_dim, num_classes, cfg, seeds, predictions)

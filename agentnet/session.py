@@ -33,7 +33,7 @@ from agentnet.network import WorkerNetwork, build_model
 from agentnet.paths import output_dir_of
 from agentnet.population import Population, population_of
 from agentnet.composition import to_run_config
-from agentnet.registry import build_strategy
+from agentnet.registry import STRATEGIES, build_strategy
 from agentnet.strategy import StepResult, Strategy
 from agentnet.training.console import ConsoleEvents
 from agentnet.training.preemption import preemption_signals
@@ -154,7 +154,8 @@ class Session:
         seeds = self.population.seeds
         self.stream = TaskStream.one_task(data, seeds) if self.single else build_stream(data, run.benchmark, seeds)
         device = data.train.x.device
-        self.model: WorkerNetwork = build_model(run.model, self.stream.input_dim, self.stream.num_classes, seeds).to(device)
+        predictions = STRATEGIES.get(run.strategy.name).worker_predictions
+        self.model: WorkerNetwork = build_model(run.model, self.stream.input_dim, self.stream.num_classes, seeds, predictions).to(device)
         self.strategy: Strategy = build_strategy(run.strategy, self.model, self.population.of("strategy"))
         self.method: CLMethod = build_cl_method(run.cl, self.model, self.population.of("cl"))
         # Steps per task: from one task's size, so a cumulative stage trains as long as the others.

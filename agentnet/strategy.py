@@ -81,6 +81,12 @@ class Strategy:
     #: worker does (higher is better), if it has one beyond ``worker_objectives``. Consumers (the
     #: PettingZoo env) observe it summed over a worker's units and reward workers with it.
     worker_signal: ClassVar[str | None] = None
+    #: Whether the rule reads its workers' predictions (each worker's ``k`` outputs as class logits):
+    #: then every worker layer must split into workers of ``model.worker_size`` units with a way to
+    #: predict (``k = C``, ``worker_head`` or ``worker_projection``). A rule that reads none (BP, FA,
+    #: the forward-gradient rules) builds any widths: a layer ``worker_size`` does not divide is one
+    #: worker (:meth:`agentnet.config.ModelConfig.units_per_worker`).
+    worker_predictions: ClassVar[bool] = False
 
     def __init__(self, cfg: StrategyConfig, model: WorkerNetwork, variants: dict[str, list[float]] | None = None) -> None:
         self.cfg = cfg

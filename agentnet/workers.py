@@ -205,9 +205,13 @@ class WorkerReadout(nn.Module):
     """
 
     def __init__(self, num_workers: int, worker_size: int, out_units: int, *, projection: bool, head: bool,
-                 seeds: list[int] | tuple[int, ...] = (0,)):
+                 seeds: list[int] | tuple[int, ...] = (0,), required: bool = True):
         super().__init__()
         self.replicas = len(seeds)
+        self.available = True
+        """Whether the workers can predict. ``False`` only when ``required=False`` (a rule that reads
+        no worker predictions) and ``k != C`` without a head or projection: calling it then fails."""
+        self.worker_size, self.out_units = worker_size, out_units
         self.weight: nn.Parameter | None = None
         self.register_buffer("projection", None)
         if head:
@@ -218,19 +222,26 @@ class WorkerReadout(nn.Module):
             ]
             self.weight = nn.Parameter(torch.cat(heads))  # (R*W, k, C)
             self.bias = nn.Parameter(torch.zeros(self.replicas * num_workers, out_units))
-        elif worker_size != out_units:
-            if not projection:
+        elif worker_size != out_units and not projection:
+            if required:
                 raise ValueError(
                     f"workers of {worker_size} units: worker predictions need k = {out_units} output units "
                     "(or set model.worker_projection=true for a fixed random projection, or "
                     "model.worker_head=true for a trained head per worker)"
                 )
+            self.available = False
+        elif worker_size != out_units:
             self.register_buffer("projection", torch.stack([
                 torch.randn(worker_size, out_units, generator=torch.Generator().manual_seed(s + 7919)) / math.sqrt(worker_size)
                 for s in seeds
             ]))  # (R, k, C)
 
     def forward(self, workers: Tensor) -> Tensor:
+        if not self.available:
+            raise ValueError(
+                f"workers of {self.worker_size} units cannot predict {self.out_units} classes: the network was built for a rule "
+                "that reads no worker predictions (set model.worker_projection=true or model.worker_head=true to give them one)"
+            )
         R, _, W, k = workers.shape
         if self.weight is not None:
             weight = self.weight.view(R, W, k, -1)

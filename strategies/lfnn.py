@@ -51,6 +51,7 @@ class LeaderFollower(Strategy):
     path: GradientPath = "split"
     #: Eq. 1: the global loss's gradient reaches only the leaders' units (followers' are stop-gradient).
     leaders_carry_global = True
+    worker_predictions = True  # leaders are the workers whose predictions have the lowest loss
 
     def __init__(self, cfg: LeaderFollowerConfig, model: WorkerNetwork, variants: dict[str, list[float]] | None = None) -> None:
         super().__init__(cfg, model, variants)

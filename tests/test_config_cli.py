@@ -293,3 +293,17 @@ def test_console_scripts_explain_themselves(main, prog, capsys):
     assert done.value.code == 0
     text = capsys.readouterr().out
     assert text.startswith(f"usage: {prog} ") and f"\n{prog}: " in text and "\nexamples:\n" in text and "``" not in text
+
+
+def test_a_sweep_job_directory_name_stays_within_the_file_system_limit():
+    from agentnet.hydra_setup import MAX_DIRNAME, short_dirname
+
+    short = "strategy=bp,trainer.lr=0.001"
+    assert short_dirname(short) == short  # the usual names are unchanged
+    long = ",".join(f"trainer.option_{i}=value_{i}" for i in range(20))
+    other = long.replace("value_19", "value_20")
+    assert len(short_dirname(long)) == MAX_DIRNAME and short_dirname(long) == short_dirname(long)
+    assert short_dirname(long) != short_dirname(other) and short_dirname(long).startswith(long[:100])
+    # what the configs use: Hydra resolves it for every job directory (agentnet and agentnet-tune)
+    assert "${agentnet.dirname:${hydra.job.override_dirname}}" in (Path(CONFIG_DIR) / "config.yaml").read_text()
+    assert (Path(CONFIG_DIR) / "tune.yaml").read_text().count("${agentnet.dirname:${hydra.job.override_dirname}}") == 2

@@ -96,3 +96,10 @@ def test_a_single_run_keeps_its_bar_and_prints_each_epoch(tmp_path):
 
 def test_durations_read_as_people_write_them():
     assert [duration(s) for s in (3.14159, 42.4, 252, 7530)] == ["3.1 s", "42 s", "4 min 12 s", "2 h 05 min"]
+
+
+def test_a_job_is_tagged_by_the_settings_its_sweep_varies():
+    from agentnet.training.console import _swept
+
+    assert [_swept(v) for v in ("bp,lfnn", "range(0,3)", "choice(1,2)", "[1,2],[3,4]")] == [True] * 4
+    assert [_swept(v) for v in ("0.001", "[mlflow,wandb]", "'a,b'", "{a:1,b:2}", "[[1,2],[3]]")] == [False] * 5

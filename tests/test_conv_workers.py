@@ -224,8 +224,8 @@ def test_conv_presets_parameter_counts(preset, input_dim, channels, expected):
 
 
 def test_conv_config_errors_name_the_field():
-    with pytest.raises(ConfigError, match="model.worker_size"):
-        ModelConfig(conv=[ConvLayerConfig(channels=25)], worker_size=10)
+    with pytest.raises(ConfigError, match="model.worker_size"):  # for a rule that reads worker predictions
+        build_model(ModelConfig(conv=[ConvLayerConfig(channels=25)], worker_size=10), 784, 10)
     with pytest.raises(ConfigError, match="model.conv.block"):
         ConvLayerConfig(block="inception")
     with pytest.raises(ConfigError, match="model.conv.workers"):

@@ -39,7 +39,19 @@ def in_multirun() -> bool:
         return False
 
 
-_SWEPT = re.compile(r"[,]|^\w+\(")  # a list of values, or a sweep function: range(...), choice(...)
+_SWEEP_FUNCTION = re.compile(r"^\s*(choice|range|interval|glob|tag|sort|shuffle)\(")
+_NESTED = re.compile(r"\[[^\[\]]*\]|\{[^{}]*\}|'[^']*'|\"[^\"]*\"")
+
+
+def _swept(value: str) -> bool:
+    """Whether an override's value sweeps (``a,b``, ``range(...)``, ``choice(...)``), as Hydra's
+    grammar reads it: a comma inside a list, a dict or quotes does not sweep."""
+    if _SWEEP_FUNCTION.match(value):
+        return True
+    previous = None
+    while previous != value:  # innermost brackets and quotes first
+        previous, value = value, _NESTED.sub("", value)
+    return "," in value
 
 
 def job_tag() -> str:
@@ -55,7 +67,7 @@ def job_tag() -> str:
     sweep_file = Path(hydra_cfg.sweep.dir) / "multirun.yaml"
     try:
         sweep = OmegaConf.load(sweep_file)
-        swept = {o.split("=", 1)[0] for o in sweep.hydra.overrides.task if "=" in o and _SWEPT.search(o.split("=", 1)[1])}
+        swept = {o.split("=", 1)[0] for o in sweep.hydra.overrides.task if "=" in o and _swept(o.split("=", 1)[1])}
     except Exception:  # noqa: BLE001 - the tag only reads better with it
         swept = None
     shown = [o for o in mine if swept is None or o.split("=", 1)[0] in swept]

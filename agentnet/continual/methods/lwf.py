@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from agentnet.config import CLConfig, check
+from agentnet.config import CLConfig, ConfigError, check
 from agentnet.continual.methods import CL_METHODS, CLMethod
 from agentnet.continual.methods._episodic import autocast_of
 
@@ -78,6 +78,10 @@ class LwF(CLMethod):
 
     def __init__(self, cfg: LwFConfig, model: nn.Module, variants: dict[str, list[float]] | None = None) -> None:
         super().__init__(cfg, model, variants)
+        if cfg.lwf_local and not all(block.readout.available for block in getattr(model, "blocks", list)()):
+            raise ConfigError("cl.lwf_local=true distils every worker's predictions, but this network's workers have none "
+                              "(built for a rule that reads no worker predictions, with k != C): set "
+                              "model.worker_projection=true or model.worker_head=true, or cl.lwf_local=false")
         self.old: nn.Module | None = None
         self.heads: list[Tensor | None] = []
         self._x: Tensor | None = None
