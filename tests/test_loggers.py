@@ -179,7 +179,8 @@ def test_a_sweep_is_one_mlflow_experiment_and_one_wandb_group(resumed_run, tmp_p
     client = MlflowClient(tracking_uri=f"sqlite:///{sweep}/mlflow.db")
     experiment = client.get_experiment_by_name(str(sweep))
     runs = client.search_runs([experiment.experiment_id])
-    assert sorted(r.info.run_name for r in runs) == ["#0 seed=0", "#1 seed=1"]  # the jobs' tags
+    # named by the jobs' console tags (``#<num> <swept settings>``)
+    assert [name.split()[:2] for name in sorted(r.info.run_name for r in runs)] == [["#0", "seed=0"], ["#1", "seed=1"]]
     for run in runs:
         assert run.info.status == "FINISHED" and run.data.params["seed"] in ("0", "1")
         assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == [1]
