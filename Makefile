@@ -16,7 +16,7 @@ setup: $(BIN)/.installed
 
 $(BIN)/.installed: pyproject.toml requirements/cpu-constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q $(TORCH_PIN) -e ".[dev,marl]"
+	$(BIN)/pip install -q $(TORCH_PIN) -e ".[dev,marl,mlflow,wandb]"
 	touch $@
 
 data: setup

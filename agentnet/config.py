@@ -286,6 +286,9 @@ class ModelConfig:
 class TrainerConfig:
     """Optimisation loop settings."""
 
+    LOGGERS = ("tensorboard", "mlflow", "wandb")
+    """The experiment trackers ``loggers`` may name (:mod:`agentnet.training.loggers`)."""
+
     epochs: int = 20
     """Passes over the training set."""
     max_steps: Optional[int] = None
@@ -319,8 +322,19 @@ class TrainerConfig:
     checkpoint_every: Optional[int] = None
     """Also checkpoint every this many optimiser steps, so ``resume=true`` continues mid-epoch or
     mid-task (``None``: only at epoch and task ends)."""
-    tensorboard: bool = True
-    """Also log the per-epoch history to ``<output>/tensorboard`` when ``tensorboard`` is installed."""
+    loggers: list[str] = field(default_factory=lambda: ["tensorboard"])
+    """Experiment trackers that record the run: any of ``tensorboard`` (``<output>/tensorboard``),
+    ``mlflow`` and ``wandb`` (extras ``agentnet[mlflow]``, ``agentnet[wandb]``); ``[]`` for none.
+    Each logs the resolved config, the per-epoch history, the final metrics and the PNG plots
+    (``docs/trackers.md``). A selected tracker that is not installed is an error, except the
+    default ``tensorboard``, which is then skipped with a warning."""
+    tracking_uri: Optional[str] = None
+    """MLflow's tracking URI (a server, or ``sqlite:///<file>``); ``None``: ``$MLFLOW_TRACKING_URI``
+    if set, else ``sqlite:///<dir>/mlflow.db`` in the run's directory, or in the sweep's for the jobs
+    of a multirun."""
+    project: str = "agentnet"
+    """The W&B project, and the MLflow experiment of a run outside a sweep (a multirun is one
+    experiment of its own, and one W&B group)."""
     amp: str = "none"
     """Mixed precision: ``bf16`` runs forward passes under bf16 autocast (weights, optimiser state and
     the strategies' custom backward stay fp32-safe); ``none`` is full fp32. Meant for CUDA (Ampere+)."""
@@ -360,6 +374,9 @@ class TrainerConfig:
         )
         check(self.amp in AMP_MODES, "trainer.amp", self.amp, f"choose one of {AMP_MODES}")
         check(self.select in SELECTIONS, "trainer.select", self.select, f"choose one of {SELECTIONS}")
+        check(all(name in self.LOGGERS for name in self.loggers) and len(set(self.loggers)) == len(self.loggers),
+              "trainer.loggers", self.loggers, f"a list of distinct names from {self.LOGGERS}")
+        check(bool(self.project), "trainer.project", self.project, "must not be empty")
 
 
 @dataclass

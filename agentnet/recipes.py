@@ -51,12 +51,12 @@ def finished(run: RunConfig) -> dict[str, Any] | None:
     return saved
 
 
-def _trained(run: RunConfig, data: ImageData, out: Path) -> tuple[Session, dict | None]:
-    """Build the run, resume it when asked, and train its whole stream."""
-    session = build_session(run, data, out)
+def _trained(session: Session, out: Path) -> dict | None:
+    """Resume the run when asked and train its whole stream; what the resume did."""
+    run = session.run
     resumed = session.resume(Path(run.resume_from) if run.resume_from else out) if run.resume else None
     session.run_all()
-    return session, resumed
+    return resumed
 
 
 def results(session: Session, replica: Callable[[int], dict[str, Any]], wall_start: float,
@@ -99,8 +99,8 @@ def train(cfg: DictConfig | RunConfig | dict, data: ImageData | None = None) -> 
             f"benchmark.name={run.benchmark.name!r}: train() runs one training job; a benchmark is a "
             "continual run (agentnet.recipes.run_continual, or the agentnet CLI)"
         )
-    with RunLock(out):
-        session, resumed = _trained(run, data, out)
+    with RunLock(out), build_session(run, data, out) as session:
+        resumed = _trained(session, out)
         trainer, model = session.trainer, session.model
         selected = session.selector.restore(model) if session.selector is not None else None
         # the test set's one evaluation when there is a validation split (none in a study's trials)
@@ -131,6 +131,7 @@ def train(cfg: DictConfig | RunConfig | dict, data: ImageData | None = None) -> 
         plots.write_run_plots(out, trainer.history, trainer.histories,
                               leadership=None if selection is None else selection.epoch_counts,
                               activity=None if session.activity is None else session.activity.series())
+        session.finish(metrics)
     return metrics
 
 
@@ -140,8 +141,8 @@ def run_continual(cfg: DictConfig | RunConfig | dict, data: ImageData | None = N
     run, _, out, data = prepare_run(cfg, data)
     if run.benchmark is None:
         raise ConfigError("benchmark=null: choose a protocol, e.g. benchmark=pmnist_quick")
-    with RunLock(out):
-        session, resumed = _trained(run, data, out)
+    with RunLock(out), build_session(run, data, out) as session:
+        resumed = _trained(session, out)
         record, method = session.record, session.method
 
         def replica(r: int) -> dict[str, Any]:
@@ -166,4 +167,5 @@ def run_continual(cfg: DictConfig | RunConfig | dict, data: ImageData | None = N
             plots.plot_task_accuracy(R, out / "task_accuracy.png", record.acc_matrices)
         if session.activity is not None:
             plots.plot_activity(*session.activity.series(), out / "activity.png")
+        session.finish(metrics)
     return metrics

@@ -43,10 +43,10 @@ from agentnet.training import (
     Checkpointing,
     EpochEvaluation,
     StrategyTaskHooks,
-    TensorBoardLogger,
     Trainer,
     TrainerPlugin,
     WorkerActivity,
+    build_loggers,
 )
 
 __all__ = ["Session", "StreamProgress", "build_session", "prepare_run", "load_run_data", "seed_everything"]
@@ -143,6 +143,10 @@ class Session:
     ``trainer``, ``stage_steps`` (optimiser steps per task). ``record`` is the continual run's
     :class:`AccuracyMatrix` (``None`` for a single run); ``activity`` and ``selector`` the optional
     :class:`WorkerActivity` and :class:`BestValidation` plugins.
+
+    A recipe uses it as a context manager (``with build_session(...) as session``), so that a run
+    ending in an exception fires ``after_failure``, and calls :meth:`finish` once it has written the
+    results.
     """
 
     def __init__(self, run: RunConfig, data: ImageData, out: Path | None, plugins: Sequence[TrainerPlugin] = ()) -> None:
@@ -175,8 +179,8 @@ class Session:
             self.record = AccuracyMatrix(self.stream, run.benchmark.eval_every, run.trainer.test)
             ordered.append(self.record)
         ordered += [self.selector, self.activity]
-        if out is not None and run.trainer.tensorboard and TensorBoardLogger.available():
-            ordered.append(TensorBoardLogger(out / "tensorboard"))
+        if out is not None:
+            ordered += build_loggers(run, out)
         epochs = math.ceil(self.stage_steps[0] / math.ceil(self.stream.tasks[0].train_size / run.trainer.batch_size))
         ordered += [*plugins, ConsoleEvents(epochs, self.record, len(self.stream)), self.progress]
         if out is not None and run.trainer.checkpoint:
@@ -262,6 +266,26 @@ class Session:
     def end(self) -> None:
         """Fire ``after_run``."""
         self.trainer.end_run()
+
+    def finish(self, results: dict[str, Any]) -> None:
+        """Fire ``after_results``: the recipe has written ``results`` (what its results file holds)
+        and the run's plots into the output directory (the trackers log them and close)."""
+        for plugin in self.plugins:
+            plugin.after_results(self.trainer, results)
+
+    def __enter__(self) -> "Session":
+        return self
+
+    def __exit__(self, kind: type | None, error: BaseException | None, traceback: Any) -> None:
+        """Leaving a ``with`` block by an exception fires ``after_failure`` (the trackers close their
+        runs as failed, or killed when preempted); the exception goes on."""
+        if error is None:
+            return
+        for plugin in self.plugins:
+            try:
+                plugin.after_failure(self.trainer, error)
+            except Exception as exc:  # the run's own error is the one to report
+                log.warning("%s.after_failure failed: %s", type(plugin).__name__, exc)
 
     def run_all(self) -> None:
         """Train the whole stream, task after task (continuing where a resumed run stopped). A

@@ -173,7 +173,7 @@ def _grid(dims: list[Dimension]) -> list[dict[str, Any]]:
 def _fingerprint(run: RunConfig, dims: list[Dimension], metric: str, direction: str) -> dict[str, Any]:
     """What a trial measures; a study continued with a different one is refused."""
     plain = {k: v for k, v in dataclasses.asdict(run).items() if k not in UNFINGERPRINTED}
-    plain["trainer"] = {k: v for k, v in plain["trainer"].items() if k not in ("progress", "tensorboard", "checkpoint", "checkpoint_every")}
+    plain["trainer"] = {k: v for k, v in plain["trainer"].items() if k not in ("progress", "loggers", "tracking_uri", "project", "checkpoint", "checkpoint_every")}
     plain["data"] = {k: v for k, v in plain["data"].items() if k != "root"}
     flat = _flat_dict(json.loads(json.dumps(plain, default=str)))
     flat["tune.space"] = {d.field: repr(d.distribution) for d in dims}
@@ -385,8 +385,8 @@ def _train_trials(run: RunConfig, dims: list[Dimension], trials: list, study, me
                                    + (f"_retry{attempt}" if attempt else ""))
         attempt += 1
         trial_run = _trial_run(run, fixed, varied, seeds * len(pending), folder)
-        # trials select on validation data: no test evaluation, no checkpoints (a killed population is retrained)
-        trial_run.trainer = dataclasses.replace(trial_run.trainer, checkpoint=False, tensorboard=False, test=False)
+        # trials select on validation data: no test evaluation, no checkpoints (a killed population is retrained), no trackers
+        trial_run.trainer = dataclasses.replace(trial_run.trainer, checkpoint=False, loggers=[], test=False)
         start = time.perf_counter()
         try:
             metrics = _execute(trial_run, data)

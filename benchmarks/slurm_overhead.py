@@ -36,7 +36,7 @@ sys.path.insert(0, str(REPO))
 
 from agentnet.tables import markdown_table  # noqa: E402
 
-RUN_ARGS = "data.subset=5000 data.test_subset=1000 trainer.epochs=1 trainer.tensorboard=false trainer.progress=false threads=1 device=cpu"
+RUN_ARGS = "data.subset=5000 data.test_subset=1000 trainer.epochs=1 trainer.loggers=[] trainer.progress=false threads=1 device=cpu"
 SLURM_ARGS = ["hydra/launcher=slurm", "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=2", "hydra.launcher.timeout_min=20"]
 
 

@@ -75,7 +75,7 @@ def main(argv=None) -> list[dict]:
         for model in args.models.split(","):
             for strategy in args.strategies.split(","):
                 cfg = compose([f"model={model}", f"strategy={strategy}", f"data.subset={args.subset}", f"trainer.epochs={args.epochs}",
-                               f"replicas={args.seeds}", "trainer.progress=false", "trainer.tensorboard=false",
+                               f"replicas={args.seeds}", "trainer.progress=false", "trainer.loggers=[]",
                                "trainer.checkpoint=false", f"output_dir={tmp}/{model}_{strategy}", *args.overrides])
                 if strategy == "attention" and cfg.model.conv:
                     continue

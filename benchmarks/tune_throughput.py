@@ -38,7 +38,7 @@ TRIALS = 8
 #: The 8 learning rates every way trains (a grid, so that all three do the same work).
 RATES = [10 ** (-4 + 3 * i / (TRIALS - 1)) for i in range(TRIALS)]
 PROTOCOL = ["model=mlp_275k", "data.subset=10000", "data.val_split=5000", "trainer.epochs=5", "trainer.progress=false",
-            "trainer.tensorboard=false", "trainer.checkpoint=false", "device=cpu"]
+            "trainer.loggers=[]", "trainer.checkpoint=false", "device=cpu"]
 
 
 def tuned(rule: str, batch: int, threads: int, root: Path) -> float:

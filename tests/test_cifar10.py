@@ -131,7 +131,7 @@ def test_cnn_trains_on_cifar10_format(tmp_path):
     # The shipped checksums are the real release's; generated files need verify=false.
     cfg = compose_config(
         "data=cifar10", f"data.root={tmp_path}", "data.verify=false", "model=cnn_cifar10_900k", "strategy=lfnn_local",
-        "trainer.epochs=1", "trainer.batch_size=16", "trainer.progress=false", "trainer.tensorboard=false",
+        "trainer.epochs=1", "trainer.batch_size=16", "trainer.progress=false", "trainer.loggers=[]",
         "device=cpu", f"output_dir={tmp_path / 'run'}",
     )
     metrics = train(cfg)

@@ -236,7 +236,7 @@ def test_checkpointed_run_resumes_exactly(method, mnist, tmp_path, monkeypatch):
     """Two tasks, stopped inside the second one after a checkpoint, resumed: identical metrics."""
     overrides = ["strategy=lfnn", "benchmark=pmnist_quick", "benchmark.num_tasks=2", "benchmark.iterations_per_task=20",
                  f"cl={method}", "data.subset=1500", "data.test_subset=300", "trainer.progress=false", "device=cpu",
-                 "trainer.checkpoint_every=5", "trainer.tensorboard=false", "model.hidden=[100]"]
+                 "trainer.checkpoint_every=5", "trainer.loggers=[]", "model.hidden=[100]"]
     if method != "lwf":
         overrides.append("cl.memory_per_task=60")
     if method == "agem":

@@ -102,7 +102,7 @@ def test_one_pass_visits_exactly_the_selected_examples_and_memory_draws_from_the
 def _online(tmp_path, *extra):
     return compose_config(
         "benchmark=pmnist_online", "benchmark.num_tasks=2", "benchmark.samples_per_task=95", "data.test_subset=300",
-        "strategy=bp", "trainer.progress=false", "trainer.tensorboard=false", "device=cpu", f"output_dir={tmp_path}", *extra,
+        "strategy=bp", "trainer.progress=false", "trainer.loggers=[]", "device=cpu", f"output_dir={tmp_path}", *extra,
     )
 
 

@@ -15,7 +15,7 @@ from tests.conftest import REPO, without_timing
 from tests.test_resume import _cli, _run
 
 OVERRIDES = ["strategy=lfnn", "model=mlp_400x2", "data.subset=2000", "data.test_subset=500", "trainer.epochs=4",
-             "trainer.tensorboard=false", "trainer.lr_schedule=none"]
+             "trainer.loggers=[]", "trainer.lr_schedule=none"]
 
 
 @pytest.fixture

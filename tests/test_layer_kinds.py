@@ -250,7 +250,7 @@ def stable_run_overrides(tmp_path) -> list[str]:
     from tests.conftest import data_root
 
     return [f"data.root={data_root()}", "model=cnn_mnist_438k", "strategy=lfnn_local", "data.subset=10000", "data.test_subset=2000",
-            "trainer.epochs=3", "trainer.lr_schedule=none", "trainer.progress=false", "trainer.tensorboard=false",
+            "trainer.epochs=3", "trainer.lr_schedule=none", "trainer.progress=false", "trainer.loggers=[]",
             "trainer.checkpoint=false", "device=cpu", f"output_dir={tmp_path}"]
 
 

@@ -191,7 +191,7 @@ def test_online_population_replica_is_the_seed_run(tmp_path):
     common = [f"data.root={data_root()}", "benchmark=pmnist_online", "benchmark.num_tasks=2", "benchmark.samples_per_task=60",
               "benchmark.epochs_per_task=2", "cl=agem", "cl.memory_per_task=24", "cl.memory_batch=16", "strategy=lfnn",
               "model.hidden=[40,40]", "data.test_subset=200", "trainer.fused=false", "trainer.progress=false",
-              "trainer.tensorboard=false", "device=cpu"]
+              "trainer.loggers=[]", "device=cpu"]
     pop = run_continual(compose_config(*common, "replicas=2", "seed=3", f"output_dir={tmp_path / 'pop'}"))
     assert pop["steps"] == 2 * 2 * 6
     saved = load_checkpoint(tmp_path / "pop" / "checkpoint.pt", "cpu")

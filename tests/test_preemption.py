@@ -18,7 +18,7 @@ from tests.test_resume import _cli, _kill_when, _run
 
 def test_sigterm_stops_a_single_run_with_a_checkpoint_and_resume_is_identical(tmp_path):
     overrides = ["strategy=lfnn", "data.subset=20000", "data.test_subset=1000", "trainer.epochs=2",
-                 "trainer.checkpoint_every=10", "trainer.tensorboard=false"]
+                 "trainer.checkpoint_every=10", "trainer.loggers=[]"]
     _run(_cli(tmp_path / "straight", *overrides))
     stopped = tmp_path / "stopped"
     proc = _kill_when(_cli(stopped, *overrides), stopped / CHECKPOINT, lambda s: 20 <= s["step"] < 120, sig=signal.SIGTERM)
@@ -38,7 +38,7 @@ def test_sigterm_stops_a_single_run_with_a_checkpoint_and_resume_is_identical(tm
 @pytest.mark.slow
 def test_sigusr1_stops_a_continual_run_and_resume_is_identical(tmp_path):
     overrides = ["strategy=lfnn_local", "benchmark=pmnist_quick", "benchmark.num_tasks=3", "benchmark.samples_per_task=2000",
-                 "model.hidden=[40,40]", "data.test_subset=500", "trainer.checkpoint_every=5", "trainer.tensorboard=false"]
+                 "model.hidden=[40,40]", "data.test_subset=500", "trainer.checkpoint_every=5", "trainer.loggers=[]"]
     _run(_cli(tmp_path / "straight", *overrides))
     stopped = tmp_path / "stopped"
     # 16 steps per task: stop inside the second task.

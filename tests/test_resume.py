@@ -62,7 +62,7 @@ def _run(cmd: list[str]) -> None:
 
 def test_single_run_killed_mid_epoch_resumes_to_identical_metrics(tmp_path):
     overrides = ["strategy=lfnn", "data.subset=20000", "data.test_subset=1000", "trainer.epochs=2",
-                 "trainer.checkpoint_every=10", "trainer.tensorboard=false"]
+                 "trainer.checkpoint_every=10", "trainer.loggers=[]"]
     _run(_cli(tmp_path / "straight", *overrides))
     killed = tmp_path / "killed"
     # 157 steps per epoch: stop inside the first epoch, after at least two mid-epoch checkpoints.

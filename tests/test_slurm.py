@@ -66,7 +66,7 @@ def _checkpoint_step(job_dir: Path) -> int:
 def test_sweep_through_slurm_with_a_cancelled_and_a_requeued_job(cluster, tmp_path):
     sweep = tmp_path / "sweep"
     run_args = ["data.subset=20000", "data.test_subset=1000", "trainer.epochs=10", "trainer.checkpoint_every=10",
-                "trainer.tensorboard=false"]
+                "trainer.loggers=[]"]
     # Hydra job 0: bp (finishes), 1: lfnn_local (cancelled with scancel), 2: lfnn (requeued mid-run).
     proc = subprocess.Popen(_sweep_cmd(sweep, "strategy=bp,lfnn_local,lfnn", *run_args), cwd=tmp_path,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -121,7 +121,7 @@ def test_population_jobs_through_slurm_train_what_local_runs_train(cluster, tmp_
     as a run, and a submitted population trains exactly what the same command trains locally.
     """
     sweep = tmp_path / "sweep"
-    run_args = ["data.subset=3000", "data.test_subset=500", "trainer.epochs=1", "trainer.tensorboard=false", "replicas=2"]
+    run_args = ["data.subset=3000", "data.test_subset=500", "trainer.epochs=1", "trainer.loggers=[]", "replicas=2"]
     proc = subprocess.run(_sweep_cmd(sweep, "strategy=bp,lfnn_local", *run_args), cwd=tmp_path, capture_output=True,
                           text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -150,7 +150,7 @@ def test_a_preemption_signal_checkpoints_and_requeues_the_job(cluster, tmp_path)
     requeues itself and, restarted by SLURM, resumes to the uninterrupted run's metrics."""
     sweep = tmp_path / "sweep"
     run_args = ["data.subset=20000", "data.test_subset=1000", "trainer.epochs=12", "trainer.checkpoint_every=10",
-                "trainer.tensorboard=false"]
+                "trainer.loggers=[]"]
     # Two jobs (an array, as sweeps are); job 0 (lfnn) is signalled.
     proc = subprocess.Popen(_sweep_cmd(sweep, "strategy=lfnn,bp", *run_args), cwd=tmp_path, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)

@@ -18,7 +18,7 @@ from tests.conftest import REPO, data_root, without_timing
 
 pytestmark = pytest.mark.slow
 ARGS = ["hydra/launcher=basic", "strategy=bp,lfnn,lfnn_local", "model=mlp_400x2", "model.hidden=[40,40]", "data.subset=3000",
-        "data.test_subset=500", "trainer.epochs=2", "trainer.batch_size=50", "trainer.checkpoint_every=5", "trainer.tensorboard=false",
+        "data.test_subset=500", "trainer.epochs=2", "trainer.batch_size=50", "trainer.checkpoint_every=5", "trainer.loggers=[]",
         "trainer.progress=false", "device=cpu", "threads=1", f"data.root={data_root()}"]
 
 

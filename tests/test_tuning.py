@@ -25,7 +25,7 @@ from agentnet.session import prepare_run
 from agentnet.tuning import JOURNAL, default_space, parse_space, run_study
 from tests.conftest import REPO, data_root
 
-QUICK = ["data.subset=2000", "data.test_subset=1000", "trainer.progress=false", "trainer.tensorboard=false", "device=cpu"]
+QUICK = ["data.subset=2000", "data.test_subset=1000", "trainer.progress=false", "trainer.loggers=[]", "device=cpu"]
 
 
 def _run(tmp_path: Path, *overrides: str, config: str = "config"):
@@ -212,7 +212,7 @@ def _tune_command(out: Path, trials: int) -> tuple[list[str], dict[str, str]]:
     """A real ``agentnet-tune`` process on a small study in ``out`` (2 trials per population), and its environment."""
     cmd = [str(Path(sys.executable).parent / "agentnet-tune"), "strategy=bp", "data.subset=2000", "data.test_subset=500",
            "data.val_split=300", "trainer.epochs=2", f"tune.trials={trials}", "tune.batch=2", "tune.final_seeds=2",
-           "trainer.progress=false", "trainer.tensorboard=false", "threads=1", "device=cpu", f"hydra.run.dir={out}"]
+           "trainer.progress=false", "trainer.loggers=[]", "threads=1", "device=cpu", f"hydra.run.dir={out}"]
     return cmd, {**os.environ, "AGENTNET_DATA": str(data_root())}
 
 

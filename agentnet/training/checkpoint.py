@@ -66,7 +66,10 @@ RESUMABLE_KEYS = {
     "trainer.log_every",
     "trainer.checkpoint",
     "trainer.checkpoint_every",
-    "trainer.tensorboard",
+    "trainer.loggers",
+    "trainer.tracking_uri",
+    "trainer.project",
+    "trainer.tensorboard",  # replaced by trainer.loggers; kept so that runs written before it still resume
     "trainer.record_activity",
     "trainer.eval_batch_size",
     "data.root",

@@ -4,7 +4,9 @@ The engine (:class:`agentnet.training.engine.Trainer`) only orchestrates; it cal
 order for every plugin in its list (Avalanche's template/plugin split):
 
 ``before_run`` · ``before_task`` · ``before_epoch`` · ``adapt_batch`` · ``before_step`` ·
-``after_backward`` · ``after_step`` · ``epoch_metrics`` · ``after_epoch`` · ``after_task`` · ``after_run``
+``after_backward`` · ``after_step`` · ``epoch_metrics`` · ``after_epoch`` · ``after_task`` · ``after_run``;
+a recipe then fires ``after_results`` once it wrote the run's results and plots, or ``after_failure``
+when the run stops with an exception (:class:`agentnet.session.Session`).
 
 Every run is a stream of tasks (a single run: one task), so task hooks fire in every run;
 :class:`StrategyTaskHooks` passes them on to the strategy (``Strategy.on_task_start`` / ``on_task_end``).
@@ -16,8 +18,6 @@ plugin's ``state_key``.
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -32,7 +32,7 @@ from agentnet.replica import replica_rows
 # Hooks receive the agentnet.training.engine.Trainer that calls them; annotated by name only, so
 # this module does not import the engine that imports it.
 __all__ = ["TrainerPlugin", "StrategyTaskHooks", "EpochEvaluation", "Checkpointing", "BestValidation", "WorkerActivity",
-           "TensorBoardLogger", "progress_bar"]
+           "progress_bar"]
 
 
 class TrainerPlugin:
@@ -78,6 +78,14 @@ class TrainerPlugin:
 
     def after_run(self, trainer: "Trainer") -> None:
         """Once, after the last step."""
+
+    def after_results(self, trainer: "Trainer", results: dict) -> None:
+        """Once, after the recipe wrote the run's results (``results``: what its results file holds)
+        and plots into ``trainer.output_dir`` (:meth:`agentnet.session.Session.finish`)."""
+
+    def after_failure(self, trainer: "Trainer", error: BaseException) -> None:
+        """The run stopped with ``error`` (a failure, a preemption) before its results were written:
+        release what ``before_run`` opened (:class:`agentnet.session.Session` as a context manager)."""
 
     def state_dict(self) -> dict:
         """State to checkpoint (tensors and plain containers)."""
@@ -184,37 +192,7 @@ class WorkerActivity(TrainerPlugin):
         self.steps, self.leaders = state["steps"], state["leaders"]
 
 
-class TensorBoardLogger(TrainerPlugin):
-    """Writes each epoch's history entry as scalars to ``<output>/tensorboard`` (x axis: epochs).
-
-    The writer opens when the run starts (after any resume check), so a refused run writes nothing.
-    """
-
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-        self.writer = None
-
-    def before_run(self, trainer: "Trainer") -> None:
-        from torch.utils.tensorboard import SummaryWriter
-
-        self.writer = SummaryWriter(str(self.directory))
-
-    @staticmethod
-    def available() -> bool:
-        """Whether the ``tensorboard`` package is installed."""
-        return importlib.util.find_spec("tensorboard") is not None
-
-    def after_epoch(self, trainer: "Trainer", entry: dict) -> None:
-        if self.writer is None:
-            return
-        for key, value in entry.items():
-            if key != "epoch" and isinstance(value, (int, float)):
-                self.writer.add_scalar(key, value, trainer.epoch)
-        self.writer.flush()
-
-    def after_run(self, trainer: "Trainer") -> None:
-        if self.writer is not None:
-            self.writer.close()
+# The experiment trackers (TensorBoard, MLflow, W&B) are plugins too: agentnet.training.loggers.
 
 
 def progress_bar(total: int, desc: str, enabled: bool) -> tqdm:
