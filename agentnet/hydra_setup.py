@@ -57,7 +57,7 @@ def short_dirname(name: str) -> str:
     if len(name.encode()) <= MAX_DIRNAME:
         return name
     digest = hashlib.sha1(name.encode()).hexdigest()[:10]
-    return f"{name.encode()[: MAX_DIRNAME - 12].decode(errors='ignore')}_{digest}"
+    return f"{name.encode()[: MAX_DIRNAME - len(digest) - 1].decode(errors='ignore')}_{digest}"
 
 
 #: What each config group chooses, as ``--help`` explains it (a group a plugin adds is listed bare).
