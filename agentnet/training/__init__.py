@@ -32,8 +32,8 @@ from agentnet.training.plugins import (
     StrategyTaskHooks,
     TrainerPlugin,
     WorkerActivity,
-    progress_bar,
 )
+from agentnet.training.console import progress_bar
 
 __all__ = [
     "BatchStream",

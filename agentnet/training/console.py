@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from agentnet.training.plugins import TrainerPlugin
 
-__all__ = ["EVENTS", "HISTORY", "in_multirun", "job_tag", "configure_console", "duration", "ConsoleEvents"]
+__all__ = ["EVENTS", "HISTORY", "in_multirun", "job_tag", "configure_console", "duration", "progress_bar", "ConsoleEvents"]
 
 EVENTS = logging.getLogger("agentnet.events")
 """A run's events: what the console shows of it."""
@@ -37,6 +37,12 @@ def in_multirun() -> bool:
         return HydraConfig.get().mode == RunMode.MULTIRUN
     except (ImportError, ValueError):  # no Hydra app around this run
         return False
+
+
+def progress_bar(total: int, desc: str, enabled: bool) -> tqdm:
+    """The progress bar of a run; none in a Hydra multirun, whose jobs share one console and
+    report their events instead."""
+    return tqdm(total=total, desc=desc, disable=not enabled or in_multirun(), leave=False, dynamic_ncols=True)
 
 
 _SWEEP_FUNCTION = re.compile(r"^\s*(choice|range|interval|glob|tag|sort|shuffle)\(")

@@ -38,8 +38,8 @@ from agentnet.training.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from agentnet.training.console import HISTORY
-from agentnet.training.plugins import TrainerPlugin, progress_bar
+from agentnet.training.console import HISTORY, progress_bar
+from agentnet.training.plugins import TrainerPlugin
 from agentnet.training.preemption import Preempted
 from agentnet.population import population_of
 from agentnet.replica import lerp_update, replica_rows

@@ -22,7 +22,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from agentnet.data import Split
 from agentnet.network import eval_mode
@@ -31,8 +30,7 @@ from agentnet.replica import replica_rows
 
 # Hooks receive the agentnet.training.engine.Trainer that calls them; annotated by name only, so
 # this module does not import the engine that imports it.
-__all__ = ["TrainerPlugin", "StrategyTaskHooks", "EpochEvaluation", "Checkpointing", "BestValidation", "WorkerActivity",
-           "progress_bar"]
+__all__ = ["TrainerPlugin", "StrategyTaskHooks", "EpochEvaluation", "Checkpointing", "BestValidation", "WorkerActivity"]
 
 
 class TrainerPlugin:
@@ -193,14 +191,6 @@ class WorkerActivity(TrainerPlugin):
 
 
 # The experiment trackers (TensorBoard, MLflow, W&B) are plugins too: agentnet.training.loggers.
-
-
-def progress_bar(total: int, desc: str, enabled: bool) -> tqdm:
-    """The progress bar of a run; none in a Hydra multirun, whose jobs share one console and
-    report their events instead (:mod:`agentnet.training.console`)."""
-    from agentnet.training.console import in_multirun
-
-    return tqdm(total=total, desc=desc, disable=not enabled or in_multirun(), leave=False, dynamic_ncols=True)
 
 
 class BestValidation(TrainerPlugin):
