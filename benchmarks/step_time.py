@@ -50,6 +50,8 @@ VARIANTS = {
     "lg_fg_w": ["strategy=lg_fg_w"],
     "fg_a": ["strategy=fg_a"],
     "lg_fg_a": ["strategy=lg_fg_a"],
+    # Issue 35's local rules.
+    "dfa": ["strategy=dfa"],
 }
 
 
