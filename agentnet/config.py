@@ -34,6 +34,7 @@ ACTIVATIONS = ("relu", "tanh", "sigmoid")
 OUTPUT_ACTIVATIONS = ("softmax", "sigmoid")
 WORKER_NORMS = ("none", "standardize")
 NORMS = ("none", "batch", "group", "layer")
+INITS = ("torch", "he_uniform")
 OPTIMIZERS = ("adam", "sgd", "adamw")
 LR_SCHEDULES = ("none", "cosine", "step")
 SELECTIONS = ("last", "best_val")
@@ -212,6 +213,12 @@ class ModelConfig:
     worker_logit_scale: float = 1.0
     """With ``worker_norm=standardize``: the fixed scale of a worker's standardised output, i.e. the
     inverse softmax temperature of its prediction (bounds how confident a worker can be)."""
+    init: str = "torch"
+    """Initial weights of every weight layer (plain, worker and output; not worker heads): ``torch``
+    — uniform in ``±1/sqrt(fan_in)``, biases too (``nn.Linear``'s and ``nn.Conv2d``'s default);
+    ``he_uniform`` — uniform in ``±sqrt(6/fan_in)`` (He et al. 2015; Keras' ``he_uniform``), biases
+    zero, as the PEPITA authors' networks (``model=mlp_pepita``). The same draws, scaled: a population
+    still equals its separate runs."""
 
     def units_per_worker(self, width: int, predictions: bool = True, where: str = "hidden width", rule: str = "") -> int:
         """Units (filters) per worker of a filter-wise or fully connected worker layer ``width``
@@ -271,6 +278,7 @@ class ModelConfig:
         check(not all(plain), "model", "every hidden layer plain", "a worker network needs at least one worker layer")
         check(self.worker_norm in WORKER_NORMS, "model.worker_norm", self.worker_norm, f"choose one of {WORKER_NORMS}")
         check(self.worker_logit_scale > 0, "model.worker_logit_scale", self.worker_logit_scale, "must be positive")
+        check(self.init in INITS, "model.init", self.init, f"choose one of {INITS}")
         check(self.worker_pool >= 1, "model.worker_pool", self.worker_pool, "must be >= 1")
         check(self.worker_pool == 1 or bool(self.conv), "model.worker_pool", self.worker_pool,
               "pools conv maps; an MLP has none (use 1)")

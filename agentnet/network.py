@@ -130,6 +130,8 @@ class WorkerNetwork(nn.Module):
                 layer.reset_replica(r)
                 if isinstance(norm, ReplicaNorm):
                     norm.reset_replica(r)
+        if cfg.init == "he_uniform":
+            _he_uniform([*self.stems, *self.hidden, self.output])
         self.aux = nn.ModuleDict()
         """Modules a strategy adds to the network (e.g. local greedy heads): trained by the same
         optimiser and saved in the same checkpoint, but not counted in :attr:`num_params`."""
@@ -280,6 +282,19 @@ def _into_blocks(layers: list[_Layer], activation) -> tuple[list[nn.Module], lis
         post.append(after)
     stems.append(stem)
     return hidden, norms, post, stems
+
+
+def _he_uniform(modules: list[nn.Module]) -> None:
+    """He-uniform weights (``±sqrt(6/fan_in)``) and zero biases for every weight layer in ``modules``:
+    the default draws (``±1/sqrt(fan_in)``, the same ``fan_in``) scaled by ``sqrt(6)``."""
+    with torch.no_grad():
+        for module in modules:
+            for layer in module.modules():
+                if isinstance(layer, (ReplicaLinear, nn.Conv2d)):
+                    layer.weight.mul_(math.sqrt(6.0))
+                    if layer.bias is not None:
+                        layer.bias.zero_()
+
 
 def _norm(kind: str, channels: int, groups: int, replicas: int) -> nn.Module:
     """A layer's normalisation (``model.conv.norm`` / ``model.hidden_norm``), identity for ``none``."""

@@ -27,7 +27,8 @@ def _max_difference(a, b) -> float:
     return max((p - q).abs().max().item() for p, q in zip(a.model.parameters(), b.model.parameters()))
 
 
-@pytest.mark.parametrize("strategy", ["bp", pytest.param("lfnn", marks=pytest.mark.slow), pytest.param("lfnn_local", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("strategy", ["bp", pytest.param("lfnn", marks=pytest.mark.slow), pytest.param("lfnn_local", marks=pytest.mark.slow),
+                                      pytest.param("pepita", marks=pytest.mark.slow)])
 def test_the_compiled_step_trains_what_the_eager_step_trains(mnist, strategy, caplog):
     eager = _trained(mnist, strategy)
     with caplog.at_level(logging.INFO, logger="agentnet.training.engine"):
@@ -37,7 +38,9 @@ def test_the_compiled_step_trains_what_the_eager_step_trains(mnist, strategy, ca
     assert f"the {strategy} step compiled in" in caplog.text
     start = _trained(mnist, strategy, "trainer.max_steps=1")
     assert _max_difference(eager, start) > 1e-3  # the comparison is not vacuous: 10 steps moved the weights
-    assert _max_difference(eager, compiled) < 1e-4
+    # PEPITA's hidden signal is the difference of two nearly equal passes (h - h_mod, ~1e-3 of h): the
+    # compiled kernels' float32 rounding is a larger share of it, and Adam's normalised steps carry that.
+    assert _max_difference(eager, compiled) < (1e-3 if strategy == "pepita" else 1e-4)
     assert eager.trainer.history[0]["test_acc"] == pytest.approx(compiled.trainer.history[0]["test_acc"], abs=0.011)
 
 

@@ -248,12 +248,13 @@ def test_every_method_composes_with_every_strategy(method, strategy, mnist, tmp_
 
 #: Every rule with at least one gradient-reading method in the default suite; the whole product is slow.
 _QUICK_PAIRS = {("fa", "ewc"), ("fa", "replay"), ("lg_bp", "si"), ("fg_w", "ewc"), ("lg_fg_w", "si"), ("fg_a", "replay"),
-                ("fg_a", "ewc"), ("lg_fg_a", "si")}
+                ("fg_a", "ewc"), ("lg_fg_a", "si"), ("pepita", "ewc"), ("pepita", "si")}
+_RULE_METHODS = [(s, m) for s in ["fa", "lg_bp", "fg_w", "lg_fg_w", "fg_a", "lg_fg_a"] for m in ["ewc", "si", "replay"]]
+_RULE_METHODS += [("pepita", m) for m in ["ewc", "online_ewc", "si", "replay", "joint"]]  # writes .grad with no backward pass
 
 
 @pytest.mark.parametrize("strategy,method", [
-    pytest.param(s, m, marks=() if (s, m) in _QUICK_PAIRS else pytest.mark.slow)
-    for s in ["fa", "lg_bp", "fg_w", "lg_fg_w", "fg_a", "lg_fg_a"] for m in ["ewc", "si", "replay"]
+    pytest.param(s, m, marks=() if (s, m) in _QUICK_PAIRS else pytest.mark.slow) for s, m in _RULE_METHODS
 ])
 def test_methods_compose_with_the_other_learning_rules(strategy, method, mnist, tmp_path):
     """The Table 1 rules with the methods that read gradients (EWC's Fisher, SI's path integral) or
@@ -261,7 +262,7 @@ def test_methods_compose_with_the_other_learning_rules(strategy, method, mnist, 
     overrides = [
         "benchmark=pmnist_quick", "benchmark.num_tasks=2", "benchmark.iterations_per_task=40", "data.subset=2000",
         "data.test_subset=500", "trainer.progress=false", "device=cpu", f"output_dir={tmp_path}", "model.hidden=[100]",
-        "cl.fisher_samples=64" if method == "ewc" else "trainer.log_every=50",
+        "cl.fisher_samples=64" if "ewc" in method else "trainer.log_every=50",
     ]
     metrics = run_continual(compose_config(f"strategy={strategy}", f"cl={method}", *overrides), data=mnist)
     R = np.array(metrics["acc_matrix"])

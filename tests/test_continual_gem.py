@@ -267,9 +267,11 @@ _COMPOSE = [
     ("lfnn_local", "agem", ["cl.projection=layer"]), ("lfnn_local", "gem", []), ("lfnn_local", "lwf", ["cl.lwf_local=true"]),
     ("fa", "agem", []), ("fa", "gem", []), ("fa", "lwf", []),
     ("fg_a", "agem", ["cl.projection=layer"]), ("fg_a", "gem", ["cl.projection=layer"]), ("fg_a", "lwf", ["cl.lwf_local=true"]),
+    ("pepita", "agem", []), ("pepita", "gem", ["cl.projection=layer"]), ("pepita", "lwf", []), ("pepita", "lwf", ["cl.lwf_local=true"]),
 ]
 #: Every rule and every method at least once in the default suite; the rest with -m slow.
-_QUICK = {("bp", "agem"), ("bp", "lwf"), ("lfnn_local", "gem"), ("lfnn_local", "lwf"), ("fa", "agem"), ("fg_a", "gem")}
+_QUICK = {("bp", "agem"), ("bp", "lwf"), ("lfnn_local", "gem"), ("lfnn_local", "lwf"), ("fa", "agem"), ("fg_a", "gem"),
+          ("pepita", "agem")}
 
 
 @pytest.mark.parametrize("strategy,method,extra", [

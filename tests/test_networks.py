@@ -3,11 +3,13 @@ building any MLP or CNN, a rule that does saying which setting to add, the LFNN 
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 from agentnet.composition import to_run_config
-from agentnet.config import ConfigError, ModelConfig
+from agentnet.config import ConfigError, ConvLayerConfig, ModelConfig
 from agentnet.network import build_model
 from agentnet.recipes import run_continual, train
 from agentnet.registry import STRATEGIES
@@ -20,11 +22,11 @@ PREDICTING = {"lfnn", "lfnn_local"}
 
 def test_only_the_leader_follower_rules_read_worker_predictions():
     assert {name for name in STRATEGIES.names() if STRATEGIES.get(name).worker_predictions} >= PREDICTING
-    for name in ("bp", "fa", "fg_w", "fg_a", "lg_bp", "lg_fg_w", "lg_fg_a", "attention"):
+    for name in ("bp", "fa", "fg_w", "fg_a", "lg_bp", "lg_fg_w", "lg_fg_a", "attention", "pepita"):
         assert not STRATEGIES.get(name).worker_predictions, name
 
 
-@pytest.mark.parametrize("strategy", ["bp", "fa", "fg_w", "lg_bp", "attention"])
+@pytest.mark.parametrize("strategy", ["bp", "fa", "fg_w", "lg_bp", "attention", "pepita"])
 def test_a_rule_that_reads_no_prediction_builds_any_widths(strategy):
     run = to_run_config(compose_config(f"strategy={strategy}", "model=mlp_100x2", "model.hidden=[256,128]"))
     model = build_model(run.model, 784, 10, [0, 1], predictions=False)
@@ -92,3 +94,29 @@ def test_the_lfnn_authors_network(mnist, quick_overrides):
     metrics = train(compose_config("strategy=lfnn", "model=mlp_lfnn_authors", *quick_overrides), data=mnist)
     assert metrics["test_acc"] > 0.85, metrics["test_acc"]
     assert len(metrics["leadership_counts"]) == 1
+
+
+def test_he_uniform_init_scales_the_default_draws():
+    """``model.init=he_uniform``: every weight layer (plain, worker, conv, output) uniform in
+    ±sqrt(6/fan_in) — the default draws times sqrt(6), so replicas still equal single networks —
+    and zero biases; worker heads keep their own initialisation."""
+    torch_init = ModelConfig(conv=[ConvLayerConfig(channels=4, plain=True), ConvLayerConfig(channels=20, pool=2)], hidden=[30, 20],
+                             hidden_plain=[0], worker_head=True)
+    he = dataclasses.replace(torch_init, init="he_uniform")
+    a, b = build_model(torch_init, 784, 10, [0, 1]), build_model(he, 784, 10, [0, 1])
+    weights = 0
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        if name.startswith("readouts"):
+            assert torch.equal(p, q), name
+        elif name.endswith("bias"):
+            assert not q.any(), name
+        else:
+            weights += 1
+            torch.testing.assert_close(q, p * 6 ** 0.5)
+            assert q.abs().max() <= (6 / p[0].numel()) ** 0.5
+    assert weights == 5  # two conv layers, two fully connected, the output
+    single = build_model(he, 784, 10, 1)
+    for p, q in zip(b.parameters(), single.parameters()):
+        assert torch.equal(p[p.shape[0] // 2 :], q)
+    with pytest.raises(ConfigError, match="model.init"):
+        to_run_config(compose_config("model.init=xavier"))
