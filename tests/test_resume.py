@@ -77,9 +77,12 @@ def test_single_run_killed_mid_epoch_resumes_to_identical_metrics(tmp_path):
 
 @pytest.mark.parametrize(
     "cl, kill_at, extra",
-    [("ewc", "mid_task", []), ("replay", "after_task_2", []), ("si", "mid_task", []),
+    [("ewc", "mid_task", []), ("replay", "after_task_2", []),
+     # the same two resume points with other methods' state: slow (the default run keeps one of each)
+     pytest.param("si", "mid_task", [], marks=pytest.mark.slow),
      # the online protocol's per-seed selection, cycled mid-task (40 steps of 32 over 300 examples)
-     ("agem", "mid_task", ["benchmark.samples_per_task=300", "trainer.batch_size=32", "cl.memory_per_task=64"])],
+     pytest.param("agem", "mid_task", ["benchmark.samples_per_task=300", "trainer.batch_size=32", "cl.memory_per_task=64"],
+                  marks=pytest.mark.slow)],
 )
 def test_continual_run_killed_resumes_to_identical_cl_metrics(cl, kill_at, extra, tmp_path):
     overrides = ["strategy=lfnn", "benchmark=pmnist_quick", "benchmark.num_tasks=3", "benchmark.iterations_per_task=40",
