@@ -53,6 +53,7 @@ VARIANTS = {
     # Issue 35's local rules.
     "dfa": ["strategy=dfa"],
     "pepita": ["strategy=pepita"],
+    "predsim": ["strategy=predsim"],
 }
 
 

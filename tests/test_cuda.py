@@ -31,7 +31,7 @@ FILTER_CONV = "model.conv=[{channels:20,pool:2},{channels:20,pool:2}]"  # FA, DF
 #: Strategies whose randomness is drawn on the model's device (forward gradients' tangents): CUDA
 #: and the CPU draw different numbers, so they are checked by learning, not by agreement.
 DEVICE_RANDOM = {"fg_w", "fg_a", "lg_fg_w", "lg_fg_a"}
-STRATEGIES = ["bp", "lfnn", "lfnn_local", "attention", "fa", "lg_bp", "fg_w", "fg_a", "lg_fg_w", "lg_fg_a", "dfa", "pepita"]
+STRATEGIES = ["bp", "lfnn", "lfnn_local", "attention", "fa", "lg_bp", "fg_w", "fg_a", "lg_fg_w", "lg_fg_a", "dfa", "pepita", "predsim"]
 
 
 @pytest.fixture(autouse=True)
