@@ -162,6 +162,12 @@ class Session:
         self.model: WorkerNetwork = build_model(run.model, self.stream.input_dim, self.stream.num_classes, seeds, predictions).to(device)
         self.strategy: Strategy = build_strategy(run.strategy, self.model, self.population.of("strategy"))
         self.method: CLMethod = build_cl_method(run.cl, self.model, self.population.of("cl"))
+        if self.method.reads_model_outputs and not self.strategy.predicts_with_model:
+            raise ConfigError(
+                f"cl={self.method.name} with strategy={self.strategy.name} is not supported: {self.method.reads_model_outputs}, "
+                f"but {self.strategy.name} does not predict with the network's output (its prediction is "
+                f"strategy.predict_logits, not model(x)); choose a CL method that reads only gradients or data (si, replay, agem, gem, joint)"
+            )
         # Steps per task: from one task's size, so a cumulative stage trains as long as the others.
         self.stage_steps = ([_single_steps(run.trainer, self.stream.tasks[0].train_size)] if self.single else
                             [_stage_steps(run.benchmark, task.train_size, run.trainer.batch_size) for task in self.stream.tasks])

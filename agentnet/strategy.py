@@ -87,6 +87,11 @@ class Strategy:
     #: the forward-gradient rules) builds any widths: a layer ``worker_size`` does not divide is one
     #: worker (:meth:`agentnet.config.ModelConfig.units_per_worker`).
     worker_predictions: ClassVar[bool] = False
+    #: Whether the rule predicts with the network's own output, ``model(x)``. A rule that predicts
+    #: otherwise (Forward-Forward: the label of highest goodness) sets ``False`` and overrides
+    #: :meth:`predict_logits`; CL methods that read ``model(x)`` as the model's output distribution
+    #: (EWC's Fisher, LwF's distillation: ``CLMethod.reads_model_outputs``) are then refused.
+    predicts_with_model: ClassVar[bool] = True
 
     def __init__(self, cfg: StrategyConfig, model: WorkerNetwork, variants: dict[str, list[float]] | None = None) -> None:
         self.cfg = cfg
@@ -111,6 +116,13 @@ class Strategy:
     def compute(self, x: Tensor, y: Tensor) -> StepResult:
         """Forward pass and objective for one mini-batch."""
         raise NotImplementedError
+
+    def predict_logits(self, x: Tensor) -> Tensor:
+        """What the rule predicts from, as output logits ``(R, B, C)`` (``(R, B, 1)`` for a sigmoid
+        output) of inputs ``x`` ``(B, D)`` or ``(R, B, D)``; the trainer's evaluation (every test,
+        validation and continual-learning accuracy) reads them through ``model.head`` (``predict``,
+        ``global_loss``, the logit mask). The default is the network's inference pass ``model(x)``."""
+        return self.model(x)
 
     def backward(self, result: StepResult) -> None:
         """Put this step's gradients into ``.grad``; the default back-propagates the sum of the

@@ -12,7 +12,7 @@ With ``--compile`` the table also gives each compiled variant's compile time (it
 and its ratio to the eager one.
 
 Conv models get a hand-written ``nn.Sequential`` reference of the same layers (none for block-wise
-models, whose grouped blocks have no plain-PyTorch twin here); attention and pepita rows are MLP-only.
+models, whose grouped blocks have no plain-PyTorch twin here); attention, pepita and ff rows are MLP-only.
 """
 
 from __future__ import annotations
@@ -54,6 +54,7 @@ VARIANTS = {
     "dfa": ["strategy=dfa"],
     "pepita": ["strategy=pepita"],
     "predsim": ["strategy=predsim"],
+    "ff": ["strategy=ff"],
 }
 
 
@@ -146,6 +147,8 @@ def main(argv=None) -> dict:
                 continue  # message passing is defined for fully connected layers
             if label == "pepita" and not model.startswith("mlp"):
                 continue  # the conv presets are batch-normalised, for which PEPITA defines no update
+            if label == "ff" and not model.startswith("mlp"):
+                continue  # Forward-Forward is implemented for fully connected layers only
             step, model_cfg = framework_step(overrides, model, device, data, gpu_overrides)
             variants[label] = step
             if args.compile:

@@ -31,7 +31,7 @@ FILTER_CONV = "model.conv=[{channels:20,pool:2},{channels:20,pool:2}]"  # FA, DF
 #: Strategies whose randomness is drawn on the model's device (forward gradients' tangents): CUDA
 #: and the CPU draw different numbers, so they are checked by learning, not by agreement.
 DEVICE_RANDOM = {"fg_w", "fg_a", "lg_fg_w", "lg_fg_a"}
-STRATEGIES = ["bp", "lfnn", "lfnn_local", "attention", "fa", "lg_bp", "fg_w", "fg_a", "lg_fg_w", "lg_fg_a", "dfa", "pepita", "predsim"]
+STRATEGIES = ["bp", "lfnn", "lfnn_local", "attention", "fa", "lg_bp", "fg_w", "fg_a", "lg_fg_w", "lg_fg_a", "dfa", "pepita", "predsim", "ff"]
 
 
 @pytest.fixture(autouse=True)
@@ -73,8 +73,8 @@ def _max_relative_difference(a, b) -> float:
 @pytest.mark.parametrize("conv", [False, True], ids=["fc", "conv"])
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_every_strategy_agrees_on_the_cpu_and_the_accelerator(mnist, strategy, conv):
-    if conv and strategy == "attention":
-        pytest.skip("attention is defined for fully connected layers")
+    if conv and strategy in ("attention", "ff"):
+        pytest.skip(f"{strategy} is defined here for fully connected layers")
     overrides = [f"strategy={strategy}", *([FILTER_CONV if strategy in ("fa", "dfa", "pepita") else SMALL_CONV] if conv else []), "replicas=2"]
     device = _session(mnist, ACCELERATOR, *overrides)
     if strategy in DEVICE_RANDOM:

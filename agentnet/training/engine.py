@@ -464,7 +464,8 @@ class Trainer:
     # -- evaluation ----------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self, split: Split, transform: Callable[[Tensor], Tensor] | None = None) -> dict[str, list[float]]:
-        """Accuracy and global loss of every replica on ``split``: ``{"acc": [R], "loss": [R]}``.
+        """Accuracy and global loss of every replica on ``split``: ``{"acc": [R], "loss": [R]}``, from
+        the logits the strategy predicts with (:meth:`Strategy.predict_logits`, ``model(x)`` by default).
 
         ``transform`` maps a shared batch ``(B, D)`` to each replica's view of it ``(R, B, D)``
         (a continual task's per-replica permutation); without it every replica sees the batch as is.
@@ -478,7 +479,7 @@ class Trainer:
                 if transform is not None:
                     x = transform(x)
                 with self._autocast():
-                    logits = self.model(x)
+                    logits = self.strategy.predict_logits(x)
                 loss += self.model.head.global_loss(logits, y) * len(y)
                 correct += (self.model.head.predict(logits) == y).sum(1)
         n = max(len(split), 1)

@@ -32,6 +32,10 @@ class CLMethod(TrainerPlugin):
     #: What ``agentnet-tune`` searches of this method when ``tune.space`` is not given (besides the
     #: learning rate): ``field -> distribution`` as in ``tune.space``.
     search_space: ClassVar[dict[str, dict]] = {}
+    #: What the method reads of the network's output ``model(x)``, if it treats it as the model's
+    #: prediction (EWC's Fisher, LwF's distillation); ``None``: it reads only gradients and data. A
+    #: strategy that predicts otherwise (``Strategy.predicts_with_model = False``) refuses it.
+    reads_model_outputs: ClassVar[str | None] = None
 
     def __init__(self, cfg: CLConfig, model: torch.nn.Module, variants: dict[str, list[float]] | None = None) -> None:
         self.cfg = cfg

@@ -193,15 +193,17 @@ def flat(tensors: list[Tensor | None], params: list[nn.Parameter], replicas: int
     )
 
 
-def write_flat(vector: Tensor, params: list[nn.Parameter]) -> None:
-    """Set ``.grad`` of ``params`` from a per-replica flat vector ``(R, P)`` (inverse of :func:`flat`)."""
+def write_flat(vector: Tensor, params: list[nn.Parameter], untouched: frozenset[int] = frozenset()) -> None:
+    """Set ``.grad`` of ``params`` from a per-replica flat vector ``(R, P)`` (inverse of :func:`flat`).
+    A parameter without ``.grad`` keeps none where its part is zero: always for ``untouched`` (ids of
+    parameters no gradient reached, so any projection leaves their part 0: nothing is tested)."""
     offset = 0
     for p in params:
         n = p.numel() // vector.shape[0]
         value = vector[:, offset : offset + n].reshape(p.shape)
         offset += n
         if p.grad is None:
-            if bool((value != 0).any()):
+            if id(p) not in untouched and bool((value != 0).any()):
                 p.grad = value.clone()
         else:
             p.grad.copy_(value)
@@ -263,8 +265,11 @@ class EpisodicProjection(CLMethod):
             # Written back whether or not a replica was projected (``new`` is ``g`` where it was
             # not): testing first would wait for the device every step.
             self.projections += projected.long()
+            # Parameters neither the update nor any memory gradient reached (a layer the strategy
+            # does not train) stay without a gradient, and without a test that would wait for the device.
+            untouched = frozenset(id(params[i]) for i in at if params[i].grad is None and all(ref[i] is None for ref in references))
             with torch.no_grad():
-                write_flat(new, group)
+                write_flat(new, group, untouched)
 
     def reference_batches(self) -> list[tuple[Tensor, Tensor, Tensor | None]]:
         """The memory batches whose strategy gradients constrain the update."""

@@ -208,6 +208,7 @@ class EWC(CLMethod):
 
     Config = EWCConfig
     replica_fields = ("ewc_lambda",)
+    reads_model_outputs = "its Fisher is the curvature of the output distribution softmax(model(x))"
     search_space = {"ewc_lambda": {"log": [1e-2, 1e3]}}
 
     def __init__(self, cfg: EWCConfig, model: torch.nn.Module, variants: dict[str, list[float]] | None = None) -> None:

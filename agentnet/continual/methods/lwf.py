@@ -74,6 +74,7 @@ class LwF(CLMethod):
 
     Config = LwFConfig
     replica_fields = ("lwf_alpha",)
+    reads_model_outputs = "it distils the output logits model(x) (or the workers' read-outs) of the previous model"
     search_space = {"lwf_alpha": {"log": [1e-2, 1e2]}}
 
     def __init__(self, cfg: LwFConfig, model: nn.Module, variants: dict[str, list[float]] | None = None) -> None:
