@@ -23,7 +23,7 @@ from agentnet.recipes import run_continual, train
 from agentnet.data import Split, holdout
 from agentnet.session import prepare_run
 from agentnet.tuning import JOURNAL, default_space, parse_space, run_study
-from tests.conftest import REPO, data_root
+from tests.conftest import data_root
 
 QUICK = ["data.subset=2000", "data.test_subset=1000", "trainer.progress=false", "trainer.loggers=[]", "device=cpu"]
 
