@@ -254,6 +254,8 @@ def stable_run_overrides(tmp_path) -> list[str]:
             "trainer.checkpoint=false", "device=cpu", f"output_dir={tmp_path}"]
 
 
+# slow: a longer training run (tests/test_conv_workers.py checks that conv lfnn_local learns in the default run)
+@pytest.mark.slow
 def test_lfnn_local_cnn_trains_stably_at_its_defaults(mnist, tmp_path):
     """The collapse this guards against: without the preset's batch norms these settings give epoch
     objectives 40.9, 48.5, 69.8 and 19.9 % test error (and 88.6 % on the full set at 6 epochs)."""

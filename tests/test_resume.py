@@ -206,6 +206,8 @@ def test_continual_resume_refuses_a_changed_protocol(mnist, tmp_path):
     assert straight["steps"] == 45
 
 
+# slow: the default run keeps the ewc mid-task and replay after-task kill -9 resumes; this adds attention's own state
+@pytest.mark.slow
 def test_attention_protect_killed_mid_task_resumes_to_identical_cl_metrics(tmp_path):
     """``mode=protect`` keeps state across tasks (importances, anchors, this task's running sums) in the
     strategy's checkpoint entry: killed inside task 2, the resumed run ends bit-identical."""
