@@ -56,6 +56,16 @@ def quick_overrides(tmp_path) -> list[str]:
     ]
 
 
+@pytest.fixture
+def one_thread():
+    """One torch thread for a test of tiny tensors: a second thread only adds synchronisation (tens
+    of ms per step on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def _torch_threads():
     torch.set_num_threads(2)

@@ -20,13 +20,7 @@ from tests.test_layer_kinds import batch, mixed_model
 from tests.test_population import FILTER_CONV, MIXED, _data, _max_relative_error, _trained
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: a second thread only adds synchronisation on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_mlp(replicas: int = 2, hidden=(8, 6)) -> WorkerNetwork:

@@ -18,7 +18,6 @@ from agentnet.registry import STRATEGIES, build_strategy
 from agentnet.session import build_session
 from strategies.ff import ForwardForward, embed_labels
 from tests.conftest import compose_config, without_timing
-from tests.test_population import _data, _max_relative_error, _trained
 
 
 def tiny(seeds=(3, 4), inputs: int = 8, classes: int = 4, hidden=(6, 4), **cfg) -> WorkerNetwork:
@@ -170,16 +169,6 @@ def test_goodness_separates_positive_from_negative_in_every_layer(mnist):
     assert (np.abs(pos0 - neg0) < 0.05 * pos0).all(), (pos0, neg0)
     assert (pos1 > 100).all() and (neg1 < 100).all() and (pos1 > neg1 + 3).all(), (pos1, neg1)
     assert (pos1 - neg1 > pos0 - neg0 + 3).all()
-
-
-def test_population_equals_separate_runs(mnist):
-    data = _data(mnist, torch.float64)
-    extra = ["strategy.negatives=hard", "strategy.prediction=linear"]
-    population, _ = _trained("ff", extra, data, seed=4, replicas=3, dtype=torch.float64)
-    singles = [_trained("ff", extra, data, seed=4 + r, replicas=1, dtype=torch.float64)[0] for r in range(3)]
-    start = [build_model(population.cfg, 784, 10, 4 + r).double() for r in range(3)]
-    assert _max_relative_error(population, start) > 1e-3
-    assert _max_relative_error(population, singles) < 1e-10
 
 
 def test_resume_reproduces_the_uninterrupted_run(mnist, quick_overrides, tmp_path):

@@ -22,15 +22,6 @@ from tests.test_layer_kinds import batch, blocks, mixed_model, touched
 RULES = ["fa", "lg_bp", "fg_w", "lg_fg_w", "fg_a", "lg_fg_a"]
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny tensors: a second thread only adds synchronisation (tens of ms per step on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_mlp(seed: int = 0, replicas: int = 1, inputs: int = 3, hidden: tuple[int, ...] = (4, 4), activation: str = "tanh") -> WorkerNetwork:
     """Few parameters, so a Monte Carlo mean over a few hundred random directions is sharp (tanh: no dead units)."""
     torch.manual_seed(seed)

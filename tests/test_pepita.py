@@ -17,15 +17,6 @@ from agentnet.recipes import train
 from agentnet.registry import STRATEGIES, build_strategy
 from strategies.pepita import Pepita, feedback_matrix
 from tests.conftest import compose_config, without_timing
-from tests.test_population import FILTER_CONV, _data, _max_relative_error, _trained
-
-
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny(seeds=(3, 4), inputs: int = 5, classes: int = 4, **cfg) -> WorkerNetwork:
@@ -212,16 +203,6 @@ def test_feedback_is_fixed_seeded_and_scaled_as_the_authors():
     varied = build_strategy("pepita", build_model(ModelConfig(hidden=[8]), 784, 10, [0, 0], predictions=False),
                             {"feedback_scale": [0.05, 0.5]})
     torch.testing.assert_close(varied.feedback[1], 10 * varied.feedback[0])
-
-
-@pytest.mark.parametrize("extra", [[], pytest.param([FILTER_CONV], marks=pytest.mark.slow)], ids=["mlp", "conv"])
-def test_population_equals_separate_runs(mnist, extra):
-    data = _data(mnist, torch.float64)
-    population, _ = _trained("pepita", extra, data, seed=4, replicas=3, dtype=torch.float64)
-    singles = [_trained("pepita", extra, data, seed=4 + r, replicas=1, dtype=torch.float64)[0] for r in range(3)]
-    start = [build_model(population.cfg, 784, 10, 4 + r).double() for r in range(3)]
-    assert _max_relative_error(population, start) > 1e-3
-    assert _max_relative_error(population, singles) < 1e-10
 
 
 def test_resume_reproduces_the_uninterrupted_run(mnist, quick_overrides, tmp_path):

@@ -50,6 +50,9 @@ CASES = [
     # between the folded population and a single network (both estimates are valid; not bit-equal).
     ("fg_a", []),
     ("lg_fg_a", ["model.hidden_norm=batch"]),
+    ("pepita", []),
+    ("pepita", [FILTER_CONV]),
+    ("ff", ["strategy.negatives=hard", "strategy.prediction=linear"]),
 ]
 
 

@@ -21,25 +21,11 @@ from strategies.lg_bp import head_inputs, head_losses
 from strategies.predsim import PredSim, similarity_losses
 from tests.conftest import compose_config
 from tests.test_layer_kinds import batch, blocks, mixed_model, touched
+from tests.test_dfa import tiny_batch, tiny_mlp
 from tests.test_population import FILTER_CONV, MIXED, _data, _max_relative_error, _trained
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: a second thread only adds synchronisation on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def tiny_mlp(replicas: int = 2, hidden=(8, 6)) -> WorkerNetwork:
-    return WorkerNetwork(12, 4, ModelConfig(hidden=list(hidden), activation="relu"), list(range(replicas)), predictions=False).double()
-
-
-def tiny_batch(n: int = 10, inputs: int = 12, seed: int = 1):
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randn(n, inputs, generator=gen, dtype=torch.float64), torch.randint(0, 4, (n,), generator=gen)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def rows(p: torch.Tensor, r: int, R: int) -> torch.Tensor:
