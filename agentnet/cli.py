@@ -13,6 +13,7 @@ import logging
 import os
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -26,6 +27,7 @@ from omegaconf import DictConfig
 from agentnet.composition import to_run_config
 from agentnet.config import ConfigError
 from agentnet.data import DataError
+from agentnet.distributed import DistributedError, launched
 from agentnet.experiments import run_experiment
 from agentnet.hydra_setup import register_all
 from agentnet.paths import CONFIG_DIR, output_dir_of
@@ -46,7 +48,7 @@ SUMMARY_KEYS = ("strategy", "model", "test_error", "train_error", "num_params", 
 CL_SUMMARY_KEYS = ("strategy", "cl", "benchmark", "ACC", "BWT", "FWT", "forgetting", "wall_s")
 #: Failures with a message that says everything; anything else is logged with its traceback.
 #: Failures reported by their message alone (an OSError names its file and cause: a full disk, a missing path).
-EXPECTED = (ConfigError, DataError, NonFiniteLossError, CheckpointError, RunDirectoryLockedError, OSError)
+EXPECTED = (ConfigError, DataError, NonFiniteLossError, CheckpointError, RunDirectoryLockedError, DistributedError, OSError)
 
 
 class SweepStatus(Callback):
@@ -79,6 +81,7 @@ def run_task(cfg: DictConfig) -> Outcome:
     run = to_run_config(cfg)
     if run.tune is not None:
         raise ConfigError("tune: a study runs through agentnet-tune (same overrides); agentnet trains one configuration")
+    _check_torchrun(run)
     restarts = int(os.environ.get("SLURM_RESTART_COUNT") or 0)
     if restarts and not run.resume:
         log.warning("SLURM requeued this job (restart %d): resuming from its checkpoint", restarts)
@@ -102,6 +105,35 @@ def run_task(cfg: DictConfig) -> Outcome:
     return Outcome(metrics.get("test_error"), _headline(metrics, ("test_error", "val_error", "train_error")))
 
 
+def _check_torchrun(run) -> None:
+    """What a run under torchrun (several ranks) cannot be: a paper experiment (several runs of its
+    own), or a job of a sweep whose launcher starts other processes (they would not be ranks)."""
+    if not launched().active:
+        return
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if run.experiment is not None:
+        raise ConfigError(f"experiment={run.experiment.name} under torchrun: a paper experiment trains several runs of its own; "
+                          "run it without torchrun, or its runs one by one under torchrun")
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode == RunMode.MULTIRUN and "BasicLauncher" not in str(hydra_cfg.launcher.get("_target_", "")):
+        raise ConfigError("hydra/launcher: under torchrun a sweep runs its jobs one after another in the ranks themselves; "
+                          "add hydra/launcher=basic (a joblib or SLURM launcher would start processes that are not ranks)")
+
+
+def _rank_argv(argv: list[str]) -> list[str]:
+    """Under torchrun, ranks other than 0 write nothing into the outputs: their Hydra run (and sweep)
+    directory — its log and .hydra — goes to a temporary directory of their own."""
+    w = launched()
+    if not w.active or w.main:
+        return argv
+    job = f"{os.environ.get('TORCHELASTIC_RUN_ID') or 'run'}-{os.getppid()}"  # the id is 'none' unless set: the agent's pid tells launches apart
+    base = Path(tempfile.gettempdir()) / "agentnet-torchrun" / job / f"rank{w.rank}"
+    kept = [a for a in argv if not a.startswith(("hydra.run.dir=", "hydra.sweep.dir="))]
+    return [*kept, f"hydra.run.dir={base}", f"hydra.sweep.dir={base}"]
+
+
 def _headline(metrics: dict, keys: tuple[str, ...]) -> str:
     """``ACC 91.20 % ± 0.31, BWT ...`` of a run's metrics (± over replicas when it has several)."""
     parts = []
@@ -121,6 +153,9 @@ def tune_task(cfg: DictConfig) -> Outcome:
     run = to_run_config(cfg)
     if run.experiment is not None:
         raise ConfigError(f"experiment={run.experiment.name}: the paper experiments follow their papers' settings; tune a run or a benchmark")
+    if launched().active:
+        raise ConfigError("agentnet-tune under torchrun: a study trains its trials as populations in one process; "
+                          "run agentnet-tune without torchrun (or sweep studies over machines with a Hydra launcher)")
     out = output_dir_of(run.output_dir)
     summary = run_study(run, out)
     final = summary.get("final")
@@ -168,6 +203,8 @@ def _guarded(task: Callable[[DictConfig], Outcome], cfg: DictConfig) -> float | 
         log.warning("%s", stop)
         EVENTS.info("stopped after %s; resumable with resume=true", duration(time.perf_counter() - started))
         out = Path(cfg.get("output_dir") or HydraConfig.get().runtime.output_dir)
+        if not launched().main:  # under torchrun rank 0 records the stop
+            sys.exit(EXIT_PREEMPTED)
         out.mkdir(parents=True, exist_ok=True)
         record = {**stop.record(), "requeued": None}
         atomic_write_json(record, out / STOPPED)  # first: requeueing has SLURM stop this process
@@ -187,7 +224,7 @@ def _guarded(task: Callable[[DictConfig], Outcome], cfg: DictConfig) -> float | 
         EVENTS.info("failed after %s: %s (the message above; error.txt in the job's directory)",
                     duration(time.perf_counter() - started), type(exc).__name__)
         hydra_cfg = HydraConfig.get()
-        if not isinstance(exc, RunDirectoryLockedError):  # that directory belongs to the live run
+        if not isinstance(exc, RunDirectoryLockedError) and launched().main:  # a locked directory belongs to the live run
             out = Path(cfg.get("output_dir") or hydra_cfg.runtime.output_dir)
             try:
                 out.mkdir(parents=True, exist_ok=True)
@@ -200,8 +237,9 @@ def _guarded(task: Callable[[DictConfig], Outcome], cfg: DictConfig) -> float | 
     # error.txt tells why the last attempt failed: a job that now succeeded (resumed, or a study
     # continued) is no longer failed
     job = Path(cfg.get("output_dir") or HydraConfig.get().runtime.output_dir)
-    (job / "error.txt").unlink(missing_ok=True)
-    (job / STOPPED).unlink(missing_ok=True)
+    if launched().main:
+        (job / "error.txt").unlink(missing_ok=True)
+        (job / STOPPED).unlink(missing_ok=True)
     EVENTS.info("finished in %s: %s", duration(time.perf_counter() - started), result.headline)
     return result.value
 
@@ -231,8 +269,9 @@ def _finish() -> None:
 
 
 def main() -> None:
-    """Console script ``agentnet``."""
+    """Console script ``agentnet`` (also every rank of ``torchrun -m agentnet``)."""
     SweepStatus.failed, SweepStatus.stopped = [], []
+    sys.argv = _rank_argv(sys.argv)
     _app()
     _finish()
 

@@ -8,6 +8,7 @@ learning benchmark (``cl_metrics.json``, ``acc_matrix.csv``). Both build the run
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import time
@@ -21,6 +22,7 @@ from agentnet import plots
 from agentnet.config import ConfigError, RunConfig
 from agentnet.continual.metrics import summarize as summarize_matrix
 from agentnet.data import ImageData
+from agentnet.distributed import world
 from agentnet.paths import output_dir_of
 from agentnet.population import summarize
 from agentnet.session import Session, build_session, prepare_run
@@ -49,6 +51,11 @@ def finished(run: RunConfig) -> dict[str, Any] | None:
     if saved.get("seed") != run.seed or config_differences(saved.get("config", {}), mine):
         return None
     return saved
+
+
+def _writer(out: Path):
+    """The run directory's lock where this process writes (rank 0 under torchrun; the only process otherwise)."""
+    return RunLock(out) if world().main else contextlib.nullcontext()
 
 
 def _trained(session: Session, out: Path) -> dict | None:
@@ -99,7 +106,8 @@ def train(cfg: DictConfig | RunConfig | dict, data: ImageData | None = None) -> 
             f"benchmark.name={run.benchmark.name!r}: train() runs one training job; a benchmark is a "
             "continual run (agentnet.recipes.run_continual, or the agentnet CLI)"
         )
-    with RunLock(out), build_session(run, data, out) as session:
+    writes = world().main  # under torchrun only rank 0 writes (and checkpoints, and logs to trackers)
+    with _writer(out), build_session(run, data, out if writes else None) as session:
         resumed = _trained(session, out)
         trainer, model = session.trainer, session.model
         selected = session.selector.restore(model) if session.selector is not None else None
@@ -127,6 +135,9 @@ def train(cfg: DictConfig | RunConfig | dict, data: ImageData | None = None) -> 
         metrics = results(session, replica, wall_start, resumed, {})
         metrics["samples_per_s"] = trainer.samples_seen / trainer.train_seconds if trainer.train_seconds else 0.0
         metrics["data"] = {"train": len(data.train), "val": 0 if data.val is None else len(data.val), "test": len(data.test)}
+        metrics["world_size"] = world().size
+        if not writes:
+            return metrics
         atomic_write_json(metrics, out / "metrics.json")
         plots.write_run_plots(out, trainer.history, trainer.histories,
                               leadership=None if selection is None else selection.epoch_counts,
@@ -141,7 +152,8 @@ def run_continual(cfg: DictConfig | RunConfig | dict, data: ImageData | None = N
     run, _, out, data = prepare_run(cfg, data)
     if run.benchmark is None:
         raise ConfigError("benchmark=null: choose a protocol, e.g. benchmark=pmnist_quick")
-    with RunLock(out), build_session(run, data, out) as session:
+    writes = world().main
+    with _writer(out), build_session(run, data, out if writes else None) as session:
         resumed = _trained(session, out)
         record, method = session.record, session.method
 
@@ -155,6 +167,9 @@ def run_continual(cfg: DictConfig | RunConfig | dict, data: ImageData | None = N
         metrics = results(session, replica, wall_start, resumed, {"cl": asdict(method.cfg), "benchmark": asdict(run.benchmark)})
         metrics["task_seconds"] = session.progress.task_seconds
         metrics["curves"] = [{"step": c["step"], "acc": [sum(a) / len(a) for a in zip(*c["acc"])]} for c in record.curves]
+        metrics["world_size"] = world().size
+        if not writes:
+            return metrics
         atomic_write_json(metrics, out / "cl_metrics.json")
         R = metrics.get("acc_matrix")  # the mean over replicas (none without trainer.test)
         if R is not None:

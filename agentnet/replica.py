@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from agentnet.distributed import sync_batch_norm, world
+
 __all__ = [
     "GradientPath",
     "replica_linear",
@@ -251,7 +253,10 @@ class ReplicaNorm(nn.Module):
         x = h.transpose(0, 1).reshape(h.shape[1], -1) if flat else h
         if self.kind == "batch":
             momentum = self.momentum if update_stats else 0.0
-            y = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, self.training, momentum, 1e-5)
+            if self.training and world().active:  # the global batch's statistics, as one process would compute them
+                y = sync_batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, momentum, 1e-5)
+            else:
+                y = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, self.training, momentum, 1e-5)
         else:
             y = F.group_norm(x, self.replicas * self.groups, self.weight, self.bias, 1e-5)
         return y.view(h.shape[1], self.replicas, -1).transpose(0, 1) if flat else y

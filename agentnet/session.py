@@ -29,6 +29,7 @@ from agentnet.continual.plugins import AccuracyMatrix, TaskHeadMask
 from agentnet.continual.streams import TaskStream, build_stream
 from agentnet.data import ImageData, load_dataset, run_splits
 from agentnet.devices import resolve_device
+from agentnet.distributed import broadcast_text, init_world, world
 from agentnet.network import WorkerNetwork, build_model
 from agentnet.paths import output_dir_of
 from agentnet.population import Population, population_of
@@ -42,6 +43,7 @@ from agentnet.training import (
     BestValidation,
     Checkpointing,
     EpochEvaluation,
+    GradientAveraging,
     StrategyTaskHooks,
     Trainer,
     TrainerPlugin,
@@ -73,12 +75,18 @@ def prepare_run(cfg: DictConfig | RunConfig | dict, data: ImageData | None = Non
     and the dataset on that device (loaded unless ``data`` is given) cut to ``data.subset`` /
     ``data.val_split`` / ``data.test_subset`` — a subset larger than the split is an error, never
     silently everything. Sets torch's CPU thread count to ``threads`` when it is nonzero (here, so
-    that a recipe called from Python — a benchmark script, a notebook — honours it as the CLI does)."""
+    that a recipe called from Python — a benchmark script, a notebook — honours it as the CLI does).
+
+    Under torchrun this joins the process group (:func:`agentnet.distributed.init_world`; the
+    device becomes this rank's GPU) and the output directory is rank 0's on every rank (the one
+    whose checkpoint they resume from; only rank 0 writes into it)."""
     run = to_run_config(cfg)
     if run.threads:
         torch.set_num_threads(run.threads)
-    device = resolve_device(run.device)
+    _, device = init_world(resolve_device(run.device))
     out = output_dir_of(run.output_dir)
+    if world().active:
+        out = Path(broadcast_text(str(out.resolve())))
     if data is None:
         data = load_run_data(run, device)
     elif data.standardized is not None:
@@ -90,7 +98,8 @@ def prepare_run(cfg: DictConfig | RunConfig | dict, data: ImageData | None = Non
         check(run.model.in_channels == data.channels, "model.in_channels", run.model.in_channels,
               f"data.name={run.data.name} has {data.channels}-channel images")
     data = run_splits(data, run.data)
-    out.mkdir(parents=True, exist_ok=True)  # only once the run is accepted: a refused one leaves nothing behind
+    if world().main:
+        out.mkdir(parents=True, exist_ok=True)  # only once the run is accepted: a refused one leaves nothing behind
     return run, device, out, data
 
 
@@ -175,9 +184,12 @@ class Session:
         self.record: AccuracyMatrix | None = None
         self.selector = BestValidation() if run.trainer.select == "best_val" else None
         self.activity = WorkerActivity() if run.trainer.record_activity else None
-        # Hook order: the CL method and the task heads shape each step; the strategy learns of task
-        # ends before any evaluation; evaluation; the caller's plugins; bookkeeping; the checkpoint last.
-        ordered: list[TrainerPlugin | None] = [self.method, TaskHeadMask(self.stream), StrategyTaskHooks()]
+        # Hook order: under torchrun the ranks' gradients are averaged first (what a CL method does
+        # with a step's gradient — A-GEM's projection — must see the global batch's); the CL method and
+        # the task heads shape each step; the strategy learns of task ends before any evaluation;
+        # evaluation; the caller's plugins; bookkeeping; the checkpoint last.
+        ordered: list[TrainerPlugin | None] = [GradientAveraging() if world().active else None,
+                                               self.method, TaskHeadMask(self.stream), StrategyTaskHooks()]
         if self.single:
             split, name = (data.val, "val") if data.val is not None else (data.test if run.trainer.test else None, "test")
             ordered.append(EpochEvaluation(split, name))

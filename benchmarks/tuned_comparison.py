@@ -42,6 +42,9 @@ BIN = Path(sys.executable).parent
 PAPER = {"bp": 2.01, "lfnn": 1.18, "lfnn_local": 1.49, "fa": 2.82, "lg_bp": 2.43, "fg_w": 9.25, "lg_fg_w": 9.25,
          "fg_a": 3.24, "lg_fg_a": 3.24}
 
+#: Every rule with its own update (attention's default `exact` mode is bp's update bit for bit).
+FORGET_RULES = "bp,lfnn,lfnn_local,fa,dfa,lg_bp,predsim,pepita,ff,fg_w,fg_a,lg_fg_w,lg_fg_a"
+
 #: name -> swept overrides, shared overrides, agentnet-tune's own, the untuned runs' own, the metric
 COMPARISONS = {
     "table1_mlp": dict(
@@ -51,6 +54,24 @@ COMPARISONS = {
     ),
     # Tuned on the short schedule above (10,000 examples, 4 epochs), then the paper's full schedule
     # (20 epochs, every training example but the 5,000 held out) for the final seeds and the untuned runs.
+    # Issue 35's rules beside bp and fa on the same protocol, seeds and sampler as table1_mlp.
+    "new_rules_mlp": dict(
+        swept=["strategy=bp,fa,dfa,pepita,predsim,ff"],
+        shared=["model=mlp_275k", "data.subset=10000", "data.val_split=5000", "trainer.epochs=4"],
+        tune=[], untuned=[], metric="test_error",
+    ),
+    # Each new rule beside bp on the rule's own paper network (same short protocol; ``paper``: the
+    # paper's test error on that network at its full schedule).
+    **{f"paper_{rule}": dict(
+        swept=[f"strategy=bp,{rule}"],
+        shared=[f"model={preset}", "data.subset=10000", "data.val_split=5000", f"trainer.epochs={epochs}"],
+        tune=[], untuned=[], metric="test_error", paper=paper,
+    ) for rule, preset, epochs, paper in (
+        ("dfa", "mlp_dfa", 4, {"dfa": 1.45}),          # 2 x 800 tanh, with dropout in the paper
+        ("pepita", "mlp_pepita", 4, {"pepita": 2.0}),  # "about 98 %" accuracy, 100 epochs
+        ("predsim", "mlp_predsim", 4, {"predsim": 0.62, "bp": 0.75}),  # 100 epochs, jitter
+        ("ff", "mlp_ff", 2, {"ff": 1.36}),             # 60 epochs; 13.6 M parameters: 2 epochs here
+    )},
     "table1_mlp_full": dict(
         swept=["strategy=bp,lfnn,lfnn_local"],
         shared=["model=mlp_275k", "data.val_split=5000"],
@@ -62,10 +83,23 @@ COMPARISONS = {
         shared=["model=cnn_mnist_275k", "data.subset=5000", "data.val_split=2000", "trainer.epochs=3"],
         tune=[], untuned=[], metric="test_error",
     ),
+    # Which rules forget less (issue 35 item 3): every rule without a CL method, tuned with the same
+    # budget on the continual validation ACC; the table adds forgetting, BWT and learning accuracy.
+    # attention (`exact` mode) is left out: bit-identical to bp. No untuned runs (None).
+    "forget_pmnist": dict(
+        swept=[f"strategy={FORGET_RULES}", "cl=none"],
+        shared=["benchmark=pmnist_quick", "data.subset=10000", "data.val_split=5000"],
+        tune=[], untuned=None, metric="ACC", paper={}, forgetting=True,
+    ),
+    "forget_split": dict(
+        swept=[f"strategy={FORGET_RULES}", "cl=none"],
+        shared=["benchmark=split_mnist", "data.val_split=5000"],
+        tune=[], untuned=None, metric="ACC", paper={}, forgetting=True,
+    ),
     "pmnist_online": dict(
         swept=["strategy=bp,lfnn,lfnn_local,attention", "cl=none,ewc,si,agem"],
         shared=["benchmark=pmnist_online", "data.val_split=2000"],
-        tune=[], untuned=[], metric="ACC",
+        tune=[], untuned=[], metric="ACC", paper={},
     ),
 }
 
@@ -98,9 +132,12 @@ def main(argv=None) -> int:
     if not args.report_only:
         run([str(BIN / "agentnet-tune"), "-m", *common, *spec["tune"], f"tune.trials={args.trials}", f"tune.batch={args.batch}",
              f"tune.final_seeds={args.seeds}", f"hydra.sweep.dir={out / 'tuned'}"])
-        run([str(BIN / "agentnet"), "-m", *common, *spec["untuned"], "seed=100", f"replicas={args.seeds}",
-             f"hydra.sweep.dir={out / 'untuned'}"])
-    table = join(out, metric, args)
+        if spec["untuned"] is not None:
+            run([str(BIN / "agentnet"), "-m", *common, *spec["untuned"], "seed=100", f"replicas={args.seeds}",
+                 f"hydra.sweep.dir={out / 'untuned'}"])
+    table = join(out, metric, args, spec)
+    if spec.get("forgetting"):
+        table += "\n" + forgetting_table(out / "tuned", out / "forgetting.png", args.comparison)
     print(table)
     (out / "table.md").write_text(table)
     return 0
@@ -126,7 +163,7 @@ def _failure(group) -> str:
     return "failed: " + (errors[0].splitlines()[-1][:60] if errors and errors[0] else "no metrics")
 
 
-def join(out: Path, metric: str, args) -> str:
+def join(out: Path, metric: str, args, spec: dict) -> str:
     """The table of one comparison from its two sweeps."""
     tuned, untuned = _groups(out / "tuned"), _groups(out / "untuned")
     scale = 100.0 if metric == "ACC" else 1.0
@@ -149,8 +186,10 @@ def join(out: Path, metric: str, args) -> str:
             keys = [k for k in tests if k[1] == ref and tuple(k[0].split()[1:]) == rest]
             for k, adjusted in zip(keys, holm([tests[k][0] for k in keys])):
                 tests[k] = (adjusted, tests[k][1])
-    header = ["rule", *([] if metric == "ACC" else ["paper"]), f"untuned {unit}", f"tuned {unit}",
-              "tuned − untuned (p)", *(f"vs {r} (Holm p)" for r in refs), "best setting (validation)"]
+    paper = spec.get("paper", PAPER)
+    both = bool(untuned)  # without an untuned sweep (a study of tuned rules only) its columns are left out
+    header = ["rule", *(["paper"] if paper else []), *([f"untuned {unit}"] if both else []), f"tuned {unit}",
+              *(["tuned − untuned (p)"] if both else []), *(f"vs {r} (Holm p)" for r in refs), "best setting (validation)"]
     rows = []
     order = ["bp", "lfnn", "lfnn_local", "attention"]
     for label in sorted(set(tuned) | set(untuned),
@@ -183,13 +222,103 @@ def join(out: Path, metric: str, args) -> str:
             if failed:
                 tuned_setting += f" FAILED: {failed[0].error.splitlines()[-1][:80]}"
         rule = label.split()[0]
-        rows.append([label, *([] if metric == "ACC" else [f"{PAPER[rule]:.2f}" if rule in PAPER else "-"]),
-                     _cell(uv, scale) if uv or u is None else _failure(u), _cell(tv, scale), eff, *sig, tuned_setting])
+        untuned_cells = [_cell(uv, scale) if uv or u is None else _failure(u)] if both else []
+        rows.append([label, *([f"{paper[rule]:.2f}" if rule in paper else "-"] if paper else []),
+                     *untuned_cells, _cell(tv, scale), *([eff] if both else []), *sig, tuned_setting])
     budget = (f"Budget per rule: {args.trials} trials ({args.batch} per population) on the validation split, "
               f"then {args.seeds} fresh seeds (100..{99 + args.seeds}) at the best setting; untuned: the same seeds "
               "at the shared defaults. Significance: paired t-tests on the shared seeds, Holm-corrected over the rules "
               "compared with each reference; 'tied' = not distinguishable at α = 0.05.")
     return f"{markdown_table(header, rows)}\n\n{budget}\n"
+
+
+#: The forgetting table's columns: the metric (``learning``: mean learning accuracy) -> its title.
+FORGET_COLUMNS = {"ACC": "ACC", "forgetting": "forgetting", "learning": "learning accuracy", "BWT": "BWT"}
+
+
+def _replica_values(group, column: str) -> tuple[list[float], list]:
+    """Each final run's value of ``column`` and its seed; ``learning`` is the mean over tasks of
+    ``learning_acc`` (each task's accuracy right after it was learned)."""
+    values, seeds = [], []
+    for job in group.finished():
+        replicas = job.metrics.get("replicas") or [job.metrics]
+        for seed, r in zip(job.run_seeds(), replicas):
+            v = statistics.fmean(r["learning_acc"]) if column == "learning" else r.get(column)
+            if isinstance(v, (int, float)):
+                values.append(float(v))
+                seeds.append(seed)
+    return values, seeds
+
+
+def forgetting_table(sweep: Path, plot: Path, title: str) -> str:
+    """Which rules forget less than bp, and why: ACC, forgetting, learning accuracy and BWT of each
+    tuned rule's final seeds, each rule against bp (paired by seed, Holm-corrected over the rules per
+    column), and a plot of forgetting against learning accuracy (``plot``)."""
+    groups = {label.split()[0]: g for label, g in _groups(sweep).items()}
+    if "bp" not in groups:
+        return "(no bp row: nothing to compare with)\n"
+    data = {rule: {c: _replica_values(g, c) for c in FORGET_COLUMNS} for rule, g in groups.items()}
+    tests: dict[tuple[str, str], tuple[float, float]] = {}
+    for column in FORGET_COLUMNS:
+        keys, ps = [], []
+        for rule in data:
+            if rule == "bp":
+                continue
+            (a, sa), (b, sb) = data[rule][column], data["bp"][column]
+            c = compare(a, b, sa, sb)
+            if c.tested:
+                keys.append(rule)
+                ps.append(c.p)
+                tests[(rule, column)] = (c.p, c.diff)
+        for rule, adjusted in zip(keys, holm(ps)):
+            tests[(rule, column)] = (adjusted, tests[(rule, column)][1])
+    header = ["rule", *(f"{t} (%)" for t in FORGET_COLUMNS.values()), "forgetting vs bp (Holm p)",
+              "learning accuracy vs bp (Holm p)", "ACC vs bp (Holm p)"]
+    rows = []
+    for rule in sorted(data, key=lambda r: statistics.fmean(data[r]["forgetting"][0]) if data[r]["forgetting"][0] else 1e9):
+        cells = [_cell(data[rule][c][0], 100.0) for c in FORGET_COLUMNS]
+        sig = []
+        for column in ("forgetting", "learning", "ACC"):
+            if rule == "bp":
+                sig.append("—")
+            elif (rule, column) in tests:
+                p, d = tests[(rule, column)]
+                sig.append(f"{100 * d:+.2f} (p={p:.3g}{', tied' if p >= 0.05 else ''})")
+            else:
+                sig.append("untested")
+        rows.append([rule, *cells, *sig])
+    _forgetting_plot(data, tests, plot, title)
+    return (f"{markdown_table(header, rows)}\n\nForgetting: the mean over the earlier tasks of (best accuracy a task had) − "
+            "(its final accuracy); learning accuracy: the mean over tasks of each task's accuracy right after it was "
+            f"learned; rows sorted by forgetting. Plot: {plot}\n")
+
+
+def _forgetting_plot(data: dict, tests: dict, path: Path, title: str) -> None:
+    """Forgetting against learning accuracy, one point per rule (mean ± std over seeds); a rule whose
+    forgetting differs significantly from bp's is drawn filled."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.8))
+    for rule, columns in data.items():
+        (fx, _), (lx, _) = columns["forgetting"], columns["learning"]
+        if not fx or not lx:
+            continue
+        sig = rule == "bp" or tests.get((rule, "forgetting"), (1.0, 0.0))[0] < 0.05
+        x, y = 100 * statistics.fmean(lx), 100 * statistics.fmean(fx)
+        ax.errorbar(x, y, xerr=100 * statistics.pstdev(lx), yerr=100 * statistics.pstdev(fx), fmt="o",
+                    color="black" if rule == "bp" else None, mfc=None if sig else "white", capsize=2)
+        ax.annotate(rule, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set_xlabel("learning accuracy (%): each task right after it was learned")
+    ax.set_ylabel("forgetting (%)")
+    ax.set_title(f"{title}: forgetting vs learning (filled: differs from bp, Holm p < 0.05)", fontsize=9)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from agentnet.blocks import Block, LayerRecord, WorkerLosses
+from agentnet.distributed import batch_mean
 
 __all__ = ["LeaderSelection", "LeaderHook", "alignment_loss", "leader_follower_loss"]
 
@@ -73,7 +74,7 @@ class LeaderSelection:
             mask = self._lead_mask(layer, losses)
             self.counts[layer] += mask.float().mean(1)
             return mask, losses.argmin(-1)
-        mean = losses.mean(1)  # (R, W)
+        mean = batch_mean(losses, 1)  # (R, W); over the global batch under torchrun: every rank picks the same leaders
         if self.mode == "epoch":
             self._loss_sum[layer] += mean
             if layer == 0:

@@ -34,6 +34,7 @@ from agentnet.training.plugins import (
     WorkerActivity,
 )
 from agentnet.training.console import progress_bar
+from agentnet.training.parallel import GradientAveraging
 
 __all__ = [
     "BatchStream",
@@ -45,6 +46,7 @@ __all__ = [
     "EpochEvaluation",
     "MLflowLogger",
     "ExternalUpdate",
+    "GradientAveraging",
     "NonFiniteLossError",
     "RunDirectoryLockedError",
     "RunLock",

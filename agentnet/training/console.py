@@ -18,6 +18,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from agentnet.distributed import launched
 from agentnet.training.plugins import TrainerPlugin
 
 __all__ = ["EVENTS", "HISTORY", "in_multirun", "job_tag", "configure_console", "duration", "progress_bar", "ConsoleEvents"]
@@ -108,13 +109,17 @@ def configure_console(multirun: bool, tag: str = "") -> None:
     """Take over the console handlers Hydra configured (stream handlers on the root logger, not its
     file handler): lines are written around the progress bar, the history stays in the log file, a
     multirun job's console shows only its events and warnings, each line tagged with ``tag``; lines
-    carry the time of day only (the log file keeps Hydra's full format). Idempotent."""
+    carry the time of day only (the log file keeps Hydra's full format). Under torchrun, ranks other
+    than 0 show only warnings and errors, tagged with their rank (rank 0 tells the run's events). Idempotent."""
+    rank = launched()
+    if not rank.main:
+        tag = f"rank {rank.rank}" + (f" {tag}" if tag else "")
     root = logging.getLogger()
     for handler in list(root.handlers):
         if isinstance(handler, logging.FileHandler) or not isinstance(handler, logging.StreamHandler):
             continue
         console = handler if isinstance(handler, _BarSafeHandler) else _BarSafeHandler(handler.stream)
-        console.setLevel(handler.level)
+        console.setLevel(handler.level if rank.main else max(handler.level, logging.WARNING))
         console.filters = [_ConsoleFilter(multirun)]
         console.setFormatter(logging.Formatter(f"[%(asctime)s][{tag}] %(message)s" if tag else "[%(asctime)s] %(message)s",
                                                datefmt="%H:%M:%S"))

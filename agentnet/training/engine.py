@@ -27,6 +27,7 @@ from torch import Tensor
 from agentnet.config import ConfigError, RunConfig
 from agentnet.data import Split
 from agentnet.devices import to_device
+from agentnet.distributed import all_reduce, shard, world
 from agentnet.network import WorkerNetwork, eval_mode
 from agentnet.strategy import StepResult, Strategy
 from agentnet.training.checkpoint import (
@@ -116,7 +117,9 @@ class BatchStream:
     Each pass draws one permutation per replica from that replica's generator on the host and moves
     them to the device; ``gather(indices)`` turns an ``(R, B)`` slice of them into ``(x, y)``
     ``(R, B, D)`` / ``(R, B)`` on the device (a plain index into a split, or a continual stage's
-    per-task, per-replica transform). The last batch of a pass may be smaller.
+    per-task, per-replica transform). The last batch of a pass may be smaller. Under torchrun every
+    rank draws the same permutations and gathers only its shard of each batch
+    (:func:`agentnet.distributed.shard`).
     """
 
     def __init__(self, size: int, batch_size: int, generators: list[torch.Generator],
@@ -155,7 +158,7 @@ class BatchStream:
         bs = self.batch_size
         idx = self._perm[:, self.position * bs : (self.position + 1) * bs]
         self.position += 1
-        return self.gather(idx)
+        return self.gather(shard(idx))
 
     def end_pass(self) -> None:
         """Drop the rest of the current pass (the next batch starts a new permutation)."""
@@ -290,6 +293,10 @@ class Trainer:
         self.stop_requested: str | None = None
         """Set (to a signal's name) to stop at the next step boundary with a checkpoint
         (:func:`agentnet.training.preemption.preemption_signals`)."""
+        self.stop_agreed: str | None = None
+        """Under torchrun: a stop every rank has learnt of (set by
+        :class:`~agentnet.training.parallel.GradientAveraging` with a step's gradients), so that all
+        ranks stop after the same step; a one-process run stops on :attr:`stop_requested`."""
         self._reset_running()
 
     # -- the step ------------------------------------------------------------------------------
@@ -362,7 +369,7 @@ class Trainer:
         result = None
         start = time.perf_counter()
         for _ in range(steps):
-            if self.stop_requested:
+            if self.stop_agreed if world().active else self.stop_requested:
                 if bar is not None:
                     bar.close()
                 self._stop()
@@ -389,8 +396,9 @@ class Trainer:
         """Checkpoint where the loop stands and raise :class:`Preempted` (a stop was requested)."""
         self.save_checkpoint()
         path = self.checkpoint_path if self.cfg.trainer.checkpoint and self.output_dir is not None else None
-        log.warning("%s: stopping after step %d with a checkpoint", self.stop_requested, self.step)
-        raise Preempted(self.stop_requested or "a stop request", self.step, self.epoch, path)
+        reason = self.stop_requested or self.stop_agreed or "a stop request"
+        log.warning("%s: stopping after step %d with a checkpoint", reason, self.step)
+        raise Preempted(reason, self.step, self.epoch, path)
 
     def close_epoch(self) -> None:
         """End a pass cut short (``max_steps``, a continual task's step budget) as an epoch."""
@@ -422,6 +430,11 @@ class Trainer:
     def end_epoch(self) -> dict:
         """Close an epoch: strategy hook, the plugins' epoch metrics (an evaluation), history entry,
         ``after_epoch``."""
+        if world().active:  # the epoch's running loss and accuracy over every rank's shards
+            packed = all_reduce(torch.cat([self._loss_sum, self._correct, self._loss_sum.new_tensor([float(self._seen)])]),
+                                "the epoch's running loss")
+            r = self.replicas
+            self._loss_sum, self._correct, self._seen = packed[:r], packed[r : 2 * r], int(packed[-1])
         self.check_finite(f"in epoch {self.epoch + 1}")
         seen = max(self._seen, 1)
         self.train_seconds += self._epoch_seconds
@@ -469,19 +482,25 @@ class Trainer:
 
         ``transform`` maps a shared batch ``(B, D)`` to each replica's view of it ``(R, B, D)``
         (a continual task's per-replica permutation); without it every replica sees the batch as is.
+        Under torchrun each rank evaluates its share of the split and the counts are summed.
         """
         correct = torch.zeros(self.replicas, device=self.device)
         loss = torch.zeros(self.replicas, device=self.device)
         bs = self.cfg.trainer.eval_batch_size
+        w = world()
+        first, last = (w.rank * len(split) // w.size, (w.rank + 1) * len(split) // w.size) if w.active else (0, len(split))
         with eval_mode(self.model):  # running statistics of batch norms, no dropout
-            for start in range(0, len(split), bs):
-                x, y = split.x[start : start + bs], split.y[start : start + bs]
+            for start in range(first, last, bs):
+                x, y = split.x[start : min(start + bs, last)], split.y[start : min(start + bs, last)]
                 if transform is not None:
                     x = transform(x)
                 with self._autocast():
                     logits = self.strategy.predict_logits(x)
                 loss += self.model.head.global_loss(logits, y) * len(y)
                 correct += (self.model.head.predict(logits) == y).sum(1)
+        if w.active:
+            packed = all_reduce(torch.cat([correct, loss]), "an evaluation")
+            correct, loss = packed[: self.replicas], packed[self.replicas :]
         n = max(len(split), 1)
         return {"acc": (correct / n).tolist(), "loss": (loss / n).tolist()}
 
@@ -556,7 +575,7 @@ class Trainer:
         state, path = found
         check_resumable(state["config"], dataclasses.asdict(self.cfg), path)
         newest = Path(directory) / CHECKPOINT
-        if path.name != CHECKPOINT and newest.exists():
+        if path.name != CHECKPOINT and newest.exists() and world().main:
             # Kept for inspection, out of the rotation: the next checkpoint must not push the good
             # previous generation out in favour of the damaged one.
             newest.replace(newest.with_name(CHECKPOINT + ".damaged"))

@@ -14,6 +14,7 @@ import torch
 from agentnet.config import CLConfig, check
 from agentnet.continual.methods import CL_METHODS, CLMethod
 from agentnet.devices import to_device
+from agentnet.distributed import gather, shard
 
 
 @dataclass
@@ -96,11 +97,12 @@ class ExperienceReplay(CLMethod):
         self._fresh = (x, y)
         if len(self.buffer) == 0:
             return x, y
-        rx, ry = self.buffer.sample(self.cfg.replay_batch)
+        # Under torchrun every rank holds the same buffer and draws the same sample; each replays its shard of it.
+        rx, ry = (shard(t) for t in self.buffer.sample(self.cfg.replay_batch))
         return torch.cat([x, rx], 1), torch.cat([y, ry], 1)
 
     def after_step(self, trainer, x, y, result) -> None:
-        self.buffer.add(*self._fresh)
+        self.buffer.add(*(gather(t) for t in self._fresh))  # the global batch: the same buffer on every rank
 
     def state_dict(self) -> dict:
         return {"buffer": self.buffer.state_dict()}
