@@ -64,8 +64,9 @@ def seed_everything(seed: int) -> None:
 def load_run_data(run: RunConfig, device: torch.device | str | None = None) -> ImageData:
     """The whole dataset ``run.data`` names, loaded as it asks (root, checksums, input scaling) onto
     ``device`` (default: ``run.device``), before any subset is cut."""
-    return load_dataset(run.data.name, run.data.root, resolve_device(run.device) if device is None else device,
-                        verify=run.data.verify, normalize=run.data.normalize)
+    cfg = run.data
+    return load_dataset(cfg.name, cfg.root, resolve_device(run.device) if device is None else device, verify=cfg.verify,
+                        normalize=cfg.normalize, folder=cfg.folder, image_size=cfg.image_size, grayscale=cfg.grayscale)
 
 
 def prepare_run(cfg: DictConfig | RunConfig | dict, data: ImageData | None = None) -> tuple[RunConfig, torch.device, Path, ImageData]:
