@@ -35,6 +35,7 @@ from agentnet.population import Population, population_of
 from agentnet.composition import to_run_config
 from agentnet.registry import STRATEGIES, build_strategy
 from agentnet.strategy import StepResult, Strategy
+from agentnet.training.augment import Augmentation
 from agentnet.training.console import ConsoleEvents
 from agentnet.training.preemption import preemption_signals
 from agentnet.training import (
@@ -176,9 +177,12 @@ class Session:
         self.record: AccuracyMatrix | None = None
         self.selector = BestValidation() if run.trainer.select == "best_val" else None
         self.activity = WorkerActivity() if run.trainer.record_activity else None
-        # Hook order: the CL method and the task heads shape each step; the strategy learns of task
-        # ends before any evaluation; evaluation; the caller's plugins; bookkeeping; the checkpoint last.
-        ordered: list[TrainerPlugin | None] = [self.method, TaskHeadMask(self.stream), StrategyTaskHooks()]
+        # Hook order: the CL method, the augmentation (after it: replayed examples are augmented too,
+        # the memory keeps them as they were) and the task heads shape each step; the strategy learns
+        # of task ends before any evaluation; evaluation; the caller's plugins; bookkeeping; the
+        # checkpoint last.
+        augmentation = Augmentation.for_run(run.data, self.stream.data, seeds)
+        ordered: list[TrainerPlugin | None] = [self.method, augmentation, TaskHeadMask(self.stream), StrategyTaskHooks()]
         if self.single:
             split, name = (data.val, "val") if data.val is not None else (data.test if run.trainer.test else None, "test")
             ordered.append(EpochEvaluation(split, name))
