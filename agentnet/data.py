@@ -211,10 +211,11 @@ class ImageData:
 
     @property
     def black(self) -> tuple[float, ...]:
-        """The value of a black pixel in ``x``, per channel (what zero padding pads with)."""
+        """The value of a black pixel in ``x``, per channel (what zero padding pads with): exactly
+        the float32 value :func:`to_split` gives a 0 pixel."""
         if self.mean is None or self.std is None:
             return (0.0,) * self.channels
-        return tuple(-m / s for m, s in zip(self.mean, self.std))
+        return tuple(to_split(np.zeros((1, self.channels), np.uint8), np.zeros(1), "cpu", self.channels, self.mean, self.std).x[0].tolist())
 
 
 def holdout(train: Split, subset: int | None, val: int) -> tuple[Split, Split | None]:
