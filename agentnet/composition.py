@@ -83,6 +83,11 @@ def check_combinations(run: RunConfig) -> None:
               "picks one epoch of a single run; a continual run is judged after its last task (use last)")
     check(run.experiment is None or run.data.val_split == 0, "data.val_split", run.data.val_split,
           "the paper experiments (experiment=...) follow their papers' protocols and hold out no validation split")
+    if run.data.augment != "none":
+        check(run.experiment is None, "data.augment", run.data.augment,
+              "the paper experiments (experiment=...) follow their papers' protocols, without augmentation")
+        check(run.benchmark is None or run.benchmark.scenario != "permuted", "data.augment", run.data.augment,
+              "a permuted benchmark shuffles the pixels: a crop or a flip of them is no image augmentation")
 
 
 def compose(overrides: Sequence[str] = (), config_name: str = "config") -> DictConfig:

@@ -39,7 +39,10 @@ OPTIMIZERS = ("adam", "sgd", "adamw")
 LR_SCHEDULES = ("none", "cosine", "step")
 SELECTIONS = ("last", "best_val")
 DEVICES = ("auto", "cpu", "cuda")
-DATASETS = ("mnist", "cifar10")
+DATASETS = ("mnist", "cifar10", "tiny_imagenet", "image_folder")
+#: Datasets decoded from image files (Pillow): they take ``data.image_size`` and ``data.grayscale``.
+FOLDER_DATASETS = ("tiny_imagenet", "image_folder")
+AUGMENTATIONS = ("none", "crop", "flip", "crop_flip")
 AMP_MODES = ("none", "bf16")
 
 
@@ -55,13 +58,26 @@ def check(condition: bool, key: str, value: Any, why: str) -> None:
 
 @dataclass
 class DataConfig:
-    """Which dataset and how much of it."""
+    """Which dataset, how much of it, and how training batches are augmented."""
 
     name: str = "mnist"
-    """Dataset: ``mnist`` or ``cifar10`` (python-pickle batches)."""
+    """Dataset: ``mnist``, ``cifar10`` (python-pickle batches), ``tiny_imagenet`` (the
+    ``tiny-imagenet-200`` release: 200 classes, 64 x 64 RGB; its labelled ``val/`` is the test split)
+    or ``image_folder`` (``<root>/<folder>/train/<class>/`` and ``test/<class>/``); see docs/data.md."""
     root: Optional[str] = None
-    """Directory holding ``mnist/`` or ``cifar-10-batches-py/``; ``None`` means ``$AGENTNET_DATA`` then
-    ``~/.cache/agentnet/data``."""
+    """Directory holding ``mnist/``, ``cifar-10-batches-py/``, ``tiny-imagenet-200/`` or the
+    ``image_folder`` dataset's folder; ``None`` means ``$AGENTNET_DATA`` then ``~/.cache/agentnet/data``."""
+    folder: Optional[str] = None
+    """``image_folder`` only (required there): the dataset's directory, relative to ``root`` (or
+    absolute), holding ``train/<class>/`` and ``test/<class>/`` image files; the class index is the
+    position of the class folder's name among the sorted training folders."""
+    image_size: Optional[int] = None
+    """``tiny_imagenet`` and ``image_folder`` only: resize every image to ``image_size`` x
+    ``image_size`` (shorter side to it, then a centre crop; bilinear). ``None``: keep the files' size,
+    which must then be one square size (Tiny ImageNet: 64)."""
+    grayscale: bool = False
+    """``tiny_imagenet`` and ``image_folder`` only: decode every image to one channel (Pillow ``L``)
+    instead of RGB (models then take ``model.in_channels=1``)."""
     subset: Optional[int] = None
     """Use only this many training examples (a fixed random choice, the same for every seed, so
     seeds and replicas differ only in initialisation and order); ``None`` uses all."""
@@ -74,18 +90,42 @@ class DataConfig:
     ``subset``'s choice; evaluated at every epoch end (``val_error`` / ``val_acc``), while the test
     set is then evaluated once, at the end. 0: no validation split."""
     verify: bool = True
-    """Verify the sha256 of every file's decompressed content on load."""
+    """Check the files on load: MNIST the sha256 of every file's decompressed content, CIFAR-10 the
+    published md5s, Tiny ImageNet the release's counts (200 classes of 500 training images, 10,000
+    validation images), so that a partial extraction fails (``false`` accepts a partial or miniature
+    copy). ``image_folder`` has nothing to verify."""
     normalize: bool = True
-    """Standardise pixels with the training-set mean and std."""
+    """Standardise pixels per channel with the training-set mean and std (MNIST, CIFAR-10: the
+    published statistics; folder datasets: computed from the decoded training split)."""
+    augment: str = "none"
+    """Augment training batches on the device (never evaluation): ``crop`` (a random crop of the
+    image zero-padded by ``crop_padding``, black padding), ``flip`` (a horizontal flip with
+    probability 1/2), ``crop_flip`` (both, crop first) or ``none``. Each replica draws from its own
+    seed and the step, so a population trains as its separate runs would and a resumed run draws the
+    same. Flat (MLP) inputs are augmented as the images they are, before the network flattens them."""
+    crop_padding: int = 4
+    """Pixels of zero padding on every side before a random crop (``augment`` with ``crop``): the
+    crop shifts the image by up to this many pixels each way. Must be smaller than the image side."""
 
     def __post_init__(self) -> None:
         check(self.name in DATASETS, "data.name", self.name, f"choose one of {DATASETS}")
+        check(self.folder is None or self.name == "image_folder", "data.folder", self.folder,
+              f"only data.name=image_folder reads a folder (data.name={self.name})")
+        check(self.folder is None or self.folder.strip() != "", "data.folder", self.folder, "name a directory or leave it null")
+        check(self.image_size is None or self.image_size > 0, "data.image_size", self.image_size, "must be a positive side in pixels or null")
+        for key, unset in (("image_size", None), ("grayscale", False)):
+            check(getattr(self, key) == unset or self.name in FOLDER_DATASETS, f"data.{key}", getattr(self, key),
+                  f"applies to images decoded from files ({', '.join(FOLDER_DATASETS)}); {self.name} comes as published")
         for key in ("subset", "test_subset"):
             value = getattr(self, key)
             check(value is None or value > 0, f"data.{key}", value, "must be a positive count or null")
         v = self.val_split
         check(math.isfinite(v) and v >= 0 and (v < 1 or float(v).is_integer()), "data.val_split", v,
               "a fraction in (0, 1), a whole count >= 1, or 0 for none")
+        check(self.augment in AUGMENTATIONS, "data.augment", self.augment, f"choose one of {AUGMENTATIONS}")
+        check(self.crop_padding >= 0, "data.crop_padding", self.crop_padding, "must be a count of pixels >= 0")
+        check("crop" not in self.augment or self.crop_padding >= 1, "data.crop_padding", self.crop_padding,
+              f"data.augment={self.augment} crops: with no padding the crop is the image itself; pad by >= 1 pixel")
 
     def val_count(self, available: int) -> int:
         """Validation examples for ``available`` training examples (those of ``subset``, else all)."""

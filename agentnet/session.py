@@ -36,6 +36,7 @@ from agentnet.population import Population, population_of
 from agentnet.composition import to_run_config
 from agentnet.registry import STRATEGIES, build_strategy
 from agentnet.strategy import StepResult, Strategy
+from agentnet.training.augment import Augmentation
 from agentnet.training.console import ConsoleEvents
 from agentnet.training.preemption import preemption_signals
 from agentnet.training import (
@@ -66,8 +67,9 @@ def seed_everything(seed: int) -> None:
 def load_run_data(run: RunConfig, device: torch.device | str | None = None) -> ImageData:
     """The whole dataset ``run.data`` names, loaded as it asks (root, checksums, input scaling) onto
     ``device`` (default: ``run.device``), before any subset is cut."""
-    return load_dataset(run.data.name, run.data.root, resolve_device(run.device) if device is None else device,
-                        verify=run.data.verify, normalize=run.data.normalize)
+    cfg = run.data
+    return load_dataset(cfg.name, cfg.root, resolve_device(run.device) if device is None else device, verify=cfg.verify,
+                        normalize=cfg.normalize, folder=cfg.folder, image_size=cfg.image_size, grayscale=cfg.grayscale)
 
 
 def prepare_run(cfg: DictConfig | RunConfig | dict, data: ImageData | None = None) -> tuple[RunConfig, torch.device, Path, ImageData]:
@@ -185,11 +187,13 @@ class Session:
         self.selector = BestValidation() if run.trainer.select == "best_val" else None
         self.activity = WorkerActivity() if run.trainer.record_activity else None
         # Hook order: under torchrun the ranks' gradients are averaged first (what a CL method does
-        # with a step's gradient — A-GEM's projection — must see the global batch's); the CL method and
-        # the task heads shape each step; the strategy learns of task ends before any evaluation;
-        # evaluation; the caller's plugins; bookkeeping; the checkpoint last.
+        # with a step's gradient — A-GEM's projection — must see the global batch's); the CL method,
+        # the augmentation (after it: replayed examples are augmented too, the memory keeps them as
+        # they were) and the task heads shape each step; the strategy learns of task ends before any
+        # evaluation; evaluation; the caller's plugins; bookkeeping; the checkpoint last.
+        augmentation = Augmentation.for_run(run.data, self.stream.data, seeds)
         ordered: list[TrainerPlugin | None] = [GradientAveraging() if world().active else None,
-                                               self.method, TaskHeadMask(self.stream), StrategyTaskHooks()]
+                                               self.method, augmentation, TaskHeadMask(self.stream), StrategyTaskHooks()]
         if self.single:
             split, name = (data.val, "val") if data.val is not None else (data.test if run.trainer.test else None, "test")
             ordered.append(EpochEvaluation(split, name))

@@ -79,7 +79,10 @@ def test_a_conv_step_never_waits_for_the_device(mnist, strategy):
     ["benchmark=split_mnist", "benchmark.num_tasks=2", "cl=agem", "cl.memory_per_task=64", "cl.memory_batch=16"],  # task-head masks of memories
     ["cl=joint"],  # cumulative stages gather across tasks
     ["replicas=2", "cl=replay", "cl.buffer_size=64", "cl.replay_batch=16", "strategy=lfnn"],
-], ids=["split-agem", "joint", "population-replay"])
+    # crops and flips drawn on the host per replica, moved without blocking, of fresh and replayed examples
+    ["benchmark=split_mnist", "benchmark.num_tasks=2", "replicas=2", "data.augment=crop_flip", "cl=replay",
+     "cl.buffer_size=48", "cl.replay_batch=16"],
+], ids=["split-agem", "joint", "population-replay", "population-augment-replay"])
 def test_masks_stages_and_populations_never_wait_for_the_device(mnist, overrides):
     extra = ["benchmark.samples_per_task=96"] if "benchmark=split_mnist" in overrides else []
     counter, _ = _synchronisations(mnist, "model.hidden=[40,40]", *overrides, *extra)

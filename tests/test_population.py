@@ -53,6 +53,8 @@ CASES = [
     ("pepita", []),
     ("pepita", [FILTER_CONV]),
     ("ff", ["strategy.negatives=hard", "strategy.prediction=linear"]),
+    # on-device crops and flips: each replica's from its own seed, as its single run's
+    ("lfnn", [FILTER_CONV, "data.augment=crop_flip"]),
 ]
 
 

@@ -24,9 +24,11 @@ TEST_SUBSET = 2000
 
 
 @functools.lru_cache(maxsize=4)
-def dataset(name: str, root: str | None, device: str, verify: bool, normalize: bool) -> ImageData:
+def dataset(name: str, root: str | None, device: str, verify: bool, normalize: bool, folder: str | None = None,
+            image_size: int | None = None, grayscale: bool = False) -> ImageData:
     """A dataset is loaded once per process, as ``run.data`` asks; envs are built often (tests, seeding)."""
-    return load_dataset(name, root, device, verify=verify, normalize=normalize)
+    return load_dataset(name, root, device, verify=verify, normalize=normalize, folder=folder, image_size=image_size,
+                        grayscale=grayscale)
 
 
 def model_config(node: str | dict | ModelConfig) -> ModelConfig:

@@ -82,7 +82,8 @@ class NeuralCollectiveEnv(ParallelEnv):
         self.reward_scale = float(reward_scale)
         self.device = resolve_device(self.run.device)
         data_cfg = self.run.data
-        self._base_data = dataset(data_cfg.name, data_cfg.root, str(self.device), data_cfg.verify, data_cfg.normalize)
+        self._base_data = dataset(data_cfg.name, data_cfg.root, str(self.device), data_cfg.verify, data_cfg.normalize,
+                                  data_cfg.folder, data_cfg.image_size, data_cfg.grayscale)
         # The env's own generators: torch's stream (model init, strategies' draws) lives in
         # _torch_stream between steps; episode seeds for reset() without a seed come from _seeder.
         self._torch_stream: torch.Tensor | None = None
