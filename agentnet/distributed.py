@@ -12,7 +12,9 @@ N ranks compute what one process computes on the whole global batch. Rank 0 writ
 checkpoints and logs; every rank reads a checkpoint on ``resume=true``.
 
 Backends: NCCL when the run's device is CUDA (one GPU per local rank), gloo on the CPU. Without
-torchrun's environment (``WORLD_SIZE`` unset or 1) everything here is the identity.
+torchrun's environment (``WORLD_SIZE`` unset or 1) everything here is the identity. A SLURM job
+with several tasks started by submitit (Hydra's SLURM launcher with ``tasks_per_node`` > 1) sets the
+same environment from SLURM's (:func:`launched`).
 """
 
 from __future__ import annotations
@@ -65,9 +67,23 @@ def world() -> World:
     return _WORLD
 
 
+def _from_submitit() -> None:
+    """A multi-task SLURM job started by submitit (Hydra's ``hydra/launcher=slurm`` with
+    ``tasks_per_node`` > 1, or ``nodes`` > 1): its tasks are the ranks. submitit's own helper exports
+    what ``torchrun`` would (``MASTER_ADDR`` = the job's first node, ``MASTER_PORT`` from the job id,
+    ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``)."""
+    if "WORLD_SIZE" in os.environ or os.environ.get("SUBMITIT_EXECUTOR") != "slurm" or int(os.environ.get("SLURM_NTASKS") or 1) < 2:
+        return
+    from submitit.helpers import TorchDistributedEnvironment
+
+    TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+
+
 def launched() -> World:
-    """The world ``torchrun`` describes in the environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``),
-    before any process group exists; a one-process world without it."""
+    """The world ``torchrun`` (or a multi-task submitit job on SLURM) describes in the environment
+    (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``), before any process group exists; a one-process world
+    without it."""
+    _from_submitit()
     size = int(os.environ.get("WORLD_SIZE") or 1)
     return World(int(os.environ.get("RANK") or 0), size, int(os.environ.get("LOCAL_RANK") or 0)) if size > 1 else World()
 

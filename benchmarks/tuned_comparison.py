@@ -124,8 +124,12 @@ def main(argv=None) -> int:
     parser.add_argument("--jobs", type=int, default=2, help="parallel Hydra jobs (threads: 1 each)")
     parser.add_argument("--out", default="outputs/tuned")
     parser.add_argument("--report-only", action="store_true", help="only join the sweeps already run")
+    parser.add_argument("--rules", help="train only these strategies (comma-separated) into the comparison's sweeps, "
+                        "e.g. to add a rule or redo a failed one; the table joins every rule trained so far")
     args = parser.parse_args(argv)
-    spec = COMPARISONS[args.comparison]
+    spec = dict(COMPARISONS[args.comparison])
+    if args.rules:
+        spec["swept"] = [f"strategy={args.rules}" if s.startswith("strategy=") else s for s in spec["swept"]]
     metric = spec["metric"]
     out = Path(args.out) / args.comparison
     common = [*spec["swept"], *spec["shared"], "trainer.progress=false", "threads=1", f"hydra.launcher.n_jobs={args.jobs}"]

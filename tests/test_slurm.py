@@ -187,3 +187,26 @@ def test_a_preemption_signal_checkpoints_and_requeues_the_job(cluster, tmp_path)
                            capture_output=True, text=True, timeout=600)
     assert local.returncode == 0, local.stderr[-2000:]
     assert without_timing(json.loads((straight / "metrics.json").read_text())) == without_timing(resumed)
+
+
+def test_one_run_over_two_slurm_tasks(cluster, tmp_path):
+    """Data parallelism on SLURM: one job with 2 tasks (submitit's ``tasks_per_node``) trains one run
+    over 2 ranks (gloo), which equals the same run in one process (float tolerance)."""
+    import torch
+
+    sweep = tmp_path / "sweep"
+    run_args = ["strategy=lfnn", "data.subset=1024", "data.test_subset=500", "trainer.epochs=1", "trainer.max_steps=6",
+                "trainer.loggers=[]"]
+    proc = subprocess.run(_sweep_cmd(sweep, "hydra.launcher.tasks_per_node=2", *run_args), cwd=tmp_path,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (job,) = [p.parent for p in sweep.glob("*/metrics.json")]
+    assert json.loads((job / "metrics.json").read_text())["world_size"] == 2
+    local = tmp_path / "local"
+    proc = subprocess.run([sys.executable, "-m", "agentnet", *run_args, "device=cpu", "threads=1", "trainer.progress=false",
+                           f"data.root={data_root()}", f"hydra.run.dir={local}"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    a = torch.load(job / "checkpoint.pt", weights_only=True)["model"]
+    b = torch.load(local / "checkpoint.pt", weights_only=True)["model"]
+    assert max((a[k].double() - b[k].double()).abs().max().item() for k in a if a[k].is_floating_point()) < 5e-5
