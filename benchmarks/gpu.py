@@ -41,6 +41,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from agentnet.composition import compose, to_run_config  # noqa: E402
+from agentnet.config import ConfigError  # noqa: E402
 from agentnet.data import ImageData, load_mnist  # noqa: E402
 from agentnet.devices import resolve_device  # noqa: E402
 from agentnet.recipes import run_continual  # noqa: E402
@@ -48,7 +49,8 @@ from agentnet.session import build_session  # noqa: E402
 from agentnet.tables import markdown_table  # noqa: E402
 from step_time import raw_torch_step  # noqa: E402
 
-STRATEGIES = ["bp", "lfnn", "lfnn_local", "attention", "fa", "lg_bp", "fg_w", "lg_fg_w", "fg_a", "lg_fg_a"]
+STRATEGIES = ["bp", "lfnn", "lfnn_local", "attention", "fa", "lg_bp", "fg_w", "lg_fg_w", "fg_a", "lg_fg_a",
+              "dfa", "pepita", "predsim", "ff"]
 MODELS = ["mlp_275k", "cnn_mnist_438k"]
 MAIN_JOB = ["bp", "lfnn", "lfnn_local", "attention"]
 
@@ -174,6 +176,8 @@ def run_steps(device: torch.device, data: ImageData, args: argparse.Namespace) -
                                          "peak_mib": peak_mib(device)})
                         except torch.OutOfMemoryError:
                             rows.append({**row, "skipped": "out of memory"})
+                        except ConfigError as error:  # a rule not defined for this network (pepita, ff: no conv / batch norm)
+                            rows.append({**row, "skipped": f"unsupported: {str(error).split(':')[0]}"})
                         finally:
                             step = batches = None  # noqa: F841  (free the population before the next cell)
                             if device.type == "cuda":
