@@ -67,7 +67,7 @@ GROUP_HELP = {
     "data": "the dataset",
     "benchmark": "a continual-learning task sequence (none: one training run)",
     "cl": "the continual-learning method (with a benchmark)",
-    "experiment": "a paper experiment, run as its paper did",
+    "experiment": "a paper experiment, run as its paper did (lfnn_table1_cifar10, lfnn_table3_tiny_imagenet: GPU sweeps, run with -m)",
     "trainer": "the optimisation loop",
     "tune": "the study's search (agentnet-tune)",
     "hydra/launcher": "where a sweep's jobs run: local (joblib processes), local_submitit, slurm, slurm_gpu (one GPU per job)",

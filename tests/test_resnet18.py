@@ -214,6 +214,40 @@ def test_bf16_channels_last_step_on_the_cpu(mnist, preset, strategy, one_thread)
     assert any(not torch.equal(a, b) for a, b in zip(before, model.hidden[-1].parameters()))  # the last block learned
 
 
+def test_a_zero_update_scale_freezes_a_basic_block_worker_with_its_norms(mnist, one_thread):
+    """Per-worker update scales (the env's actions) act on every parameter of a basic-block worker:
+    its convs, its inner norms, its rows of the projection shortcut and of that shortcut's norm."""
+    from agentnet.training import ScaledUpdate, Trainer
+
+    run = to_run_config(compose_config("model=resnet18_blocks", "strategy=lfnn_local", "model.in_channels=1", "device=cpu"))
+    model = build_model(run.model, 784, 10)
+    trainer = Trainer(run, model, build_strategy(run.strategy, model), None, None, total_steps=10)
+    block = model.hidden[2]  # stride 2: a projection shortcut with its norm
+    assert block.shortcut_norm is not None and len(block.norms) == 2
+    before = [p.detach().clone() for p in block.parameters()]
+    scale = torch.ones(block.num_workers * block.worker_size)
+    scale[: block.worker_size] = 0.0  # freeze worker 0 of the third block layer
+    trainer.update = ScaledUpdate([None, None, scale])
+    trainer.train_step(mnist.train.x[:16], mnist.train.y[:16])
+    for p, old in zip(block.parameters(), before):
+        rows = (p.detach() - old).reshape(block.num_workers, -1)
+        assert rows[0].abs().max() == 0 and rows[1:].abs().max() > 0
+
+
+def test_resnet18_blocks_is_an_env(mnist):
+    """Every block worker is an agent of the PettingZoo env (8 layers x 16, plus the output agent)."""
+    import numpy as np
+
+    from envs import neural_collective_v0
+
+    par = neural_collective_v0.parallel_env(strategy="lfnn_local", max_cycles=2, model={"name": "resnet18_blocks", "in_channels": 1},
+                                            data_subset=32, batch_size=16, data_root=str(data_root()))
+    par.reset(seed=0)
+    assert par.num_workers == 8 * 16 + 1
+    obs, rewards, *_ = par.step({agent: np.ones(1, np.float32) for agent in par.agents})
+    assert len(obs) == len(rewards) == 129 and all(np.isfinite(r) for r in rewards.values())
+
+
 # --- the sweep presets ------------------------------------------------------------------------------
 
 
