@@ -134,7 +134,7 @@ class DataConfig:
         return round(self.val_split * available)
 
 
-BLOCKS = ("none", "vgg", "residual")
+BLOCKS = ("none", "vgg", "residual", "basic")
 
 
 @dataclass
@@ -147,12 +147,17 @@ class ConvLayerConfig:
     kernel_size: int = 3
     """Square kernel size (odd; padding keeps the spatial size at stride 1)."""
     stride: int = 1
-    """Stride of the layer's (first) convolution."""
+    """Stride of the layer's (first) convolution (and of a block's projection shortcut)."""
+    bias: bool = True
+    """A bias per filter in the layer's convolutions (``false``: none, as in ResNet, where a batch
+    norm right after every conv cancels any bias)."""
     pool: int = 1
     """Max-pool by this factor after the activation (1: no pooling)."""
     block: str = "none"
-    """none (one conv of filter-wise workers), vgg (a block of ``depth`` convs) or residual (plus a
-    shortcut); a block is a block-wise worker."""
+    """none (one conv of filter-wise workers), vgg (a block of ``depth`` convs), residual (plus a
+    shortcut; ``norm`` then normalises the block's sum) or basic (ResNet's basic block: ``norm`` after
+    every conv and after a projection shortcut, the sum activated as it is); a block is a block-wise
+    worker."""
     workers: int = 1
     """Block-wise only: parallel blocks (workers) in this layer, run as grouped convolutions."""
     depth: int = 2
@@ -166,7 +171,8 @@ class ConvLayerConfig:
     norm: str = "none"
     """Normalisation between the convolution and the activation: none, batch, group (one group per
     worker: a worker's statistics read only its own filters) or layer (all the layer's channels:
-    plain layers only, since it would pass one worker's gradient into the others)."""
+    plain layers only, since it would pass one worker's gradient into the others). In a ``basic``
+    block it follows every conv inside the block instead (ResNet's placement)."""
     dropout: float = 0.0
     """Dropout probability after the activation and pooling (0: none)."""
 
@@ -253,6 +259,10 @@ class ModelConfig:
     worker_logit_scale: float = 1.0
     """With ``worker_norm=standardize``: the fixed scale of a worker's standardised output, i.e. the
     inverse softmax temperature of its prediction (bounds how confident a worker can be)."""
+    global_pool: bool = False
+    """Average the last conv layer's maps over their pixels before the fully connected layers (or
+    the output layer), as ResNet's head does: those layers then read one value per channel at any
+    input size. ``false``: the maps are flattened (``channels x side x side`` features)."""
     init: str = "torch"
     """Initial weights of every weight layer (plain, worker and output; not worker heads): ``torch``
     — uniform in ``±1/sqrt(fan_in)``, biases too (``nn.Linear``'s and ``nn.Conv2d``'s default);
@@ -322,6 +332,8 @@ class ModelConfig:
         check(self.worker_pool >= 1, "model.worker_pool", self.worker_pool, "must be >= 1")
         check(self.worker_pool == 1 or bool(self.conv), "model.worker_pool", self.worker_pool,
               "pools conv maps; an MLP has none (use 1)")
+        check(not self.global_pool or bool(self.conv), "model.global_pool", self.global_pool,
+              "pools conv maps; an MLP has none (use false)")
         check(
             self.output_activation in OUTPUT_ACTIVATIONS,
             "model.output_activation",

@@ -67,10 +67,10 @@ GROUP_HELP = {
     "data": "the dataset",
     "benchmark": "a continual-learning task sequence (none: one training run)",
     "cl": "the continual-learning method (with a benchmark)",
-    "experiment": "a paper experiment, run as its paper did",
+    "experiment": "a paper experiment, run as its paper did (lfnn_table1_cifar10, lfnn_table3_tiny_imagenet: GPU sweeps, run with -m)",
     "trainer": "the optimisation loop",
     "tune": "the study's search (agentnet-tune)",
-    "hydra/launcher": "where a sweep's jobs run: local (joblib processes), local_submitit, slurm",
+    "hydra/launcher": "where a sweep's jobs run: local (joblib processes), local_submitit, slurm, slurm_gpu (one GPU per job)",
 }
 #: Groups each app's ``--help`` leaves out (``tune`` belongs to agentnet-tune).
 _HIDDEN = {"agentnet": {"tune"}, "agentnet-tune": set()}
@@ -90,7 +90,7 @@ def help_groups(app: str = "agentnet") -> str:
     for group in [*groups, "hydra/launcher"]:
         options = sorted(o for o in loader.get_group_options(group) if not o.endswith("_schema"))
         if group == "hydra/launcher":
-            options = [o for o in options if o in ("local", "local_submitit", "slurm")] or options
+            options = [o for o in options if o in ("local", "local_submitit", "slurm", "slurm_gpu")] or options
         what = GROUP_HELP.get(group)
         lines.append(f"  {group}: {what}" if what else f"  {group}")
         lines.append(f"      {', '.join(options)}")

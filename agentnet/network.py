@@ -3,10 +3,10 @@
 Hidden layers are :class:`~agentnet.workers.WorkerConv2d` (filter-wise workers),
 :class:`~agentnet.workers.WorkerBlock` (block-wise workers) and
 :class:`~agentnet.workers.WorkerLinear` (neuron groups), in that order; each may be followed by a
-max-pool, and the maps are flattened before the first fully connected layer. Inputs arrive flat
-``(R, B, D)`` — one batch per replica; a ``(B, D)`` batch is shared by all replicas — (datasets and
-continual streams stay flat, so permutations are gathers) and are viewed as images when the first
-layer is a convolution.
+max-pool, and the maps are flattened (or, with ``model.global_pool``, averaged over their pixels)
+before the first fully connected layer. Inputs arrive flat ``(R, B, D)`` — one batch per replica; a
+``(B, D)`` batch is shared by all replicas — (datasets and continual streams stay flat, so
+permutations are gathers) and are viewed as images when the first layer is a convolution.
 
 A network holds ``R`` replicas (``seeds``, one per replica; see :mod:`agentnet.workers`): replica
 ``r`` is initialised exactly as a one-replica network built with ``seeds[r]``, so a population
@@ -223,10 +223,10 @@ def _conv_layers(cfg: ModelConfig, shape: tuple[int, int, int], activation, R: i
     layers: list[_Layer] = []
     for spec in cfg.conv:
         if spec.plain:  # one "worker" of every filter: a replica-grouped plain convolution
-            layer = WorkerConv2d(channels, 1, spec.channels, spec.kernel_size, spec.stride, replicas=R)
+            layer = WorkerConv2d(channels, 1, spec.channels, spec.kernel_size, spec.stride, spec.bias, replicas=R)
         elif spec.block == "none":
             k = cfg.units_per_worker(spec.channels, predictions, "conv channels")
-            layer = WorkerConv2d(channels, spec.channels // k, k, spec.kernel_size, spec.stride, replicas=R)
+            layer = WorkerConv2d(channels, spec.channels // k, k, spec.kernel_size, spec.stride, spec.bias, replicas=R)
         else:
             layer = WorkerBlock(
                 channels,
@@ -234,11 +234,13 @@ def _conv_layers(cfg: ModelConfig, shape: tuple[int, int, int], activation, R: i
                 spec.channels // spec.workers,
                 width=spec.width,
                 depth=spec.depth,
-                residual=spec.block == "residual",
+                residual=spec.block in ("residual", "basic"),
                 kernel_size=spec.kernel_size,
                 stride=spec.stride,
                 activation=activation,
                 replicas=R,
+                norm=spec.norm if spec.block == "basic" else "none",
+                bias=spec.bias,
             )
         side = (side - 1) // spec.stride + 1
         if spec.pool > 1:
@@ -248,9 +250,14 @@ def _conv_layers(cfg: ModelConfig, shape: tuple[int, int, int], activation, R: i
         groups = spec.channels // cfg.worker_size if spec.plain else layer.num_workers
         post = [nn.MaxPool2d(spec.pool)] if spec.pool > 1 else []
         post += [nn.Dropout(spec.dropout)] if spec.dropout > 0 else []
-        layers.append((spec.plain, layer, _norm(spec.norm, spec.channels, groups, R), nn.Sequential(*post)))
+        # A basic block normalises inside (after every conv); its sum goes straight to the activation.
+        norm = nn.Identity() if spec.block == "basic" else _norm(spec.norm, spec.channels, groups, R)
+        layers.append((spec.plain, layer, norm, nn.Sequential(*post)))
         channels = spec.channels
     last = layers[-1]
+    if cfg.global_pool:  # ResNet's head: one average per channel, whatever the input size
+        layers[-1] = (*last[:3], nn.Sequential(*last[3], nn.AdaptiveAvgPool2d(1), _ReplicaFlatten(R)))
+        return layers, channels
     layers[-1] = (*last[:3], nn.Sequential(*last[3], _ReplicaFlatten(R)))
     return layers, channels * side * side
 

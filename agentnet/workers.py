@@ -7,8 +7,9 @@ worker's prediction (no extra parameters).
 
 Conv layers follow the same rule along channels: a :class:`WorkerConv2d` of ``W * k`` filters is one
 convolution whose output ``(B, W*k, H, W')`` is globally average-pooled to ``(B, W, k)`` (filter-wise
-workers). A :class:`WorkerBlock` is ``W`` parallel blocks of conv layers (VGG-style or residual), run
-as grouped convolutions, each block one worker (block-wise workers; ``W = 1`` is the paper's block).
+workers). A :class:`WorkerBlock` is ``W`` parallel blocks of conv layers (VGG-style, residual, or
+ResNet's basic block with a norm after every conv), run as grouped convolutions, each block one
+worker (block-wise workers; ``W = 1`` is the paper's block).
 
 Every worker layer offers the same two methods the network uses: ``forward_path(x, path)`` for the
 pre-activation under a :data:`GradientPath`, and ``workers(h)`` for the ``(R, B, W, k)`` worker view.
@@ -27,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from agentnet.replica import GradientPath, ReplicaLinear, reset_conv_rows, split_conv2d
+from agentnet.replica import GradientPath, ReplicaLinear, ReplicaNorm, reset_conv_rows, split_conv2d
 
 __all__ = ["WorkerLinear", "WorkerConv2d", "WorkerBlock", "WorkerReadout"]
 
@@ -118,15 +119,24 @@ class WorkerBlock(_PooledWorkers, nn.Module):
     The first conv reads the whole input (every block sees every input channel); the following
     convs are grouped (``groups = W``), so a block's inner maps and output channels
     ``[w*k, (w+1)*k)`` depend only on its own filters. ``residual`` adds a shortcut (identity when
-    the channel counts match, else a 1x1 conv) before the network's activation, as in ResNet's
-    basic block; without it the block is VGG-style. With ``W = 1`` this is the LFNN paper's
-    block-wise worker (a whole block of layers acting as one worker). Replicas multiply the groups
-    (``R`` for the first conv and the shortcut, ``R * W`` after).
+    the channel counts match and the stride is 1, else a 1x1 conv with the block's stride) before
+    the network's activation; without it the block is VGG-style. With ``W = 1`` this is the LFNN
+    paper's block-wise worker (a whole block of layers acting as one worker). Replicas multiply the
+    groups (``R`` for the first conv and the shortcut, ``R * W`` after).
+
+    ``norm`` (``batch`` or ``group``; ``none``: no norm inside the block) puts a normalisation after
+    every conv and after a projection shortcut, as ResNet's basic block does (conv-norm-act-conv-norm,
+    plus the normalised projection): with ``residual`` and ``depth=2`` that is He et al.'s
+    ``BasicBlock`` split into ``W`` workers. Every statistic is per channel (``batch``) or per worker
+    (``group``: one group per block), so a worker's normalisation never reads another worker's maps.
+    ``bias=False`` drops the convs' biases (a norm right after a conv cancels them).
 
     Gradient paths: ``local`` detaches the block's input (nothing crosses a block boundary);
     ``split`` runs the block twice, once on the input and once on its detached copy, so local
     losses reach every layer of the block but never the layers below (one extra forward/backward
-    of the block; ``bp`` and ``lfnn_local`` do not pay it).
+    of the block; ``bp`` and ``lfnn_local`` do not pay it). The second run leaves the batch norms'
+    running statistics alone: the batch is the same, and counting it twice would shorten their
+    averaging window.
     """
 
     def __init__(
@@ -142,6 +152,8 @@ class WorkerBlock(_PooledWorkers, nn.Module):
         stride: int = 1,
         activation=torch.relu,
         replicas: int = 1,
+        norm: str = "none",
+        bias: bool = True,
     ) -> None:
         super().__init__()
         if depth < 1:
@@ -155,34 +167,57 @@ class WorkerBlock(_PooledWorkers, nn.Module):
         out = num_workers * worker_size
         pad = kernel_size // 2
         widths = [inner] * (depth - 1) + [out]
-        convs = [nn.Conv2d(R * in_channels, R * widths[0], kernel_size, stride=stride, padding=pad, groups=R)]
+        convs = [nn.Conv2d(R * in_channels, R * widths[0], kernel_size, stride=stride, padding=pad, groups=R, bias=bias)]
         for i in range(1, depth):
-            convs.append(nn.Conv2d(R * widths[i - 1], R * widths[i], kernel_size, padding=pad, groups=R * num_workers))
+            convs.append(nn.Conv2d(R * widths[i - 1], R * widths[i], kernel_size, padding=pad, groups=R * num_workers, bias=bias))
         self.convs = nn.ModuleList(convs)
         self.shortcut: nn.Module | None = None
         if residual:
             same = in_channels == out and stride == 1
-            self.shortcut = nn.Identity() if same else nn.Conv2d(R * in_channels, R * out, 1, stride=stride, groups=R)
+            self.shortcut = nn.Identity() if same else nn.Conv2d(R * in_channels, R * out, 1, stride=stride, groups=R, bias=bias)
+        # Registered after the convs and the shortcut (and absent without a norm), so blocks without
+        # inner norms keep their parameter order and state-dict keys.
+        self.norms = nn.ModuleList(
+            ReplicaNorm(norm, w, num_workers, R) for w in (widths if norm != "none" else [])
+        )
+        """One normalisation after each conv (empty for ``norm="none"``)."""
+        self.shortcut_norm: ReplicaNorm | None = (
+            ReplicaNorm(norm, out, num_workers, R) if norm != "none" and isinstance(self.shortcut, nn.Conv2d) else None
+        )
+        """The projection shortcut's normalisation (``None``: identity shortcut, none, or no norm)."""
 
     def reset_replica(self, r: int) -> None:
-        """Initialise replica ``r``'s filters (every conv in order, then the shortcut)."""
+        """Initialise replica ``r``'s filters (every conv in order, then the shortcut) and reset its
+        norms to the identity (which draws no random numbers)."""
         for conv in [*self.convs, self.shortcut]:
             if isinstance(conv, nn.Conv2d):
                 reset_conv_rows(conv, self.replicas, r)
+        for norm in [*self.norms, self.shortcut_norm]:
+            if norm is not None:
+                norm.reset_replica(r)
 
     @property
     def input_weight(self) -> Tensor:
         """The weight that reads the block's input (for worker graphs)."""
         return self.convs[0].weight
 
-    def forward(self, x: Tensor) -> Tensor:
-        """The block's pre-activation output ``(B, R*W*k, H', W')`` (the network applies the activation)."""
+    def forward(self, x: Tensor, update_stats: bool = True) -> Tensor:
+        """The block's pre-activation output ``(B, R*W*k, H', W')`` (the network applies the
+        activation); ``update_stats=False`` leaves the inner batch norms' running statistics alone."""
         h = x
+        last = len(self.convs) - 1
         for i, conv in enumerate(self.convs):
             h = conv(h)
-            if i < len(self.convs) - 1:
+            if self.norms:
+                h = self.norms[i](h, update_stats)
+            if i < last:
                 h = self.act(h)
-        return h if self.shortcut is None else h + self.shortcut(x)
+        if self.shortcut is None:
+            return h
+        skip = self.shortcut(x)
+        if self.shortcut_norm is not None:
+            skip = self.shortcut_norm(skip, update_stats)
+        return h + skip
 
     def forward_path(self, x: Tensor, path: GradientPath) -> tuple[Tensor, Tensor]:
         """Pre-activation as ``(z, z_local)``; see the class docstring for ``split``."""
@@ -192,7 +227,7 @@ class WorkerBlock(_PooledWorkers, nn.Module):
         if path == "local":
             z = self(x.detach())
             return z, z
-        return self(x), self(x.detach())
+        return self(x), self(x.detach(), update_stats=False)
 
 
 class WorkerReadout(nn.Module):

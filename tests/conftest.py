@@ -36,6 +36,17 @@ def mnist_pixels() -> ImageData:
     return load_mnist(data_root(), "cpu", normalize=False)
 
 
+def experiment_presets() -> tuple[list[str], list[str]]:
+    """The ``configs/experiment`` options: those that select a registered experiment (an
+    ``experiment:`` node), and the sweep presets (settings plus ``hydra.sweeper.params``: every job
+    an ordinary run)."""
+    import yaml
+
+    paths = sorted((REPO / "configs" / "experiment").glob("*.yaml"))
+    registered = [p.stem for p in paths if "experiment" in (yaml.safe_load(p.read_text()) or {})]
+    return registered, [p.stem for p in paths if p.stem not in registered]
+
+
 def compose_config(*overrides: str):
     """Compose the app's config with Hydra's compose API, exactly as the CLI would."""
     return compose(overrides)

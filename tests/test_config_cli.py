@@ -21,7 +21,7 @@ from agentnet.config import ConfigError
 from agentnet.config import DataConfig, ModelConfig, TrainerConfig
 from agentnet.network import WorkerNetwork
 from agentnet.registry import CL_METHODS, EXPERIMENTS, STRATEGIES, UnknownNameError, build_strategy
-from tests.conftest import REPO, compose_config, data_root
+from tests.conftest import REPO, compose_config, data_root, experiment_presets
 
 GROUPS = {
     g: sorted(p.stem for p in (REPO / "configs" / g).glob("*.yaml"))
@@ -50,10 +50,13 @@ PLUGIN_GROUPS = {"strategy": STRATEGIES, "cl": CL_METHODS, "experiment": EXPERIM
 
 @pytest.mark.parametrize(
     "group,option",
-    [(g, o) for g in ("strategy", "cl", "trainer", "data", "experiment") for o in sorted(p.stem for p in (REPO / "configs" / g).glob("*.yaml"))],
+    [(g, o) for g in ("strategy", "cl", "trainer", "data") for o in sorted(p.stem for p in (REPO / "configs" / g).glob("*.yaml"))]
+    + [("experiment", o) for o in experiment_presets()[0]],
 )
 def test_yaml_presets_only_select_their_dataclass_defaults(group, option):
-    """One source of defaults: a plugin/trainer/data yaml composes to exactly its dataclass's defaults."""
+    """One source of defaults: a plugin/trainer/data yaml composes to exactly its dataclass's defaults
+    (an experiment's: its registered experiment's; the sweep presets set other groups' values and
+    select no experiment, tests/test_resnet18.py)."""
     extra = ["benchmark=pmnist_quick"] if group == "cl" else []
     node = OmegaConf.to_container(compose_config(f"{group}={option}", *extra)[group], resolve=True)
     if group in PLUGIN_GROUPS:
