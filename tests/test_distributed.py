@@ -114,6 +114,7 @@ def test_every_fc_and_conv_rule_matches_one_process(tmp_path):
     _compare_sweeps(tmp_path / "conv", conv, {"bp": 1e-4, "lfnn": 1e-4, "lfnn_local": 1e-4, "fa": 1e-3})
 
 
+@pytest.mark.slow
 def test_continual_memories_match_one_process(tmp_path):
     """Replay's buffer (filled from the global batch, each rank replaying its shard of one sample)
     and EWC's Fisher estimate keep 2 ranks equal to one process over a task boundary."""

@@ -348,7 +348,7 @@ def _multirun(tmp_path, *overrides: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.parametrize("name, narrow, jobs", [
-    ("lfnn_table1_cifar10", [], 3),
+    pytest.param("lfnn_table1_cifar10", [], 3, marks=pytest.mark.slow),  # a real 3-job multirun
     pytest.param("lfnn_table3_tiny_imagenet", ["strategy.delta=1.0"], 2, marks=pytest.mark.slow),  # two ResNet-18 jobs
 ])
 def test_the_preset_sweeps_as_one_command(tmp_path, name, narrow, jobs):
