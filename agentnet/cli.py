@@ -117,7 +117,8 @@ def _check_torchrun(run) -> None:
         raise ConfigError(f"experiment={run.experiment.name} under torchrun: a paper experiment trains several runs of its own; "
                           "run it without torchrun, or its runs one by one under torchrun")
     hydra_cfg = HydraConfig.get()
-    if hydra_cfg.mode == RunMode.MULTIRUN and "BasicLauncher" not in str(hydra_cfg.launcher.get("_target_", "")):
+    in_submitit = bool(os.environ.get("SUBMITIT_EXECUTOR"))  # a multi-task SLURM job: its tasks are the ranks
+    if hydra_cfg.mode == RunMode.MULTIRUN and not in_submitit and "BasicLauncher" not in str(hydra_cfg.launcher.get("_target_", "")):
         raise ConfigError("hydra/launcher: under torchrun a sweep runs its jobs one after another in the ranks themselves; "
                           "add hydra/launcher=basic (a joblib or SLURM launcher would start processes that are not ranks)")
 
