@@ -86,7 +86,9 @@ def run_task(cfg: DictConfig) -> Outcome:
     if restarts and not run.resume:
         log.warning("SLURM requeued this job (restart %d): resuming from its checkpoint", restarts)
         run.resume = True
-    done = finished(run) if run.resume and run.experiment is None else None
+    # Under torchrun every rank must take the same path: the ranks other than 0 cannot see rank 0's
+    # results before they join the process group, so a finished run resumes (at its end) instead.
+    done = finished(run) if run.resume and run.experiment is None and not launched().active else None
     if done is not None:  # a resumed sweep: this job finished before the interruption
         log.info("%s finished already; resume=true keeps its results", output_dir_of(run.output_dir))
         key = "ACC" if run.benchmark is not None else "test_error"

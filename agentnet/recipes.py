@@ -50,6 +50,10 @@ def finished(run: RunConfig) -> dict[str, Any] | None:
             **({"cl": current["cl"], "benchmark": current["benchmark"]} if run.benchmark is not None else {})}
     if saved.get("seed") != run.seed or config_differences(saved.get("config", {}), mine):
         return None
+    # A run asked to train longer (trainer.epochs / max_steps grew: resumable keys) is not finished.
+    length = ("epochs", "max_steps")
+    if any(saved.get("config", {}).get("trainer", {}).get(k) != getattr(run.trainer, k) for k in length):
+        return None
     return saved
 
 

@@ -159,3 +159,21 @@ def test_killed_rank_fails_clearly_and_resume_continues(tmp_path):
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["resumed"]["from"] and metrics["epochs"] == 2 and metrics["world_size"] == 2
+
+
+@pytest.mark.slow
+def test_resume_at_another_world_size(tmp_path):
+    """A checkpoint holds nothing rank-specific: one epoch in one process, resumed for a second epoch
+    over 2 ranks, ends where two epochs in one process end (float tolerance)."""
+    args = ["strategy=lfnn_local", "model=mlp_275k", "data.subset=512", "data.test_subset=300", "trainer.progress=false",
+            "trainer.lr_schedule=none",  # a cosine schedule is sized by trainer.epochs, which grows here
+            "threads=1", "trainer.loggers=[]"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert _agentnet([*args, "trainer.epochs=2", f"hydra.run.dir={straight}"]).returncode == 0
+    assert _agentnet([*args, "trainer.epochs=1", f"hydra.run.dir={split}"]).returncode == 0
+    resumed = _torchrun([*args, "trainer.epochs=2", "resume=true", f"hydra.run.dir={split}"])
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    metrics = json.loads((split / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["resumed"]["epoch"] == 1 and metrics["epochs"] == 2
+    a, b = _params(straight / "checkpoint.pt"), _params(split / "checkpoint.pt")
+    assert max((a[k].double() - b[k].double()).abs().max().item() for k in a) < 5e-5
