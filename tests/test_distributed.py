@@ -95,9 +95,10 @@ def test_shard_and_gather_in_one_process():
 
 def test_fc_rules_match_one_process(tmp_path):
     """bp (autograd), lfnn (leaders chosen from the global batch), fg_w (forward gradients) and
-    attention (hand-written updates) on the MLP preset: 4 Adam steps, 2 ranks = 1 process."""
+    attention (hand-written updates) on the MLP preset: 4 Adam steps, 2 ranks = 1 process; every
+    job a population of 2 replicas (each rank holds all of them)."""
     overrides = ["strategy=bp,lfnn,fg_w,attention", "model=mlp_275k", "data.subset=512", "data.test_subset=500",
-                 "trainer.epochs=1", "trainer.max_steps=4"]
+                 "trainer.epochs=1", "trainer.max_steps=4", "replicas=2"]
     _compare_sweeps(tmp_path, overrides, {"bp": 5e-5, "lfnn": 5e-5, "fg_w": 5e-5, "attention": 5e-5})
 
 
