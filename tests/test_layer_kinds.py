@@ -51,6 +51,16 @@ def touched(module: torch.nn.Module) -> bool:
     return any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.parameters())
 
 
+def assert_isolated(model: torch.nn.Module, losses: list, units: list) -> None:
+    """Loss ``i`` reaches every module of unit ``i`` and none of any other unit (no gradient crosses a unit)."""
+    for i, loss in enumerate(losses):
+        model.zero_grad(set_to_none=True)
+        loss.backward(retain_graph=True)
+        for j, unit in enumerate(units):
+            reached = [touched(m) for m in unit]
+            assert all(reached) if i == j else not any(reached), (i, j, reached)
+
+
 def blocks(model: WorkerNetwork) -> list[list[torch.nn.Module]]:
     """Each block's modules: its plain layers (with their norms), then its worker layer and norm, and
     the workers' trained heads when the model has them."""

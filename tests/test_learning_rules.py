@@ -17,7 +17,7 @@ from agentnet.network import WorkerNetwork
 from agentnet.registry import STRATEGIES, build_strategy
 from strategies.lg_bp import head_inputs, head_losses, local_heads
 from tests.conftest import compose_config
-from tests.test_layer_kinds import batch, blocks, mixed_model, touched
+from tests.test_layer_kinds import assert_isolated, batch, blocks, mixed_model
 
 RULES = ["fa", "lg_bp", "fg_w", "lg_fg_w", "fg_a", "lg_fg_a"]
 
@@ -134,12 +134,7 @@ def test_local_greedy_no_gradient_crosses_a_block_boundary(name):
     losses = [loss.sum() for loss in head_losses(model, heads, head_inputs(model, result.record), y)]
     losses.append(model.head.global_loss(result.logits, y).sum())
     units = [[*block, head] for block, head in zip(blocks(model), heads.heads)] + [blocks(model)[-1]]
-    for i, loss in enumerate(losses):
-        model.zero_grad(set_to_none=True)
-        loss.backward(retain_graph=True)
-        for j, block in enumerate(units):
-            reached = [touched(m) for m in block]
-            assert all(reached) if i == j else not any(reached), (i, j, reached)
+    assert_isolated(model, losses, units)
 
 
 @pytest.mark.parametrize("name,isolated", [("lg_fg_w", True), ("lg_fg_a", True), ("fg_w", False), ("fg_a", False)])

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import copy
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -15,13 +14,13 @@ import torch.nn.functional as F
 from agentnet.composition import to_run_config
 from agentnet.config import ConvLayerConfig, ModelConfig
 from agentnet.network import WorkerNetwork, build_model
-from agentnet.recipes import run_continual, train
+from agentnet.recipes import train
 from agentnet.registry import STRATEGIES, build_strategy
 from strategies.lg_bp import head_inputs, head_losses
 from strategies.predsim import PredSim, similarity_losses
 from tests.conftest import compose_config
-from tests.test_layer_kinds import batch, blocks, mixed_model, touched
-from tests.test_dfa import tiny_batch, tiny_mlp
+from tests.test_layer_kinds import assert_isolated, batch, blocks, mixed_model
+from tests.test_dfa import CL_METHODS, check_cl_method_composes, tiny_batch, tiny_mlp
 from tests.test_population import FILTER_CONV, MIXED, _data, _max_relative_error, _trained
 
 
@@ -143,12 +142,7 @@ def test_no_gradient_crosses_a_block_boundary():
     sims = similarity_losses(model, result.record, y, projections)
     losses = [(0.01 * p.mean(1) + 0.99 * s).sum() for p, s in zip(preds, sims)] + [model.head.global_loss(result.logits, y).sum()]
     units = [[*block, head, proj] for block, head, proj in zip(blocks(model), heads.heads, projections.projections)] + [blocks(model)[-1]]
-    for i, loss in enumerate(losses):
-        model.zero_grad(set_to_none=True)
-        loss.backward(retain_graph=True)
-        for j, unit in enumerate(units):
-            reached = [touched(m) for m in unit]
-            assert all(reached) if i == j else not any(reached), (i, j, reached)
+    assert_isolated(model, losses, units)
 
 
 def test_what_lies_above_a_block_leaves_its_gradient_unchanged():
@@ -249,14 +243,6 @@ def test_the_similarity_loss_alone_shapes_the_hidden_layers(mnist):
     assert accuracy > 0.5, accuracy  # measured 67 % (chance 10 %)
 
 
-@pytest.mark.parametrize("method", ["ewc", "online_ewc", "si", "replay", "agem", "gem", "lwf", "joint"])
+@pytest.mark.parametrize("method", CL_METHODS)
 def test_every_cl_method_composes(mnist, tmp_path, method):
-    overrides = ["strategy=predsim", f"cl={method}", "benchmark=pmnist_quick", "benchmark.num_tasks=2", "benchmark.iterations_per_task=40",
-                 "data.subset=2000", "data.test_subset=500", "model.hidden=[100]", "trainer.progress=false", "trainer.loggers=[]",
-                 "device=cpu", f"output_dir={tmp_path}"]
-    overrides += {"ewc": ["cl.fisher_samples=64"], "online_ewc": ["cl.fisher_samples=64"], "agem": ["cl.memory_per_task=64"],
-                  "gem": ["cl.memory_per_task=64"], "replay": ["cl.buffer_size=256"]}.get(method, [])
-    metrics = run_continual(compose_config(*overrides), data=mnist)
-    R = np.array(metrics["acc_matrix"])
-    assert R.shape == (3, 2) and np.isfinite(R).all()
-    assert R[1, 0] > 0.3  # learned the first task
+    check_cl_method_composes("predsim", method, mnist, tmp_path)
