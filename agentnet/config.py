@@ -375,6 +375,10 @@ class TrainerConfig:
     """Steps between progress-bar updates and non-finite-loss checks."""
     progress: bool = True
     """Show a progress bar."""
+    train_accuracy: bool = True
+    """Measure the running training accuracy of every step (``train_acc_running`` in the history).
+    ``false`` saves a rule whose prediction costs extra passes those passes (Forward-Forward: its
+    per-class pass, most of a step); validation and test accuracy are measured as always."""
     record_activity: bool = False
     """Record per-step worker activity (mean |output change| from the update, LFNN paper Fig. 5)."""
     checkpoint: bool = True

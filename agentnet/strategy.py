@@ -44,8 +44,10 @@ class StepResult:
 
     loss: Tensor
     """Each replica's objective this step ``(R,)`` (for logging; ``backward`` decides how it is used)."""
-    logits: Tensor
-    """Output logits ``(R, B, C)`` for the batch (for accuracy)."""
+    logits: Tensor | None
+    """Output logits ``(R, B, C)`` for the batch (the running training accuracy, the env's rewards);
+    ``None`` when nobody reads them (:attr:`Strategy.logits_wanted` false) and the rule's prediction
+    costs extra passes it skipped."""
     record: ForwardRecord | None = None
     """The forward record, when the strategy made one."""
     worker_objectives: list[Tensor] = field(default_factory=list)
@@ -97,6 +99,9 @@ class Strategy:
         self.cfg = cfg
         self.model = model
         self.variants = dict(variants or {})
+        #: Whether the caller reads :attr:`StepResult.logits` (``trainer.train_accuracy``, the env's
+        #: rewards); when false, a rule whose prediction costs extra passes may skip them (``logits=None``).
+        self.logits_wanted = True
         unknown = set(self.variants) - set(self.replica_fields)
         if unknown:
             raise ValueError(f"strategy={self.name}: {sorted(unknown)} cannot vary per replica (only {list(self.replica_fields)})")

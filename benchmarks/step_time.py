@@ -55,6 +55,7 @@ VARIANTS = {
     "pepita": ["strategy=pepita"],
     "predsim": ["strategy=predsim"],
     "ff": ["strategy=ff"],
+    "ff_no_acc": ["strategy=ff", "trainer.train_accuracy=false"],  # without the running accuracy's B·C-row pass
 }
 
 
@@ -147,7 +148,7 @@ def main(argv=None) -> dict:
                 continue  # message passing is defined for fully connected layers
             if label == "pepita" and not model.startswith("mlp"):
                 continue  # the conv presets are batch-normalised, for which PEPITA defines no update
-            if label == "ff" and not model.startswith("mlp"):
+            if label.startswith("ff") and not model.startswith("mlp"):
                 continue  # Forward-Forward is implemented for fully connected layers only
             step, model_cfg = framework_step(overrides, model, device, data, gpu_overrides)
             variants[label] = step

@@ -20,7 +20,7 @@ Prediction: for every candidate label ``c`` embed it, run the net, sum the goodn
 highest sum. :meth:`ForwardForward.predict_logits` returns these per-class sums ``(R, B, C)``, and the
 trainer's evaluation reads them as logits (argmax = the prediction; its reported loss is the
 cross-entropy of that softmax). ``compute`` returns them for the batch too, so the running training
-accuracy is FF's own.
+accuracy is FF's own (``trainer.train_accuracy=false`` skips that pass, most of a step's cost).
 
 The network's output layer is not trained by FF. ``prediction=goodness`` (the default) leaves it out
 entirely: it gets no gradient (frozen at its initial values) and nothing reads it.
@@ -258,7 +258,7 @@ class ForwardForward(Strategy):
         y = model.head.labels(y)
         B, C = y.shape[1], model.num_classes
         logits = None
-        if cfg.prediction == "goodness" or cfg.negatives == "hard":
+        if (cfg.prediction == "goodness" and self.logits_wanted) or cfg.negatives == "hard":
             goodness = self.class_goodness(x)
             logits = goodness if model.head.activation == "softmax" else (goodness[..., 1] - goodness[..., 0]).unsqueeze(-1)
         negative = self.negative_labels(y, goodness if cfg.negatives == "hard" else None)

@@ -182,6 +182,20 @@ def test_resume_reproduces_the_uninterrupted_run(mnist, quick_overrides, tmp_pat
     assert without_timing({k: v for k, v in resumed.items() if k != "resumed"}) == without_timing(whole)
 
 
+def test_skipping_the_training_accuracy_changes_nothing_learned(mnist, quick_overrides, tmp_path):
+    """``trainer.train_accuracy=false`` drops FF's per-class prediction pass from each step: the same
+    parameters and evaluations bit for bit, and no running training accuracy."""
+    base = [*quick_overrides, "strategy=ff", "model.hidden=[32,32]", "replicas=2", "data.subset=640", "data.test_subset=300",
+            "trainer.batch_size=64", "trainer.epochs=1", "trainer.loggers=[]"]
+    runs = {flag: train(compose_config(*base, f"trainer.train_accuracy={flag}", f"output_dir={tmp_path / str(flag)}"), data=mnist)
+            for flag in (True, False)}
+    measured, skipped = runs[True]["history"][-1], runs[False]["history"][-1]
+    assert "train_acc_running" in measured and "train_acc_running" not in skipped
+    assert runs[True]["test_error"] == runs[False]["test_error"] and measured["train_loss"] == skipped["train_loss"]
+    weights = {flag: torch.load(tmp_path / str(flag) / "checkpoint.pt", weights_only=True)["model"] for flag in (True, False)}
+    assert all(torch.equal(weights[True][k], weights[False][k]) for k in weights[True])
+
+
 @pytest.mark.parametrize("prediction", ["goodness", "linear"])
 def test_learns_real_mnist(mnist, quick_overrides, prediction):
     """3 epochs of 5000 examples (237 steps), 2 x 200, Adam lr 3e-3: measured 24.1 % test error

@@ -166,7 +166,12 @@ class ConsoleEvents(TrainerPlugin):
         if self.record is not None:
             return  # continual runs report per task
         split = next((name for name in ("val", "test") if f"{name}_acc" in entry), None)
-        metric = f"{split} acc {_percent(entry[f'{split}_acc'])}" if split else f"train acc {_percent(entry['train_acc_running'])} (running)"
+        if split:
+            metric = f"{split} acc {_percent(entry[f'{split}_acc'])}"
+        elif "train_acc_running" in entry:
+            metric = f"train acc {_percent(entry['train_acc_running'])} (running)"
+        else:  # trainer.train_accuracy=false
+            metric = "no accuracy measured"
         EVENTS.info("epoch %d/%d: %s, train loss %.4f (%s)", entry["epoch"], self.epochs, metric, entry["train_loss"],
                     duration(entry["epoch_s"]))
 

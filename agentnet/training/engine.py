@@ -247,6 +247,7 @@ class Trainer:
         self.cfg = cfg
         self.model = model
         self.strategy = strategy
+        strategy.logits_wanted = cfg.trainer.train_accuracy
         self.output_dir = output_dir
         self.plugins = list(plugins or [])
         keys = [p.state_key for p in self.plugins]
@@ -327,8 +328,9 @@ class Trainer:
             self.scheduler.step()
         self.step += 1
         self._loss_sum += result.loss.detach() * fresh
-        with self.model.head.logit_mask_as(None):  # the fresh examples' accuracy over every class, as evaluation counts it
-            self._correct += (self.model.head.predict(result.logits.detach()[:, :fresh]) == y[:, :fresh]).sum(1)
+        if self.cfg.trainer.train_accuracy:
+            with self.model.head.logit_mask_as(None):  # the fresh examples' accuracy over every class, as evaluation counts it
+                self._correct += (self.model.head.predict(result.logits.detach()[:, :fresh]) == y[:, :fresh]).sum(1)
         self._seen += fresh
         for plugin in self.plugins:
             plugin.after_step(self, x, y, result)
@@ -442,10 +444,9 @@ class Trainer:
         self.strategy.on_epoch_end()
         self.epoch += 1
         lr = self.optimizer.param_groups[0]["lr"]
-        per_replica: dict[str, list[float]] = {
-            "train_loss": (self._loss_sum / seen).tolist(),
-            "train_acc_running": (self._correct / seen).tolist(),
-        }
+        per_replica: dict[str, list[float]] = {"train_loss": (self._loss_sum / seen).tolist()}
+        if self.cfg.trainer.train_accuracy:
+            per_replica["train_acc_running"] = (self._correct / seen).tolist()
         for plugin in self.plugins:
             per_replica.update(plugin.epoch_metrics(self))
         lr_scale = self.lr_scale.tolist() if self.lr_scale is not None else [1.0] * self.replicas
