@@ -30,8 +30,10 @@ main: data
 		hydra.sweep.dir=$(SWEEP) $(ARGS)
 	$(BIN)/agentnet-report $(SWEEP)
 
+# The default suite runs in pytest-xdist workers, one per logical CPU (at most 4: each holds torch and MNIST).
+TEST_WORKERS ?= logical
 test: data
-	$(BIN)/pytest $(PYTEST_ARGS)
+	$(BIN)/pytest -n $(TEST_WORKERS) --maxprocesses=4 $(PYTEST_ARGS)
 
 test-slow: data
 	$(BIN)/pytest -m slow $(PYTEST_ARGS)

@@ -77,9 +77,14 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+#: Torch threads per test: 2, or 1 in each of several pytest-xdist workers (``make test`` runs one
+#: per core), whose threads would otherwise outnumber the cores and wait on each other.
+TEST_THREADS = 1 if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1 else 2
+
+
 @pytest.fixture(autouse=True)
 def _torch_threads():
-    torch.set_num_threads(2)
+    torch.set_num_threads(TEST_THREADS)
     yield
 
 
