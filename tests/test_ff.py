@@ -184,7 +184,7 @@ def test_resume_reproduces_the_uninterrupted_run(mnist, quick_overrides, tmp_pat
 
 def test_skipping_the_training_accuracy_changes_nothing_learned(mnist, quick_overrides, tmp_path):
     """``trainer.train_accuracy=false`` drops FF's per-class prediction pass from each step: the same
-    parameters and evaluations bit for bit, and no running training accuracy."""
+    parameters and evaluations bit for bit, and no running training accuracy; a resumed run may flip it."""
     base = [*quick_overrides, "strategy=ff", "model.hidden=[32,32]", "replicas=2", "data.subset=640", "data.test_subset=300",
             "trainer.batch_size=64", "trainer.epochs=1", "trainer.loggers=[]"]
     runs = {flag: train(compose_config(*base, f"trainer.train_accuracy={flag}", f"output_dir={tmp_path / str(flag)}"), data=mnist)
@@ -194,6 +194,9 @@ def test_skipping_the_training_accuracy_changes_nothing_learned(mnist, quick_ove
     assert runs[True]["test_error"] == runs[False]["test_error"] and measured["train_loss"] == skipped["train_loss"]
     weights = {flag: torch.load(tmp_path / str(flag) / "checkpoint.pt", weights_only=True)["model"] for flag in (True, False)}
     assert all(torch.equal(weights[True][k], weights[False][k]) for k in weights[True])
+    # The switch does not change what is trained: a run resumes with it flipped, and measures from then on.
+    resumed = train(compose_config(*base, "trainer.epochs=2", f"output_dir={tmp_path / 'False'}", "resume=true"), data=mnist)
+    assert [("train_acc_running" in h) for h in resumed["history"]] == [False, True]
 
 
 @pytest.mark.parametrize("prediction", ["goodness", "linear"])

@@ -71,6 +71,7 @@ RESUMABLE_KEYS = {
     "trainer.project",
     "trainer.tensorboard",  # replaced by trainer.loggers; kept so that runs written before it still resume
     "trainer.record_activity",
+    "trainer.train_accuracy",  # only whether the running accuracy is measured (counted over the steps that measured it)
     "trainer.eval_batch_size",
     "data.root",
     "data.verify",

@@ -331,6 +331,7 @@ class Trainer:
         if self.cfg.trainer.train_accuracy:
             with self.model.head.logit_mask_as(None):  # the fresh examples' accuracy over every class, as evaluation counts it
                 self._correct += (self.model.head.predict(result.logits.detach()[:, :fresh]) == y[:, :fresh]).sum(1)
+            self._scored += fresh
         self._seen += fresh
         for plugin in self.plugins:
             plugin.after_step(self, x, y, result)
@@ -381,8 +382,8 @@ class Trainer:
             if self.step % tcfg.log_every == 0:
                 self.check_finite(f"at step {self.step}")
                 if bar is not None:
-                    bar.set_postfix(loss=f"{self._loss_sum.mean().item() / self._seen:.4f}",
-                                    acc=f"{self._correct.mean().item() / self._seen:.4f}")
+                    accuracy = {"acc": f"{self._correct.mean().item() / self._scored:.4f}"} if self._scored else {}
+                    bar.set_postfix(loss=f"{self._loss_sum.mean().item() / self._seen:.4f}", **accuracy)
             if bar is not None:
                 bar.update(1)
             if stream.at_epoch_end:
@@ -422,6 +423,7 @@ class Trainer:
         self._loss_sum = torch.zeros(self.replicas, device=self.device)
         self._correct = torch.zeros(self.replicas, device=self.device)
         self._seen = 0
+        self._scored = 0  # examples whose accuracy was measured (trainer.train_accuracy; may switch on resume)
         self._epoch_seconds = 0.0
 
     def _begin_epoch(self) -> None:
@@ -433,10 +435,10 @@ class Trainer:
         """Close an epoch: strategy hook, the plugins' epoch metrics (an evaluation), history entry,
         ``after_epoch``."""
         if world().active:  # the epoch's running loss and accuracy over every rank's shards
-            packed = all_reduce(torch.cat([self._loss_sum, self._correct, self._loss_sum.new_tensor([float(self._seen)])]),
-                                "the epoch's running loss")
+            counts = self._loss_sum.new_tensor([float(self._seen), float(self._scored)])
+            packed = all_reduce(torch.cat([self._loss_sum, self._correct, counts]), "the epoch's running loss")
             r = self.replicas
-            self._loss_sum, self._correct, self._seen = packed[:r], packed[r : 2 * r], int(packed[-1])
+            self._loss_sum, self._correct, self._seen, self._scored = packed[:r], packed[r : 2 * r], int(packed[-2]), int(packed[-1])
         self.check_finite(f"in epoch {self.epoch + 1}")
         seen = max(self._seen, 1)
         self.train_seconds += self._epoch_seconds
@@ -445,8 +447,8 @@ class Trainer:
         self.epoch += 1
         lr = self.optimizer.param_groups[0]["lr"]
         per_replica: dict[str, list[float]] = {"train_loss": (self._loss_sum / seen).tolist()}
-        if self.cfg.trainer.train_accuracy:
-            per_replica["train_acc_running"] = (self._correct / seen).tolist()
+        if self._scored:
+            per_replica["train_acc_running"] = (self._correct / self._scored).tolist()
         for plugin in self.plugins:
             per_replica.update(plugin.epoch_metrics(self))
         lr_scale = self.lr_scale.tolist() if self.lr_scale is not None else [1.0] * self.replicas
@@ -528,7 +530,8 @@ class Trainer:
             "histories": self.histories,
             "train_seconds": self.train_seconds,
             "samples_seen": self.samples_seen,
-            "running": {"loss_sum": self._loss_sum, "correct": self._correct, "seen": self._seen, "seconds": self._epoch_seconds},
+            "running": {"loss_sum": self._loss_sum, "correct": self._correct, "seen": self._seen, "scored": self._scored,
+                        "seconds": self._epoch_seconds},
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -551,6 +554,7 @@ class Trainer:
         self._loss_sum = running["loss_sum"].to(self.device)
         self._correct = running["correct"].to(self.device)
         self._seen, self._epoch_seconds = running["seen"], running["seconds"]
+        self._scored = running.get("scored", running["seen"])  # checkpoints before trainer.train_accuracy scored every example
 
     def save_checkpoint(self) -> None:
         """Write ``checkpoint.pt`` atomically (when checkpointing is on and there is an output
